@@ -1,0 +1,97 @@
+"""Streaming state shared by every model in the engine.
+
+A streaming module keeps whatever it must remember between calls (conv tails, KV caches,
+step offsets) in a state dataclass. The state exists only inside ``with model.streaming(B):``,
+is created for the whole module tree at once, and can be reset per batch slot, so a new
+conversation starts without reloading any weights.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StreamingState:
+    batch_size: int
+    device: torch.device
+
+    def reset(self, mask: torch.Tensor) -> None:
+        """Forget the past of the batch slots where ``mask`` is True."""
+
+
+class StreamingModule(nn.Module):
+    """A module whose state lives in ``self.state`` while streaming.
+
+    Subclasses implement ``init_state``. A module marked ``detached`` is skipped when a parent
+    enters streaming: it manages its own state (the depth transformer restarts every frame).
+    """
+
+    detached: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: StreamingState | None = None
+
+    def init_state(self, batch_size: int) -> StreamingState:
+        return StreamingState(batch_size, _device_of(self))
+
+    def _streaming_tree(self) -> list[StreamingModule]:
+        found: list[StreamingModule] = []
+
+        def visit(module: nn.Module, is_root: bool) -> None:
+            if isinstance(module, StreamingModule):
+                if module.detached and not is_root:
+                    return
+                found.append(module)
+            for child in module.children():
+                visit(child, False)
+
+        visit(self, True)
+        return found
+
+    @property
+    def is_streaming(self) -> bool:
+        return self.state is not None
+
+    def start_streaming(self, batch_size: int) -> None:
+        for module in self._streaming_tree():
+            if module.state is not None:
+                raise RuntimeError(f"{type(module).__name__} is already streaming")
+            module.state = module.init_state(batch_size)
+
+    def stop_streaming(self) -> None:
+        for module in self._streaming_tree():
+            module.state = None
+
+    @contextmanager
+    def streaming(self, batch_size: int) -> Iterator[None]:
+        self.start_streaming(batch_size)
+        try:
+            yield
+        finally:
+            self.stop_streaming()
+
+    def reset_streaming(self, mask: torch.Tensor | None = None) -> None:
+        """Start over for the slots in ``mask`` (all slots when None), keeping the weights."""
+        if self.state is None:
+            raise RuntimeError(f"{type(self).__name__} is not streaming")
+        if mask is None:
+            mask = torch.ones(self.state.batch_size, dtype=torch.bool)
+        mask = mask.to(self.state.device)
+        for module in self._streaming_tree():
+            assert module.state is not None
+            module.state.reset(mask)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")

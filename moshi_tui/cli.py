@@ -1,0 +1,54 @@
+"""The ``moshi`` command. Each command group lives in its own module under ``commands/``.
+
+Importing this module must stay cheap: ``moshi --help`` never imports torch. Commands import
+the engine inside their function bodies.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from audio.errors import AudioError
+from engine.errors import EngineError
+
+from . import __version__
+
+app = typer.Typer(
+    name="moshi",
+    help="Talk with Moshi, talk about a picture, or transcribe speech, in the terminal.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"moshi {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Talk with Moshi, talk about a picture, or transcribe speech, in the terminal."""
+
+
+def main() -> None:
+    """Entry point: known failures become one line on stderr (``MOSHI_DEBUG=1`` shows the traceback)."""
+    try:
+        app()
+    except (EngineError, AudioError) as exc:
+        if os.environ.get("MOSHI_DEBUG"):
+            raise
+        print(f"moshi: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
