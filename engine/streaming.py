@@ -21,18 +21,12 @@ class StreamingState:
     batch_size: int
     device: torch.device
 
-    def reset(self, mask: torch.Tensor) -> None:
-        """Forget the past of the batch slots where ``mask`` is True."""
+    def reset(self, mask: torch.Tensor | None) -> None:
+        """Forget the past of the batch slots where ``mask`` is True (all slots when None)."""
 
 
 class StreamingModule(nn.Module):
-    """A module whose state lives in ``self.state`` while streaming.
-
-    Subclasses implement ``init_state``. A module marked ``detached`` is skipped when a parent
-    enters streaming: it manages its own state (the depth transformer restarts every frame).
-    """
-
-    detached: bool = False
+    """A module whose state lives in ``self.state`` while streaming; subclasses implement ``init_state``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,15 +38,13 @@ class StreamingModule(nn.Module):
     def _streaming_tree(self) -> list[StreamingModule]:
         found: list[StreamingModule] = []
 
-        def visit(module: nn.Module, is_root: bool) -> None:
+        def visit(module: nn.Module) -> None:
             if isinstance(module, StreamingModule):
-                if module.detached and not is_root:
-                    return
                 found.append(module)
             for child in module.children():
-                visit(child, False)
+                visit(child)
 
-        visit(self, True)
+        visit(self)
         return found
 
     @property
@@ -81,9 +73,8 @@ class StreamingModule(nn.Module):
         """Start over for the slots in ``mask`` (all slots when None), keeping the weights."""
         if self.state is None:
             raise RuntimeError(f"{type(self).__name__} is not streaming")
-        if mask is None:
-            mask = torch.ones(self.state.batch_size, dtype=torch.bool)
-        mask = mask.to(self.state.device)
+        if mask is not None:
+            mask = mask.to(self.state.device)
         for module in self._streaming_tree():
             assert module.state is not None
             module.state.reset(mask)

@@ -124,10 +124,12 @@ class KVCacheState(StreamingState):
     def capacity(self) -> int:
         return self.cache.shape[3]
 
-    def reset(self, mask: torch.Tensor) -> None:
-        self.offset[:] = torch.where(mask, torch.zeros_like(self.offset), self.offset)
-        if bool(mask.all()):
+    def reset(self, mask: torch.Tensor | None) -> None:
+        if mask is None:
+            self.offset.zero_()
             self.step = 0
+        else:
+            self.offset[:] = torch.where(mask, torch.zeros_like(self.offset), self.offset)
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """Write T new steps and return the whole ring with each slot's absolute position (-1: empty)."""
