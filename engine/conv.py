@@ -1,0 +1,143 @@
+"""Causal 1-d convolutions that can run a stream chunk by chunk, as Mimi's SEANet needs.
+
+A conv keeps the last ``k_eff - stride`` input samples between calls and prepends them to the
+next chunk; a transposed conv keeps the ``kernel - stride`` output samples that the next chunk
+still adds to. Outside streaming, a call runs the same code on a fresh state, so a whole
+signal gives exactly what the chunks would (left padding only, never right padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .streaming import StreamingModule, StreamingState
+
+
+class Nested(nn.Module):
+    """Holds one module under a given attribute name and calls it.
+
+    The official checkpoint nests each conv one or two levels deeper than the maths needs
+    (weight-norm wrappers at training time, resampling wrappers), and strict loading wants
+    the same key names: ``encoder.model.0.conv.conv.weight``.
+    """
+
+    def __init__(self, name: str, module: nn.Module):
+        super().__init__()
+        self.inner_name = name
+        setattr(self, name, module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.inner_name)(x)
+
+
+def _where_reset(mask: torch.Tensor | None, fresh: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return fresh.expand_as(current)
+    return torch.where(mask.view(-1, *([1] * (current.dim() - 1))), fresh, current)
+
+
+@dataclass
+class ConvState(StreamingState):
+    previous: torch.Tensor  # [B, C_in, k_eff - stride], the input tail of the last call
+    first: torch.Tensor  # [B] bool, no call yet since the last reset (for replicate padding)
+
+    def reset(self, mask: torch.Tensor | None) -> None:
+        self.previous.copy_(_where_reset(mask, torch.zeros_like(self.previous), self.previous))
+        self.first.copy_(_where_reset(mask, torch.ones_like(self.first), self.first))
+
+
+class StreamingConv1d(StreamingModule):
+    """Causal conv; ``replicate=True`` pads a stream's start with its first sample instead of zeros."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        replicate: bool = False,
+    ):
+        super().__init__()
+        self.replicate = replicate
+        self.conv = Nested(
+            "conv",
+            nn.Conv1d(in_channels, out_channels, kernel_size, stride, dilation=dilation, groups=groups, bias=bias),
+        )
+        self.stride = stride
+        self.context = (kernel_size - 1) * dilation + 1 - stride
+
+    def init_state(self, batch_size: int) -> ConvState:
+        weight = self.conv.conv.weight
+        previous = torch.zeros(batch_size, self.conv.conv.in_channels, self.context, dtype=weight.dtype,
+                               device=weight.device)
+        first = torch.ones(batch_size, dtype=torch.bool, device=weight.device)
+        return ConvState(batch_size, weight.device, previous=previous, first=first)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, T = x.shape
+        if T == 0 or T % self.stride:
+            raise ValueError(f"conv input length {T} is not a positive multiple of its stride {self.stride}")
+        state = self.state if self.state is not None else self.init_state(B)
+        if not self.context:
+            return self.conv(x)
+        if self.replicate:
+            state.previous.copy_(torch.where(state.first.view(-1, 1, 1), x[..., :1], state.previous))
+            state.first.fill_(False)
+        x = torch.cat([state.previous, x], dim=-1)
+        y = self.conv(x)
+        state.previous.copy_(x[..., -self.context:])
+        return y
+
+
+@dataclass
+class ConvTransposeState(StreamingState):
+    partial: torch.Tensor  # [B, C_out, kernel - stride], overlap not yet complete, bias excluded
+
+    def reset(self, mask: torch.Tensor | None) -> None:
+        self.partial.copy_(_where_reset(mask, torch.zeros_like(self.partial), self.partial))
+
+
+class StreamingConvTranspose1d(StreamingModule):
+    """Causal transposed conv: each call emits ``T·stride`` samples that later calls never change."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.convtr = Nested(
+            "convtr", nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
+        )
+        self.overlap = kernel_size - stride
+
+    def init_state(self, batch_size: int) -> ConvTransposeState:
+        weight = self.convtr.convtr.weight
+        partial = torch.zeros(batch_size, self.convtr.convtr.out_channels, self.overlap, dtype=weight.dtype,
+                              device=weight.device)
+        return ConvTransposeState(batch_size, weight.device, partial=partial)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.convtr(x)
+        overlap = self.overlap
+        if not overlap:
+            return y
+        if self.state is None:
+            return y[..., :-overlap]
+        partial = self.state.partial
+        y[..., :overlap] += partial
+        tail = y[..., -overlap:]
+        bias = self.convtr.convtr.bias
+        # The tail already holds the bias; the next call's output adds it again.
+        partial.copy_(tail - bias[:, None] if bias is not None else tail)
+        return y[..., :-overlap]
