@@ -1,0 +1,244 @@
+"""The conversation screen.
+
+The app never waits on the model or the audio: a `Conversation` (the live session, or a scripted
+one in tests) hands it events from any thread through `deliver`, which only appends to a queue.
+A timer drains the queue ~10 times a second and redraws the panels from the latest figures, so a
+burst of messages costs one repaint and the UI cannot fall behind the audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Static
+
+from .messages import EngineFailed, Event, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from .widgets import AudioPanel, LatencyPanel, StatusBar, Thresholds, TranscriptView
+
+HINTS = {
+    "loading": "Loading the model…",
+    "warming up": "Warming up…",
+    "live": "Listening. Say hello.",
+    "ended": "The conversation has ended.",
+}
+SKIP_MEMORY_S = 1.0  # a dropped frame keeps the state "lagging" this long
+
+
+class Conversation(Protocol):
+    """What the app drives. Every method returns quickly; `stop` may take a second to flush."""
+
+    def start(self, deliver: Callable[[Event], None]) -> None: ...
+    def set_muted(self, muted: bool) -> None: ...
+    def restart(self) -> None: ...
+    def stop(self) -> None: ...  # idempotent: ends the engine, flushes the session files
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
+    KEYS = (
+        ("q, ctrl+c", "end the conversation and quit"),
+        ("space", "mute or unmute the microphone"),
+        ("r", "restart the conversation (the model stays loaded)"),
+        ("s", "save the transcript to a text file"),
+        ("?, esc", "close this help"),
+    )
+
+    def compose(self) -> ComposeResult:
+        lines = "\n".join(f"{key:<11} {what}" for key, what in self.KEYS)
+        yield Static(lines, id="help", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#help").border_title = "Keys"
+
+
+class MoshiApp(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "moshi"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("space", "toggle_mute", "Mute"),
+        Binding("r", "restart", "Restart"),
+        Binding("s", "save", "Save"),
+        Binding("question_mark", "help", "Help"),
+    ]
+
+    def __init__(
+        self,
+        conversation: Conversation,
+        *,
+        mode: str = "chat",
+        save_dir: Path | None = None,
+        thresholds: Thresholds = Thresholds(),
+        refresh_hz: float = 10.0,
+        error_linger_s: float | None = 2.0,
+    ) -> None:
+        super().__init__()
+        self.conversation = conversation
+        self.mode = mode
+        self.save_dir = save_dir
+        self.thresholds = thresholds
+        self.refresh_hz = refresh_hz
+        self.error_linger_s = error_linger_s  # None: stay on the error screen (snapshots)
+        self.state = "loading"
+        self.muted = False
+        self.failure: str | None = None  # why the engine failed; the app then exits with code 1
+        self._inbox: deque[Event] = deque()
+        self._reset_figures()
+        self._stopping: asyncio.Future | None = None
+
+    def _reset_figures(self) -> None:
+        self._stats: Stats | None = None
+        self._steps: deque[float] = deque(maxlen=300)
+        self._skipped = 0
+        self._last_skip_t = -math.inf
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        with Horizontal(id="body"):
+            with Vertical(id="main"):
+                yield TranscriptView("moshi" if self.mode == "chat" else None, id="transcript")
+                yield Static(id="error", markup=False)
+            with Vertical(id="side"):
+                yield LatencyPanel(self.thresholds, id="latency")
+                yield AudioPanel(output=self.mode == "chat", id="audio")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(TranscriptView).border_title = "Moshi" if self.mode == "chat" else "Transcript"
+        self.query_one(LatencyPanel).border_title = "Latency"
+        self.query_one(AudioPanel).border_title = "Audio"
+        self._set_state("loading")
+        self.set_interval(1 / self.refresh_hz, self.drain)
+        self.conversation.start(self.deliver)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def deliver(self, event: Event) -> None:
+        """Thread-safe: called by the conversation for every event."""
+        self._inbox.append(event)
+
+    def drain(self) -> None:
+        """Apply every queued event, then redraw the figures once."""
+        got_stats = False
+        transcript = self.query_one(TranscriptView)
+        while self._inbox:
+            event = self._inbox.popleft()
+            if isinstance(event, TextPiece):
+                transcript.add_text(event.t, event.text)
+            elif isinstance(event, Stats):
+                self._take_stats(event)
+                got_stats = True
+            elif isinstance(event, UserSpeech):
+                if event.speaking:
+                    transcript.mark_user(event.t)
+            elif isinstance(event, StateChanged):
+                if self.failure is None:
+                    self._set_state(event.state, event.detail)
+            elif isinstance(event, SessionInfo):
+                self.query_one(StatusBar).show(info=event)
+            elif isinstance(event, EngineFailed):
+                self._fail(event.reason)
+        if got_stats:
+            self.query_one(LatencyPanel).show(self._stats, list(self._steps))
+            self.query_one(AudioPanel).show(self._stats, self.muted)
+            if self.state in ("live", "lagging"):
+                self._set_state("lagging" if self._lagging() else "live")
+
+    def _take_stats(self, stats: Stats) -> None:
+        if stats.step_ms is not None:
+            self._steps.append(stats.step_ms)
+        if stats.skipped > self._skipped:
+            self._last_skip_t = stats.t
+        self._skipped = stats.skipped
+        self._stats = stats
+
+    def _lagging(self) -> bool:
+        s, th = self._stats, self.thresholds
+        return (
+            (s.step_ms is not None and s.step_ms >= th.budget_ms)
+            or (s.lag_ms is not None and s.lag_ms >= th.lag_bad_ms)
+            or s.t - self._last_skip_t < SKIP_MEMORY_S
+        )
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if state == self.state and detail == self.query_one(StatusBar).detail:
+            return
+        self.state = state
+        self.query_one(StatusBar).show(state=state, detail=detail)
+        if state in HINTS:
+            self.query_one(TranscriptView).set_hint(HINTS[state] + (f"\n{detail}" if detail else ""))
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is not None:
+            return
+        self.failure = reason
+        self._set_state("error")
+        error = self.query_one("#error", Static)
+        error.update(f"The engine failed: {reason}")
+        error.display = True
+        self.run_worker(self._fail_then_exit(), exit_on_error=False)
+
+    # -- keys --------------------------------------------------------------------------------
+
+    async def action_quit(self) -> None:
+        if self.failure is None:
+            self._set_state("ended")
+        await self._stop_conversation()
+        self.exit(return_code=1 if self.failure else 0)
+
+    def action_toggle_mute(self) -> None:
+        self.muted = not self.muted
+        self.conversation.set_muted(self.muted)
+        self.query_one(StatusBar).show(muted=self.muted)
+        self.query_one(AudioPanel).show(self._stats, self.muted)
+
+    def action_restart(self) -> None:
+        if self.failure is not None or self._stopping is not None:
+            return
+        self.drain()  # what the old conversation said before the restart is dropped with it
+        self.conversation.restart()
+        self.query_one(TranscriptView).clear()
+        self._reset_figures()
+        self.query_one(LatencyPanel).show(None, [])
+        self.query_one(AudioPanel).show(None, self.muted)
+        self.notify("New conversation.", timeout=2)
+
+    def action_save(self) -> None:
+        self.drain()
+        folder = self.save_dir or Path.cwd()
+        path = folder / f"moshi-transcript-{datetime.now():%Y%m%d-%H%M%S}.txt"
+        try:
+            path.write_text(self.query_one(TranscriptView).model.to_text(), encoding="utf-8")
+        except OSError as exc:
+            self.notify(f"Could not save the transcript: {exc}", severity="error")
+        else:
+            self.notify(f"Transcript saved to {path}", timeout=4)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    # -- ending ------------------------------------------------------------------------------
+
+    async def _stop_conversation(self) -> None:
+        """Stop once, off the event loop: stopping joins the engine process and flushes files."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(asyncio.to_thread(self.conversation.stop))
+        await self._stopping
+
+    async def _fail_then_exit(self) -> None:
+        await self._stop_conversation()
+        if self.error_linger_s is not None:
+            await asyncio.sleep(self.error_linger_s)  # long enough to read the error panel
+            self.exit(return_code=1)

@@ -1,0 +1,68 @@
+"""What a running conversation tells the TUI.
+
+Plain dataclasses, no Textual: the live session, the scripted engine of the tests and the
+``--no-tui`` printer all produce or consume them. Times ``t`` are conversation time in seconds
+(frame index × 80 ms), so a scripted run renders the same on every machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+FRAME_S = 0.080  # one Mimi frame: 1920 samples at 24 kHz
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    mode: str  # "chat" or "transcribe"
+    model: str
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    """The engine's life cycle. "lagging" is not sent: the app derives it from `Stats`."""
+
+    state: str  # "loading", "warming up", "live", "ended"
+    detail: str = ""  # loading progress, e.g. "reading model.safetensors"
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    t: float
+    text: str  # a piece of a word as the model produced it, spaces included
+
+
+@dataclass(frozen=True)
+class UserSpeech:
+    """The user started or stopped speaking (voice activity from the mic level)."""
+
+    t: float
+    speaking: bool
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Measurements after one frame. The session sends one per frame; the app keeps the latest
+    figures and every step time (for the sparkline) and redraws on its own timer."""
+
+    t: float
+    step_ms: float | None = None  # model step time of this frame (the 80 ms budget)
+    lag_ms: float | None = None  # end to end, mic to speaker
+    buffered_ms: float = 0.0  # playback buffer
+    skipped: int = 0  # frames dropped so far because the model fell behind
+    underruns: int = 0  # playback ran dry so far
+    mic_db: float = -120.0
+    out_db: float = -120.0
+    aec: bool = False
+    erle_db: float | None = None  # echo attenuation of the canceller
+
+
+@dataclass(frozen=True)
+class EngineFailed:
+    reason: str
+
+
+Event = Union[SessionInfo, StateChanged, TextPiece, UserSpeech, Stats, EngineFailed]

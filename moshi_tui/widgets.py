@@ -1,0 +1,244 @@
+"""The panels of the conversation screen. Each panel keeps the latest figures and draws them when
+Textual repaints, so feeding it faster than the screen refreshes costs nothing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.containers import VerticalScroll
+from textual.widget import Widget
+from textual.widgets import Static
+
+from .messages import SessionInfo, Stats
+from .transcript import USER, Transcript, clock
+
+OK, WARN, BAD = "green", "yellow", "red"
+STATE_STYLES = {
+    "loading": "bold cyan",
+    "warming up": "bold cyan",
+    "live": "bold green",
+    "lagging": "bold yellow",
+    "ended": "bold",
+    "error": "bold red",
+}
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where a figure turns amber and red."""
+
+    budget_ms: float = 80.0  # one frame of audio: a slower step cannot keep up
+    step_warn: float = 0.8  # fraction of the budget
+    lag_warn_ms: float = 500.0
+    lag_bad_ms: float = 1000.0
+    buffer_low_ms: float = 80.0  # less than a frame queued: the next late step is an underrun
+
+    def step(self, ms: float) -> str:
+        return OK if ms < self.step_warn * self.budget_ms else WARN if ms < self.budget_ms else BAD
+
+    def lag(self, ms: float) -> str:
+        return OK if ms < self.lag_warn_ms else WARN if ms < self.lag_bad_ms else BAD
+
+
+def _figure(label: str, value: str, style: str) -> Text:
+    return Text.assemble((f"{label:<10}", "dim"), (value, style))
+
+
+def spark_rows(values: Sequence[float], width: int, height: int, top: float, th: Thresholds) -> list[Text]:
+    """The last `width` step times as bars `height` rows tall, scaled to `top`, coloured by budget."""
+    values = list(values)[-width:]
+    rows = [Text() for _ in range(height)]
+    for v in values:
+        eighths = min(height * 8, max(1, round(v / top * height * 8)))
+        style = th.step(v)
+        for r in range(height):  # rows[0] is the top row
+            fill = min(8, max(0, eighths - (height - 1 - r) * 8))
+            rows[r].append(BARS[fill], style)
+    return rows
+
+
+class StatusBar(Widget):
+    """One line: model, device, dtype, state."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.info: SessionInfo | None = None
+        self.state = "loading"
+        self.detail = ""
+        self.muted = False
+
+    def show(self, *, info: SessionInfo | None = None, state: str | None = None, detail: str | None = None,
+             muted: bool | None = None) -> None:
+        if info is not None:
+            self.info = info
+        if state is not None:
+            self.state = state
+        if detail is not None:
+            self.detail = detail
+        if muted is not None:
+            self.muted = muted
+        self.refresh()
+
+    def render(self) -> Table:
+        left = Text(" moshi", "bold")
+        if self.info:
+            left.append(f"  {self.info.model} · {self.info.device} · {self.info.dtype}")
+        right = Text()
+        if self.muted:
+            right.append("mic muted  ", "bold yellow")
+        right.append(f"● {self.state}", STATE_STYLES.get(self.state, "bold"))
+        if self.detail:
+            right.append(f": {self.detail}")
+        grid = Table.grid(expand=True)
+        grid.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
+        grid.add_column(justify="right", no_wrap=True, overflow="ellipsis", max_width=max(10, self.size.width - 12))
+        grid.add_row(left, right)
+        return grid
+
+
+class LatencyPanel(Widget):
+    """Model step time against the frame budget (figure and sparkline), lag, buffer, drops."""
+
+    def __init__(self, thresholds: Thresholds, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.th = thresholds
+        self.stats: Stats | None = None
+        self.steps: list[float] = []
+
+    def show(self, stats: Stats | None, steps: list[float]) -> None:
+        self.stats, self.steps = stats, steps
+        self.refresh()
+
+    def render(self) -> Group:
+        s, th = self.stats, self.th
+        if s is None or s.step_ms is None:
+            step = _figure("step", f"-- / {th.budget_ms:.0f} ms", "dim")
+        else:
+            step = _figure("step", f"{s.step_ms:5.1f} / {th.budget_ms:.0f} ms", th.step(s.step_ms))
+        spark = spark_rows(self.steps, self.content_size.width, 2, 1.5 * th.budget_ms, th)
+        if s is None:
+            return Group(step, *spark)
+        lag = _figure("lag", "--" if s.lag_ms is None else f"{s.lag_ms:5.0f} ms",
+                      "dim" if s.lag_ms is None else th.lag(s.lag_ms))
+        buf = _figure("buffer", f"{s.buffered_ms:5.0f} ms", WARN if s.buffered_ms < th.buffer_low_ms else OK)
+        skipped = _figure("skipped", f"{s.skipped:5d}", WARN if s.skipped else OK)
+        under = _figure("underruns", f"{s.underruns:5d}", WARN if s.underruns else OK)
+        return Group(step, *spark, lag, buf, skipped, under)
+
+
+def level_bar(label: str, db: float, width: int) -> Text:
+    """`mic  -23 dB ██████░░░░`: -60 dB is empty, 0 dB full; amber near full scale, red at clipping."""
+    line = Text(f"{label:<4}", "dim")
+    line.append("  -∞ dB " if db <= -99 else f"{db:4.0f} dB ")
+    cells = max(0, width - len(line))
+    full = round(cells * min(1.0, max(0.0, (db + 60) / 60))) if math.isfinite(db) else 0
+    style = OK if db < -12 else WARN if db < -3 else BAD
+    line.append("█" * full, style)
+    line.append("░" * (cells - full), "dim")
+    return line
+
+
+class AudioPanel(Widget):
+    """Mic and speaker levels, echo canceller state."""
+
+    def __init__(self, output: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.output = output  # transcription plays nothing
+        self.stats: Stats | None = None
+        self.muted = False
+
+    def show(self, stats: Stats | None, muted: bool) -> None:
+        self.stats, self.muted = stats, muted
+        self.refresh()
+
+    def render(self) -> Group:
+        s = self.stats or Stats(t=0.0)
+        width = self.content_size.width
+        mic = Text.assemble(("mic ", "dim"), ("  muted", "bold yellow")) if self.muted else level_bar("mic", s.mic_db, width)
+        aec = Text("AEC  ", "dim")
+        if s.aec:
+            aec.append("on")
+            if s.erle_db is not None:
+                aec.append(" · echo ")
+                aec.append(f"-{s.erle_db:.0f} dB", OK if s.erle_db >= 10 else WARN)
+        else:
+            aec.append("off", WARN)
+        if not self.output:
+            return Group(mic)
+        return Group(mic, level_bar("out", s.out_db, width), aec)
+
+
+class ParagraphView(Static):
+    def __init__(self, paragraph, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.paragraph = paragraph
+        self.redraw()
+
+    def redraw(self) -> None:
+        p = self.paragraph
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True, style="dim")
+        grid.add_column(ratio=1, overflow="fold")
+        if p.speaker == USER:
+            self.add_class("-user")
+            grid.add_row(clock(p.t), Text("▸ you spoke", "italic cyan"))
+        else:
+            grid.add_row(clock(p.t), Text(p.text))
+        self.update(grid)
+
+
+class TranscriptView(VerticalScroll):
+    """The words as they are generated, a paragraph per turn, scrolled to the newest."""
+
+    MAX_PARAGRAPHS = 500  # older ones leave the screen (the session files keep everything)
+
+    def __init__(self, speaker: str | None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.speaker = speaker
+        self.model = Transcript(speaker)
+        self.hint = Static("", id="hint")
+        self._last: ParagraphView | None = None
+
+    def compose(self):
+        yield self.hint
+
+    def set_hint(self, text: str) -> None:
+        self.hint.update(text)
+        self.hint.display = bool(text) and not self.model.paragraphs
+
+    def add_text(self, t: float, text: str) -> None:
+        count = len(self.model.paragraphs)
+        new = self.model.add_text(t, text)
+        if new:
+            self._append(self.model.paragraphs[-1])
+        elif count and self._last is not None:
+            self._last.redraw()
+
+    def mark_user(self, t: float) -> None:
+        count = len(self.model.paragraphs)
+        self.model.mark_user(t)
+        if len(self.model.paragraphs) > count:
+            self._append(self.model.paragraphs[-1])
+
+    def clear(self) -> None:
+        self.model = Transcript(self.speaker)
+        self.query(ParagraphView).remove()
+        self._last = None
+        self.hint.display = True
+
+    def _append(self, paragraph) -> None:
+        follow = self.scroll_y >= self.max_scroll_y
+        self.hint.display = False
+        views = self.query(ParagraphView)
+        if len(views) >= self.MAX_PARAGRAPHS:
+            views.first().remove()
+        self._last = ParagraphView(paragraph)
+        self.mount(self._last)
+        if follow:
+            self.scroll_end(animate=False)

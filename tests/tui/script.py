@@ -1,0 +1,86 @@
+"""A scripted conversation: deterministic events for snapshot and Pilot tests of the app.
+
+It stands where the live session stands (the app's `Conversation`), so the app code under test is
+the real one; only the source of events is fixed. Times are frame indices × 80 ms.
+"""
+
+from __future__ import annotations
+
+import math
+
+from moshi_tui.messages import FRAME_S, EngineFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+
+MOSHI_WORDS = (
+    "Hello, I'm Moshi. What would you like to talk about today? I can tell you about the weather, "
+    "or we could talk about a book you read recently. Sure, the weather here is sunny and warm, "
+    "a good day for a walk along the river."
+).split(" ")
+USER_WORDS = (
+    "so this is a test of the transcription in the terminal and it should show every word "
+    "that was recognised with the time it was spoken at"
+).split(" ")
+
+
+class ScriptedConversation:
+    def __init__(self, mode: str = "chat") -> None:
+        self.mode = mode
+        self.deliver = None
+        self.calls: list[tuple] = []
+        self.frame = 0
+        self.words = MOSHI_WORDS if mode == "chat" else USER_WORDS
+        self.word = 0
+        self.skipped = 0
+        self.underruns = 0
+
+    # the app's side
+    def start(self, deliver) -> None:
+        self.deliver = deliver
+        self.calls.append(("start",))
+
+    def set_muted(self, muted: bool) -> None:
+        self.calls.append(("muted", muted))
+
+    def restart(self) -> None:
+        self.calls.append(("restart",))
+        self.frame = self.word = self.skipped = self.underruns = 0
+
+    def stop(self) -> None:
+        self.calls.append(("stop",))
+
+    # the test's side
+    def load(self) -> None:
+        self.deliver(SessionInfo(self.mode, "kyutai/moshika-pytorch-bf16", "cuda", "bfloat16"))
+        self.deliver(StateChanged("loading", "reading model.safetensors"))
+
+    def go_live(self) -> None:
+        self.deliver(StateChanged("warming up"))
+        self.deliver(StateChanged("live"))
+
+    def play(self, frames: int, *, slow: bool = False, user_speaks_at: int | None = None) -> None:
+        """`frames` frames of conversation: a word every 4 frames, step times under budget
+        (over budget with a dropped frame every 5 when `slow`)."""
+        for _ in range(frames):
+            i = self.frame
+            t = i * FRAME_S
+            if i == user_speaks_at:
+                self.deliver(UserSpeech(t, True))
+            if i % 4 == 3 and self.word < len(self.words):
+                self.deliver(TextPiece(t, " " + self.words[self.word]))
+                self.word += 1
+            step = 40.0 + 12.0 * math.sin(i / 3)
+            if slow:
+                step += 55.0
+                if i % 5 == 0:
+                    self.skipped += 1
+                if i % 7 == 0:
+                    self.underruns += 1
+            self.deliver(Stats(
+                t=t, step_ms=step, lag_ms=(900.0 if slow else 310.0) + 2 * (i % 5),
+                buffered_ms=20.0 if slow else 160.0, skipped=self.skipped, underruns=self.underruns,
+                mic_db=-30.0 + 10 * math.sin(i / 4), out_db=-18.0 + 6 * math.cos(i / 5),
+                aec=self.mode == "chat", erle_db=21.5 if self.mode == "chat" else None,
+            ))
+            self.frame += 1
+
+    def fail(self, reason: str) -> None:
+        self.deliver(EngineFailed(reason))
