@@ -63,7 +63,7 @@ class GenState(StreamingState):
 
 
 @dataclass
-class StepOutput:
+class GenOutput:
     tokens: torch.Tensor | None  # [B, 1 + dep_q, 1]: text then generated audio; None before the first frame
     hidden: torch.Tensor  # the temporal transformer's normed output for this step, [B, 1, dim]
 
@@ -104,7 +104,7 @@ class LMGen(StreamingModule):
         return out.tokens, heads
 
     @torch.no_grad()
-    def step_full(self, codes: torch.Tensor) -> StepOutput:
+    def step_full(self, codes: torch.Tensor) -> GenOutput:
         state = self.state
         if state is None:
             raise RuntimeError("LMGen.step needs `with gen.streaming(batch_size):`")
@@ -137,12 +137,12 @@ class LMGen(StreamingModule):
             state.cache[:, 1:cfg.dep_q + 1].scatter_(2, write_at.expand(-1, cfg.dep_q, 1), audio[:, :, None])
 
         if state.steps_since_full_reset <= cfg.max_delay:
-            return StepOutput(None, hidden)
+            return GenOutput(None, hidden)
         generated_delays = self.delays[:cfg.dep_q + 1]
         read_at = (state.offsets[:, None, None] - cfg.max_delay + generated_delays[:, None]) % slots
         out = state.cache.gather(2, read_at)
         incomplete = (state.offsets <= cfg.max_delay)[:, None, None]
-        return StepOutput(torch.where(incomplete, UNGENERATED_TOKEN, out), hidden)
+        return GenOutput(torch.where(incomplete, UNGENERATED_TOKEN, out), hidden)
 
     def _depformer_step(self, text: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Sample the dep_q audio codebooks of this frame, each conditioned on the previous one."""

@@ -1,0 +1,222 @@
+"""Frame-by-frame runners: the one interface between the models and everything that feeds them
+(the headless commands, the engine process behind the TUI).
+
+A runner takes 80 ms of the user's audio (1920 float32 samples at 24 kHz) per call and returns
+what the model produced for that frame. It keeps Mimi and the LM in streaming mode for its whole
+life; ``reset()`` starts a new conversation with the same weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import EngineError
+from .lm import LMConfig, LMModel, load_lm
+from .lm_gen import LMGen, Sampling
+from .options import ModelOptions
+
+SAMPLE_RATE = 24_000
+FRAME_SIZE = 1920
+# Seed of Kyutai's `moshi-inference`, so that sampled runs can be compared with it.
+DEFAULT_SEED = 4242
+# Text ids that are not words: 0 ends a stretch of padding, 3 is padding.
+NON_WORD_TOKENS = (0, 3)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Models:
+    name: str
+    model_type: str
+    mimi: torch.nn.Module
+    lm: LMModel
+    tokenizer: object  # sentencepiece.SentencePieceProcessor
+    sampling: Sampling
+    stt_config: dict = field(default_factory=dict)
+
+    def piece(self, token: int) -> str | None:
+        """The text of a token as the reference prints it, or None for padding."""
+        if token in NON_WORD_TOKENS:
+            return None
+        return self.tokenizer.id_to_piece(token).replace("▁", " ")
+
+
+def _resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda was asked for, but PyTorch sees no CUDA GPU (try --device cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EngineError("--device mps was asked for, but MPS is not available here (try --device cpu)")
+    return device
+
+
+def load_models(options: ModelOptions, default_repo: str, progress: Progress | None = None) -> Models:
+    """Resolve the checkpoint, then load Mimi, the LM and the tokenizer onto the device."""
+    import sentencepiece
+
+    from .hub import CheckpointInfo
+    from .mimi import MimiConfig, load_mimi
+
+    report = progress or (lambda message: None)
+    if options.dtype not in DTYPES:
+        raise EngineError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
+    device = _resolve_device(options.device)
+    repo = options.hf_repo or default_repo
+    report(f"resolving {repo}")
+    info = CheckpointInfo.resolve(repo)
+    lm_config = LMConfig.from_dict(info.lm_config)
+
+    report("loading Mimi")
+    mimi_config = MimiConfig.from_dict(info.mimi_config) if info.mimi_config else None
+    num_codebooks = max(lm_config.dep_q, lm_config.n_q - lm_config.dep_q)
+    mimi = load_mimi(info.mimi_weights, mimi_config, num_codebooks=num_codebooks, device=device)
+    report("loading the language model")
+    lm = load_lm(info.lm_weights, lm_config, device=device, dtype=DTYPES[options.dtype])
+    tokenizer = sentencepiece.SentencePieceProcessor()
+    if not tokenizer.Load(str(info.tokenizer)):
+        raise EngineError(f"cannot read the text tokenizer {info.tokenizer}")
+
+    gen_config = {**Sampling().__dict__, **{k: v for k, v in info.lm_gen_config.items() if k in Sampling().__dict__}}
+    for key in ("temp", "temp_text", "top_k", "top_k_text"):
+        if getattr(options, key) is not None:
+            gen_config[key] = getattr(options, key)
+    torch.manual_seed(DEFAULT_SEED if options.seed is None else options.seed)
+    return Models(name=repo, model_type=info.model_type, mimi=mimi, lm=lm, tokenizer=tokenizer,
+                  sampling=Sampling(**gen_config), stt_config=dict(info.stt_config))
+
+
+class _Stopwatch:
+    """Per-stage wall times; on a GPU each lap waits for the queued work so the figure is real."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.laps: dict[str, float] = {}
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name] = (now - self._last) * 1000
+        self._last = now
+
+    def done(self) -> dict[str, float]:
+        self.laps["total"] = (self._last - self._start) * 1000
+        return self.laps
+
+
+@dataclass
+class StepOutput:
+    pcm: np.ndarray | None  # 1920 samples of Moshi's voice for this frame; None before its first frame
+    text: str | None  # the text piece of this frame, None for padding
+    timings_ms: dict[str, float]
+    token: int | None = None  # the raw text token (None before the first frame)
+    vad: list[float] | None = None  # STT with VAD heads: P(pause) over 0.5, 1, 2, 3 s
+
+
+class _Runner:
+    frame_size = FRAME_SIZE
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, models: Models):
+        self.models = models
+        self.gen = LMGen(models.lm, models.sampling)
+        self.device = models.lm.device
+        models.mimi.start_streaming(1)
+        self.gen.start_streaming(1)
+        self._first_frame = True
+
+    def describe(self) -> dict[str, str]:
+        return {"model": self.models.name, "device": str(self.device), "dtype": str(self.models.lm.dtype).split(".")[-1]}
+
+    def reset(self) -> None:
+        self.models.mimi.reset_streaming()
+        self.gen.reset_streaming()
+        self._first_frame = True
+
+    def warmup(self, frames: int = 4) -> None:
+        for _ in range(frames):
+            self.step(np.zeros(FRAME_SIZE, dtype=np.float32))
+        self.reset()
+
+    def _encode(self, pcm: np.ndarray) -> torch.Tensor:
+        if pcm.shape != (FRAME_SIZE,):
+            raise ValueError(f"a frame is {FRAME_SIZE} samples, got shape {pcm.shape}")
+        wav = torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32)).to(self.device)[None, None]
+        return self.models.mimi.encode(wav)
+
+    def _lm_step(self, codes: torch.Tensor):
+        # `moshi-inference`'s convention: the model never sees its first input frame, so the first
+        # frame's codes are fed twice.
+        if self._first_frame:
+            self._first_frame = False
+            self.gen.step_full(codes)
+        return self.gen.step_full(codes)
+
+
+class ChatRunner(_Runner):
+    """Full-duplex conversation: the user's frame in, Moshi's voice and words for one frame out."""
+
+    @classmethod
+    def load(cls, options: ModelOptions, progress: Progress | None = None) -> ChatRunner:
+        models = load_models(options, "moshika", progress)
+        if models.lm.cfg.dep_q == 0:
+            raise EngineError(f"{models.name} is a speech-recognition model; use `moshi transcribe`")
+        return cls(models)
+
+    @torch.no_grad()
+    def step(self, pcm: np.ndarray) -> StepOutput:
+        watch = _Stopwatch(self.device)
+        codes = self._encode(pcm)
+        watch.lap("encode")
+        tokens = self._lm_step(codes).tokens
+        watch.lap("lm")
+        if tokens is None:
+            return StepOutput(None, None, watch.done())
+        audio = self.models.mimi.decode(tokens[:, 1:])
+        out = audio[0, 0].float().cpu().numpy()
+        watch.lap("decode")
+        token = int(tokens[0, 0, 0])
+        return StepOutput(out, self.models.piece(token), watch.done(), token=token)
+
+
+class TranscribeRunner(_Runner):
+    """Streaming speech recognition: the user's frame in, at most one text piece out."""
+
+    @classmethod
+    def load(cls, options: ModelOptions, progress: Progress | None = None) -> TranscribeRunner:
+        models = load_models(options, "stt-1b-en_fr", progress)
+        if models.lm.cfg.dep_q != 0:
+            raise EngineError(f"{models.name} is a conversation model; use `moshi chat`")
+        return cls(models)
+
+    @property
+    def delay_seconds(self) -> float:
+        """How far the text lags the audio (learned in training, from the checkpoint's stt_config)."""
+        return float(self.models.stt_config.get("audio_delay_seconds", 0.0))
+
+    @property
+    def silence_prefix_seconds(self) -> float:
+        return float(self.models.stt_config.get("audio_silence_prefix_seconds", 0.0))
+
+    @torch.no_grad()
+    def step(self, pcm: np.ndarray) -> StepOutput:
+        watch = _Stopwatch(self.device)
+        codes = self._encode(pcm)
+        watch.lap("encode")
+        out = self._lm_step(codes)
+        vad = None
+        if len(self.models.lm.extra_heads):
+            # Element 0 of each head is the probability of a pause over its horizon.
+            vad = [float(torch.softmax(head(out.hidden), dim=-1)[0, 0, 0]) for head in self.models.lm.extra_heads]
+        token = int(out.tokens[0, 0, 0])
+        watch.lap("lm")
+        return StepOutput(None, self.models.piece(token), watch.done(), token=token, vad=vad)
