@@ -15,6 +15,8 @@ from audio.errors import AudioError
 from engine.errors import EngineError
 
 from . import __version__
+from .commands import chat, tiny_model, transcribe
+from .commands.download import download
 
 app = typer.Typer(
     name="moshi",
@@ -39,6 +41,12 @@ def _root(
     ),
 ) -> None:
     """Talk with Moshi, talk about a picture, or transcribe speech, in the terminal."""
+
+
+app.command()(download)
+chat.register(app)
+transcribe.register(app)
+tiny_model.register(app)
 
 
 def main() -> None:
