@@ -15,6 +15,7 @@ from audio.errors import AudioError
 from engine.errors import EngineError
 
 from . import __version__
+from .commands import chat, tiny_model, transcribe
 from .commands.download import download
 
 app = typer.Typer(
@@ -43,6 +44,9 @@ def _root(
 
 
 app.command()(download)
+chat.register(app)
+transcribe.register(app)
+tiny_model.register(app)
 
 
 def main() -> None:

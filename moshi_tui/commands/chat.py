@@ -1,0 +1,91 @@
+"""`moshi chat`: a spoken conversation with Moshi."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (DeviceOption, DtypeOption, HfRepo, Seed, Temp, TempText, TopK, TopKText, model_options,
+                     progress_to_stderr)
+
+EPILOG = """\
+Examples:
+
+\b
+  moshi chat                                    # Moshika, microphone and speakers
+  moshi chat --voice moshiko                    # the male voice
+  moshi chat --input me.wav --output moshi.wav  # answer a recording, words to stdout
+  moshi chat --hf-repo ./tiny --input me.wav    # a local folder (see moshi tiny-model)
+"""
+
+
+class Voice(str, Enum):
+    moshika = "moshika"
+    moshiko = "moshiko"
+
+
+def register(app: typer.Typer) -> None:
+    app.command(short_help="Talk with Moshi.", epilog=EPILOG)(chat)
+
+
+def chat(
+    input: Annotated[Optional[Path], typer.Option(
+        "--input", "-i", metavar="AUDIO", help="Answer this recording instead of the microphone "
+        "(wav, flac, ogg or mp3, any rate).")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", metavar="WAV", help="With --input: write Moshi's voice to this WAV file.")] = None,
+    transcript: Annotated[Optional[Path], typer.Option(
+        "--transcript", metavar="TXT", help="With --input: also write Moshi's words to this file.")] = None,
+    voice: Annotated[Voice, typer.Option("--voice", help="Moshika (female) or Moshiko (male).")] = Voice.moshika,
+    hf_repo: HfRepo = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "bfloat16",
+    seed: Seed = None,
+    temp: Temp = None,
+    temp_text: TempText = None,
+    top_k: TopK = None,
+    top_k_text: TopKText = None,
+) -> None:
+    """Talk with Moshi: it listens and speaks at the same time.
+
+    With --input, the conversation runs headless on a recording: the user's side comes from the
+    file, frame by frame exactly as live audio would, and Moshi's side goes to --output and stdout.
+    """
+    options = model_options(hf_repo or voice.value, device, dtype, seed, temp, temp_text, top_k, top_k_text)
+    if input is None:
+        raise typer.BadParameter("live conversation needs the TUI, which is not wired yet; use --input FILE",
+                                 param_hint="--input")
+    run_headless_chat(input, output, transcript, options)
+
+
+def run_headless_chat(input: Path, output: Path | None, transcript: Path | None, options) -> None:
+    from audio.files import read_audio
+    from audio.wav import WavWriter
+    from engine.runner import FRAME_SIZE, SAMPLE_RATE, ChatRunner
+
+    pcm = read_audio(input)
+    runner = ChatRunner.load(options, progress=progress_to_stderr)
+    writer = WavWriter(output, SAMPLE_RATE, channels=1) if output else None
+    words = transcript.open("w", encoding="utf-8") if transcript else None
+    try:
+        # Only whole frames, as Kyutai's `moshi-inference` does.
+        for start in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE):
+            out = runner.step(pcm[start:start + FRAME_SIZE])
+            if writer is not None and out.pcm is not None:
+                writer.write(out.pcm)
+            if out.text:
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+                if words is not None:
+                    words.write(out.text)
+                    words.flush()
+        sys.stdout.write("\n")
+    finally:
+        if writer is not None:
+            writer.close()
+        if words is not None:
+            words.close()

@@ -1,0 +1,54 @@
+"""Options shared by the commands that run a model (chat, see, transcribe)."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from engine.options import ModelOptions
+
+MODEL_PANEL = "Model"
+SAMPLING_PANEL = "Sampling"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Dtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+HfRepo = Annotated[Optional[str], typer.Option(
+    "--hf-repo", metavar="REPO_OR_FOLDER", rich_help_panel=MODEL_PANEL,
+    help="A model name, a Hugging Face repo id, or a local folder holding config.json and the files it names.")]
+DeviceOption = Annotated[Device, typer.Option("--device", rich_help_panel=MODEL_PANEL, help="Where the model runs.")]
+DtypeOption = Annotated[Dtype, typer.Option(
+    "--dtype", rich_help_panel=MODEL_PANEL, help="Weight precision of the language model (Mimi stays float32).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", rich_help_panel=SAMPLING_PANEL,
+                                             help="Random seed for sampling [default: 4242].")]
+Temp = Annotated[Optional[float], typer.Option(
+    "--temp", rich_help_panel=SAMPLING_PANEL, help="Audio sampling temperature; 0 = greedy [default: from the model].")]
+TempText = Annotated[Optional[float], typer.Option(
+    "--temp-text", rich_help_panel=SAMPLING_PANEL, help="Text sampling temperature; 0 = greedy.")]
+TopK = Annotated[Optional[int], typer.Option("--top-k", rich_help_panel=SAMPLING_PANEL,
+                                             help="Sample audio among the k likeliest tokens.")]
+TopKText = Annotated[Optional[int], typer.Option("--top-k-text", rich_help_panel=SAMPLING_PANEL,
+                                                 help="Sample text among the k likeliest tokens.")]
+
+
+def model_options(hf_repo: str | None, device: Device, dtype: Dtype, seed: int | None, temp: float | None,
+                  temp_text: float | None, top_k: int | None, top_k_text: int | None) -> ModelOptions:
+    return ModelOptions(hf_repo=hf_repo, device=device.value, dtype=dtype.value, seed=seed, temp=temp,
+                        temp_text=temp_text, top_k=top_k, top_k_text=top_k_text)
+
+
+def progress_to_stderr(message: str) -> None:
+    print(f"moshi: {message}", file=sys.stderr, flush=True)

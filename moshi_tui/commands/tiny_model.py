@@ -1,0 +1,44 @@
+"""`moshi tiny-model`: write a tiny random checkpoint folder, to try the app without downloading a model."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+EPILOG = """\
+Examples:
+
+\b
+  moshi tiny-model ./tiny && moshi chat --hf-repo ./tiny --input me.wav -o noise.wav
+  moshi tiny-model ./tiny-stt --kind transcribe
+  moshi transcribe --hf-repo ./tiny-stt talk.wav
+"""
+
+
+class Kind(str, Enum):
+    chat = "chat"
+    transcribe = "transcribe"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tiny-model", short_help="Write a tiny random model folder for offline tries.", epilog=EPILOG)(
+        tiny_model)
+
+
+def tiny_model(
+    folder: Annotated[Path, typer.Argument(help="Where to write the checkpoint folder.")],
+    kind: Annotated[Kind, typer.Option("--kind", help="A conversation model or a speech-recognition one.")] = Kind.chat,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a tiny checkpoint folder in the official layout, with random weights.
+
+    It loads through the same code as the real models, but it has learnt nothing: it produces
+    noise and gibberish, not speech. Use it to try the app and its pipeline offline.
+    """
+    from engine.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(folder, kind.value, seed)
+    typer.echo(f"wrote a tiny random {kind.value} model to {path} (it speaks noise, not words)")

@@ -1,0 +1,117 @@
+"""`moshi chat --input` and `moshi transcribe FILE` end to end, through the real CLI and the tiny
+checkpoint folders, against Kyutai's `moshi-inference` engine on the same folder and input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from engine.tiny import write_tiny_checkpoint
+
+ref_loaders = pytest.importorskip("moshi.models.loaders")
+ref_inference = pytest.importorskip("moshi.run_inference")
+
+GREEDY = {"temp": 0.0, "temp_text": 0.0, "top_k": 250, "top_k_text": 25}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: write_tiny_checkpoint(root / kind, kind, seed=3) for kind in ("chat", "transcribe")}
+
+
+@pytest.fixture(scope="module")
+def speechlike(tmp_path_factory):
+    """4 s at 24 kHz: vowel-like harmonic bursts with pauses, so the codes vary."""
+    t = np.arange(4 * 24000) / 24000
+    pitch = 120 + 40 * np.sin(2 * np.pi * 0.7 * t)
+    voice = sum(np.sin(2 * np.pi * k * np.cumsum(pitch) / 24000) / k for k in range(1, 8))
+    envelope = (np.sin(2 * np.pi * 1.3 * t) > -0.2).astype(float)
+    pcm = (0.3 * voice * envelope / 2.6).astype(np.float32)
+    path = tmp_path_factory.mktemp("input") / "speech.wav"
+    soundfile.write(path, pcm, 24000, subtype="FLOAT")
+    return path, pcm
+
+
+def _reference(folder, pcm, extra_gen_config):
+    info = ref_loaders.CheckpointInfo.from_hf_repo(
+        str(folder), moshi_weights=folder / "model.safetensors", mimi_weights=folder / "mimi.safetensors",
+        tokenizer=folder / "tokenizer.model", config_path=folder / "config.json",
+        mimi_config_path=folder / "mimi_config.json")
+    mimi = info.get_mimi(device="cpu")
+    lm = info.get_moshi(device="cpu", dtype=torch.bfloat16)
+    tokens = []
+    gen_config = {**info.lm_gen_config, **extra_gen_config}
+    state = ref_inference.InferenceState(info, mimi, info.get_text_tokenizer(), lm, batch_size=1, cfg_coef=1.0,
+                                         device="cpu", on_text_hook=lambda t: tokens.append(int(t[0])),
+                                         **gen_config)
+    with torch.no_grad():
+        out = state.run(torch.from_numpy(pcm)[None, None])
+    return out, tokens
+
+
+def _moshi(*args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "moshi_tui", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_headless_chat_matches_reference(folders, speechlike, tmp_path):
+    path, pcm = speechlike
+    result = _moshi("chat", "--hf-repo", folders["chat"], "--input", path, "--output", tmp_path / "out.wav",
+                    "--transcript", tmp_path / "words.txt", "--temp", 0, "--temp-text", 0)
+    assert result.returncode == 0, result.stderr
+    out, sampled = _reference(folders["chat"], pcm, GREEDY)
+    # The hook sees every text token as it is sampled; each step returns the one sampled a step
+    # earlier (the acoustic delay), so the last sampled token is never said.
+    expected = _pieces(folders["chat"], sampled[:-1])
+    assert len(expected) > 10
+    assert result.stdout.strip("\n") == expected
+    (_, ref_pcm), = out
+    assert (tmp_path / "words.txt").read_text() == result.stdout.strip("\n")
+    ours, rate = soundfile.read(tmp_path / "out.wav", dtype="float32")
+    assert rate == 24000
+    assert ours.shape == (ref_pcm.shape[-1],), "one 1920-sample frame out per frame in"
+    # The file is 16-bit: half a step of rounding on top of the 1e-4 the models may differ by.
+    np.testing.assert_allclose(ours, np.clip(ref_pcm[0].numpy(), -1, 1), rtol=0, atol=1e-4 + 0.5 / 32767)
+
+
+def test_headless_transcribe_matches_reference(folders, speechlike):
+    path, pcm = speechlike
+    result = _moshi("transcribe", "--hf-repo", folders["transcribe"], path)
+    assert result.returncode == 0, result.stderr
+    _, sampled = _reference(folders["transcribe"], pcm, {})
+    # The first frame is fed twice and the first step's output dropped, as `moshi-inference` does.
+    expected = _pieces(folders["transcribe"], sampled[1:])
+    assert len(expected) > 10
+    assert result.stdout.strip("\n") == expected
+
+
+def _pieces(folder, tokens):
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    return "".join(sp.id_to_piece(t).replace("▁", " ") for t in tokens if t not in (0, 3))
+
+
+@pytest.mark.parametrize("content", [None, b"", b"this is not audio at all"])
+def test_bad_input_file_is_one_line_error(folders, tmp_path, content):
+    path = tmp_path / "input.wav"
+    if content is not None:
+        path.write_bytes(content)
+    result = _moshi("transcribe", "--hf-repo", folders["transcribe"], path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moshi: error:") and "input.wav" in lines[0], result.stderr
+
+
+def test_wrong_model_kind_is_one_line_error(folders, speechlike):
+    path, _ = speechlike
+    result = _moshi("transcribe", "--hf-repo", folders["chat"], path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("moshi: error:")
+    assert "use `moshi chat`" in result.stderr
