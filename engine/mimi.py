@@ -168,6 +168,7 @@ class Mimi(StreamingModule):
         cfg.validate()
         self.cfg = cfg
         self.sample_rate = cfg.sample_rate
+        self.channels = cfg.channels
         self.frame_rate = cfg.frame_rate
         self.frame_size = cfg.frame_size
         dim = cfg.seanet.dimension
@@ -202,8 +203,8 @@ class Mimi(StreamingModule):
         A whole signal is zero-padded on the right to full frames. While streaming, ``T`` must be
         a positive multiple of ``frame_size``: buffering partial frames is the caller's job.
         """
-        if wav.dim() != 3 or wav.shape[1] != self.cfg.channels or not wav.is_floating_point():
-            raise EngineError(f"Mimi encodes float audio shaped [batch, {self.cfg.channels}, samples], "
+        if wav.dim() != 3 or wav.shape[1] != self.channels or not wav.is_floating_point():
+            raise EngineError(f"Mimi encodes float audio shaped [batch, {self.channels}, samples], "
                               f"got {wav.dtype} {tuple(wav.shape)}")
         length = wav.shape[-1]
         if self.is_streaming:
