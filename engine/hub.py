@@ -287,15 +287,17 @@ def _read_json(path: Path, what: str) -> dict:
 class _Hub:
     """Fetches files from the Hugging Face Hub for one ``resolve`` call.
 
-    huggingface_hub retries a failed connection with backoff for about 25 s per file before giving up. Each file
-    is therefore first probed with one metadata request without retries; once the Hub proves unreachable, the
-    rest of the call uses the cache only, so a dead network costs one connection attempt, not one per file.
+    huggingface_hub retries a failed connection with backoff for about 25 s per file before giving up. Until the
+    Hub has answered once, each file is therefore first probed with one metadata request without retries. Once the
+    Hub proves unreachable, the rest of the call uses the cache only, so a dead network costs one connection
+    attempt, not one per file.
     """
 
     def __init__(self, hint: str | None):
         from huggingface_hub import constants
 
         self.offline = constants.HF_HUB_OFFLINE
+        self.answered = False  # the Hub answered a request of this call
         self.unreachable: Exception | None = None  # why the Hub gave no answer, once it did not
         self.hint = hint  # the name to suggest to `moshi download`; None: the repo of the missing file
 
@@ -314,7 +316,8 @@ class _Hub:
         cached = _cached(repo, filename, revision)
         if isinstance(cached, Path) and (prefer_cache or self.offline or self.unreachable):
             return cached
-        if not self.offline and not self.unreachable and self._answers(repo, filename, revision, where):
+        online = not self.offline and not self.unreachable
+        if online and (self.answered or self._answers(repo, filename, revision, where)):
             return self._download(repo, filename, revision, where, optional)
         if isinstance(cached, Path):
             logger.warning("The Hugging Face Hub is unreachable (%s); using the cached %s.", _reason(self.unreachable),
@@ -350,6 +353,7 @@ class _Hub:
         except Exception as exc:  # no HTTP answer at all: refused, DNS, timeout, proxy, TLS (types vary by version)
             self.unreachable = exc
             return False
+        self.answered = True
         return True
 
     def _download(self, repo: str, filename: str, revision: str | None, where: str, optional: bool) -> Path | None:
