@@ -1,0 +1,329 @@
+"""The model in its own process.
+
+The child (multiprocessing "spawn": a fresh interpreter, no inherited threads or CUDA state) loads
+a runner once, warms it up, then answers every 80 ms frame of the user's voice with one output.
+The parent side, `EngineProcess`, never blocks: `send_frame` drops a frame rather than queue more
+than a few, and `poll` only reads what has arrived. Failures are noticed within a second: the
+child sends a heartbeat every 0.2 s, frames waiting `stall_timeout_s` without any answer count as
+a stall, and a dead process is seen on the next poll. The child leaves on its own when the parent dies.
+
+Messages on the pipe are tuples, parent → child: ("frame", index, pcm), ("reset",), ("stop",);
+child → parent: ("loading", text), ("warming",), ("ready", info), ("out", pcm, text, timings_ms),
+("reset",), ("alive",), ("error", message, traceback).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+
+from .errors import EngineError
+
+RUNNERS = {"chat": "engine.runner:ChatRunner", "transcribe": "engine.runner:TranscribeRunner"}
+HEARTBEAT_S = 0.2
+
+
+class EngineProcessError(EngineError):
+    """The engine process failed to start, died, or stopped answering."""
+
+
+# -- what `poll` returns ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loading:
+    detail: str
+
+
+@dataclass(frozen=True)
+class WarmingUp:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    info: dict[str, str]  # the runner's describe(): model, device, dtype
+
+
+@dataclass(frozen=True)
+class Output:
+    index: int  # the frame it answers, counted from 0 since start or the last reset
+    pcm: np.ndarray | None
+    text: str | None
+    timings_ms: dict[str, float]  # the runner's own, plus "roundtrip": send to receive
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str  # one line for the user
+    detail: str = ""  # the child's traceback, for MOSHI_DEBUG
+
+
+EngineEvent = Loading | WarmingUp | Ready | Output | Failed
+
+
+# -- parent side ----------------------------------------------------------------------------
+
+
+class EngineProcess:
+    """Handle on the engine process. Not thread-safe: one thread sends and polls."""
+
+    def __init__(
+        self,
+        runner: str,
+        options: Any,
+        *,
+        log_path: str | None = None,
+        max_in_flight: int = 4,
+        stall_timeout_s: float = 0.8,
+        load_timeout_s: float = 60.0,
+    ) -> None:
+        """`runner`: "chat", "transcribe" or "package.module:Class". `options` is handed to
+        `Class.load` in the child (it must pickle). The child's stdout and stderr go to
+        `log_path` (default: nowhere), so they cannot scribble over the TUI."""
+        self.runner = RUNNERS.get(runner, runner)
+        if ":" not in self.runner:
+            raise EngineProcessError(f"unknown engine runner {runner!r}: use one of {sorted(RUNNERS)} or module:Class")
+        self.max_in_flight = max_in_flight  # ~0.3 s of audio; more would only add lag
+        self.stall_timeout_s = stall_timeout_s
+        self.load_timeout_s = load_timeout_s  # silence allowed while loading (long C calls)
+        self.state = "loading"  # loading, warming up, live, failed, closed
+        self.info: dict[str, str] = {}
+        self.skipped = 0  # frames dropped because the engine was behind
+        self._in_flight: deque[float] = deque()  # send times of unanswered frames, oldest first
+        self._next_index = 0
+        self._answered = 0
+        self._resets_pending = 0
+        self._error: tuple[str, str] | None = None
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(
+            target=_child_main,
+            args=(child_conn, self.runner, options, os.getpid(), log_path),
+            name="moshi-engine",
+            daemon=True,  # multiprocessing ends it at interpreter exit, whatever happens here
+        )
+        self.process.start()
+        child_conn.close()
+        self._last_heard = self._last_answer = time.monotonic()
+
+    def __enter__(self) -> EngineProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def send_frame(self, pcm: np.ndarray) -> bool:
+        """Queue one frame of the user's voice; False (and counted as skipped) when the engine is
+        `max_in_flight` frames behind. Frames before the engine is live are refused uncounted."""
+        if self.state != "live":
+            return False
+        if len(self._in_flight) >= self.max_in_flight:
+            self.skipped += 1
+            return False
+        try:
+            self._conn.send(("frame", self._next_index, np.ascontiguousarray(pcm, dtype=np.float32)))
+        except OSError:
+            return False  # the child is gone; the next poll reports it
+        self._in_flight.append(time.monotonic())
+        self._next_index += 1
+        return True
+
+    def reset(self) -> None:
+        """Start a new conversation with the same weights. Answers to earlier frames are dropped;
+        frame indices start again at 0."""
+        if self.state != "live":
+            return
+        try:
+            self._conn.send(("reset",))
+        except OSError:
+            return
+        self._resets_pending += 1
+        self._next_index = 0
+
+    def poll(self, timeout: float = 0.0) -> list[EngineEvent]:
+        """What the engine said since the last poll, waiting up to `timeout` s for the first word.
+        A `Failed` event comes once; the process is ended by then."""
+        if self.state in ("failed", "closed"):
+            return []
+        if timeout > 0 and not self._conn.poll():
+            wait([self._conn, self.process.sentinel], timeout)
+        events: list[EngineEvent] = []
+        try:
+            while self._conn.poll():
+                event = self._take(self._conn.recv())
+                if event is not None:
+                    events.append(event)
+        except (EOFError, OSError):
+            pass  # the process is gone: `_health` says why
+        failure = self._health()
+        if failure is not None:
+            events.append(self._fail(failure))
+        return events
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Ask the child to stop, then make sure it has: nothing is left behind."""
+        if self.state == "closed":
+            return
+        try:
+            self._conn.send(("stop",))
+        except OSError:
+            pass
+        self._end_process(timeout)
+        self.state = "closed"
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _take(self, msg: tuple) -> EngineEvent | None:
+        self._last_heard = time.monotonic()
+        kind = msg[0]
+        if kind == "out":
+            sent = self._in_flight.popleft()
+            self._last_answer = self._last_heard
+            if self._resets_pending:
+                return None  # answers a frame of the conversation that was reset
+            _, pcm, text, timings = msg
+            timings = dict(timings, roundtrip=(self._last_heard - sent) * 1000)
+            index = self._answered
+            self._answered += 1
+            return Output(index, pcm, text, timings)
+        if kind == "alive":
+            return None
+        if kind == "reset":
+            self._resets_pending -= 1
+            if not self._resets_pending:
+                self._answered = 0
+            return None
+        if kind == "loading":
+            return Loading(msg[1])
+        if kind == "warming":
+            self.state = "warming up"
+            return WarmingUp()
+        if kind == "ready":
+            self.state, self.info = "live", msg[1]
+            return Ready(msg[1])
+        if kind == "error":
+            self._error = (msg[1], msg[2])
+            return None
+        raise EngineProcessError(f"unexpected message from the engine process: {kind!r}")
+
+    def _health(self) -> tuple[str, str] | None:
+        if self._error is not None:
+            return self._error
+        if not self.process.is_alive():
+            code = self.process.exitcode
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            return f"the engine process {how}", ""
+        now = time.monotonic()
+        limit = self.load_timeout_s if self.state in ("loading", "warming up") else self.stall_timeout_s
+        if now - self._last_heard > limit:
+            return f"the engine process stopped responding (silent for {now - self._last_heard:.1f} s)", ""
+        if self._in_flight:
+            # A slow engine still answers; a stalled one leaves the oldest frame unanswered.
+            waiting = now - max(self._in_flight[0], self._last_answer)
+            if waiting > self.stall_timeout_s:
+                return f"the engine stalled: no answer to a frame for {waiting:.1f} s", ""
+        return None
+
+    def _fail(self, failure: tuple[str, str]) -> Failed:
+        # A child that reported its error exits by itself; a stalled or frozen one never will.
+        self._end_process(1.0 if failure is self._error else 0.0)
+        self.state = "failed"
+        return Failed(*failure)
+
+    def _end_process(self, timeout: float) -> None:
+        self.process.join(timeout)
+        if self.process.is_alive() and timeout > 0:
+            self.process.terminate()
+            self.process.join(1.0)
+        if self.process.is_alive():
+            self.process.kill()  # also ends a stopped (SIGSTOP) process, which SIGTERM does not
+            self.process.join()
+        self._conn.close()
+
+
+# -- child side -----------------------------------------------------------------------------
+
+
+class _Link:
+    """The child's end of the pipe, shared by the main loop and the heartbeat thread."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, msg: tuple) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+
+def _heartbeat(link: _Link, parent_pid: int) -> None:
+    while True:
+        time.sleep(HEARTBEAT_S)
+        if os.getppid() != parent_pid:
+            os._exit(0)  # orphaned: the parent was killed and cannot stop us
+        try:
+            link.send(("alive",))
+        except OSError:
+            os._exit(0)
+
+
+def _redirect_output(log_path: str | None) -> None:
+    fd = os.open(log_path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    faulthandler.enable()  # a crash in native code leaves a trace in the log
+
+
+def _load_runner_class(path: str) -> type:
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise EngineProcessError(f"cannot load the engine runner {path}: {exc}") from exc
+
+
+def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: int, log_path: str | None) -> None:
+    _redirect_output(log_path)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    link = _Link(conn)
+    threading.Thread(target=_heartbeat, args=(link, parent_pid), daemon=True).start()
+    try:
+        runner_class = _load_runner_class(runner_path)
+        runner = runner_class.load(options, progress=lambda text: link.send(("loading", text)))
+        link.send(("warming",))
+        runner.warmup()
+        link.send(("ready", runner.describe()))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "frame":
+                out = runner.step(msg[2])
+                link.send(("out", out.pcm, out.text, out.timings_ms))
+            elif msg[0] == "reset":
+                runner.reset()
+                link.send(("reset",))
+            elif msg[0] == "stop":
+                return
+    except EOFError:
+        return  # the parent closed the pipe
+    except EngineError as exc:
+        link.send(("error", str(exc), traceback.format_exc()))
+    except BaseException as exc:  # noqa: BLE001 - the parent must hear about every failure
+        link.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))

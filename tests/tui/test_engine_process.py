@@ -1,0 +1,214 @@
+"""The engine process with a scripted runner loaded by dotted path in a real spawned child:
+frames both ways, back-pressure, reset, and every way it can fail."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.process import EngineProcess, Failed, Loading, Output, Ready, WarmingUp
+
+from .runners import ScriptedRunner, ScriptOptions
+
+RUNNER = f"{ScriptedRunner.__module__}:{ScriptedRunner.__qualname__}"
+pytestmark = pytest.mark.timeout(60)
+
+
+def engine_children() -> list[int]:
+    """Live (non-zombie) child processes of this one, from /proc, except multiprocessing's
+    resource tracker (one per parent, it leaves with the parent)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"resource_tracker" not in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def poll_until(engine: EngineProcess, kind, timeout: float = 20.0) -> tuple[list, float]:
+    """Events up to and including the first `kind`, and when it came."""
+    seen, end = [], time.monotonic() + timeout
+    while time.monotonic() < end:
+        for event in engine.poll(timeout=0.05):
+            seen.append(event)
+            if isinstance(event, kind):
+                return seen, time.monotonic()
+    raise AssertionError(f"no {kind.__name__} within {timeout} s; got {seen}")
+
+
+def start(log_path=None, **knobs) -> EngineProcess:
+    return EngineProcess(RUNNER, ScriptOptions(**knobs), log_path=log_path)
+
+
+def frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, 1920).astype(np.float32) for _ in range(n)]
+
+
+def test_loads_then_answers_every_frame_in_order(tmp_path):
+    log = tmp_path / "engine.log"
+    with start(log_path=str(log)) as engine:
+        events, _ = poll_until(engine, Ready)
+        assert [e.detail for e in events if isinstance(e, Loading)] == ["part 1 of 3", "part 2 of 3", "part 3 of 3"]
+        assert isinstance(events[-2], WarmingUp)
+        assert events[-1].info == {"model": "scripted", "device": "cpu", "dtype": "float32"}
+        sent = frames(12)
+        outputs = []
+        for pcm in sent:
+            assert engine.send_frame(pcm)
+            while engine.in_flight:
+                outputs += [e for e in engine.poll(timeout=0.05) if isinstance(e, Output)]
+        assert [o.index for o in outputs] == list(range(12))
+        for pcm, out in zip(sent, outputs):
+            np.testing.assert_array_equal(out.pcm, -0.5 * pcm)
+        assert [o.text for o in outputs[:4]] == [None, " w1", None, " w3"]
+        assert all(o.timings_ms["roundtrip"] >= o.timings_ms["total"] >= 0 for o in outputs)
+        assert engine.skipped == 0
+    assert engine.process.exitcode == 0  # left on "stop", not terminated
+    assert log.read_text().splitlines() == ["scripted runner loaded", "stderr line"]
+
+
+def test_a_slow_engine_never_blocks_the_sender_and_frames_are_skipped():
+    with start(step_s=0.2) as engine:
+        poll_until(engine, Ready)
+        t0 = time.perf_counter()
+        accepted = [engine.send_frame(pcm) for pcm in frames(10)]
+        send_s = time.perf_counter() - t0
+        assert accepted == [True] * engine.max_in_flight + [False] * (10 - engine.max_in_flight)
+        assert engine.skipped == 10 - engine.max_in_flight
+        assert send_s < 0.1
+        outputs = []
+        while len(outputs) < engine.max_in_flight:
+            events = engine.poll(timeout=0.1)
+            assert not any(isinstance(e, Failed) for e in events)
+            outputs += [e for e in events if isinstance(e, Output)]
+        assert engine.in_flight == 0 and engine.send_frame(frames(1)[0])
+
+
+def test_reset_drops_old_answers_and_counts_from_zero():
+    with start(step_s=0.02) as engine:
+        poll_until(engine, Ready)
+        for pcm in frames(3):
+            engine.send_frame(pcm)
+        engine.reset()
+        new = frames(3, seed=1)
+        outputs, sent = [], 0
+        while len(outputs) < 3:
+            if sent < 3 and engine.send_frame(new[sent]):
+                sent += 1
+            outputs += [e for e in engine.poll(timeout=0.02) if isinstance(e, Output)]
+        assert [o.index for o in outputs] == [0, 1, 2]
+        np.testing.assert_array_equal(outputs[0].pcm, -0.5 * new[0])
+        assert [o.text for o in outputs] == [None, " w1", None]  # the runner counts from 0 again
+
+
+def test_a_load_error_arrives_as_one_line():
+    with start(fail_load="model.safetensors is truncated") as engine:
+        events, _ = poll_until(engine, Failed)
+        assert events[-1].reason == "model.safetensors is truncated"
+        assert "CheckpointError" in events[-1].detail
+        assert engine.state == "failed" and not engine.process.is_alive()
+
+
+def test_an_exception_in_step_names_itself():
+    with start(raise_at=2) as engine:
+        poll_until(engine, Ready)
+        for pcm in frames(3):
+            engine.send_frame(pcm)
+        events, _ = poll_until(engine, Failed)
+        assert events[-1].reason == "ZeroDivisionError: division by zero"
+        assert "Traceback" in events[-1].detail
+
+
+@pytest.mark.parametrize(
+    "knob, reason",
+    [
+        ("die_at", "the engine process was killed by SIGKILL"),
+        ("hang_at", "the engine stalled: no answer to a frame for"),
+        ("freeze_at", "the engine process stopped responding"),
+    ],
+)
+def test_death_and_stalls_are_detected_within_a_second(knob, reason):
+    engine = start(**{knob: 3})
+    try:
+        poll_until(engine, Ready)
+        pid = engine.process.pid
+        sent_at = []
+        for pcm in frames(4):
+            engine.send_frame(pcm)
+            sent_at.append(time.monotonic())
+        events, failed_at = poll_until(engine, Failed, timeout=5)
+        assert events[-1].reason.startswith(reason)
+        # Frame 3, sent last, is the one never answered: noticed within a second of sending it.
+        assert failed_at - sent_at[3] < 1.0
+        assert gone(pid)
+        assert engine.poll() == []
+    finally:
+        if engine.process.is_alive():
+            os.kill(engine.process.pid, signal.SIGCONT)
+        engine.close()
+    assert engine_children() == []
+
+
+def test_close_while_loading_leaves_nothing_behind():
+    engine = EngineProcess(RUNNER, ScriptOptions(load_steps=0, extra={}), log_path=None)
+    engine.close(timeout=0.1)
+    assert engine.state == "closed" and not engine.process.is_alive()
+    assert engine_children() == []
+
+
+def test_the_engine_leaves_when_its_parent_is_killed(tmp_path):
+    parent = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time\n"
+            f"sys.path[:0] = {sys.path!r}\n"
+            "from engine.process import EngineProcess, Ready\n"
+            f"from {ScriptedRunner.__module__} import ScriptOptions\n"
+            f"e = EngineProcess({RUNNER!r}, ScriptOptions())\n"
+            "while not any(isinstance(x, Ready) for x in e.poll(timeout=0.1)): pass\n"
+            "print(e.process.pid, flush=True)\n"
+            "time.sleep(60)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        child = int(parent.stdout.readline())
+        assert not gone(child)
+        parent.kill()
+        parent.wait()
+        end = time.monotonic() + 2
+        while not gone(child) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert gone(child)
+    finally:
+        parent.kill()
+
+
+def test_an_unknown_runner_is_an_engine_error():
+    from engine.errors import EngineError
+
+    with pytest.raises(EngineError, match="unknown engine runner 'nope'"):
+        EngineProcess("nope", None)
+    with start_failing("tests_nowhere.module:Runner") as engine:
+        events, _ = poll_until(engine, Failed)
+        assert events[-1].reason.startswith("cannot load the engine runner tests_nowhere.module:Runner")
+
+
+def start_failing(path: str) -> EngineProcess:
+    return EngineProcess(path, None)
