@@ -14,7 +14,7 @@ import typer
 from audio.errors import AudioError
 from engine.errors import EngineError
 
-from . import __version__
+from . import __version__, settings
 from .commands import chat, tiny_model, transcribe
 from .commands.download import download
 
@@ -36,11 +36,13 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     """Talk with Moshi, talk about a picture, or transcribe speech, in the terminal."""
+    settings.apply(ctx)  # config file and MOSHI_* variables become the commands' defaults
 
 
 app.command()(download)
