@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ os.environ.setdefault("NO_CUDA_GRAPH", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from common import summary  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from engine.lm import LMConfig, load_lm, random_lm_state  # noqa: E402
@@ -57,12 +57,7 @@ def bench_lm_step(cfg: LMConfig, dtype: torch.dtype, warmup: int, steps: int) ->
                 if t >= warmup:
                     ours_ms.append(ours_t)
                     reference_ms.append(reference_t)
-    return _summary(ours_ms, reference_ms)
-
-
-def _summary(ours_ms: list[float], reference_ms: list[float]) -> dict[str, float]:
-    ours, reference = statistics.median(ours_ms), statistics.median(reference_ms)
-    return {"ours_ms": round(ours, 2), "reference_ms": round(reference, 2), "ratio": round(ours / reference, 3)}
+    return summary(ours_ms, reference_ms)
 
 
 def run(quick: bool) -> dict[str, dict[str, float]]:

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ os.environ.setdefault("NO_CUDA_GRAPH", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from common import summary  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from engine.mimi import MimiConfig, load_mimi, random_mimi_state  # noqa: E402
@@ -41,11 +41,6 @@ def _timed(call, *args):
     start = time.perf_counter()
     out = call(*args)
     return out, (time.perf_counter() - start) * 1000
-
-
-def _summary(ours_ms: list[float], reference_ms: list[float]) -> dict[str, float]:
-    ours, reference = statistics.median(ours_ms), statistics.median(reference_ms)
-    return {"ours_ms": round(ours, 2), "reference_ms": round(reference, 2), "ratio": round(ours / reference, 3)}
 
 
 def _stream(ours, reference, wav, frame_size: int, warmup: int, decode: bool) -> dict[str, list[list[float]]]:
@@ -84,9 +79,9 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
     reference.set_num_codebooks(32)
     all_32 = _stream(ours, reference, wav, config.frame_size, warmup, decode=False)
     return {
-        "mimi_encode": _summary(*eight["encode"]),
-        "mimi_decode": _summary(*eight["decode"]),
-        "mimi_encode_32": _summary(*all_32["encode"]),
+        "mimi_encode": summary(*eight["encode"]),
+        "mimi_decode": summary(*eight["decode"]),
+        "mimi_encode_32": summary(*all_32["encode"]),
     }
 
 

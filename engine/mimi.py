@@ -239,9 +239,6 @@ def build_mimi(state: dict[str, torch.Tensor], config: MimiConfig | None = None,
     config = config or MimiConfig.official()
     with torch.device("meta"):
         mimi = Mimi(config)
-    # Own, 64-byte aligned copies: tensors memory-mapped from a safetensors file can sit at any
-    # offset, and oneDNN convs on unaligned weights round differently from the reference.
-    state = {key: tensor.clone() for key, tensor in state.items()}
     load_weights(mimi, state, source, dtype=torch.float32, device=device)
     mimi.quantizer.refresh()
     mimi.requires_grad_(False)

@@ -19,6 +19,10 @@ from .transformer import Attention
 
 _FUSED_NAMES = {"in_proj_weight": "in_projs", "in_proj.weight": "in_projs", "out_proj.weight": "out_projs"}
 _SHOWN = 8
+# CPU kernels (oneDNN convs, MKL GEMMs) may take another code path, and round differently, for
+# data that is not aligned to a cache line. Tensors memory-mapped from a safetensors file sit at
+# whatever offset the file gives them, so those that are not aligned get their own copy.
+_ALIGNMENT = 64
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -101,5 +105,7 @@ def load_weights(
             tensor = tensor.to(dtype)
         if device is not None:
             tensor = tensor.to(device)
+        if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
+            tensor = tensor.clone()
         state[key] = tensor
     model.load_state_dict(state, strict=True, assign=True)
