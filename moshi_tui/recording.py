@@ -1,0 +1,131 @@
+"""The files of one conversation, written while it runs so that a crash loses at most a second.
+
+In its own folder (``<data dir>/sessions/<time>-<mode>/`` or ``--record DIR/<time>-<mode>/``):
+
+- ``audio.wav``: chat: stereo, the user left and Moshi right, frame-aligned as the model heard
+  and answered them; transcribe: the user, mono. Valid at every moment (the audio layer's writer).
+- ``transcript.txt``: the paragraphs, appended piece by piece and flushed.
+- ``transcript.json``: every text piece with its conversation time, and the paragraphs; replaced
+  atomically at most once a second, so it is always complete JSON.
+- ``events.jsonl``: one JSON object per line (start, states, speech, mute, stats, errors, end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audio.wav import WavWriter
+
+from .transcript import USER, Transcript
+
+JSON_EVERY_S = 1.0
+
+
+def new_session_folder(base: Path, mode: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = base / f"{stamp}-{mode}"
+    n = 2
+    while folder.exists():  # a restart within the same second
+        folder = base / f"{stamp}-{mode}-{n}"
+        n += 1
+    folder.mkdir(parents=True)
+    return folder
+
+
+class SessionRecorder:
+    def __init__(self, folder: Path, mode: str, info: dict[str, Any], sample_rate: int) -> None:
+        self.folder = folder
+        self.mode = mode
+        self.started = datetime.now().astimezone().isoformat(timespec="seconds")
+        self.info = info
+        self.transcript = Transcript("moshi" if mode == "chat" else None)
+        self.pieces: list[dict[str, Any]] = []
+        self.wav = WavWriter(folder / "audio.wav", sample_rate, channels=2 if mode == "chat" else 1)
+        self._txt = open(folder / "transcript.txt", "w", encoding="utf-8")
+        self._events = open(folder / "events.jsonl", "w", encoding="utf-8")
+        self._json_dirty = True
+        self._json_at = 0.0
+        self.event("start", mode=mode, **info)
+        self._write_json()
+
+    def frame(self, user: np.ndarray, moshi: np.ndarray | None = None) -> None:
+        """One 80 ms frame: what the model heard and (chat) what it said."""
+        if self.mode == "chat":
+            self.wav.write(user, np.zeros_like(user) if moshi is None else moshi)
+        else:
+            self.wav.write(user)
+
+    def text(self, t: float, piece: str) -> None:
+        self.pieces.append({"t": round(t, 3), "text": piece})
+        paragraphs = self.transcript.paragraphs
+        count, last_text = len(paragraphs), paragraphs[-1].text if paragraphs else None
+        if self.transcript.add_text(t, piece):
+            self._append_line(paragraphs[-1].line(), count)
+        elif count and paragraphs[-1].text != last_text:
+            self._txt.write(piece)
+        self._txt.flush()
+        self._json_dirty = True
+        self._maybe_write_json()
+
+    def user_speech(self, t: float, speaking: bool) -> None:
+        self.event("speech", t=t, speaking=speaking)
+        if not speaking:
+            return
+        count = len(self.transcript.paragraphs)
+        self.transcript.mark_user(t)
+        if len(self.transcript.paragraphs) > count and self.transcript.paragraphs[-1].speaker == USER:
+            self._append_line(self.transcript.paragraphs[-1].line(), count)
+            self._txt.flush()
+
+    def event(self, kind: str, **fields: Any) -> None:
+        record = {"time": datetime.now().astimezone().isoformat(timespec="milliseconds"), "event": kind, **fields}
+        self._events.write(json.dumps(record, default=_plain) + "\n")
+        self._events.flush()
+        self._maybe_write_json()
+
+    def close(self) -> None:
+        if self._events.closed:
+            return
+        self.event("end")
+        self.wav.close()
+        if self.transcript.paragraphs:
+            self._txt.write("\n")
+        self._txt.close()
+        self._events.close()
+        self._write_json()
+
+    def _append_line(self, line: str, count_before: int) -> None:
+        self._txt.write(("\n" if count_before else "") + line)
+
+    def _maybe_write_json(self) -> None:
+        if self._json_dirty and time.monotonic() - self._json_at >= JSON_EVERY_S:
+            self._write_json()
+
+    def _write_json(self) -> None:
+        doc = {
+            "mode": self.mode,
+            "started": self.started,
+            **self.info,
+            "pieces": self.pieces,
+            "paragraphs": [{"t": round(p.t, 3), "speaker": p.speaker, "text": p.text}
+                           for p in self.transcript.paragraphs],
+        }
+        tmp = self.folder / "transcript.json.tmp"
+        tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, self.folder / "transcript.json")
+        self._json_dirty = False
+        self._json_at = time.monotonic()
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and paths in event fields."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
