@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .streaming import StreamingModule
-from .transformer import RMSNorm, Transformer, TransformerConfig
+from .transformer import Transformer, TransformerConfig, make_norm
 from .weights import load_weights, read_safetensors
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class LMConfig:
     depformer_ffn_hidden: int = 2816
     extra_heads_num_heads: int = 0
     extra_heads_dim: int = 6
+    norm: str = "rms_norm_f32"  # every RMSNorm of the model; MoshiVis may use "rms_norm_f32_variance"
+    cross_attention: bool = False  # MoshiVis: the temporal layers also attend to image tokens
 
     @classmethod
     def moshi_7b(cls) -> LMConfig:
@@ -88,12 +90,13 @@ class LMConfig:
 
     def temporal(self) -> TransformerConfig:
         return TransformerConfig(self.dim, self.num_heads, self.num_layers, self.ffn_hidden, self.context,
-                                 max_period=self.max_period)
+                                 norm=self.norm, max_period=self.max_period, cross_attention=self.cross_attention)
 
     def depth(self) -> TransformerConfig:
         # The depth transformer has no positional encoding; its cache holds the dep_q steps of one frame.
         return TransformerConfig(self.depformer_dim, self.depformer_num_heads, self.depformer_num_layers,
-                                 self.depformer_ffn_hidden, None, max_period=None, weights_per_step=self.dep_q)
+                                 self.depformer_ffn_hidden, None, norm=self.norm, max_period=None,
+                                 weights_per_step=self.dep_q)
 
     @classmethod
     def from_dict(cls, kwargs: dict[str, Any]) -> LMConfig:
@@ -173,7 +176,7 @@ class LMModel(StreamingModule):
         self.emb = nn.ModuleList(TokenEmbedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q))
         self.text_emb = TokenEmbedding(cfg.text_card + 1, cfg.dim)
         self.transformer = Transformer(cfg.temporal())
-        self.out_norm = RMSNorm(cfg.dim)
+        self.out_norm = make_norm(cfg.norm, cfg.dim)
         self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
         self.extra_heads = nn.ModuleList(
             nn.Linear(cfg.dim, cfg.extra_heads_dim, bias=False) for _ in range(cfg.extra_heads_num_heads))
@@ -202,8 +205,12 @@ class LMModel(StreamingModule):
         tokens[:, 0] = self.cfg.text_card
         return tokens
 
-    def forward_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One temporal step. ``tokens`` [B, K, T] -> (normed output [B, T, dim], text logits [B, 1, T, text_card])."""
+    def forward_text(self, tokens: torch.Tensor,
+                     cross_active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One temporal step. ``tokens`` [B, K, T] -> (normed output [B, T, dim], text logits [B, 1, T, text_card]).
+
+        ``cross_active`` [B]: which slots attend the image set on the transformer, if any.
+        """
         x = None
         for k, emb in enumerate(self.emb):
             e = emb(tokens[:, k + 1])
@@ -211,7 +218,7 @@ class LMModel(StreamingModule):
         # The text embedding is added last: in bf16 the summation order changes the result.
         text = self.text_emb(tokens[:, 0])
         x = text if x is None else x + text
-        h = self.out_norm(self.transformer(x))
+        h = self.out_norm(self.transformer(x, cross_active))
         return h, self.text_linear(h)[:, None]
 
     def forward_depformer(self, k: int, token: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,9 @@ import torch
 from .lm import UNGENERATED_TOKEN, LMModel
 from .streaming import StreamingModule, StreamingState
 
+# MoshiVis: steps before the image is attended to (the official web client's default, 1.28 s).
+DEFAULT_XA_START = 16
+
 
 @dataclass
 class Sampling:
@@ -66,6 +69,7 @@ class GenState(StreamingState):
 class GenOutput:
     tokens: torch.Tensor | None  # [B, 1 + dep_q, 1]: text then generated audio; None before the first frame
     hidden: torch.Tensor  # the temporal transformer's normed output for this step, [B, 1, dim]
+    gate: torch.Tensor | None = None  # MoshiVis: [B] mean image gate of this step, on device (0: not looking)
 
 
 class LMGen(StreamingModule):
@@ -76,10 +80,11 @@ class LMGen(StreamingModule):
     whole batch for ``max_delay`` steps after any reset).
     """
 
-    def __init__(self, lm: LMModel, sampling: Sampling | None = None):
+    def __init__(self, lm: LMModel, sampling: Sampling | None = None, xa_start: int = DEFAULT_XA_START):
         super().__init__()
         self.lm = lm
         self.sampling = sampling or Sampling()
+        self.xa_start = xa_start  # with cross-attention: a slot attends the image from its step xa_start on
         self.register_buffer("delays", torch.tensor(lm.cfg.delays, dtype=torch.long, device=lm.device),
                              persistent=False)
 
@@ -90,6 +95,11 @@ class LMGen(StreamingModule):
                            dtype=torch.long, device=device)
         offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
         return GenState(batch_size, device, cache=cache, offsets=offsets)
+
+    @torch.no_grad()
+    def set_cross_source(self, source: torch.Tensor | None) -> None:
+        """MoshiVis: the projected image tokens [B or 1, N, dim] every slot attends to (None: no image)."""
+        self.lm.transformer.set_cross_source(source)
 
     @torch.no_grad()
     def step(self, codes: torch.Tensor) -> torch.Tensor | None:
@@ -125,7 +135,8 @@ class LMGen(StreamingModule):
         read_at = (state.offsets % slots)[:, None, None].expand_as(not_started)
         tokens = torch.where(not_started, lm.initial_tokens(), state.cache.gather(2, read_at))
 
-        hidden, text_logits = lm.forward_text(tokens)
+        cross_active = state.offsets >= self.xa_start if cfg.cross_attention else None
+        hidden, text_logits = lm.forward_text(tokens, cross_active)
         text = sample_token(text_logits, self.sampling.temp_text, self.sampling.top_k_text)[:, 0, 0]
         audio = self._depformer_step(text, hidden) if cfg.dep_q else None
 
@@ -136,13 +147,14 @@ class LMGen(StreamingModule):
         if audio is not None:
             state.cache[:, 1:cfg.dep_q + 1].scatter_(2, write_at.expand(-1, cfg.dep_q, 1), audio[:, :, None])
 
+        gate = lm.transformer.gate_strength
         if state.steps_since_full_reset <= cfg.max_delay:
-            return GenOutput(None, hidden)
+            return GenOutput(None, hidden, gate)
         generated_delays = self.delays[:cfg.dep_q + 1]
         read_at = (state.offsets[:, None, None] - cfg.max_delay + generated_delays[:, None]) % slots
         out = state.cache.gather(2, read_at)
         incomplete = (state.offsets <= cfg.max_delay)[:, None, None]
-        return GenOutput(torch.where(incomplete, UNGENERATED_TOKEN, out), hidden)
+        return GenOutput(torch.where(incomplete, UNGENERATED_TOKEN, out), hidden, gate)
 
     def _depformer_step(self, text: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Sample the dep_q audio codebooks of this frame, each conditioned on the previous one."""

@@ -6,6 +6,9 @@ One layer class covers the three variants, selected by ``TransformerConfig``:
 * Moshi/STT temporal: fp32 RMSNorm (eps 1e-8), SiLU-gated FFN, RoPE, ring KV cache of ``context``.
 * Depth transformer: as temporal, but no positional encoding and separate attention/FFN weights
   for each codebook step ("weights per step"), its cache holding one frame.
+* MoshiVis temporal: as Moshi temporal, plus a gated cross-attention to image tokens between
+  self-attention and the FFN of every layer (``cross_attention``). One attention module is shared
+  by all layers; each layer has its own pre-norm and gate.
 
 Numerics deliberately follow the reference operation by operation (interleaved RoPE in fp32,
 the KV ring with capacity == context, the residual written as ``x.to(update) + update``) so that
@@ -15,7 +18,7 @@ the same weights give the same codes and tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +34,12 @@ class TransformerConfig:
     num_layers: int
     ffn_hidden: int  # MLP width, or the gated hidden size (half of ``linear_in``'s rows)
     context: int | None  # attention span and KV ring capacity, in steps
-    norm: str = "rms_norm_f32"  # "rms_norm_f32" | "layer_norm"
+    norm: str = "rms_norm_f32"  # "rms_norm_f32" | "rms_norm_f32_variance" | "layer_norm"
     ffn: str = "silu_gated"  # "silu_gated" | "gelu"
     max_period: float | None = 10_000.0  # RoPE period; None disables positional encoding
     layer_scale: bool = False
     weights_per_step: int = 0  # >0: the depth transformer's per-codebook weights
+    cross_attention: bool = False  # MoshiVis: gated cross-attention to image tokens in every layer
 
     @property
     def head_dim(self) -> int:
@@ -63,16 +67,24 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, max_perio
 
 
 class RMSNorm(nn.Module):
-    """``x * alpha * rsqrt(eps + mean(x²))`` computed in fp32, whatever the weights' dtype."""
+    """``x * alpha * rsqrt(eps + mean(x²))`` computed in fp32, whatever the weights' dtype.
 
-    def __init__(self, dim: int, eps: float = 1e-8):
+    With ``variance``, the unbiased variance of x replaces mean(x²) (x itself is not centred):
+    the definition of the official PyTorch MoshiVis code (moshivis.md §4).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-8, variance: bool = False):
         super().__init__()
         self.eps = eps
+        self.variance = variance
         self.alpha = nn.Parameter(torch.ones(1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        var = self.eps + torch.mean(x32**2, dim=2, keepdim=True)
+        if self.variance:
+            var = self.eps + x32.var(dim=2, keepdim=True)
+        else:
+            var = self.eps + torch.mean(x32**2, dim=2, keepdim=True)
         return (x32 * (self.alpha.to(var) * torch.rsqrt(var))).to(x.dtype)
 
 
@@ -88,6 +100,8 @@ class LayerScale(nn.Module):
 def make_norm(kind: str, dim: int) -> nn.Module:
     if kind == "rms_norm_f32":
         return RMSNorm(dim)
+    if kind == "rms_norm_f32_variance":
+        return RMSNorm(dim, variance=True)
     if kind == "layer_norm":
         return nn.LayerNorm(dim, eps=1e-5)
     raise ValueError(f"unknown norm {kind!r}")
@@ -214,8 +228,91 @@ class Attention(StreamingModule):
         return out
 
 
+class CrossAttention(nn.Module):
+    """Attention of the speech stream to a fixed set of image tokens: no RoPE, no mask, no cache.
+
+    ``in_proj_weight`` is fused as in the official file: rows [0:dim] project the queries, [dim:2·dim]
+    the keys and [2·dim:3·dim] the values. Keys and values depend on the image only, so they are
+    projected once per image (``project_source``) and reused by every layer at every step.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, -1).transpose(1, 2)
+
+    def project_source(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens [B, N, dim] -> keys and values [B, H, N, head_dim]."""
+        _, weight_k, weight_v = self.in_proj_weight.chunk(3)
+        return self._heads(F.linear(source, weight_k)), self._heads(F.linear(source, weight_v))
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        B, T, dim = x.shape
+        q = self._heads(F.linear(x, self.in_proj_weight[:dim]))
+        out = F.scaled_dot_product_attention(q, keys, values)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, dim))
+
+
+class CrossAttentionGate(nn.Module):
+    """Per token and channel: ``sigmoid(W2 · relu(W1 · y) − 4)``; the shift starts the gate near 0."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        hidden = int(0.125 * dim)
+        self.alpha = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, dim, bias=False))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.alpha(y) - 4)
+
+
+@dataclass
+class CrossSource:
+    """What the layers of one step need for cross-attention, and what they report back."""
+
+    attention: CrossAttention  # the one module shared by all layers
+    keys: torch.Tensor  # [B, H, N, head_dim]
+    values: torch.Tensor
+    weight: torch.Tensor  # [B] float: 1 for the slots attending the image this step, 0 for the others
+    gates: list[torch.Tensor] = field(default_factory=list)  # each layer's mean gate [B], in layer order
+
+
+class GatedCrossAttention(nn.Module):
+    """One layer's use of the shared cross-attention: its output scaled by the layer's own gate."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = CrossAttentionGate(dim)
+
+    def forward(self, x: torch.Tensor, source: CrossSource) -> torch.Tensor:
+        y = source.attention(x, source.keys, source.values)
+        gate = self.gate(y)
+        source.gates.append(gate.float().mean(dim=(1, 2)))
+        return y * gate * source.weight.to(y.dtype).view(-1, 1, 1)
+
+
+@dataclass
+class CrossAttentionState(StreamingState):
+    """The image of a streaming session as keys/values (None: no image), and the last step's gate.
+
+    A reset starts the conversation over but keeps the image: a new image is set explicitly.
+    """
+
+    gate: torch.Tensor  # [B] float32: mean gate of the last layers at the last step, 0 where not attending
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def reset(self, mask: torch.Tensor | None) -> None:
+        # A new tensor, not in place: the previous step's output may still hold the old one.
+        self.gate = torch.zeros_like(self.gate) if mask is None else torch.where(mask, 0.0, self.gate)
+
+
 class TransformerLayer(nn.Module):
-    """Pre-norm layer: ``x + attn(norm1(x))`` then ``x + ffn(norm2(x))``."""
+    """Pre-norm layer: ``x + attn(norm1(x))``, [``x + xattn(norm_cross(x))``,] then ``x + ffn(norm2(x))``."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -233,6 +330,9 @@ class TransformerLayer(nn.Module):
         if cfg.layer_scale:
             self.layer_scale_1 = LayerScale(cfg.dim)
             self.layer_scale_2 = LayerScale(cfg.dim)
+        if cfg.cross_attention:
+            self.norm_cross = make_norm(cfg.norm, cfg.dim)
+            self.cross_attention = GatedCrossAttention(cfg.dim)
 
     def _scale(self, which: int, update: torch.Tensor) -> torch.Tensor:
         if not self.cfg.layer_scale:
@@ -246,13 +346,20 @@ class TransformerLayer(nn.Module):
             return self.gating[step](x)
         return self.gating(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cross: CrossSource | None = None) -> torch.Tensor:
         state = self.self_attn.state
         step = state.step if state is not None else 0
         update = self.self_attn(self.norm1(x))
         x = x.to(update) + self._scale(1, update)
+        if cross is not None:
+            update = self.cross_attention(self.norm_cross(x), cross)
+            x = x.to(update) + update
         update = self.feed_forward(self.norm2(x), step)
         return x.to(update) + self._scale(2, update)
+
+
+# The gate strength reported per step averages this many last layers, as the official server does.
+GATE_READOUT_LAYERS = 10
 
 
 class Transformer(StreamingModule):
@@ -260,9 +367,48 @@ class Transformer(StreamingModule):
         super().__init__()
         self.cfg = cfg
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
+        if cfg.cross_attention:
+            # Registered once here, not in each layer: one set of weights, one state-dict entry.
+            self.shared_cross_attention = CrossAttention(cfg.dim, cfg.num_heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def init_state(self, batch_size: int) -> StreamingState:
+        if not self.cfg.cross_attention:
+            return super().init_state(batch_size)
+        device = self.shared_cross_attention.in_proj_weight.device
+        return CrossAttentionState(batch_size, device, gate=torch.zeros(batch_size, device=device))
+
+    def set_cross_source(self, source: torch.Tensor | None) -> None:
+        """Attend to these image tokens [B or 1, N, dim] from now on (None: to nothing)."""
+        state = self.state
+        if not isinstance(state, CrossAttentionState):
+            raise RuntimeError("set_cross_source needs a cross-attention transformer in streaming mode")
+        state.gate = torch.zeros_like(state.gate)
+        if source is None:
+            state.keys = state.values = None
+            return
+        keys, values = self.shared_cross_attention.project_source(source)
+        state.keys = keys.expand(state.batch_size, -1, -1, -1)
+        state.values = values.expand(state.batch_size, -1, -1, -1)
+
+    @property
+    def gate_strength(self) -> torch.Tensor | None:
+        """[B] mean cross-attention gate of the last step (0 where the image was not attended), on device."""
+        state = self.state
+        return state.gate if isinstance(state, CrossAttentionState) else None
+
+    def forward(self, x: torch.Tensor, cross_active: torch.Tensor | None = None) -> torch.Tensor:
+        """``cross_active`` [B] bool: which slots attend the image this step (default: all, if there is one)."""
         dtype = x.dtype
+        cross = self._cross_source(x, cross_active)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, cross)
+        if cross is not None:
+            self.state.gate = torch.stack(cross.gates[-GATE_READOUT_LAYERS:]).mean(dim=0) * cross.weight
         return x.to(dtype)
+
+    def _cross_source(self, x: torch.Tensor, active: torch.Tensor | None) -> CrossSource | None:
+        state = self.state
+        if not isinstance(state, CrossAttentionState) or state.keys is None:
+            return None
+        weight = torch.ones(x.shape[0], device=x.device) if active is None else active.float()
+        return CrossSource(self.shared_cross_attention, state.keys, state.values, weight)
