@@ -1,0 +1,260 @@
+"""MoshiVis's eyes: picture files to pixels, the SigLIP vision tower, and the projection to the LM width.
+
+The tower is SigLIP So400m/14 as PaliGemma2-448 ships it (27 layers, width 1152, 1024 patches at
+448 px) and MoshiVis reads its ``last_hidden_state``: the tokens after the post-layernorm, no
+pooling head. Module names follow the official checkpoint (``image_prefix.enc.model.*`` there),
+which are also the names of transformers' ``SiglipVisionModel``.
+
+Preprocessing is Pillow's, as the official MLX server does it: RGB, a square bicubic resize that
+does not keep the aspect ratio (no crop), then ``(x / 255 − 0.5) / 0.5``. (The official PyTorch
+server resizes with torchvision instead; its pixels differ slightly.) What the official servers
+leave undefined is settled here: the EXIF orientation is applied, transparent pixels are painted
+over white (how a viewer shows them on a light page; the PyTorch server would keep the hidden
+colour, often black), CMYK and 16-bit images become 8-bit RGB, and an animation gives its first
+frame.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import EngineError
+from .transformer import RMSNorm
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Decoding cost grows with the pixel count, not the file size: 100 MP is ~300 MB of RGB.
+MAX_PIXELS = 100_000_000
+
+
+class ImageError(EngineError):
+    """A picture file that cannot be used: missing, not an image, truncated, or absurdly large."""
+
+
+@dataclass
+class VisionConfig:
+    hidden: int = 1152
+    num_layers: int = 27
+    num_heads: int = 16
+    mlp_hidden: int = 4304
+    patch: int = 14
+    image_size: int = 448  # the side of the square the picture is resized to
+    eps: float = 1e-6  # LayerNorm
+
+    @classmethod
+    def siglip_so400m_448(cls) -> VisionConfig:
+        """The tower of PaliGemma2-3B-pt-448, as in kyutai/moshika-vis-pytorch-bf16."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> VisionConfig:
+        return cls(hidden=48, num_layers=2, num_heads=4, mlp_hidden=96, image_size=56)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> VisionConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown vision settings: {', '.join(unknown)}")
+        return cls(**values)
+
+
+# -- the SigLIP tower ------------------------------------------------------------------------
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden, cfg.patch, stride=cfg.patch)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))
+        return patches.flatten(2).transpose(1, 2) + self.position_embedding.weight
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.k_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.v_proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.out_proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, N, self.num_heads, -1).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden, cfg.mlp_hidden)
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+        self.self_attn = SiglipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+        self.mlp = SiglipMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipLayer(cfg) for _ in range(cfg.num_layers))
+
+
+class SiglipTower(nn.Module):
+    """Pixels [B, 3, S, S] in [−1, 1] -> patch tokens [B, (S/patch)², hidden] after the post-layernorm."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = SiglipEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = self.cfg.image_size
+        if pixels.shape[1:] != (3, size, size):
+            raise ValueError(f"expected pixels [B, 3, {size}, {size}], got {tuple(pixels.shape)}")
+        x = self.embeddings(pixels)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
+
+
+class ImagePrefix(nn.Module):
+    """The picture as the LM attends to it: SigLIP tokens projected to the LM width, then normed.
+
+    ``variance`` selects the RMSNorm of the official PyTorch code (unbiased variance, eps 1e-5);
+    otherwise mean(x²) with eps 1e-8, as the MLX and Rust backends compute it (moshivis.md §4).
+    """
+
+    def __init__(self, cfg: VisionConfig, dim: int, variance: bool = False):
+        super().__init__()
+        self.tower = SiglipTower(cfg)
+        self.proj_xa = nn.Linear(cfg.hidden, dim)
+        self.norm_xa = RMSNorm(dim, eps=1e-5, variance=True) if variance else RMSNorm(dim, eps=1e-8)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.norm_xa(self.proj_xa(self.tower(pixels)))
+
+
+def random_image_prefix_state(cfg: VisionConfig, dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random fp32 weights for an ImagePrefix (``tower.*``, ``proj_xa.*``, ``norm_xa.alpha``),
+    scaled so that activations stay O(1) through the layers."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in ImagePrefix(cfg, dim).state_dict().items():
+        noise = torch.randn(tensor.shape, generator=generator)
+        if name.endswith("alpha") or ("norm" in name and name.endswith("weight")):
+            value = 1.0 + 0.1 * noise
+        elif "norm" in name:
+            value = 0.1 * noise
+        elif name.endswith("bias"):
+            value = 0.02 * noise
+        elif "position_embedding" in name:
+            value = 0.5 * noise
+        else:
+            value = noise / tensor[0].numel() ** 0.5
+        state[name] = value
+    return state
+
+
+# -- picture files to pixels ------------------------------------------------------------------
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Decode a picture (a path or the file's bytes) into an upright 8-bit RGB image.
+
+    Every way it can fail is an ImageError naming the file.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    name = "the image" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes):
+        path = Path(source)
+        if path.is_dir():
+            raise ImageError(f"{name} is a folder, not a picture")
+        try:
+            source = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"picture not found: {name}") from None
+        except OSError as exc:
+            raise ImageError(f"cannot read {name}: {exc.strerror or exc}") from None
+    too_large = f"{name} is too large: over {MAX_PIXELS // 1_000_000} megapixels"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit follows
+            image = Image.open(io.BytesIO(source))
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageError(f"{too_large} ({image.width}×{image.height})")
+        image.load()
+    except Image.DecompressionBombError:
+        raise ImageError(too_large) from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not a picture (or not in a format Pillow reads)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{name} is truncated or corrupt: {exc}") from None
+    try:
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{name}: cannot convert its {image.mode} pixels to RGB ({exc})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I"):
+        # Pillow's own conversion clips 16-bit values at 255 instead of scaling them.
+        image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def image_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB picture -> the tower's input [1, 3, size, size] float32 in [−1, 1]."""
+    from PIL import Image
+
+    resized = image.resize((size, size), Image.Resampling.BICUBIC)
+    x = np.asarray(resized, dtype=np.float32) / 255.0
+    x = (x - 0.5) / 0.5
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]

@@ -1,0 +1,359 @@
+"""MoshiVis: the official checkpoint layout, the shared cross-attention, and the promise that with
+the gate closed it is exactly the plain Moshi LM (itself token-identical with the reference).
+
+The tiny MoshiVis checkpoint of a seed holds the same LM weights as the tiny chat checkpoint of that
+seed, so the plain LM to compare with is loaded by the plain loader from that folder.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from engine.errors import CheckpointError
+from engine.hub import CheckpointInfo
+from engine.lm import LMConfig, LMModel, load_lm
+from engine.lm_gen import LMGen, Sampling
+from engine.moshivis import (MoshiVis, MoshiVisConfig, SeeOptions, SeeRunner, gate_level, load_moshivis,
+                             to_official_layout, write_tiny_moshivis_checkpoint)
+from engine.tiny import write_tiny_checkpoint
+from engine.transformer import RMSNorm
+from engine.vision import ImageError, SiglipTower, VisionConfig, open_image
+
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moshivis")
+    return {"vis": write_tiny_moshivis_checkpoint(root / "vis", seed=SEED),
+            "chat": write_tiny_checkpoint(root / "chat", "chat", seed=SEED)}
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(0)
+    stripes = np.zeros((120, 160, 3), np.uint8)
+    stripes[::8] = (250, 200, 10)
+    paths = {"noise.png": folder / "noise.png", "stripes.jpg": folder / "stripes.jpg"}
+    Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).save(paths["noise.png"])
+    Image.fromarray(stripes).save(paths["stripes.jpg"])
+    return paths
+
+
+def _config(folder):
+    return MoshiVisConfig.from_checkpoint(CheckpointInfo.resolve(folder))
+
+
+def _user_codes(steps, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2048, (steps, 1, 8, 1), generator=generator)
+
+
+# -- layout and loading --------------------------------------------------------------------------
+
+
+def _official_shapes(lm: LMConfig, vision: VisionConfig) -> dict[str, tuple]:
+    """Key -> shape of moshika-vis-pytorch-bf16 (moshivis.md §5), for any size."""
+    d, dd, h, q = lm.dim, lm.depformer_dim, vision.hidden, lm.dep_q
+    shapes = {"llm.text_emb.weight": (lm.text_card + 1, d), "llm.text_linear.weight": (lm.text_card, d),
+              "llm.out_norm.alpha": (1, 1, d),
+              "llm.transformer.layers.0.cross_attention.mha.in_proj_weight": (3 * d, d),
+              "llm.transformer.layers.0.cross_attention.mha.out_proj.weight": (d, d),
+              "depformer_text_emb.weight": (lm.text_card + 1, dd),
+              "image_prefix.enc.model.embeddings.patch_embedding.weight": (h, 3, vision.patch, vision.patch),
+              "image_prefix.enc.model.embeddings.patch_embedding.bias": (h,),
+              "image_prefix.enc.model.embeddings.position_embedding.weight": (vision.num_patches, h),
+              "image_prefix.enc.model.post_layernorm.weight": (h,), "image_prefix.enc.model.post_layernorm.bias": (h,),
+              "image_prefix.proj_xa.weight": (d, h), "image_prefix.proj_xa.bias": (d,),
+              "image_prefix.norm_xa.alpha": (1, 1, d)}
+    for i in range(lm.num_layers):
+        layer = f"llm.transformer.layers.{i}."
+        shapes.update({layer + "self_attn.in_proj_weight": (3 * d, d), layer + "self_attn.out_proj.weight": (d, d),
+                       layer + "norm1.alpha": (1, 1, d), layer + "norm2.alpha": (1, 1, d),
+                       layer + "norm_cross.alpha": (1, 1, d),
+                       layer + "gating.linear_in.weight": (2 * lm.ffn_hidden, d),
+                       layer + "gating.linear_out.weight": (d, lm.ffn_hidden),
+                       layer + "cross_attention.gate.alpha.0.weight": (d // 8, d),
+                       layer + "cross_attention.gate.alpha.2.weight": (d, d // 8)})
+    for k in range(lm.n_q):
+        shapes[f"audio_emb.{k}.weight"] = (lm.card + 1, d)
+    for k in range(q):
+        shapes[f"audio_linears.{k}.weight"] = (lm.card, dd)
+        shapes[f"depformer_in.{k}.weight"] = (dd, d)
+    for k in range(q - 1):
+        shapes[f"depformer_emb.{k}.weight"] = (lm.card + 1, dd)
+    for j in range(lm.depformer_num_layers):
+        layer = f"depformer.layers.{j}."
+        shapes.update({layer + "self_attn.in_proj_weight": (q * 3 * dd, dd),
+                       layer + "self_attn.out_proj.weight": (q * dd, dd),
+                       layer + "norm1.alpha": (1, 1, dd), layer + "norm2.alpha": (1, 1, dd)})
+        for k in range(q):
+            shapes[layer + f"gating.{k}.linear_in.weight"] = (2 * lm.depformer_ffn_hidden, dd)
+            shapes[layer + f"gating.{k}.linear_out.weight"] = (dd, lm.depformer_ffn_hidden)
+    for i in range(vision.num_layers):
+        layer = f"image_prefix.enc.model.encoder.layers.{i}."
+        for proj in ("q", "k", "v", "out"):
+            shapes[layer + f"self_attn.{proj}_proj.weight"] = (h, h)
+            shapes[layer + f"self_attn.{proj}_proj.bias"] = (h,)
+        shapes.update({layer + "mlp.fc1.weight": (vision.mlp_hidden, h), layer + "mlp.fc1.bias": (vision.mlp_hidden,),
+                       layer + "mlp.fc2.weight": (h, vision.mlp_hidden), layer + "mlp.fc2.bias": (h,)})
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[layer + f"{norm}.weight"] = (h,)
+            shapes[layer + f"{norm}.bias"] = (h,)
+    return shapes
+
+
+def test_tiny_checkpoint_has_the_official_layout(folders):
+    cfg = _config(folders["vis"])
+    with safe_open(str(folders["vis"] / "model.safetensors"), "pt") as f:
+        stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        dtypes = {key: f.get_tensor(key).dtype for key in f.keys()}
+    assert stored == _official_shapes(cfg.lm, cfg.vision)
+    # The tower in fp32, everything else in bf16: loading must cope with mixed dtypes.
+    assert {dtypes[k] for k in dtypes if k.startswith("image_prefix.enc.")} == {torch.float32}
+    assert {dtypes[k] for k in dtypes if not k.startswith("image_prefix.enc.")} == {torch.bfloat16}
+
+
+def test_full_size_layout_and_adapter_size():
+    """At full size (on the meta device): the spec's key names and shapes, and its ~206 M adapter weights."""
+    cfg = MoshiVisConfig.moshika_vis()
+    with torch.device("meta"):
+        model, plain, tower = MoshiVis(cfg), LMModel(LMConfig.moshi_7b()), SiglipTower(cfg.vision)
+    ours = {k: tuple(v.shape) for k, v in to_official_layout(model.state_dict()).items()}
+    expected = _official_shapes(cfg.lm, cfg.vision)
+    # Our self-attention modules keep one projection per step, which the file fuses (weights.py splits it).
+    def fused(key):
+        return key.startswith(("llm.", "depformer.")) and ".self_attn." in key
+
+    assert {k for k in ours if not fused(k)} == {k for k in expected if not fused(k)}
+    assert all(ours[k] == expected[k] for k in ours if not fused(k))
+    count = sum(p.numel() for p in model.parameters())
+    adapters = count - sum(p.numel() for p in plain.parameters()) - sum(p.numel() for p in tower.parameters())
+    assert adapters == 4 * 4096**2 + 32 * 2 * 4096 * 512 + 1152 * 4096 + 4096 + 33 * 4096  # 206,184,448
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loads_with_the_shared_cross_attention_tied(folders, dtype):
+    path = folders["vis"] / "model.safetensors"
+    stored = load_file(path)
+    model = load_moshivis(path, _config(folders["vis"]), dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    pairs = {"audio_emb.3.weight": model.lm.emb[3].weight, "audio_linears.5.weight": model.lm.linears[5].weight,
+             "llm.text_emb.weight": model.lm.text_emb.weight,
+             "llm.transformer.layers.1.cross_attention.gate.alpha.2.weight":
+                 model.lm.transformer.layers[1].cross_attention.gate.alpha[2].weight,
+             "image_prefix.enc.model.encoder.layers.1.mlp.fc2.weight": model.image_prefix.tower.encoder.layers[1].mlp.fc2.weight,
+             "image_prefix.norm_xa.alpha": model.image_prefix.norm_xa.alpha,
+             "llm.transformer.layers.0.cross_attention.mha.in_proj_weight":
+                 model.lm.transformer.shared_cross_attention.in_proj_weight}
+    for key, param in pairs.items():
+        assert torch.equal(param, stored[key].to(dtype)), key
+    shared = [name for name, p in model.named_parameters() if p.shape == stored[
+        "llm.transformer.layers.0.cross_attention.mha.in_proj_weight"].shape and "cross" in name]
+    assert shared == ["lm.transformer.shared_cross_attention.in_proj_weight"], "one cross-attention for all layers"
+
+
+def _broken(folders, tmp_path, change):
+    state = load_file(folders["vis"] / "model.safetensors")
+    change(state)
+    path = tmp_path / "model.safetensors"
+    save_file(state, path)
+    return path
+
+
+XA = "llm.transformer.layers.{}.cross_attention.mha.{}"
+
+
+def test_missing_shared_cross_attention_is_named(folders, tmp_path):
+    path = _broken(folders, tmp_path, lambda s: s.pop(XA.format(0, "in_proj_weight")))
+    with pytest.raises(CheckpointError, match="lacks the shared cross-attention weight "
+                       r"llm\.transformer\.layers\.0\.cross_attention\.mha\.in_proj_weight"):
+        load_moshivis(path, _config(folders["vis"]))
+
+
+def test_cross_attention_without_mha_is_named(folders, tmp_path):
+    """The candle layout stores the shared weights without `.mha`."""
+    def to_candle_names(state):
+        for name in ("in_proj_weight", "out_proj.weight"):
+            state[f"llm.transformer.layers.0.cross_attention.{name}"] = state.pop(XA.format(0, name))
+
+    with pytest.raises(CheckpointError) as err:
+        load_moshivis(_broken(folders, tmp_path, to_candle_names), _config(folders["vis"]))
+    assert "mha.in_proj_weight" in str(err.value)
+    assert "found instead: llm.transformer.layers.0.cross_attention.in_proj_weight" in str(err.value)
+
+
+def test_repeated_shared_weights_must_be_identical(folders, tmp_path):
+    cfg = _config(folders["vis"])
+
+    def repeat(state, change):
+        state[XA.format(1, "out_proj.weight")] = state[XA.format(0, "out_proj.weight")] * change
+
+    model = load_moshivis(_broken(folders, tmp_path, lambda s: repeat(s, 1)), cfg)
+    assert model.lm.transformer.shared_cross_attention.out_proj.weight.shape == (cfg.lm.dim, cfg.lm.dim)
+    with pytest.raises(CheckpointError, match=r"layers\.1\.cross_attention\.mha\.out_proj\.weight differs"):
+        load_moshivis(_broken(folders, tmp_path, lambda s: repeat(s, 2)), cfg)
+
+
+def test_missing_gate_and_plain_checkpoint_are_named(folders, tmp_path):
+    path = _broken(folders, tmp_path, lambda s: s.pop("llm.transformer.layers.1.cross_attention.gate.alpha.2.weight"))
+    with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): .*layers\.1\.cross_attention\.gate\.alpha\.2"):
+        load_moshivis(path, _config(folders["vis"]))
+    with pytest.raises(CheckpointError, match="not a MoshiVis checkpoint"):
+        load_moshivis(folders["chat"] / "model.safetensors", _config(folders["vis"]))
+    with pytest.raises(CheckpointError, match="not a MoshiVis model"):
+        _config(folders["chat"])
+
+
+# -- gate closed, gate open ------------------------------------------------------------------------
+
+
+def _vis_gen(folders, dtype, xa_start, picture=None):
+    model = load_moshivis(folders["vis"] / "model.safetensors", _config(folders["vis"]), dtype=dtype)
+    gen = LMGen(model.lm, Sampling.greedy(), xa_start=xa_start)
+    source = None if picture is None else model.embed_image(open_image(picture))
+    return gen, source
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("closed_by", ["no image", "before xa_start"])
+def test_gate_closed_gives_the_plain_lm_tokens(folders, pictures, dtype, closed_by):
+    config = json.loads((folders["chat"] / "config.json").read_text())
+    plain = LMGen(load_lm(folders["chat"] / "model.safetensors", LMConfig.from_dict(config), dtype=dtype),
+                  Sampling.greedy())
+    picture = None if closed_by == "no image" else pictures["noise.png"]
+    vis, source = _vis_gen(folders, dtype, xa_start=1000, picture=picture)
+    codes = _user_codes(30)
+    texts = set()
+    with plain.streaming(1), vis.streaming(1):
+        if source is not None:
+            vis.set_cross_source(source)
+        for t in range(30):
+            expected, got = plain.step(codes[t]), vis.step(codes[t])
+            if t == 0:
+                assert expected is None and got is None
+                continue
+            assert torch.equal(expected, got), f"step {t}"
+            texts.add(int(got[0, 0, 0]))
+    assert len(texts) > 5, "degenerate random model: the comparison would prove little"
+
+
+def _logits(gen, out):
+    return gen.lm.text_linear(out.hidden).float()
+
+
+def test_gate_open_changes_the_logits_from_xa_start_on(folders, pictures):
+    xa_start = 5
+    runs = {}
+    for name in (None, "noise.png", "stripes.jpg"):
+        gen, source = _vis_gen(folders, torch.float32, xa_start, None if name is None else pictures[name])
+        codes = _user_codes(12)
+        with gen.streaming(1):
+            if source is not None:
+                gen.set_cross_source(source)
+            runs[name] = [_logits(gen, gen.step_full(codes[t])) for t in range(12)]
+    for t in range(xa_start):
+        assert torch.equal(runs["noise.png"][t], runs[None][t]), f"step {t}: the image is not looked at yet"
+    # At xa_start the inputs are still the same; only the image can make a difference.
+    for t in (xa_start, xa_start + 1):
+        assert (runs["noise.png"][t] - runs[None][t]).abs().max() > 1e-3, f"step {t}"
+        assert (runs["noise.png"][t] - runs["stripes.jpg"][t]).abs().max() > 1e-4, f"step {t}: two pictures"
+
+
+def test_gate_strength_is_the_mean_of_the_last_layers_gates(folders, pictures):
+    gen, source = _vis_gen(folders, torch.float32, xa_start=3, picture=pictures["stripes.jpg"])
+    seen = []
+    hooks = [layer.cross_attention.gate.register_forward_hook(lambda m, i, out: seen.append(out.mean()))
+             for layer in gen.lm.transformer.layers]
+    codes = _user_codes(8)
+    with gen.streaming(1):
+        gen.set_cross_source(source)
+        keys = gen.lm.transformer.state.keys
+        for t in range(8):
+            seen.clear()
+            out = gen.step_full(codes[t])
+            assert out.gate.shape == (1,) and out.gate.device == out.hidden.device
+            if t < 3:
+                assert float(out.gate[0]) == 0.0
+            else:
+                layers = gen.lm.cfg.num_layers
+                expected = torch.stack(seen[-min(10, layers):]).mean()
+                assert 0.0 < float(out.gate[0]) < 1.0
+                torch.testing.assert_close(out.gate[0], expected, rtol=0, atol=1e-6)
+            # The image's keys/values were projected once, not per step.
+            assert gen.lm.transformer.state.keys is keys
+    for hook in hooks:
+        hook.remove()
+    assert gate_level(0.0) == 0 and gate_level(0.013) == 5 and gate_level(0.5) == 10
+
+
+def test_reset_keeps_the_image_and_a_slot_reset_restarts_its_xa_start(folders, pictures):
+    gen, source = _vis_gen(folders, torch.float32, xa_start=2, picture=pictures["noise.png"])
+    codes = _user_codes(6)
+    with gen.streaming(2):
+        gen.set_cross_source(source)
+        for t in range(4):
+            gen.step_full(codes[t].expand(2, -1, -1))
+        gen.reset_streaming(torch.tensor([False, True]))
+        out = gen.step_full(codes[4].expand(2, -1, -1))
+        assert float(out.gate[0]) > 0 and float(out.gate[1]) == 0.0, "slot 1 starts over, slot 0 goes on"
+        gen.reset_streaming()
+        for t in range(3):
+            out = gen.step_full(codes[t].expand(2, -1, -1))
+        assert (out.gate > 0).all(), "the image survives a full reset"
+
+
+# -- RMSNorm variant -------------------------------------------------------------------------------
+
+
+def test_rms_norm_variant_is_selectable(folders):
+    cfg = _config(folders["vis"])
+    assert cfg.rms_norm == "mean_square"
+    for variant, expected in (("mean_square", False), ("variance", True)):
+        model = load_moshivis(folders["vis"] / "model.safetensors", MoshiVisConfig(
+            lm=cfg.lm, vision=cfg.vision, rms_norm=variant), dtype=torch.float32)
+        norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+        # norm1/norm2/norm_cross per temporal layer, out_norm, norm1/norm2 per depth layer, norm_xa
+        assert len(norms) == 3 * cfg.lm.num_layers + 1 + 2 * cfg.lm.depformer_num_layers + 1
+        assert all(n.variance == expected for n in norms), variant
+        assert model.image_prefix.norm_xa.eps == (1e-5 if expected else 1e-8)
+    with pytest.raises(ValueError, match="rms_norm"):
+        MoshiVisConfig(rms_norm="layer_norm")
+
+
+# -- the runner ------------------------------------------------------------------------------------
+
+
+def test_see_runner(folders, pictures):
+    options = SeeOptions(hf_repo=str(folders["vis"]), image=str(pictures["stripes.jpg"]), temp=0, temp_text=0)
+    runner = SeeRunner.load(options)
+    assert runner.describe()["image"] == "stripes.jpg"
+    rng = np.random.default_rng(1)
+    frames = [(0.1 * rng.standard_normal(1920)).astype(np.float32) for _ in range(22)]
+
+    def run():
+        return [runner.step(frame) for frame in frames]
+
+    first = run()
+    assert all(out.pcm is not None and out.pcm.shape == (1920,) for out in first)
+    # xa_start is 16 LM steps; the runner feeds its first frame twice, so frame 15 is LM step 16.
+    assert [out.gate > 0 for out in first] == [False] * 15 + [True] * 7
+    runner.reset()
+    again = run()
+    assert [o.token for o in again] == [o.token for o in first] and [o.gate for o in again] == [o.gate for o in first]
+    runner.set_image(open_image(pictures["noise.png"]), "noise.png")
+    other = run()
+    assert other[-1].gate != first[-1].gate
+
+
+def test_see_runner_checks_the_picture_before_loading(folders, tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a picture")
+    with pytest.raises(ImageError, match="notes.txt"):
+        SeeRunner.load(SeeOptions(hf_repo=str(tmp_path / "no-such-model"), image=str(bad)))
