@@ -137,11 +137,12 @@ class EngineProcess:
         if len(self._in_flight) >= self.max_in_flight:
             self.skipped += 1
             return False
+        sent_at = time.monotonic()  # before sending: the child may answer before send() returns
         try:
             self._conn.send(("frame", self._next_index, np.ascontiguousarray(pcm, dtype=np.float32)))
         except OSError:
             return False  # the child is gone; the next poll reports it
-        self._in_flight.append(time.monotonic())
+        self._in_flight.append(sent_at)
         self._next_index += 1
         return True
 

@@ -22,7 +22,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
-from .messages import EngineFailed, Event, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
 from .widgets import AudioPanel, LatencyPanel, StatusBar, Thresholds, TranscriptView
 
 HINTS = {
@@ -148,7 +148,7 @@ class MoshiApp(App[None]):
                     self._set_state(event.state, event.detail)
             elif isinstance(event, SessionInfo):
                 self.query_one(StatusBar).show(info=event)
-            elif isinstance(event, EngineFailed):
+            elif isinstance(event, SessionFailed):
                 self._fail(event.reason)
         if got_stats:
             self.query_one(LatencyPanel).show(self._stats, list(self._steps))
@@ -186,7 +186,7 @@ class MoshiApp(App[None]):
         self.failure = reason
         self._set_state("error")
         error = self.query_one("#error", Static)
-        error.update(f"The engine failed: {reason}")
+        error.update(f"Error: {reason}")
         error.display = True
         self.run_worker(self._fail_then_exit(), exit_on_error=False)
 
@@ -205,7 +205,7 @@ class MoshiApp(App[None]):
         self.query_one(AudioPanel).show(self._stats, self.muted)
 
     def action_restart(self) -> None:
-        if self.failure is not None or self._stopping is not None:
+        if self.failure is not None or self._stopping is not None or self.state == "ended":
             return
         self.drain()  # what the old conversation said before the restart is dropped with it
         self.conversation.restart()

@@ -61,8 +61,10 @@ class Stats:
 
 
 @dataclass(frozen=True)
-class EngineFailed:
-    reason: str
+class SessionFailed:
+    """The engine died or stalled, or the audio device went away: the session is over."""
+
+    reason: str  # one line, e.g. "the engine process was killed by SIGKILL"
 
 
-Event = Union[SessionInfo, StateChanged, TextPiece, UserSpeech, Stats, EngineFailed]
+Event = Union[SessionInfo, StateChanged, TextPiece, UserSpeech, Stats, SessionFailed]

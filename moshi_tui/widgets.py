@@ -27,6 +27,7 @@ STATE_STYLES = {
     "error": "bold red",
 }
 BARS = " ▁▂▃▄▅▆▇█"
+LATENCY_FIGURES = ("lag", "buffer", "skipped", "underruns")
 
 
 @dataclass(frozen=True)
@@ -116,15 +117,16 @@ class LatencyPanel(Widget):
         self.refresh()
 
     def render(self) -> Group:
+        """Always the same lines (dashes until there are figures), so the layout never shifts."""
         s, th = self.stats, self.th
         if s is None or s.step_ms is None:
-            step = _figure("step", f"-- / {th.budget_ms:.0f} ms", "dim")
+            step = _figure("step", f"   -- / {th.budget_ms:.0f} ms", "dim")
         else:
             step = _figure("step", f"{s.step_ms:5.1f} / {th.budget_ms:.0f} ms", th.step(s.step_ms))
         spark = spark_rows(self.steps, self.content_size.width, 2, 1.5 * th.budget_ms, th)
         if s is None:
-            return Group(step, *spark)
-        lag = _figure("lag", "--" if s.lag_ms is None else f"{s.lag_ms:5.0f} ms",
+            return Group(step, *spark, *(_figure(label, "   --", "dim") for label in LATENCY_FIGURES))
+        lag = _figure("lag", "   --" if s.lag_ms is None else f"{s.lag_ms:5.0f} ms",
                       "dim" if s.lag_ms is None else th.lag(s.lag_ms))
         buf = _figure("buffer", f"{s.buffered_ms:5.0f} ms", WARN if s.buffered_ms < th.buffer_low_ms else OK)
         skipped = _figure("skipped", f"{s.skipped:5d}", WARN if s.skipped else OK)
@@ -162,7 +164,9 @@ class AudioPanel(Widget):
         width = self.content_size.width
         mic = Text.assemble(("mic ", "dim"), ("  muted", "bold yellow")) if self.muted else level_bar("mic", s.mic_db, width)
         aec = Text("AEC  ", "dim")
-        if s.aec:
+        if self.stats is None:
+            aec.append("--", "dim")
+        elif s.aec:
             aec.append("on")
             if s.erle_db is not None:
                 aec.append(" · echo ")

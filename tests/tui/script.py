@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from moshi_tui.messages import FRAME_S, EngineFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from moshi_tui.messages import FRAME_S, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
 
 MOSHI_WORDS = (
     "Hello, I'm Moshi. What would you like to talk about today? I can tell you about the weather, "
@@ -83,4 +83,4 @@ class ScriptedConversation:
             self.frame += 1
 
     def fail(self, reason: str) -> None:
-        self.deliver(EngineFailed(reason))
+        self.deliver(SessionFailed(reason))

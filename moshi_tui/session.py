@@ -1,0 +1,405 @@
+"""One session: an audio source, the engine process, the session files, and the TUI or stdout.
+
+A pump thread in the TUI process moves frames: source → engine (never blocking: a frame the
+engine has no room for is skipped), engine → speaker, recorder and screen. The app (or the plain
+printer) only receives `messages` events; it never waits on the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from audio.errors import AudioError
+from engine.errors import EngineError
+from engine.options import ModelOptions
+
+from .messages import FRAME_S, Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from .recording import SessionRecorder, new_session_folder
+from .settings import data_dir
+from .transcript import Transcript
+
+FRAME = 1920
+SAMPLE_RATE = 24000
+DEFAULT_MODELS = {"chat": "moshika", "transcribe": "stt-1b-en_fr"}
+# Silence after the end of a file so the words still in flight come out (the STT text lags its
+# audio by up to 2.5 s for stt-2.6b-en; Moshi needs a moment to finish its sentence).
+FILE_TAIL_S = 3.0
+
+
+@dataclass
+class SessionOptions:
+    """What `moshi chat` / `moshi transcribe` pass to `run`."""
+
+    mode: str  # "chat" or "transcribe"
+    model: ModelOptions = field(default_factory=ModelOptions)
+    runner: str | None = None  # engine runner, "module:Class"; default: the mode's
+    input_file: Path | None = None  # instead of the microphone
+    input_device: str | None = None  # index or name substring
+    output_device: str | None = None
+    aec: bool = True
+    record_dir: Path | None = None  # parent of the session folders; default <XDG data>/moshi/sessions
+    tui: bool = True  # False: words to stdout, states to stderr
+    save_dir: Path | None = None  # where `s` writes the transcript; default the current folder
+
+
+@dataclass
+class AudioFigures:
+    """What a source measured, for the latency and audio panels."""
+
+    mic_db: float = -120.0
+    out_db: float = -120.0
+    speaking: bool | None = None  # None: the source has no voice activity detector
+    aec: bool = False
+    erle_db: float | None = None
+    lag_ms: float | None = None
+    buffered_ms: float = 0.0
+    underruns: int = 0
+    skipped: int = 0  # input frames the source dropped
+
+
+class Source(Protocol):
+    realtime: bool  # frames come at the pace of audio (else: as fast as the engine takes them)
+    finished: bool  # a file that has been read to its end
+
+    def read(self, timeout: float) -> np.ndarray | None: ...
+    def play(self, pcm: np.ndarray) -> None: ...
+    def clear(self) -> None: ...  # a new conversation: drop what is queued for playback
+    def figures(self) -> AudioFigures: ...
+    def close(self) -> None: ...
+
+
+def level_db(pcm: np.ndarray) -> float:
+    rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64))))
+    return 20 * math.log10(rms) if rms > 1e-6 else -120.0
+
+
+class FileSource:
+    """The user's side read from a file, then `FILE_TAIL_S` of silence."""
+
+    def __init__(self, path: Path, realtime: bool) -> None:
+        from audio.files import read_audio
+
+        pcm = read_audio(path)
+        frames = math.ceil((len(pcm) + FILE_TAIL_S * SAMPLE_RATE) / FRAME)
+        self.pcm = np.zeros(frames * FRAME, np.float32)
+        self.pcm[:len(pcm)] = pcm
+        self.realtime = realtime
+        self.position = 0
+        self._next_at = time.monotonic()
+        self._last_db = self._out_db = -120.0
+
+    @property
+    def finished(self) -> bool:
+        return self.position >= len(self.pcm)
+
+    def read(self, timeout: float) -> np.ndarray | None:
+        if self.finished:
+            return None
+        if self.realtime:
+            wait = self._next_at - time.monotonic()
+            if wait > timeout:
+                time.sleep(timeout)
+                return None
+            time.sleep(max(0.0, wait))
+            self._next_at = max(self._next_at + FRAME_S, time.monotonic() - FRAME_S)
+        frame = self.pcm[self.position:self.position + FRAME]
+        self.position += FRAME
+        self._last_db = level_db(frame)
+        return frame
+
+    def play(self, pcm: np.ndarray) -> None:
+        self._out_db = level_db(pcm)  # nothing is played; the meter still shows Moshi's voice
+
+    def clear(self) -> None:
+        self.position = 0  # a restarted conversation hears the file again
+        self._next_at = time.monotonic()
+
+    def figures(self) -> AudioFigures:
+        return AudioFigures(mic_db=self._last_db, out_db=self._out_db)
+
+    def close(self) -> None:
+        pass
+
+
+class Session:
+    """The app's `Conversation`: runs the pump thread, and everything it owns dies with it."""
+
+    def __init__(self, options: SessionOptions, engine, source: Source, record_base: Path) -> None:
+        self.options = options
+        self.mode = options.mode
+        self.engine = engine
+        self.source = source
+        self.record_base = record_base
+        self.failure: tuple[str, str] | None = None  # (one line, traceback) when the session failed
+        self.done = threading.Event()  # the pump has ended and closed everything
+        self.folders: list[Path] = []  # one per conversation (restarts make more)
+        self._deliver: Callable[[Event], None] = lambda event: None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._restart = threading.Event()
+        self._muted = False
+        self._live = False
+        self._recorder: SessionRecorder | None = None
+        self._info: dict[str, str] = {}
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self._frame = 0  # frames of this conversation taken from the source
+        self._pending: deque[tuple[int, np.ndarray, bool]] = deque()  # (frame, pcm, sent) awaiting an answer
+        self._speaking = False
+        self._steps: list[float] = []
+        self._stats_at = 0.0
+
+    # -- the app's side -------------------------------------------------------------------
+
+    def start(self, deliver: Callable[[Event], None]) -> None:
+        self._deliver = deliver
+        self._thread = threading.Thread(target=self._run, name="moshi-session", daemon=True)
+        self._thread.start()
+
+    def set_muted(self, muted: bool) -> None:
+        self._muted = muted
+
+    def restart(self) -> None:
+        self._restart.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        else:
+            self._close()
+
+    # -- the pump -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        model = self.options.model
+        self._deliver(SessionInfo(self.mode, model.hf_repo or DEFAULT_MODELS.get(self.mode, "?"), model.device,
+                                  model.dtype))
+        self._deliver(StateChanged("loading"))
+        try:
+            while not self._stop.is_set() and self.failure is None:
+                self._step()
+        except Exception as exc:  # a lost device or a bug: the screen must say so, not freeze
+            import traceback
+
+            known = isinstance(exc, (EngineError, AudioError))
+            self.failure = (str(exc) if known else f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            self._deliver(SessionFailed(self.failure[0]))
+        finally:
+            self._close()
+
+    def _step(self) -> None:
+        if not self._live:
+            self._take_engine_events(self.engine.poll(timeout=0.05))
+            return
+        self._take_engine_events(self.engine.poll())
+        if self._restart.is_set():
+            self._restart.clear()
+            self._new_conversation()
+        if self.source.finished:
+            if not self._pending and self._recorder is not None:
+                self._end_conversation()
+            else:
+                self._take_engine_events(self.engine.poll(timeout=0.01))
+            return
+        if self.source.realtime or self.engine.in_flight < self.engine.max_in_flight:
+            frame = self.source.read(timeout=0.01)
+            if frame is not None:
+                self._take_frame(frame)
+        else:
+            self._take_engine_events(self.engine.poll(timeout=0.01))
+
+    def _take_engine_events(self, events: list) -> None:
+        from engine.process import Failed, Loading, Output, Ready, WarmingUp
+
+        for event in events:
+            if isinstance(event, Output):
+                self._take_output(event)
+            elif isinstance(event, Loading):
+                self._deliver(StateChanged("loading", event.detail))
+            elif isinstance(event, WarmingUp):
+                self._deliver(StateChanged("warming up"))
+            elif isinstance(event, Ready):
+                self._info = dict(event.info)
+                self._deliver(SessionInfo(self.mode, event.info.get("model", "?"), event.info.get("device", "?"),
+                                          event.info.get("dtype", "?")))
+                self._start_conversation()
+            elif isinstance(event, Failed):
+                self.failure = (event.reason, event.detail)
+                if self._recorder is not None:
+                    self._recorder.event("failed", reason=event.reason)
+                self._deliver(SessionFailed(event.reason))
+
+    def _start_conversation(self) -> None:
+        folder = new_session_folder(self.record_base, self.mode)
+        self.folders.append(folder)
+        self._recorder = SessionRecorder(folder, self.mode, self._info, SAMPLE_RATE)
+        self.source.clear()
+        self._reset_counters()
+        self._live = True
+        self._deliver(StateChanged("live"))
+
+    def _new_conversation(self) -> None:
+        self.engine.reset()
+        self._flush_pending()
+        if self._recorder is not None:
+            self._recorder.event("restart")
+            self._recorder.close()
+        self._start_conversation()
+
+    def _end_conversation(self) -> None:
+        self._recorder.close()
+        self._recorder = None
+        self._deliver(StateChanged("ended"))
+        self._stop.set()
+
+    def _take_frame(self, pcm: np.ndarray) -> None:
+        if self._muted:
+            pcm = np.zeros_like(pcm)
+        n = self._frame
+        self._frame += 1
+        sent = self.engine.send_frame(pcm)
+        self._pending.append((n, pcm, sent))
+        figures = self.source.figures()
+        if figures.speaking is not None and figures.speaking != self._speaking and not self._muted:
+            self._speaking = figures.speaking
+            self._deliver(UserSpeech(n * FRAME_S, figures.speaking))
+            self._recorder.user_speech(n * FRAME_S, figures.speaking)
+
+    def _take_output(self, out) -> None:
+        while self._pending and not self._pending[0][2]:
+            n, user, _ = self._pending.popleft()  # skipped: the model never heard it
+            self._recorder.frame(user, None)
+        if not self._pending:
+            return  # answers a frame of a conversation since restarted
+        n, user, _ = self._pending.popleft()
+        t = n * FRAME_S
+        if out.pcm is not None and self.mode == "chat":
+            self.source.play(out.pcm)
+        self._recorder.frame(user, out.pcm)
+        if out.text:
+            self._deliver(TextPiece(t, out.text))
+            self._recorder.text(t, out.text)
+        step = out.timings_ms.get("total")
+        figures = self.source.figures()
+        stats = Stats(
+            t=t, step_ms=step, lag_ms=figures.lag_ms, buffered_ms=figures.buffered_ms,
+            skipped=self.engine.skipped + figures.skipped, underruns=figures.underruns,
+            mic_db=-120.0 if self._muted else figures.mic_db, out_db=figures.out_db, aec=figures.aec,
+            erle_db=figures.erle_db,
+        )
+        self._deliver(stats)
+        self._log_stats(stats)
+
+    def _log_stats(self, stats: Stats) -> None:
+        if stats.step_ms is not None:
+            self._steps.append(stats.step_ms)
+        if stats.t - self._stats_at < 1.0:
+            return
+        self._stats_at = stats.t
+        steps, self._steps = self._steps, []
+        self._recorder.event(
+            "stats", t=round(stats.t, 3), step_ms_median=round(float(np.median(steps)), 2) if steps else None,
+            step_ms_max=round(max(steps), 2) if steps else None, lag_ms=stats.lag_ms,
+            buffered_ms=stats.buffered_ms, skipped=stats.skipped, underruns=stats.underruns,
+            muted=self._muted,
+        )
+
+    def _flush_pending(self) -> None:
+        """Frames sent but never answered still go into the recording (the user's side)."""
+        if self._recorder is not None:
+            for _, user, _ in self._pending:
+                self._recorder.frame(user, None)
+        self._pending.clear()
+
+    def _close(self) -> None:
+        if self.done.is_set():
+            return
+        try:
+            self.engine.close()
+            self._flush_pending()
+            if self._recorder is not None:
+                self._recorder.close()
+        finally:
+            self.source.close()
+            self.done.set()
+
+
+class PlainPrinter:
+    """`--no-tui`: the words on stdout (a new line per paragraph), the rest on stderr."""
+
+    def __init__(self, mode: str, out=sys.stdout, err=sys.stderr) -> None:
+        self.transcript = Transcript("moshi" if mode == "chat" else None)
+        self.out, self.err = out, err
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, TextPiece):
+            had = len(self.transcript.paragraphs)
+            last = self.transcript.paragraphs[-1].text if had else None
+            if self.transcript.add_text(event.t, event.text):
+                self.out.write(("\n" if had else "") + self.transcript.paragraphs[-1].text)
+            elif had and self.transcript.paragraphs[-1].text != last:
+                self.out.write(event.text)
+            self.out.flush()
+        elif isinstance(event, UserSpeech) and event.speaking:
+            self.transcript.mark_user(event.t)
+        elif isinstance(event, StateChanged):
+            detail = f": {event.detail}" if event.detail else ""
+            hint = " (Ctrl-C ends it)" if event.state == "live" else ""
+            print(f"moshi: {event.state}{detail}{hint}", file=self.err, flush=True)
+
+    def close(self) -> None:
+        if self.transcript.paragraphs:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def open_source(options: SessionOptions) -> Source:
+    if options.input_file is not None:
+        # A conversation with a recording plays out in real time; a transcription goes at full speed.
+        return FileSource(options.input_file, realtime=options.mode == "chat")
+    raise EngineError("live audio is not wired yet: the audio layer has not landed")
+
+
+def run(options: SessionOptions) -> None:
+    """Run one session to its end. A failed engine or device raises EngineError (one line)."""
+    from engine.process import EngineProcess, EngineProcessError
+
+    record_base = options.record_dir or data_dir() / "sessions"
+    record_base.mkdir(parents=True, exist_ok=True)
+    source = open_source(options)  # a bad device or file fails here, before anything starts
+    engine = EngineProcess(options.runner or options.mode, options.model, log_path=str(record_base / "engine.log"))
+    session = Session(options, engine, source, record_base)
+    try:
+        if options.tui:
+            from .app import MoshiApp
+
+            MoshiApp(session, mode=options.mode, save_dir=options.save_dir).run()
+        else:
+            printer = PlainPrinter(options.mode)
+            session.start(printer)
+            try:
+                while not session.done.wait(0.1):
+                    pass
+            except KeyboardInterrupt:
+                pass
+            printer.close()
+    finally:
+        session.stop()
+    if session.failure is not None:
+        reason, detail = session.failure
+        if detail and os.environ.get("MOSHI_DEBUG"):
+            print(detail, file=sys.stderr)
+        raise EngineProcessError(reason)
