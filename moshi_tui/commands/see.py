@@ -1,0 +1,101 @@
+"""`moshi see IMAGE`: talk with MoshiVis about a picture."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (MODEL_PANEL, DeviceOption, DtypeOption, HfRepo, Seed, Temp, TempText, TopK, TopKText,
+                     model_options, progress_to_stderr)
+
+EPILOG = """\
+Examples:
+
+\b
+  moshi see photo.jpg                                      # talk about it (microphone, speakers)
+  moshi see photo.jpg --input me.wav --output moshi.wav    # answer a recording, words to stdout
+  moshi see photo.jpg --xa-start 0 --input me.wav          # look at the picture from the first frame
+"""
+
+
+class RmsNorm(str, Enum):
+    mean_square = "mean-square"
+    variance = "variance"
+
+
+def register(app: typer.Typer) -> None:
+    app.command(short_help="Talk with Moshi about a picture.", epilog=EPILOG)(see)
+
+
+def see(
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The picture to talk about (JPEG, PNG, WebP, ...).")],
+    input: Annotated[Optional[Path], typer.Option(
+        "--input", "-i", metavar="AUDIO", help="Answer this recording instead of the microphone "
+        "(wav, flac, ogg or mp3, any rate).")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", metavar="WAV", help="With --input: write Moshi's voice to this WAV file.")] = None,
+    transcript: Annotated[Optional[Path], typer.Option(
+        "--transcript", metavar="TXT", help="With --input: also write Moshi's words to this file.")] = None,
+    xa_start: Annotated[Optional[int], typer.Option(
+        "--xa-start", min=0, metavar="FRAMES", help="Frames of 80 ms before Moshi starts looking at the "
+        "picture [default: from the model, 16].")] = None,
+    rms_norm: Annotated[Optional[RmsNorm], typer.Option(
+        "--rms-norm", rich_help_panel=MODEL_PANEL, help="RMSNorm of the model: mean-square (Moshi's training, "
+        "the Rust and MLX backends) or variance (the official PyTorch backend) [default: from the model].")] = None,
+    hf_repo: HfRepo = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "bfloat16",
+    seed: Seed = None,
+    temp: Temp = None,
+    temp_text: TempText = None,
+    top_k: TopK = None,
+    top_k_text: TopKText = None,
+) -> None:
+    """Talk with MoshiVis about a picture: it listens, looks and speaks at the same time.
+
+    With --input, the conversation runs headless on a recording: the user's side comes from the
+    file, frame by frame exactly as live audio would, and Moshi's side goes to --output and stdout.
+    """
+    if input is None:
+        raise typer.BadParameter("live conversation needs the TUI, which is not wired yet; use --input FILE",
+                                 param_hint="--input")
+    from engine.moshivis import SeeOptions
+
+    base = model_options(hf_repo or "moshika-vis", device, dtype, seed, temp, temp_text, top_k, top_k_text)
+    options = SeeOptions(**vars(base), image=str(image), xa_start=xa_start,
+                         rms_norm=None if rms_norm is None else rms_norm.name)
+    run_headless_see(input, output, transcript, options)
+
+
+def run_headless_see(input: Path, output: Path | None, transcript: Path | None, options) -> None:
+    from audio.files import read_audio
+    from audio.wav import WavWriter
+    from engine.moshivis import SeeRunner
+    from engine.runner import FRAME_SIZE, SAMPLE_RATE
+
+    pcm = read_audio(input)
+    runner = SeeRunner.load(options, progress=progress_to_stderr)
+    writer = WavWriter(output, SAMPLE_RATE, channels=1) if output else None
+    words = transcript.open("w", encoding="utf-8") if transcript else None
+    try:
+        # Only whole frames, as Kyutai's `moshi-inference` does.
+        for start in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE):
+            out = runner.step(pcm[start:start + FRAME_SIZE])
+            if writer is not None and out.pcm is not None:
+                writer.write(out.pcm)
+            if out.text:
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+                if words is not None:
+                    words.write(out.text)
+                    words.flush()
+        sys.stdout.write("\n")
+    finally:
+        if writer is not None:
+            writer.close()
+        if words is not None:
+            words.close()
