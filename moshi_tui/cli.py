@@ -15,7 +15,7 @@ from audio.errors import AudioError
 from engine.errors import EngineError
 
 from . import __version__, settings
-from .commands import chat, tiny_model, transcribe
+from .commands import chat, see, tiny_model, transcribe
 from .commands.download import download
 
 app = typer.Typer(
@@ -47,6 +47,7 @@ def _root(
 
 app.command()(download)
 chat.register(app)
+see.register(app)
 transcribe.register(app)
 tiny_model.register(app)
 
