@@ -340,9 +340,9 @@ class Session:
 class PlainPrinter:
     """`--no-tui`: the words on stdout (a new line per paragraph), the rest on stderr."""
 
-    def __init__(self, mode: str, out=sys.stdout, err=sys.stderr) -> None:
+    def __init__(self, mode: str, out=None, err=None) -> None:
         self.transcript = Transcript("moshi" if mode == "chat" else None)
-        self.out, self.err = out, err
+        self.out, self.err = out or sys.stdout, err or sys.stderr
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, TextPiece):

@@ -13,32 +13,11 @@ import pytest
 
 from engine.process import EngineProcess, Failed, Loading, Output, Ready, WarmingUp
 
+from .processes import engine_children, gone
 from .runners import ScriptedRunner, ScriptOptions
 
 RUNNER = f"{ScriptedRunner.__module__}:{ScriptedRunner.__qualname__}"
 pytestmark = pytest.mark.timeout(60)
-
-
-def engine_children() -> list[int]:
-    """Live (non-zombie) child processes of this one, from /proc, except multiprocessing's
-    resource tracker (one per parent, it leaves with the parent)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"resource_tracker" not in cmdline:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def poll_until(engine: EngineProcess, kind, timeout: float = 20.0) -> tuple[list, float]:

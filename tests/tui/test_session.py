@@ -1,0 +1,131 @@
+"""Sessions through the real engine process with the tiny random checkpoints: a file transcribed
+to stdout (compared with the runner in this process), a chat in the TUI, and an engine killed
+in the middle of a conversation."""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from engine.options import ModelOptions
+from moshi_tui.app import MoshiApp
+from moshi_tui.session import FRAME, FileSource, Session, SessionOptions, run
+from moshi_tui.widgets import LatencyPanel, TranscriptView
+
+from .processes import engine_children
+
+pytestmark = pytest.mark.timeout(120)
+SR = 24000
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from engine.tiny import write_tiny_checkpoint
+
+    base = tmp_path_factory.mktemp("tiny")
+    return {kind: write_tiny_checkpoint(base / kind, kind, seed=0) for kind in ("chat", "transcribe")}
+
+
+@pytest.fixture
+def one_thread_engine(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned child reads it when torch starts
+
+
+def _speech_file(path, seconds: float, seed: int = 0):
+    """A second of a vowel-like buzz with noise: something for the models to hear."""
+    t = np.arange(int(seconds * SR)) / SR
+    rng = np.random.default_rng(seed)
+    pcm = 0.3 * np.sign(np.sin(2 * np.pi * 140 * t)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(len(t))
+    sf.write(path, pcm.astype(np.float32), SR)
+    return path
+
+
+def _session(options, record_dir):
+    from engine.process import EngineProcess
+
+    source = FileSource(options.input_file, realtime=options.mode == "chat")
+    engine = EngineProcess(options.mode, options.model)
+    return Session(options, engine, source, record_dir)
+
+
+def test_transcribe_a_file_to_stdout_as_the_runner_does(tmp_path, tiny, capsys, one_thread_engine):
+    from engine.runner import TranscribeRunner
+
+    audio = _speech_file(tmp_path / "talk.wav", 1.5)
+    model = ModelOptions(hf_repo=str(tiny["transcribe"]), dtype="float32")
+    run(SessionOptions("transcribe", model, input_file=audio, record_dir=tmp_path / "rec", tui=False))
+    words = capsys.readouterr().out
+
+    # The oracle: the same runner in this process, fed the same frames.
+    runner = TranscribeRunner.load(model)
+    runner.warmup()
+    frames = FileSource(audio, realtime=False).pcm.reshape(-1, FRAME)
+    pieces = [(i * 0.08, out.text) for i, out in enumerate(map(runner.step, frames)) if out.text]
+    expected = "".join(text for _, text in pieces).strip()
+    assert expected and words == expected + "\n"
+
+    [folder] = [p for p in (tmp_path / "rec").iterdir() if p.is_dir()]
+    doc = json.loads((folder / "transcript.json").read_text())
+    assert [(p["t"], p["text"]) for p in doc["pieces"]] == [(round(t, 3), text) for t, text in pieces]
+    wav, rate = sf.read(folder / "audio.wav", dtype="float32")
+    assert rate == SR and wav.shape == (frames.size,)
+    np.testing.assert_allclose(wav, frames.reshape(-1), atol=1 / 32767)
+    events = [json.loads(line)["event"] for line in (folder / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "end" and "stats" in events
+    assert engine_children() == []
+
+
+async def test_chat_with_a_recording_in_the_tui(tmp_path, tiny, one_thread_engine):
+    audio = _speech_file(tmp_path / "me.wav", 1.0)
+    options = SessionOptions("chat", ModelOptions(hf_repo=str(tiny["chat"]), dtype="float32"), input_file=audio)
+    session = _session(options, tmp_path / "rec")
+    app = MoshiApp(session, mode="chat")
+    async with app.run_test(size=(80, 24)) as pilot:
+        end = time.monotonic() + 60
+        while app.state != "ended" and app.failure is None and time.monotonic() < end:
+            await pilot.pause(0.1)
+        assert app.state == "ended"
+        panel = app.query_one(LatencyPanel)
+        assert panel.stats.step_ms > 0 and len(panel.steps) > 40
+        shown = app.query_one(TranscriptView).model.to_text()
+        await pilot.press("q")
+    assert app.return_code == 0 and engine_children() == []
+    [folder] = session.folders
+    assert (folder / "transcript.txt").read_text() == shown and shown
+    wav, _ = sf.read(folder / "audio.wav", dtype="float32")
+    frames = FileSource(audio, realtime=True).pcm
+    assert wav.shape == (len(frames), 2)  # every frame, answered or skipped, in time order
+    np.testing.assert_allclose(wav[:, 0], frames, atol=1 / 32767)
+    assert np.abs(wav[:, 1]).max() > 0.01  # Moshi's side: the tiny model's noise
+
+
+async def test_killing_the_engine_mid_conversation(tmp_path, tiny, one_thread_engine):
+    audio = _speech_file(tmp_path / "me.wav", 20.0)
+    options = SessionOptions("chat", ModelOptions(hf_repo=str(tiny["chat"]), dtype="float32"), input_file=audio)
+    session = _session(options, tmp_path / "rec")
+    app = MoshiApp(session, mode="chat", error_linger_s=0.3)
+    async with app.run_test(size=(80, 24)) as pilot:
+        end = time.monotonic() + 60
+        while (app.state != "live" or len(app.query_one(LatencyPanel).steps) < 15) and time.monotonic() < end:
+            await pilot.pause(0.1)
+        os.kill(session.engine.process.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        while app.failure is None and time.monotonic() < killed_at + 5:
+            await pilot.pause(0.05)
+        assert time.monotonic() - killed_at < 1.0
+        assert app.state == "error"
+        await pilot.pause(1.0)
+    assert app.return_code == 1
+    assert app.failure == "the engine process was killed by SIGKILL"
+    assert engine_children() == []
+    [folder] = session.folders
+    wav, _ = sf.read(folder / "audio.wav", dtype="float32")
+    assert wav.shape[1] == 2 and len(wav) >= 15 * FRAME and len(wav) % FRAME == 0
+    json.loads((folder / "transcript.json").read_text())
+    events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events[-2:]] == ["failed", "end"]
+    assert events[-2]["reason"] == "the engine process was killed by SIGKILL"
