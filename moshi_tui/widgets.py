@@ -162,7 +162,10 @@ class AudioPanel(Widget):
     def render(self) -> Group:
         s = self.stats or Stats(t=0.0)
         width = self.content_size.width
-        mic = Text.assemble(("mic ", "dim"), ("  muted", "bold yellow")) if self.muted else level_bar("mic", s.mic_db, width)
+        if self.muted:
+            mic = Text.assemble(("mic ", "dim"), ("  muted", "bold yellow"))
+        else:
+            mic = level_bar("mic", s.mic_db, width)
         aec = Text("AEC  ", "dim")
         if self.stats is None:
             aec.append("--", "dim")

@@ -140,7 +140,8 @@ def render_pages() -> dict[str, str]:
     lines.append(".SH COMMANDS")
     for name in names:
         command = group.commands[name]
-        lines += [".TP", f"\\fB{code('moshi ' + name)}\\fR", f"{esc(_summary(command))}. See \\fB{code('moshi-' + name)}\\fR(1)."]
+        see = f"See \\fB{code('moshi-' + name)}\\fR(1)."
+        lines += [".TP", f"\\fB{code('moshi ' + name)}\\fR", f"{esc(_summary(command))}. {see}"]
     lines += _section("SETTINGS", paragraphs(SETTINGS) + [".nf\n" + esc(CONFIG_EXAMPLE.rstrip("\n")) + "\n.fi"])
     lines.append(".SH ENVIRONMENT")
     for var, what in ENVIRONMENT:
@@ -172,7 +173,8 @@ def main() -> int:
     pages = render_pages()
     existing = {p.name for p in args.out.glob("moshi*.1")} if args.out.is_dir() else set()
     if args.check:
-        stale = sorted(n for n, text in pages.items() if not (args.out / n).is_file() or (args.out / n).read_text() != text)
+        stale = sorted(n for n, text in pages.items()
+                       if not (args.out / n).is_file() or (args.out / n).read_text() != text)
         stale += sorted(existing - set(pages))
         if stale:
             print(f"man pages out of date: {', '.join(stale)}; run python scripts/make_man.py", file=sys.stderr)

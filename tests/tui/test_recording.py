@@ -32,7 +32,8 @@ def test_files_are_complete_during_and_after_the_conversation(tmp_path):
     rec.user_speech(3.5, False)
     rec.text(5.0, " Fine.")
     # still running: everything so far is on disk
-    assert (folder / "transcript.txt").read_text() == "[00:00] moshi: Hello there\n[00:03] (you spoke)\n[00:05] moshi: Fine."
+    expected = "[00:00] moshi: Hello there\n[00:03] (you spoke)\n[00:05] moshi: Fine."
+    assert (folder / "transcript.txt").read_text() == expected
     events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "speech", "speech"]
     assert events[0]["model"] == "tiny" and events[1] == {**events[1], "t": 3.0, "speaking": True}

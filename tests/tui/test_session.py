@@ -36,10 +36,11 @@ def one_thread_engine(monkeypatch):
 
 
 def _speech_file(path, seconds: float, seed: int = 0):
-    """A second of a vowel-like buzz with noise: something for the models to hear."""
+    """A buzz with a syllable rhythm and a little noise: something for the models to hear."""
     t = np.arange(int(seconds * SR)) / SR
     rng = np.random.default_rng(seed)
-    pcm = 0.3 * np.sign(np.sin(2 * np.pi * 140 * t)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(len(t))
+    buzz = np.sign(np.sin(2 * np.pi * 140 * t)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    pcm = 0.3 * buzz + 0.02 * rng.standard_normal(len(t))
     sf.write(path, pcm.astype(np.float32), SR)
     return path
 
