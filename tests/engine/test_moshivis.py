@@ -120,6 +120,16 @@ def test_tiny_checkpoint_has_the_official_layout(folders):
     assert {dtypes[k] for k in dtypes if not k.startswith("image_prefix.enc.")} == {torch.bfloat16}
 
 
+def test_a_repo_without_config_json_is_moshika_vis(folders):
+    """The official repo has no config.json: the architecture is Moshi 7B's plus SigLIP-448."""
+    info = CheckpointInfo.resolve(folders["vis"])
+    info.raw_config = None
+    cfg = MoshiVisConfig.from_checkpoint(info)
+    assert (cfg.lm.dim, cfg.lm.num_layers, cfg.lm.num_heads, cfg.lm.ffn_hidden, cfg.lm.text_card) == (
+        4096, 32, 32, 11264, 32000)
+    assert (cfg.vision.image_size, cfg.vision.num_layers, cfg.rms_norm, cfg.xa_start) == (448, 27, "mean_square", 16)
+
+
 def test_full_size_layout_and_adapter_size():
     """At full size (on the meta device): the spec's key names and shapes, and its ~206 M adapter weights."""
     cfg = MoshiVisConfig.moshika_vis()
@@ -148,7 +158,8 @@ def test_loads_with_the_shared_cross_attention_tied(folders, dtype):
              "llm.text_emb.weight": model.lm.text_emb.weight,
              "llm.transformer.layers.1.cross_attention.gate.alpha.2.weight":
                  model.lm.transformer.layers[1].cross_attention.gate.alpha[2].weight,
-             "image_prefix.enc.model.encoder.layers.1.mlp.fc2.weight": model.image_prefix.tower.encoder.layers[1].mlp.fc2.weight,
+             "image_prefix.enc.model.encoder.layers.1.mlp.fc2.weight":
+                 model.image_prefix.tower.encoder.layers[1].mlp.fc2.weight,
              "image_prefix.norm_xa.alpha": model.image_prefix.norm_xa.alpha,
              "llm.transformer.layers.0.cross_attention.mha.in_proj_weight":
                  model.lm.transformer.shared_cross_attention.in_proj_weight}

@@ -19,7 +19,7 @@ from engine.vision import (ImageError, ImagePrefix, SiglipTower, VisionConfig, i
                            random_image_prefix_state)
 
 SIZE = 448
-RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+RED, BLUE = (255, 0, 0), (0, 0, 255)
 
 
 def _photo(width, height, seed=0):
