@@ -83,3 +83,19 @@ def test_help(snap_compare):
         await pilot.press("question_mark")
 
     assert snap_compare(_app(conv), terminal_size=SIZE, run_before=run_before)
+
+
+def _live_scene(c):
+    c.go_live()
+    c.play(120, user_speaks_at=75)
+
+
+def test_live_chat_without_colour(snap_compare, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")  # read when the app is created
+    conv = ScriptedConversation()
+    assert snap_compare(_app(conv), terminal_size=SIZE, run_before=_scene(conv, _live_scene))
+
+
+def test_live_chat_in_a_large_terminal(snap_compare):
+    conv = ScriptedConversation()
+    assert snap_compare(_app(conv), terminal_size=(120, 36), run_before=_scene(conv, _live_scene))
