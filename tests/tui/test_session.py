@@ -130,3 +130,13 @@ async def test_killing_the_engine_mid_conversation(tmp_path, tiny, one_thread_en
     events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events[-2:]] == ["failed", "end"]
     assert events[-2]["reason"] == "the engine process was killed by SIGKILL"
+
+
+def test_the_tui_process_never_imports_torch():
+    """The model lives in the engine process; the TUI side stays light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moshi_tui.session, moshi_tui.app, engine.process\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
