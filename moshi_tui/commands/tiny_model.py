@@ -15,12 +15,14 @@ Examples:
   moshi tiny-model ./tiny && moshi chat --hf-repo ./tiny --input me.wav -o noise.wav
   moshi tiny-model ./tiny-stt --kind transcribe
   moshi transcribe --hf-repo ./tiny-stt talk.wav
+  moshi tiny-model ./tiny-vis --kind see && moshi see --hf-repo ./tiny-vis photo.jpg -i me.wav
 """
 
 
 class Kind(str, Enum):
     chat = "chat"
     transcribe = "transcribe"
+    see = "see"
 
 
 def register(app: typer.Typer) -> None:
@@ -30,7 +32,8 @@ def register(app: typer.Typer) -> None:
 
 def tiny_model(
     folder: Annotated[Path, typer.Argument(help="Where to write the checkpoint folder.")],
-    kind: Annotated[Kind, typer.Option("--kind", help="A conversation model or a speech-recognition one.")] = Kind.chat,
+    kind: Annotated[Kind, typer.Option(
+        "--kind", help="A conversation model, a speech-recognition one, or MoshiVis.")] = Kind.chat,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
 ) -> None:
     """Write a tiny checkpoint folder in the official layout, with random weights.
@@ -38,7 +41,12 @@ def tiny_model(
     It loads through the same code as the real models, but it has learnt nothing: it produces
     noise and gibberish, not speech. Use it to try the app and its pipeline offline.
     """
-    from engine.tiny import write_tiny_checkpoint
+    if kind is Kind.see:
+        from engine.moshivis import write_tiny_moshivis_checkpoint
 
-    path = write_tiny_checkpoint(folder, kind.value, seed)
+        path = write_tiny_moshivis_checkpoint(folder, seed)
+    else:
+        from engine.tiny import write_tiny_checkpoint
+
+        path = write_tiny_checkpoint(folder, kind.value, seed)
     typer.echo(f"wrote a tiny random {kind.value} model to {path} (it speaks noise, not words)")
