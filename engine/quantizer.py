@@ -4,8 +4,9 @@ Two RVQs quantise the same latent, each through its own 1×1 input projection: `
 holds the semantic codebook, ``rvq_rest`` the acoustic ones. The acoustic RVQ does not see the
 semantic residual. Decoding sums each RVQ's codewords before its own output projection.
 
-The operations (cdist then argmin, the residual kept as ``[B, D, T]``) follow the reference
-one for one, layouts included, so that near-ties between codewords resolve the same way.
+The nearest codeword is found with the very arithmetic of ``torch.cdist`` (which the reference
+calls) and the residual is kept as ``[B, D, T]`` as there, so that near-ties between codewords
+resolve the same way and the codes are bit-identical.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from torch import nn
 from .conv import Nested
 
 _MIN_USAGE = 1e-5
+# torch.cdist switches to its matrix-product formula above this many rows on either side.
+_CDIST_MM_MIN_ROWS = 26
 
 
 @dataclass
@@ -39,10 +42,27 @@ class Codebook(nn.Module):
         self.register_buffer("cluster_usage", torch.ones(bins))
         self.register_buffer("embedding_sum", torch.zeros(bins, dim))
         self.register_buffer("embedding", torch.zeros(bins, dim), persistent=False)
+        self.register_buffer("augmented", torch.zeros(1, bins, dim + 2), persistent=False)
 
     def refresh(self) -> None:
         """Recompute the codewords from the loaded sums (call after loading weights)."""
         self.embedding = self.embedding_sum / self.cluster_usage.clamp(min=_MIN_USAGE)[:, None]
+        # torch.cdist computes ‖x‖² − 2x·c + ‖c‖² as one product of augmented rows
+        # [−2x, ‖x‖², 1]·[c, 1, ‖c‖²]. The codebook's side, which cdist rebuilds on every call (most
+        # of its cost here), is built once, by the same operations, so the distances are the same bits.
+        embedding = self.embedding[None]
+        norms = embedding.pow(2).sum(-1, keepdim=True)
+        self.augmented = torch.cat([embedding, torch.ones_like(norms), norms], dim=-1)
+
+    def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Index of the closest codeword to each row of ``vectors [N, dim]``, as cdist + argmin gives it."""
+        if vectors.shape[0] < _CDIST_MM_MIN_ROWS and self.embedding.shape[0] < _CDIST_MM_MIN_ROWS:
+            return torch.cdist(vectors[None], self.embedding[None], p=2)[0].argmin(dim=-1)
+        x = vectors[None]
+        norms = x.pow(2).sum(-1, keepdim=True)
+        augmented = torch.cat([x.mul(-2), norms, torch.ones_like(norms)], dim=-1)
+        distances = augmented.matmul(self.augmented.mT).clamp_min_(0).sqrt_()
+        return distances[0].argmin(dim=-1)
 
 
 class ResidualVQ(nn.Module):
@@ -65,9 +85,7 @@ class ResidualVQ(nn.Module):
         B, D, T = residual.shape
         codes = []
         for codebook in self.codebooks[: self.n_q]:
-            vectors = residual.transpose(1, 2).reshape(-1, D)
-            distances = torch.cdist(vectors[None], codebook.embedding[None], p=2)[0]
-            code = distances.argmin(dim=-1).view(B, T)
+            code = codebook.nearest(residual.transpose(1, 2).reshape(-1, D)).view(B, T)
             residual = residual - F.embedding(code, codebook.embedding).transpose(1, 2)
             codes.append(code)
         return torch.stack(codes, dim=1)
