@@ -126,12 +126,13 @@ class _Runner:
     frame_size = FRAME_SIZE
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, models: Models):
+    def __init__(self, models: Models, batch_size: int = 1):
         self.models = models
         self.gen = LMGen(models.lm, models.sampling)
         self.device = models.lm.device
-        models.mimi.start_streaming(1)
-        self.gen.start_streaming(1)
+        self.batch_size = batch_size
+        models.mimi.start_streaming(batch_size)
+        self.gen.start_streaming(batch_size)
         self._first_frame = True
 
     def describe(self) -> dict[str, str]:
@@ -148,10 +149,11 @@ class _Runner:
         self.reset()
 
     def _encode(self, pcm: np.ndarray) -> torch.Tensor:
-        if pcm.shape != (FRAME_SIZE,):
-            raise ValueError(f"a frame is {FRAME_SIZE} samples, got shape {pcm.shape}")
-        wav = torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32)).to(self.device)[None, None]
-        return self.models.mimi.encode(wav)
+        """One frame (FRAME_SIZE,) with batch size 1, or one per slot (batch_size, FRAME_SIZE)."""
+        if pcm.shape != (FRAME_SIZE,) and pcm.shape != (self.batch_size, FRAME_SIZE):
+            raise ValueError(f"a frame is {FRAME_SIZE} samples per slot, got shape {pcm.shape}")
+        wav = torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32)).to(self.device)
+        return self.models.mimi.encode(wav.reshape(-1, 1, FRAME_SIZE))
 
     def _lm_step(self, codes: torch.Tensor):
         # `moshi-inference`'s convention: the model never sees its first input frame, so the first
@@ -188,15 +190,27 @@ class ChatRunner(_Runner):
         return StepOutput(out, self.models.piece(token), watch.done(), token=token)
 
 
+@dataclass
+class TextStep:
+    """One LM step over every slot of a batch."""
+
+    tokens: list[int]  # the text token of each slot
+    vad: list[list[float]] | None  # per slot, P(pause) over 0.5, 1, 2, 3 s; None without VAD heads
+
+
 class TranscribeRunner(_Runner):
-    """Streaming speech recognition: the user's frame in, at most one text piece out."""
+    """Streaming speech recognition: the user's frame in, at most one text piece out.
+
+    ``step`` serves one live stream (batch size 1). The batched file path drives the stages itself
+    (``encode``, ``lm_step``, ``reset_slots``) so that each slot can start a new input on its own.
+    """
 
     @classmethod
-    def load(cls, options: ModelOptions, progress: Progress | None = None) -> TranscribeRunner:
+    def load(cls, options: ModelOptions, progress: Progress | None = None, batch_size: int = 1) -> TranscribeRunner:
         models = load_models(options, "stt-1b-en_fr", progress)
         if models.lm.cfg.dep_q != 0:
             raise EngineError(f"{models.name} is a conversation model; use `moshi chat`")
-        return cls(models)
+        return cls(models, batch_size)
 
     @property
     def delay_seconds(self) -> float:
@@ -207,16 +221,42 @@ class TranscribeRunner(_Runner):
     def silence_prefix_seconds(self) -> float:
         return float(self.models.stt_config.get("audio_silence_prefix_seconds", 0.0))
 
+    @property
+    def has_vad(self) -> bool:
+        return len(self.models.lm.extra_heads) > 0
+
+    @torch.no_grad()
+    def encode(self, pcm: np.ndarray) -> torch.Tensor:
+        """Mimi codes [batch_size, n_q, 1] of one frame per slot ([batch_size, FRAME_SIZE])."""
+        return self._encode(pcm)
+
+    @torch.no_grad()
+    def lm_step(self, codes: torch.Tensor) -> TextStep:
+        """One LM step on these codes, without the first-frame double feed (the caller's business)."""
+        return self._text_step(self.gen.step_full(codes))
+
+    def reset_slots(self, slots: list[int]) -> None:
+        """Start these slots over (Mimi and LM), leaving the others where they are."""
+        mask = torch.zeros(self.batch_size, dtype=torch.bool)
+        mask[slots] = True
+        self.models.mimi.reset_streaming(mask)
+        self.gen.reset_streaming(mask)
+
+    def _text_step(self, out) -> TextStep:
+        vad = None
+        if self.has_vad:
+            # Element 0 of each head is the probability of a pause over its horizon.
+            heads = [torch.softmax(head(out.hidden), dim=-1)[:, 0, 0] for head in self.models.lm.extra_heads]
+            vad = torch.stack(heads, dim=1).float().tolist()
+        return TextStep(out.tokens[:, 0, 0].tolist(), vad)
+
     @torch.no_grad()
     def step(self, pcm: np.ndarray) -> StepOutput:
         watch = _Stopwatch(self.device)
         codes = self._encode(pcm)
         watch.lap("encode")
-        out = self._lm_step(codes)
-        vad = None
-        if len(self.models.lm.extra_heads):
-            # Element 0 of each head is the probability of a pause over its horizon.
-            vad = [float(torch.softmax(head(out.hidden), dim=-1)[0, 0, 0]) for head in self.models.lm.extra_heads]
-        token = int(out.tokens[0, 0, 0])
+        out = self._text_step(self._lm_step(codes))
         watch.lap("lm")
-        return StepOutput(None, self.models.piece(token), watch.done(), token=token, vad=vad)
+        token = out.tokens[0]
+        return StepOutput(None, self.models.piece(token), watch.done(), token=token,
+                          vad=out.vad[0] if out.vad else None)

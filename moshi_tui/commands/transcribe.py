@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .common import DeviceOption, DtypeOption, HfRepo, Seed, model_options, progress_to_stderr
+from .common import MODEL_PANEL, DeviceOption, DtypeOption, Seed, model_options, progress_to_stderr
 
 EPILOG = """\
 Examples:
 
 \b
-  moshi transcribe talk.mp3                       # words to stdout as they come
-  moshi transcribe --hf-repo stt-2.6b-en talk.wav # the larger English model
+  moshi transcribe talk.mp3                          # words to stdout as they come
+  moshi transcribe --model stt-2.6b-en talk.wav      # the larger English model
+  moshi transcribe *.wav -f srt -o subs/             # one subtitle file per input, in one batch
+  moshi transcribe talk.flac -f all -o out/ --stats  # txt, srt, vtt, json and jsonl
+  ffmpeg -i talk.m4a -f wav - | moshi transcribe -   # any stream ffmpeg or sox can write
+  arecord -f S16_LE -r 16000 | moshi transcribe - --raw --rate 16000
 """
+
+OUTPUT_PANEL = "Output"
+STDIN = "-"
+
+
+class OutputFormat(str, Enum):
+    txt = "txt"
+    srt = "srt"
+    vtt = "vtt"
+    json = "json"
+    jsonl = "jsonl"
+    all = "all"
 
 
 def register(app: typer.Typer) -> None:
@@ -24,37 +42,172 @@ def register(app: typer.Typer) -> None:
 
 
 def transcribe(
-    file: Annotated[Optional[Path], typer.Argument(
-        metavar="[FILE]", help="Audio file to transcribe (wav, flac, ogg or mp3, any rate).")] = None,
-    hf_repo: HfRepo = None,
+    inputs: Annotated[Optional[list[str]], typer.Argument(
+        metavar="[INPUT]...", show_default=False,
+        help="Audio files (wav, flac, ogg or mp3, any rate, any length), or - for standard input. "
+             "Several files are transcribed together, as one batch. None: the microphone.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", "--hf-repo", metavar="NAME_OR_FOLDER", rich_help_panel=MODEL_PANEL,
+        help="stt-1b-en_fr (English and French, 0.5 s delay), stt-1b-en_fr-vad (the same with end-of-turn "
+             "detection), stt-2.6b-en (English, 2.5 s delay), a Hugging Face repo id, or a local folder "
+             "[default: stt-1b-en_fr].")] = None,
+    no_tui: Annotated[bool, typer.Option(
+        "--no-tui", help="Microphone: print the words as they are recognised instead of the full-screen view.")] = False,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="Standard input is headerless 16-bit little-endian mono PCM (needs --rate).")] = False,
+    rate: Annotated[Optional[int], typer.Option(
+        "--rate", min=1, metavar="HZ", help="Sample rate of --raw input.")] = None,
+    output_format: Annotated[Optional[OutputFormat], typer.Option(
+        "--output-format", "-f", rich_help_panel=OUTPUT_PANEL, show_default=False,
+        help="txt (a line per segment), srt, vtt, json, jsonl, or all of them. Without --output-dir, a single "
+             "input's transcript goes to stdout [default: the words as they come; txt with --output-dir].")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(
+        "--output-dir", "-o", metavar="DIR", rich_help_panel=OUTPUT_PANEL,
+        help="Write one file per input and format here (INPUT-NAME.FORMAT), as the words arrive.")] = None,
+    max_line_width: Annotated[int, typer.Option(
+        "--max-line-width", min=1, metavar="CHARS", rich_help_panel=OUTPUT_PANEL,
+        help="SRT/VTT: longest subtitle line (a longer word gets a line of its own).")] = 42,
+    max_words_per_line: Annotated[int, typer.Option(
+        "--max-words-per-line", min=0, metavar="N", rich_help_panel=OUTPUT_PANEL,
+        help="SRT/VTT: most words in one subtitle line; 0 = no limit.")] = 0,
+    pause: Annotated[float, typer.Option(
+        "--pause", min=0.08, metavar="SECONDS", rich_help_panel=OUTPUT_PANEL,
+        help="A new segment starts after this much silence (and at a predicted end of turn, "
+             "with the VAD heads).")] = 1.0,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, metavar="N", rich_help_panel=MODEL_PANEL,
+        help="Inputs transcribed at once; a slot that finishes takes the next input.")] = 8,
+    stats: Annotated[bool, typer.Option(
+        "--stats", help="At the end, print the real-time factor, the model's delay and the frames processed.")] = False,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
     seed: Seed = None,
 ) -> None:
-    """Transcribe speech with Kyutai STT, printing words as the model recognises them."""
-    options = model_options(hf_repo, device, dtype, seed, None, None, None, None)
-    if file is None:
-        raise typer.BadParameter("live transcription needs the TUI, which is not wired yet; give a FILE",
-                                 param_hint="FILE")
-    run_headless_transcribe(file, options)
+    """Transcribe speech with Kyutai STT, with word timestamps, as the words are recognised.
+
+    Memory stays flat however long the input: files and streams are read block by block, and
+    output files are written while the words arrive, so an interrupted run (Ctrl-C) keeps
+    everything recognised so far.
+    """
+    options = model_options(model, device, dtype, seed, None, None, None, None)
+    inputs = inputs or []
+    if (raw or rate is not None) and inputs != [STDIN]:
+        raise typer.BadParameter("--raw and --rate read standard input: give - as the only INPUT", param_hint="--raw")
+    if raw != (rate is not None):
+        raise typer.BadParameter("--raw needs --rate HZ, and --rate only goes with --raw", param_hint="--rate")
+    if inputs.count(STDIN) > 1:
+        raise typer.BadParameter("standard input (-) can be read only once", param_hint="INPUT")
+    if not inputs:
+        run_live(options, no_tui)
+        return
+    formats = _formats(output_format, output_dir, len(inputs))
+    _run_files(inputs, options, formats, output_dir, rate, max_line_width, max_words_per_line, pause, batch_size,
+               stats)
 
 
-def run_headless_transcribe(file: Path, options) -> None:
-    import numpy as np
+def _formats(output_format: OutputFormat | None, output_dir: Path | None, count: int) -> list[str]:
+    from ..transcript_writers import FORMATS
 
-    from audio.files import read_audio
-    from engine.runner import FRAME_SIZE, SAMPLE_RATE, TranscribeRunner
+    if output_format is None:
+        return ["txt"] if output_dir is not None else []
+    formats = list(FORMATS) if output_format is OutputFormat.all else [output_format.value]
+    if output_dir is None and (len(formats) > 1 or count > 1):
+        raise typer.BadParameter("several transcripts cannot share stdout: add --output-dir DIR",
+                                 param_hint="--output-format")
+    return formats
 
-    pcm = read_audio(file)
-    runner = TranscribeRunner.load(options, progress=progress_to_stderr)
-    # As Kyutai's `moshi-inference`: the checkpoint's silence prefix, then delay + 1 s of silence
-    # so that the words still in flight (the model lags the audio by its delay) come out.
-    prefix = np.zeros(int(runner.silence_prefix_seconds * SAMPLE_RATE), dtype=np.float32)
-    suffix = np.zeros(int((runner.delay_seconds + 1.0) * SAMPLE_RATE), dtype=np.float32)
-    padded = np.concatenate([prefix, pcm, suffix])
-    for start in range(0, len(padded) - FRAME_SIZE + 1, FRAME_SIZE):
-        out = runner.step(padded[start:start + FRAME_SIZE])
-        if out.text:
-            sys.stdout.write(out.text)
-            sys.stdout.flush()
-    sys.stdout.write("\n")
+
+def _run_files(names: list[str], options, formats: list[str], output_dir: Path | None, rate: int | None,
+               max_line_width: int, max_words_per_line: int, pause: float, batch_size: int, stats: bool) -> None:
+    from engine.runner import TranscribeRunner
+    from engine.transcription import BatchTranscriber
+
+    from ..audio_input import file_input, stdin_input
+
+    # Every input is checked, and every output path decided, before the model loads.
+    inputs = [stdin_input(rate) if name == STDIN else file_input(name) for name in names]
+    targets = _output_paths([i.stem for i in inputs], formats, output_dir)
+    runner = TranscribeRunner.load(options, progress=progress_to_stderr, batch_size=min(batch_size, len(inputs)))
+    info = _model_info(runner, pause)
+
+    def jobs():
+        for source, paths in zip(inputs, targets):
+            yield source.open(), _listeners(source, paths, formats, info, len(inputs), max_line_width,
+                                            max_words_per_line)
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run = BatchTranscriber(runner, pause_seconds=pause).run(jobs())
+    except KeyboardInterrupt:
+        print("moshi: interrupted; the transcripts hold what was recognised so far", file=sys.stderr)
+        raise typer.Exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stats:
+        _print_stats(run, runner)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _output_paths(stems: list[str], formats: list[str], output_dir: Path | None) -> list[dict[str, Path | None]]:
+    from engine.errors import EngineError
+
+    if output_dir is None:
+        return [{fmt: None for fmt in formats} for _ in stems]
+    if output_dir.exists() and not output_dir.is_dir():
+        raise EngineError(f"--output-dir {output_dir} is a file, not a folder")
+    seen: dict[str, int] = {}
+    for stem in stems:
+        if stem in seen:
+            raise EngineError(f"two inputs are named {stem!r}: their transcripts would overwrite each other in "
+                              f"{output_dir}; transcribe them in separate runs")
+        seen[stem] = 1
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return [{fmt: output_dir / f"{stem}.{fmt}" for fmt in formats} for stem in stems]
+
+
+def _listeners(source, paths: dict, formats: list[str], info: dict, count: int, max_line_width: int,
+               max_words_per_line: int):
+    from engine.transcription import Listeners
+
+    from ..transcript_writers import PiecePrinter, open_writer
+
+    listeners = [open_writer(fmt, paths[fmt], sys.stdout, {"source": source.name, **info}, max_line_width,
+                             max_words_per_line) for fmt in formats]
+    to_stdout = any(path is None for path in paths.values())
+    if not to_stdout:
+        listeners.append(PiecePrinter(sys.stdout, source.name if count > 1 else None))
+    return Listeners(listeners)
+
+
+def _model_info(runner, pause: float) -> dict:
+    models = runner.models
+    return {
+        "model": {
+            "name": models.name,
+            "delay_seconds": runner.delay_seconds,
+            "silence_prefix_seconds": runner.silence_prefix_seconds,
+            "vad_heads": runner.has_vad,
+            "device": str(runner.device),
+            "dtype": str(models.lm.dtype).removeprefix("torch."),
+            "temp_text": models.sampling.temp_text,
+            "top_k_text": models.sampling.top_k_text,
+        },
+        "segmentation": {"pause_seconds": pause, "end_of_turn_threshold": 0.5 if runner.has_vad else None},
+    }
+
+
+def _print_stats(run, runner) -> None:
+    print(f"moshi: {run.audio_seconds:.1f} s of audio in {run.wall_seconds:.1f} s: real-time factor "
+          f"{run.real_time_factor:.3f} ({1 / run.real_time_factor:.1f}x real time); model delay "
+          f"{runner.delay_seconds:g} s, silence prefix {runner.silence_prefix_seconds:g} s; {run.frames} frames in "
+          f"{run.steps} steps of batch {runner.batch_size}", file=sys.stderr)
+
+
+def run_live(options, no_tui: bool) -> None:
+    """The microphone: the full-screen view, or words on stdout with --no-tui."""
+    from ..session import SessionOptions, run
+
+    run(SessionOptions(mode="transcribe", model=options, tui=not no_tui))
