@@ -6,6 +6,11 @@ Decode: RVQ codewords → depthwise stride-2 transposed conv (25 Hz) → transfo
 Outside ``with mimi.streaming(B):`` each call sees a whole signal; inside, calls continue one
 stream per batch slot, frame by frame. The encoder and the decoder keep separate states, so
 one instance can encode the microphone and decode the model's voice at the same time.
+
+Encoding runs the very kernels the reference runs, so the codes are bit-identical (a codeword
+near-tie can flip on a 1e-6 change of the latent). Decoding only has to sound the same: its
+weight-heavy products use the layouts MKL streams fastest, which round differently (audio within
+about 1e-6 of the reference).
 """
 
 from __future__ import annotations
@@ -151,12 +156,41 @@ def _check_fixed(group: str, values: dict[str, Any], fixed: dict[str, Any]) -> N
                                   f"(only {expected!r})")
 
 
-class ChannelsFirstTransformer(nn.Module):
-    """The transformer on SEANet's ``[B, C, T]`` layout (the reference's ``conv_layout``)."""
+class RowsLinear(nn.Linear):
+    """``nn.Linear`` computed as ``(W · xᵀ)ᵀ``.
 
-    def __init__(self, cfg: TransformerConfig):
+    With a few rows (2 per Mimi frame) the product is bound by reading W, and MKL reads it 2-3x
+    faster in this layout than in ``x · Wᵀ``, ``F.linear``'s. The sums round differently.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        y = torch.mm(self.weight, rows.t()).t().contiguous()
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def _use_rows_linears(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if type(child) is nn.Linear:
+            setattr(module, name, RowsLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                             device=child.weight.device, dtype=child.weight.dtype))
+        else:
+            _use_rows_linears(child)
+
+
+class ChannelsFirstTransformer(nn.Module):
+    """The transformer on SEANet's ``[B, C, T]`` layout (the reference's ``conv_layout``).
+
+    ``exact=False`` swaps its linears for ``RowsLinear`` (same parameters and key names).
+    """
+
+    def __init__(self, cfg: TransformerConfig, exact: bool = True):
         super().__init__()
         self.transformer = Transformer(cfg)
+        if not exact:
+            _use_rows_linears(self.transformer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.transformer(x.transpose(1, 2)).transpose(1, 2)
@@ -173,10 +207,10 @@ class Mimi(StreamingModule):
         self.frame_size = cfg.frame_size
         dim = cfg.seanet.dimension
         stride = cfg.frame_size // cfg.seanet.hop_length
-        self.encoder = SEANetEncoder(cfg.seanet)
-        self.decoder = SEANetDecoder(cfg.seanet)
-        self.encoder_transformer = ChannelsFirstTransformer(cfg.transformer)
-        self.decoder_transformer = ChannelsFirstTransformer(cfg.transformer)
+        self.encoder = SEANetEncoder(cfg.seanet, exact=True)
+        self.decoder = SEANetDecoder(cfg.seanet, exact=False)
+        self.encoder_transformer = ChannelsFirstTransformer(cfg.transformer, exact=True)
+        self.decoder_transformer = ChannelsFirstTransformer(cfg.transformer, exact=False)
         self.quantizer = SplitResidualVQ(cfg.quantizer)
         self.downsample = Nested("conv", StreamingConv1d(dim, dim, 2 * stride, stride, bias=False, replicate=True))
         # Depthwise: the released model was trained with this ("upsample_channel_wise_bug").

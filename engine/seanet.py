@@ -1,7 +1,8 @@
 """SEANet: Mimi's convolutional encoder (waveform → latent) and decoder (latent → waveform).
 
 The layers sit in one ``nn.Sequential`` called ``model`` whose indices, ELUs included, are the
-official checkpoint's (``encoder.model.3.conv.conv.weight``).
+official checkpoint's (``encoder.model.3.conv.conv.weight``). ``exact`` chooses the conv kernels
+(see ``conv.py``): the encoder's output decides the codes, so Mimi keeps it bit-exact.
 """
 
 from __future__ import annotations
@@ -38,37 +39,37 @@ class SEANetConfig:
 class ResidualBlock(nn.Module):
     """Pre-activation residual: ``x + conv_1(ELU(conv_k(ELU(x))))`` with an identity shortcut."""
 
-    def __init__(self, dim: int, kernel_size: int, dilation: int, compress: int):
+    def __init__(self, dim: int, kernel_size: int, dilation: int, compress: int, exact: bool):
         super().__init__()
         hidden = dim // compress
         self.block = nn.Sequential(
             nn.ELU(),
-            StreamingConv1d(dim, hidden, kernel_size, dilation=dilation),
+            StreamingConv1d(dim, hidden, kernel_size, dilation=dilation, exact=exact),
             nn.ELU(),
-            StreamingConv1d(hidden, dim, 1),
+            StreamingConv1d(hidden, dim, 1, exact=exact),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x)
 
 
-def _residual_blocks(cfg: SEANetConfig, dim: int) -> list[nn.Module]:
+def _residual_blocks(cfg: SEANetConfig, dim: int, exact: bool) -> list[nn.Module]:
     return [
-        ResidualBlock(dim, cfg.residual_kernel_size, cfg.dilation_base**j, cfg.compress)
+        ResidualBlock(dim, cfg.residual_kernel_size, cfg.dilation_base**j, cfg.compress, exact)
         for j in range(cfg.n_residual_layers)
     ]
 
 
 class SEANetEncoder(nn.Module):
-    def __init__(self, cfg: SEANetConfig):
+    def __init__(self, cfg: SEANetConfig, exact: bool = True):
         super().__init__()
         width = cfg.n_filters
-        layers: list[nn.Module] = [StreamingConv1d(cfg.channels, width, cfg.kernel_size)]
+        layers: list[nn.Module] = [StreamingConv1d(cfg.channels, width, cfg.kernel_size, exact=exact)]
         for ratio in reversed(cfg.ratios):
-            layers += _residual_blocks(cfg, width)
-            layers += [nn.ELU(), StreamingConv1d(width, 2 * width, 2 * ratio, stride=ratio)]
+            layers += _residual_blocks(cfg, width, exact)
+            layers += [nn.ELU(), StreamingConv1d(width, 2 * width, 2 * ratio, stride=ratio, exact=exact)]
             width *= 2
-        layers += [nn.ELU(), StreamingConv1d(width, cfg.dimension, cfg.last_kernel_size)]
+        layers += [nn.ELU(), StreamingConv1d(width, cfg.dimension, cfg.last_kernel_size, exact=exact)]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,15 +77,15 @@ class SEANetEncoder(nn.Module):
 
 
 class SEANetDecoder(nn.Module):
-    def __init__(self, cfg: SEANetConfig):
+    def __init__(self, cfg: SEANetConfig, exact: bool = True):
         super().__init__()
         width = cfg.n_filters * 2 ** len(cfg.ratios)
-        layers: list[nn.Module] = [StreamingConv1d(cfg.dimension, width, cfg.kernel_size)]
+        layers: list[nn.Module] = [StreamingConv1d(cfg.dimension, width, cfg.kernel_size, exact=exact)]
         for ratio in cfg.ratios:
-            layers += [nn.ELU(), StreamingConvTranspose1d(width, width // 2, 2 * ratio, stride=ratio)]
+            layers += [nn.ELU(), StreamingConvTranspose1d(width, width // 2, 2 * ratio, stride=ratio, exact=exact)]
             width //= 2
-            layers += _residual_blocks(cfg, width)
-        layers += [nn.ELU(), StreamingConv1d(width, cfg.channels, cfg.last_kernel_size)]
+            layers += _residual_blocks(cfg, width, exact)
+        layers += [nn.ELU(), StreamingConv1d(width, cfg.channels, cfg.last_kernel_size, exact=exact)]
         self.model = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
