@@ -10,9 +10,11 @@ seeks), so they are first copied to a temporary file. ``--raw`` reads headerless
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -27,6 +29,7 @@ from audio.resample import Resampler
 
 BLOCK_SECONDS = 1.0
 STDIN = "-"
+_EMPTY_STDIN = "standard input is empty: no audio came in"
 
 
 @dataclass
@@ -63,25 +66,46 @@ def _check_file(path: Path) -> None:
         raise AudioFileError(f"{path} is a directory, not an audio file")
     if path.stat().st_size == 0:
         raise AudioFileError(f"audio file is empty (0 bytes): {path}")
-    with _open_soundfile(path, str(path)) as f:
+    with _open_soundfile(path, f"audio file {path}") as f:
         if f.frames == 0:
             raise AudioFileError(f"audio file has no samples: {path}")
 
 
+# libsndfile's codes for "unknown format", and for an MP3 it cannot sync to, which it words as a
+# missing file (the file is there: it was checked before).
+_NOT_AUDIO_CODES = (1, 2, 7)
+
+
 def _open_soundfile(file, name: str) -> sf.SoundFile:
+    """``name``: what the messages call it ("audio file PATH", "standard input")."""
     try:
-        return sf.SoundFile(file)
+        with _quiet_stderr():  # libmpg123 prints its resync attempts on a broken MP3
+            return sf.SoundFile(file)
     except sf.LibsndfileError as exc:
         detail = exc.error_string.removeprefix("Error :").strip().rstrip(".")
-        if not detail or exc.code in (1, 2):  # libsndfile gives no reason for "unknown format"
+        if not detail or exc.code in _NOT_AUDIO_CODES:
             detail = f"not a readable {FORMATS} file"
-        raise AudioFileError(f"cannot decode audio file {name}: {detail}") from exc
+        raise AudioFileError(f"cannot decode {name}: {detail}") from exc
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise AudioFileError(f"cannot decode audio file {name}: {exc}") from exc
+        raise AudioFileError(f"cannot decode {name}: {exc}") from exc
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence what C libraries write to file descriptor 2 (Python's own stderr is left alone)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _file_blocks(file, name: str | None = None) -> Iterator[np.ndarray]:
-    name = name or str(file)
+    name = name or f"audio file {file}"
     with _open_soundfile(file, name) as f:
         rate = f.samplerate
 
@@ -90,7 +114,7 @@ def _file_blocks(file, name: str | None = None) -> Iterator[np.ndarray]:
                 for block in f.blocks(int(rate * BLOCK_SECONDS), dtype="float32", always_2d=True):
                     yield block.mean(axis=1)
             except (sf.LibsndfileError, RuntimeError) as exc:
-                raise AudioFileError(f"cannot decode audio file {name}: {exc}") from exc
+                raise AudioFileError(f"cannot decode {name}: {exc}") from exc
 
         yield from _to_24k(mono(), rate)
 
@@ -146,8 +170,12 @@ def _read(source: BinaryIO, size: int) -> bytes:
 
 
 def _stream_blocks(source: BinaryIO) -> Iterator[np.ndarray]:
-    if _seekable(source):
-        yield from _file_blocks(source, "<stdin>")
+    if _seekable(source):  # redirected from a file
+        start = source.tell()
+        if source.seek(0, os.SEEK_END) == start:
+            raise AudioFileError(_EMPTY_STDIN)
+        source.seek(start)
+        yield from _file_blocks(source, "standard input")
         return
     head = _read_exactly(source, 12)
     if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
@@ -159,9 +187,9 @@ def _stream_blocks(source: BinaryIO) -> Iterator[np.ndarray]:
         while chunk := source.read(1 << 20):
             spool.write(chunk)
         if spool.tell() == 0:
-            raise AudioFileError("standard input is empty: no audio came through the pipe")
+            raise AudioFileError(_EMPTY_STDIN)
         spool.seek(0)
-        yield from _file_blocks(spool, "<stdin>")
+        yield from _file_blocks(spool, "standard input")
 
 
 def _seekable(source: BinaryIO) -> bool:
