@@ -26,10 +26,11 @@ from torch import nn
 
 from .conv import Nested, StreamingConv1d, StreamingConvTranspose1d
 from .errors import CheckpointError, EngineError
+from .mimi_transformer import MimiTransformer
 from .quantizer import Codebook, QuantizerConfig, SplitResidualVQ
 from .seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
 from .streaming import StreamingModule
-from .transformer import Attention, LayerScale, Transformer, TransformerConfig
+from .transformer import Attention, LayerScale, TransformerConfig
 from .weights import load_weights, read_safetensors
 
 # The only values our modules implement, as spelled in the reference's config dicts.
@@ -156,46 +157,6 @@ def _check_fixed(group: str, values: dict[str, Any], fixed: dict[str, Any]) -> N
                                   f"(only {expected!r})")
 
 
-class RowsLinear(nn.Linear):
-    """``nn.Linear`` computed as ``(W · xᵀ)ᵀ``.
-
-    With a few rows (2 per Mimi frame) the product is bound by reading W, and MKL reads it 2-3x
-    faster in this layout than in ``x · Wᵀ``, ``F.linear``'s. The sums round differently.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).contiguous()
-        y = torch.mm(self.weight, rows.t()).t().contiguous()
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.out_features)
-
-
-def _use_rows_linears(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if type(child) is nn.Linear:
-            setattr(module, name, RowsLinear(child.in_features, child.out_features, bias=child.bias is not None,
-                                             device=child.weight.device, dtype=child.weight.dtype))
-        else:
-            _use_rows_linears(child)
-
-
-class ChannelsFirstTransformer(nn.Module):
-    """The transformer on SEANet's ``[B, C, T]`` layout (the reference's ``conv_layout``).
-
-    ``exact=False`` swaps its linears for ``RowsLinear`` (same parameters and key names).
-    """
-
-    def __init__(self, cfg: TransformerConfig, exact: bool = True):
-        super().__init__()
-        self.transformer = Transformer(cfg)
-        if not exact:
-            _use_rows_linears(self.transformer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transformer(x.transpose(1, 2)).transpose(1, 2)
-
-
 class Mimi(StreamingModule):
     def __init__(self, cfg: MimiConfig):
         super().__init__()
@@ -209,8 +170,8 @@ class Mimi(StreamingModule):
         stride = cfg.frame_size // cfg.seanet.hop_length
         self.encoder = SEANetEncoder(cfg.seanet, exact=True)
         self.decoder = SEANetDecoder(cfg.seanet, exact=False)
-        self.encoder_transformer = ChannelsFirstTransformer(cfg.transformer, exact=True)
-        self.decoder_transformer = ChannelsFirstTransformer(cfg.transformer, exact=False)
+        self.encoder_transformer = MimiTransformer(cfg.transformer, exact=True)
+        self.decoder_transformer = MimiTransformer(cfg.transformer, exact=False)
         self.quantizer = SplitResidualVQ(cfg.quantizer)
         self.downsample = Nested("conv", StreamingConv1d(dim, dim, 2 * stride, stride, bias=False, replicate=True))
         # Depthwise: the released model was trained with this ("upsample_channel_wise_bug").

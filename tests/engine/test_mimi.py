@@ -16,6 +16,7 @@ import soundfile
 import torch
 from safetensors.torch import save_file
 
+from engine.conv import conv1d_matmul, conv_transpose1d_matmul
 from engine.errors import CheckpointError, EngineError
 from engine.mimi import MimiConfig, load_mimi, random_mimi_state
 
@@ -227,3 +228,53 @@ def test_streaming_encode_takes_whole_frames_only(tiny):
         assert mimi.encode(torch.zeros(1, 1, 2 * FRAME)).shape == (1, 8, 2)
     with pytest.raises(EngineError, match="codebooks"):
         mimi.set_num_codebooks(33)
+
+
+@torch.no_grad()
+def test_mimi_transformer_step_is_the_shared_transformer(tiny):
+    """Exact: the same bits as ``transformer.py`` (streaming past the ring wrap, a reset slot, batch).
+    Fast (the decoder's): the same values up to float rounding."""
+    config, path = tiny
+    mimi, shared = load_mimi(path, config), load_mimi(path, config)
+    generator = torch.Generator().manual_seed(8)
+    worst = 0.0
+    with mimi.streaming(2), shared.streaming(2):
+        for step in range(140):  # 280 transformer steps: the 250-slot ring wraps
+            if step == 70:
+                mimi.reset_streaming(torch.tensor([False, True]))
+                shared.reset_streaming(torch.tensor([False, True]))
+            x = torch.randn(2, config.transformer.dim, 2, generator=generator)
+            for name in ("encoder_transformer", "decoder_transformer"):
+                ours = getattr(mimi, name)(x)
+                expected = getattr(shared, name).transformer(x.transpose(1, 2)).transpose(1, 2)
+                if name == "encoder_transformer":
+                    assert torch.equal(ours, expected), f"step {step}"
+                else:
+                    worst = max(worst, ((ours - expected).abs().max() / expected.abs().max()).item())
+    assert worst < 1e-5
+    x = torch.randn(2, config.transformer.dim, 30, generator=generator)
+    assert torch.equal(mimi.encoder_transformer(x), shared.encoder_transformer.transformer(x.transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("kernel,stride,dilation", [(7, 1, 1), (3, 1, 2), (16, 8, 1), (1, 1, 1)])
+def test_conv_as_matrix_product_matches_the_conv_kernel(kernel, stride, dilation):
+    generator = torch.Generator().manual_seed(kernel)
+    conv = torch.nn.Conv1d(48, 40, kernel, stride, dilation=dilation)
+    x = torch.randn(3, 48, (kernel - 1) * dilation + 1 + 4 * stride - stride, generator=generator)
+    with torch.no_grad():
+        expected = conv(x)
+        ours = conv1d_matmul(x, conv)
+    assert ours.shape == expected.shape == (3, 40, 4)
+    assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("kernel,stride", [(16, 8), (4, 2), (3, 1)])
+def test_transposed_conv_as_matrix_product_matches_the_kernel(kernel, stride):
+    generator = torch.Generator().manual_seed(kernel)
+    convtr = torch.nn.ConvTranspose1d(48, 40, kernel, stride)
+    x = torch.randn(3, 48, 5, generator=generator)
+    with torch.no_grad():
+        expected = convtr(x)
+        ours = conv_transpose1d_matmul(x, convtr)
+    assert ours.shape == expected.shape == (3, 40, 4 * stride + kernel)
+    assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
