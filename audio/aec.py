@@ -141,8 +141,11 @@ class EchoSuppressor:
                 # microphone does (they are level with the echo there), so both must agree.
                 if out_ratio < near * self.coupling.value:
                     self.coupling.learn(out_ratio, step)
-                self.mic_power += 0.05 * (_power(mic) - self.mic_power)
-                self.out_power += 0.05 * (residual * gain**2 - self.out_power)
+                # The attenuation is averaged with a looser gate, so that the residual's own
+                # ups and downs count, but the user talking (far above the residual) does not.
+                if out_ratio < near**2 * self.coupling.value:
+                    self.mic_power += 0.05 * (_power(mic) - self.mic_power)
+                    self.out_power += 0.05 * (residual * gain**2 - self.out_power)
         ramp = np.linspace(self._gain, gain, len(out), endpoint=False, dtype=np.float32)  # no steps
         self._gain = gain
         return out * ramp

@@ -25,12 +25,19 @@ class WavWriter:
         self.path = Path(path)
         self.sample_rate, self.channels = sample_rate, channels
         self.frames_written = 0
+        self._data_bytes = 0
         try:
             self._file = open(self.path, "wb", buffering=0)
         except OSError as exc:
-            raise AudioFileError(f"cannot write recording {self.path}: {exc.strerror}") from exc
-        self._data_bytes = 0
-        self._file.write(self._header())
+            raise self._error(exc) from exc
+        try:
+            self._file.write(self._header())
+        except OSError as exc:
+            self._file.close()
+            raise self._error(exc) from exc
+
+    def _error(self, exc: OSError) -> AudioFileError:
+        return AudioFileError(f"cannot write recording {self.path}: {exc.strerror or exc}")
 
     def _header(self) -> bytes:
         block_align = 2 * self.channels
@@ -55,12 +62,15 @@ class WavWriter:
             os.pwrite(self._file.fileno(), struct.pack("<I", _HEADER_SIZE - 8 + self._data_bytes), 4)
             os.pwrite(self._file.fileno(), struct.pack("<I", self._data_bytes), 40)
         except OSError as exc:
-            raise AudioFileError(f"cannot write recording {self.path}: {exc.strerror}") from exc
+            raise self._error(exc) from exc
         self.frames_written += len(samples)
 
     def close(self) -> None:
         if not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as exc:
+                raise self._error(exc) from exc
 
     def __enter__(self) -> WavWriter:
         return self

@@ -77,3 +77,8 @@ def test_clips_instead_of_wrapping(tmp_path):
 def test_unwritable_path(tmp_path):
     with pytest.raises(AudioFileError, match="cannot write recording"):
         WavWriter(tmp_path / "missing-dir" / "r.wav", 24000)
+
+
+def test_full_disk_is_a_clear_error():
+    with pytest.raises(AudioFileError, match="cannot write recording /dev/full: No space left"):
+        WavWriter("/dev/full", 24000)
