@@ -8,7 +8,7 @@ come out, and only whole 1920-sample frames. The model never sees the first fram
 Words follow the published formula (DSM ``tokens_to_timestamped_text``, stt.md §3.4): the text
 between two end-of-padding tokens is one word, or several split by their token counts; token
 position p is at time ``p / 12.5 - (silence prefix + delay)``; a word ends where the next boundary
-is; the last one ends at EOS, else one second after it starts, else at the end of the stream.
+is; the last one ends at EOS, else at the end of the stream but at most one second after it starts.
 
 Segments break where the model stops writing for ``pause_seconds`` or more, and, with the
 semantic VAD heads, where it predicted the end of the turn (P(pause within 2 s) > 0.5) in between.
@@ -254,7 +254,7 @@ class _Slot:
     frames: Iterator[np.ndarray]
     words: WordAssembler
     audio_samples: int = 0
-    codes: object = None  # the codes of the frame read last step, which the LM reads this step
+    codes: object = None  # torch.Tensor: the codes of the frame read last step, which the LM reads this step
     fresh: bool = True  # its first LM step reads only initial tokens; the output is dropped
     draining: bool = False  # input exhausted: one more step gives the last frame's token
 
@@ -284,6 +284,7 @@ class BatchTranscriber:
                 self._step(slots, stats)
                 for i, slot in enumerate(slots):
                     if slot is not None and slot.draining and not slot.fresh:
+                        slots[i] = None
                         self._finish(slot, True, stats)
                         slots[i] = self._take(queue)
                         if slots[i] is not None:

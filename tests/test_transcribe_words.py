@@ -192,3 +192,22 @@ def test_segment_text_and_times():
     words = [Word("Hello", 0.5, 0.9), Word("world.", 0.9, 1.6)]
     segment = Segment(words, "end")
     assert (segment.text, segment.start, segment.end) == ("Hello world.", 0.5, 1.6)
+
+
+def test_live_source_is_transcribed_until_it_ends(folders, tmp_path):
+    """`--no-tui` from a session source (here a file, read as the microphone would be)."""
+    import soundfile
+
+    from moshi_tui.commands.transcribe import transcribe_source
+    from moshi_tui.session import FileSource
+
+    pcm = noise(3.1, seed=7)
+    path = tmp_path / "mic.wav"
+    soundfile.write(path, pcm, 24000, subtype="FLOAT")
+    (batch,), _, _ = _transcribe(folders["1b"], [pcm], batch_size=1)
+    runner = TranscribeRunner.load(ModelOptions(hf_repo=str(folders["1b"])))
+    live = Recorder()
+    transcribe_source(FileSource(path, realtime=False), LiveTranscriber(runner, live))
+    # The source adds seconds of silence of its own: the batch run's tokens come first, then more padding.
+    assert live.tokens[:len(batch.tokens)] == batch.tokens and len(live.tokens) > len(batch.tokens)
+    assert live.ended[0] is True and live.ended[1] > 3.1

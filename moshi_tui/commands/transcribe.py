@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
 def transcribe(
     inputs: Annotated[Optional[list[str]], typer.Argument(
-        metavar="[INPUT]...", show_default=False,
+        metavar="INPUT", show_default=False,
         help="Audio files (wav, flac, ogg or mp3, any rate, any length), or - for standard input. "
              "Several files are transcribed together, as one batch. None: the microphone.")] = None,
     model: Annotated[Optional[str], typer.Option(
@@ -52,7 +52,7 @@ def transcribe(
              "detection), stt-2.6b-en (English, 2.5 s delay), a Hugging Face repo id, or a local folder "
              "[default: stt-1b-en_fr].")] = None,
     no_tui: Annotated[bool, typer.Option(
-        "--no-tui", help="Microphone: print the words as they are recognised instead of the full-screen view.")] = False,
+        "--no-tui", help="Microphone: the words on stdout as they are recognised, not the full-screen view.")] = False,
     raw: Annotated[bool, typer.Option(
         "--raw", help="Standard input is headerless 16-bit little-endian mono PCM (needs --rate).")] = False,
     rate: Annotated[Optional[int], typer.Option(
@@ -97,10 +97,10 @@ def transcribe(
         raise typer.BadParameter("--raw needs --rate HZ, and --rate only goes with --raw", param_hint="--rate")
     if inputs.count(STDIN) > 1:
         raise typer.BadParameter("standard input (-) can be read only once", param_hint="INPUT")
+    formats = _formats(output_format, output_dir, max(len(inputs), 1))
     if not inputs:
-        run_live(options, no_tui)
+        _run_live(options, no_tui, formats, output_dir, max_line_width, max_words_per_line, pause, stats)
         return
-    formats = _formats(output_format, output_dir, len(inputs))
     _run_files(inputs, options, formats, output_dir, rate, max_line_width, max_words_per_line, pause, batch_size,
                stats)
 
@@ -132,7 +132,7 @@ def _run_files(names: list[str], options, formats: list[str], output_dir: Path |
 
     def jobs():
         for source, paths in zip(inputs, targets):
-            yield source.open(), _listeners(source, paths, formats, info, len(inputs), max_line_width,
+            yield source.open(), _listeners(source.name, paths, formats, info, len(inputs), max_line_width,
                                             max_words_per_line)
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -158,31 +158,31 @@ def _output_paths(stems: list[str], formats: list[str], output_dir: Path | None)
         return [{fmt: None for fmt in formats} for _ in stems]
     if output_dir.exists() and not output_dir.is_dir():
         raise EngineError(f"--output-dir {output_dir} is a file, not a folder")
-    seen: dict[str, int] = {}
     for stem in stems:
-        if stem in seen:
+        if stems.count(stem) > 1:
             raise EngineError(f"two inputs are named {stem!r}: their transcripts would overwrite each other in "
                               f"{output_dir}; transcribe them in separate runs")
-        seen[stem] = 1
     output_dir.mkdir(parents=True, exist_ok=True)
     return [{fmt: output_dir / f"{stem}.{fmt}" for fmt in formats} for stem in stems]
 
 
-def _listeners(source, paths: dict, formats: list[str], info: dict, count: int, max_line_width: int,
+def _listeners(name: str, paths: dict, formats: list[str], info: dict, count: int, max_line_width: int,
                max_words_per_line: int):
     from engine.transcription import Listeners
 
     from ..transcript_writers import PiecePrinter, open_writer
 
-    listeners = [open_writer(fmt, paths[fmt], sys.stdout, {"source": source.name, **info}, max_line_width,
+    listeners = [open_writer(fmt, paths[fmt], sys.stdout, {"source": name, **info}, max_line_width,
                              max_words_per_line) for fmt in formats]
     to_stdout = any(path is None for path in paths.values())
     if not to_stdout:
-        listeners.append(PiecePrinter(sys.stdout, source.name if count > 1 else None))
+        listeners.append(PiecePrinter(sys.stdout, name if count > 1 else None))
     return Listeners(listeners)
 
 
 def _model_info(runner, pause: float) -> dict:
+    from engine.transcription import END_OF_TURN_THRESHOLD
+
     models = runner.models
     return {
         "model": {
@@ -195,19 +195,58 @@ def _model_info(runner, pause: float) -> dict:
             "temp_text": models.sampling.temp_text,
             "top_k_text": models.sampling.top_k_text,
         },
-        "segmentation": {"pause_seconds": pause, "end_of_turn_threshold": 0.5 if runner.has_vad else None},
+        "segmentation": {"pause_seconds": pause,
+                         "end_of_turn_threshold": END_OF_TURN_THRESHOLD if runner.has_vad else None},
     }
 
 
 def _print_stats(run, runner) -> None:
+    speed = f"{1 / run.real_time_factor:.1f}x" if run.real_time_factor > 0 else "?"
     print(f"moshi: {run.audio_seconds:.1f} s of audio in {run.wall_seconds:.1f} s: real-time factor "
-          f"{run.real_time_factor:.3f} ({1 / run.real_time_factor:.1f}x real time); model delay "
+          f"{run.real_time_factor:.3f} ({speed} real time); model delay "
           f"{runner.delay_seconds:g} s, silence prefix {runner.silence_prefix_seconds:g} s; {run.frames} frames in "
           f"{run.steps} steps of batch {runner.batch_size}", file=sys.stderr)
 
 
-def run_live(options, no_tui: bool) -> None:
-    """The microphone: the full-screen view, or words on stdout with --no-tui."""
-    from ..session import SessionOptions, run
+def _run_live(options, no_tui: bool, formats: list[str], output_dir: Path | None, max_line_width: int,
+              max_words_per_line: int, pause: float, stats: bool) -> None:
+    """The microphone: the full-screen view, or with --no-tui the words on stdout (and in files)."""
+    from ..session import SessionOptions, open_source, run
 
-    run(SessionOptions(mode="transcribe", model=options, tui=not no_tui))
+    session = SessionOptions(mode="transcribe", model=options, tui=not no_tui)
+    if not no_tui:
+        if formats:
+            raise typer.BadParameter("the full-screen view saves its own transcript; add --no-tui to write "
+                                     "--output-format files from the microphone", param_hint="--output-format")
+        run(session)
+        return
+    from engine.runner import TranscribeRunner
+    from engine.transcription import LiveTranscriber
+
+    source = open_source(session)  # a missing or busy device fails here, before the model loads
+    try:
+        paths = _output_paths(["microphone"], formats, output_dir)[0]
+        runner = TranscribeRunner.load(options, progress=progress_to_stderr)
+        live = LiveTranscriber(runner, _listeners("microphone", paths, formats, _model_info(runner, pause), 1,
+                                                  max_line_width, max_words_per_line), pause)
+        print("moshi: listening (Ctrl-C ends it)", file=sys.stderr, flush=True)
+        transcribe_source(source, live)
+    finally:
+        source.close()
+    if stats:
+        _print_stats(live.stats, runner)
+
+
+def transcribe_source(source, live) -> None:
+    """Frames from a live source until it ends or Ctrl-C, then the words still in flight."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while not source.finished:
+            frame = source.read(timeout=0.1)
+            if frame is not None:
+                live.push(frame)
+    except KeyboardInterrupt:
+        pass  # the usual way to end a live transcription
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    live.finish()
