@@ -80,7 +80,7 @@ def _open_soundfile(file, name: str) -> sf.SoundFile:
     """``name``: what the messages call it ("audio file PATH", "standard input")."""
     try:
         with _quiet_stderr():  # libmpg123 prints its resync attempts on a broken MP3
-            return sf.SoundFile(file)
+            return _FrontToBackSoundFile(file)
     except sf.LibsndfileError as exc:
         detail = exc.error_string.removeprefix("Error :").strip().rstrip(".")
         if not detail or exc.code in _NOT_AUDIO_CODES:
@@ -104,15 +104,24 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+class _FrontToBackSoundFile(sf.SoundFile):
+    """soundfile moves the file position back into place after every read of a seekable file;
+    that seek resets libsndfile's MP3 decoder, and MPEG-2 files (16 to 24 kHz) come out garbled
+    from the second block on. Reading front to back needs no seek."""
+
+    def seekable(self) -> bool:
+        return False
+
+
 def _file_blocks(file, name: str | None = None) -> Iterator[np.ndarray]:
     name = name or f"audio file {file}"
     with _open_soundfile(file, name) as f:
-        rate = f.samplerate
+        rate, block = f.samplerate, np.empty((int(f.samplerate * BLOCK_SECONDS), f.channels), np.float32)
 
         def mono() -> Iterator[np.ndarray]:
             try:
-                for block in f.blocks(int(rate * BLOCK_SECONDS), dtype="float32", always_2d=True):
-                    yield block.mean(axis=1)
+                while len(data := f.read(len(block), always_2d=True, out=block)):
+                    yield data.mean(axis=1)
             except (sf.LibsndfileError, RuntimeError) as exc:
                 raise AudioFileError(f"cannot decode {name}: {exc}") from exc
 
