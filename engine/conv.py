@@ -9,8 +9,8 @@ A streaming call has few output steps (2 for Mimi's heaviest layers), so a conv 
 matrix-vector product whose cost is reading its weight, and PyTorch's conv kernels read it slowly
 (3-4 GB/s here; 33 ms for the decoder's 33 MB transposed conv). With ``exact=False`` such calls
 are computed as one matrix product that MKL streams 3-10x faster. The sums then round
-differently (about 1e-6 relative), so only modules whose output need not be bit-identical to the
-reference (the decoder) use it; ``exact=True`` keeps the kernels the reference calls.
+differently (about 1e-6 relative), so Mimi uses it where the output need not be bit-identical
+to the reference (decoding); ``exact=True`` keeps the kernels the reference calls.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ By default encoding runs the very kernels the reference runs, so the codes are b
 (a codeword near-tie flips on a 1e-6 change of the latent). Decoding only has to sound the same:
 its weight-heavy products use the layouts MKL streams fastest, which round differently (audio
 within about 1e-5 of the reference). ``exact_codes=False`` lets encoding use them too: about
-1.7x faster, but then a near-tie flips a code about once in 1500 frames (32 codebooks).
+1.6x faster, but near-ties then flip codes now and then (measured: 1 frame in 3000 differed,
+at codebook 17 of 32, none in the first 8).
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ directly. The modules, key names and streaming states stay those of ``transforme
 
 With ``exact=True`` every operation is one that ``transformer.py`` performs (itself operation for
 operation the reference's), on the same shapes and layouts, so the output is the same bits and
-the codes stay identical. ``exact=False`` (the decoder) computes the linears as ``W · xᵀ``.
+the codes stay identical. ``exact=False`` (decoding, or encoding with ``exact_codes=False``)
+computes the linears as ``W · xᵀ``. Mimi runs in fp32, so the reference's casts to fp32 and
+back around RoPE are no-ops and are left out.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transformer import Transformer, TransformerConfig, TransformerLayer
+from .transformer import KVCacheState, Transformer, TransformerConfig, TransformerLayer
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` computed as ``(W · xᵀ)ᵀ``.
 
     With a few rows (2 per Mimi frame) the product is bound by reading W, and MKL reads it 2-3x
-    faster in this layout than in ``F.linear``'s ``x · Wᵀ``. The sums round differently (1e-7).
+    faster in this layout than in ``F.linear``'s ``x · Wᵀ``. The sums round differently (about 1e-7
+relative).
     """
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     return torch.mm(weight, rows.t()).t().reshape(*x.shape[:-1], weight.shape[0])
@@ -73,9 +76,14 @@ class MimiTransformer(nn.Module):
             written = offset.view(-1, 1) + steps
             slots = (written % ring.capacity).view(B, 1, T, 1).expand(-1, cfg.num_heads, T, cfg.head_dim)
             pos_k = self._ring_positions(offset, T, ring.capacity)
+        # As in Attention.forward: a key is visible once written, if not in the query's future
+        # and less than ``context`` steps behind it.
         pos_q = offset.view(-1, 1, 1) + steps.view(-1, 1)
         delta = pos_q - pos_k[:, None]
-        mask = ((pos_k[:, None] >= 0) & (delta >= 0) & (delta < cfg.context))[:, None]
+        mask = (pos_k[:, None] >= 0) & (delta >= 0)
+        if cfg.context is not None:
+            mask = mask & (delta < cfg.context)
+        mask = mask[:, None]
 
         x = x.transpose(1, 2)
         for layer, cache in zip(layers, caches):
@@ -96,7 +104,7 @@ class MimiTransformer(nn.Module):
         return torch.where(slots >= offset.view(-1, 1) + steps, -1, positions)
 
     def _layer(self, layer: TransformerLayer, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor],
-               cache, slots: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+               cache: KVCacheState | None, slots: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         cfg = self.transformer.cfg
         linear = self.linear
         B, T, C = x.shape
@@ -113,7 +121,7 @@ class MimiTransformer(nn.Module):
             keys, values = cache.cache[0], cache.cache[1]
         out = F.scaled_dot_product_attention(q, keys, values, mask, dropout_p=0.0)
         update = linear(out.transpose(1, 2).reshape(B, T, C), attn.out_projs[0].weight)
-        x = x + layer.layer_scale_1.scale * update
+        x = x + (layer.layer_scale_1.scale * update if cfg.layer_scale else update)
         h = F.layer_norm(x, (C,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
         update = linear(F.gelu(linear(h, layer.linear1.weight)), layer.linear2.weight)
-        return x + layer.layer_scale_2.scale * update
+        return x + (layer.layer_scale_2.scale * update if cfg.layer_scale else update)

@@ -2,7 +2,7 @@
 
 The layers sit in one ``nn.Sequential`` called ``model`` whose indices, ELUs included, are the
 official checkpoint's (``encoder.model.3.conv.conv.weight``). ``exact`` chooses the conv kernels
-(see ``conv.py``): the encoder's output decides the codes, so Mimi keeps it bit-exact.
+(see ``conv.py``): the encoder's output decides the codes, so Mimi keeps it bit-exact by default.
 """
 
 from __future__ import annotations
