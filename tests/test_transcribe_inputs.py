@@ -53,10 +53,13 @@ def _through_pipe(path, **kwargs):
     data = path.read_bytes()
 
     def feed():
-        with os.fdopen(write_fd, "wb") as pipe:
-            for i in range(0, len(data), 4093):
-                pipe.write(data[i:i + 4093])
-                pipe.flush()
+        try:
+            with os.fdopen(write_fd, "wb") as pipe:
+                for i in range(0, len(data), 4093):
+                    pipe.write(data[i:i + 4093])
+                    pipe.flush()
+        except BrokenPipeError:
+            pass  # the reader gave up on a stream it cannot decode
 
     writer = threading.Thread(target=feed)
     writer.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from enum import Enum
@@ -162,7 +163,12 @@ def _output_paths(stems: list[str], formats: list[str], output_dir: Path | None)
         if stems.count(stem) > 1:
             raise EngineError(f"two inputs are named {stem!r}: their transcripts would overwrite each other in "
                               f"{output_dir}; transcribe them in separate runs")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EngineError(f"cannot create --output-dir {output_dir}: {exc.strerror}") from exc
+    if not os.access(output_dir, os.W_OK):
+        raise EngineError(f"cannot write in --output-dir {output_dir}: permission denied")
     return [{fmt: output_dir / f"{stem}.{fmt}" for fmt in formats} for stem in stems]
 
 
