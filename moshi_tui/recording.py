@@ -2,8 +2,10 @@
 
 In its own folder (``<data dir>/sessions/<time>-<mode>/`` or ``--record DIR/<time>-<mode>/``):
 
-- ``audio.wav``: chat: stereo, the user left and Moshi right, frame-aligned as the model heard
-  and answered them; transcribe: the user, mono. Valid at every moment (the audio layer's writer).
+- ``audio.wav``: chat: stereo, the user left and Moshi right; transcribe: the user. From a file,
+  written here frame-aligned as the model heard and answered; from the microphone, the audio
+  layer records it in real time (what was heard after echo cancellation, and what played).
+  Valid at every moment (the audio layer's writer).
 - ``transcript.txt``: the paragraphs, appended piece by piece and flushed.
 - ``transcript.json``: every text piece with its conversation time, and the paragraphs; replaced
   atomically at most once a second, so it is always complete JSON.
@@ -40,14 +42,15 @@ def new_session_folder(base: Path, mode: str) -> Path:
 
 
 class SessionRecorder:
-    def __init__(self, folder: Path, mode: str, info: dict[str, Any], sample_rate: int) -> None:
+    def __init__(self, folder: Path, mode: str, info: dict[str, Any], sample_rate: int, wav: bool = True) -> None:
+        """`wav=False`: the audio layer records the WAV itself (live audio, in real time)."""
         self.folder = folder
         self.mode = mode
         self.started = datetime.now().astimezone().isoformat(timespec="seconds")
         self.info = info
         self.transcript = Transcript("moshi" if mode == "chat" else None)
         self.pieces: list[dict[str, Any]] = []
-        self.wav = WavWriter(folder / "audio.wav", sample_rate, channels=2 if mode == "chat" else 1)
+        self.wav = WavWriter(folder / "audio.wav", sample_rate, channels=2 if mode == "chat" else 1) if wav else None
         self._txt = open(folder / "transcript.txt", "w", encoding="utf-8")
         self._events = open(folder / "events.jsonl", "w", encoding="utf-8")
         self._json_dirty = True
@@ -57,6 +60,8 @@ class SessionRecorder:
 
     def frame(self, user: np.ndarray, moshi: np.ndarray | None = None) -> None:
         """One 80 ms frame: what the model heard and (chat) what it said."""
+        if self.wav is None:
+            return
         if self.mode == "chat":
             self.wav.write(user, np.zeros_like(user) if moshi is None else moshi)
         else:
@@ -94,7 +99,8 @@ class SessionRecorder:
         if self._events.closed:
             return
         self.event("end")
-        self.wav.close()
+        if self.wav is not None:
+            self.wav.close()
         if self.transcript.paragraphs:
             self._txt.write("\n")
         self._txt.close()

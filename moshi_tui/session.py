@@ -71,11 +71,14 @@ class AudioFigures:
 class Source(Protocol):
     realtime: bool  # frames come at the pace of audio (else: as fast as the engine takes them)
     finished: bool  # a file that has been read to its end
+    captured_at: float | None  # when the frame `read` returned last was captured (None: a file)
+    records: bool  # it writes the conversation's WAV itself (`start_recording`)
 
     def read(self, timeout: float) -> np.ndarray | None: ...
-    def play(self, pcm: np.ndarray) -> None: ...
+    def play(self, pcm: np.ndarray, captured_at: float | None) -> None: ...
     def clear(self) -> None: ...  # a new conversation: drop what is queued for playback
     def figures(self) -> AudioFigures: ...
+    def start_recording(self, path: Path) -> None: ...
     def close(self) -> None: ...
 
 
@@ -84,8 +87,59 @@ def level_db(pcm: np.ndarray) -> float:
     return 20 * math.log10(rms) if rms > 1e-6 else -120.0
 
 
+class MicSource:
+    """The microphone and speaker, through the audio layer (echo cancellation, jitter buffer)."""
+
+    realtime = True
+    finished = False
+    records = True  # the audio layer records what was heard and played, in real time
+
+    def __init__(self, options: SessionOptions) -> None:
+        from audio.core import DuplexConfig
+        from audio.duplex import DuplexAudio
+
+        # Echo cancellation only matters when something plays: in a chat.
+        config = DuplexConfig(aec=options.aec and options.mode == "chat")
+        self.audio = DuplexAudio(_device(options.input_device), _device(options.output_device), config)
+        self.audio.start()  # warm while the model loads; `clear` drops what was heard meanwhile
+        self.captured_at: float | None = None
+
+    def read(self, timeout: float) -> np.ndarray | None:
+        frame = self.audio.read(timeout=timeout)
+        if frame is None:
+            return None
+        self.captured_at = frame.captured_at
+        return frame.pcm
+
+    def play(self, pcm: np.ndarray, captured_at: float | None = None) -> None:
+        self.audio.play(pcm, captured_at)
+
+    def clear(self) -> None:
+        self.audio.clear()
+
+    def figures(self) -> AudioFigures:
+        s = self.audio.stats()
+        return AudioFigures(mic_db=s.input_db, out_db=s.output_db, speaking=s.voice, aec=s.aec, erle_db=s.erle_db,
+                            lag_ms=s.lag_ms, buffered_ms=s.buffered_ms, underruns=s.underruns,
+                            skipped=s.skipped_input_frames)
+
+    def start_recording(self, path: Path) -> None:
+        self.audio.start_recording(path)
+
+    def close(self) -> None:
+        self.audio.close()
+
+
+def _device(spec: str | None) -> str | int | None:
+    """A device given as a number is an index; anything else, part of its name."""
+    return int(spec) if spec is not None and spec.isdigit() else spec
+
+
 class FileSource:
     """The user's side read from a file, then `FILE_TAIL_S` of silence."""
+
+    captured_at = None
+    records = False
 
     def __init__(self, path: Path, realtime: bool) -> None:
         from audio.files import read_audio
@@ -118,7 +172,7 @@ class FileSource:
         self._last_db = level_db(frame)
         return frame
 
-    def play(self, pcm: np.ndarray) -> None:
+    def play(self, pcm: np.ndarray, captured_at: float | None = None) -> None:
         self._out_db = level_db(pcm)  # nothing is played; the meter still shows Moshi's voice
 
     def clear(self) -> None:
@@ -127,6 +181,9 @@ class FileSource:
 
     def figures(self) -> AudioFigures:
         return AudioFigures(mic_db=self._last_db, out_db=self._out_db)
+
+    def start_recording(self, path: Path) -> None:
+        raise NotImplementedError("the session recorder writes a file source's audio")
 
     def close(self) -> None:
         pass
@@ -156,7 +213,8 @@ class Session:
 
     def _reset_counters(self) -> None:
         self._frame = 0  # frames of this conversation taken from the source
-        self._pending: deque[tuple[int, np.ndarray, bool]] = deque()  # (frame, pcm, sent) awaiting an answer
+        # (frame, pcm, sent, captured_at) of frames awaiting an answer, oldest first
+        self._pending: deque[tuple[int, np.ndarray, bool, float | None]] = deque()
         self._speaking = False
         self._steps: list[float] = []
         self._stats_at = 0.0
@@ -245,8 +303,10 @@ class Session:
     def _start_conversation(self) -> None:
         folder = new_session_folder(self.record_base, self.mode)
         self.folders.append(folder)
-        self._recorder = SessionRecorder(folder, self.mode, self._info, SAMPLE_RATE)
+        self._recorder = SessionRecorder(folder, self.mode, self._info, SAMPLE_RATE, wav=not self.source.records)
         self.source.clear()
+        if self.source.records:
+            self.source.start_recording(folder / "audio.wav")
         self._reset_counters()
         self._live = True
         self._deliver(StateChanged("live"))
@@ -271,7 +331,7 @@ class Session:
         n = self._frame
         self._frame += 1
         sent = self.engine.send_frame(pcm)
-        self._pending.append((n, pcm, sent))
+        self._pending.append((n, pcm, sent, self.source.captured_at))
         figures = self.source.figures()
         if figures.speaking is not None and figures.speaking != self._speaking and not self._muted:
             self._speaking = figures.speaking
@@ -280,14 +340,14 @@ class Session:
 
     def _take_output(self, out) -> None:
         while self._pending and not self._pending[0][2]:
-            n, user, _ = self._pending.popleft()  # skipped: the model never heard it
+            n, user, _, _ = self._pending.popleft()  # skipped: the model never heard it
             self._recorder.frame(user, None)
         if not self._pending:
             return  # answers a frame of a conversation since restarted
-        n, user, _ = self._pending.popleft()
+        n, user, _, captured_at = self._pending.popleft()
         t = n * FRAME_S
         if out.pcm is not None and self.mode == "chat":
-            self.source.play(out.pcm)
+            self.source.play(out.pcm, captured_at)
         self._recorder.frame(user, out.pcm)
         if out.text:
             self._deliver(TextPiece(t, out.text))
@@ -320,7 +380,7 @@ class Session:
     def _flush_pending(self) -> None:
         """Frames sent but never answered still go into the recording (the user's side)."""
         if self._recorder is not None:
-            for _, user, _ in self._pending:
+            for _, user, _, _ in self._pending:
                 self._recorder.frame(user, None)
         self._pending.clear()
 
@@ -367,10 +427,11 @@ class PlainPrinter:
 
 
 def open_source(options: SessionOptions) -> Source:
+    """The microphone (and speaker), or a file. A bad device or file raises a one-line error."""
     if options.input_file is not None:
         # A conversation with a recording plays out in real time; a transcription goes at full speed.
         return FileSource(options.input_file, realtime=options.mode == "chat")
-    raise EngineError("live audio is not wired yet: the audio layer has not landed")
+    return MicSource(options)
 
 
 def run(options: SessionOptions) -> None:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 
 def engine_children() -> list[int]:
-    """Live (non-zombie) child processes of this one, from /proc, except multiprocessing's
-    resource tracker (one per parent, it leaves with the parent)."""
+    """Live (non-zombie) processes this one spawned with multiprocessing (engine processes; not
+    the resource tracker, which leaves with its parent, nor a test's sound server)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -14,7 +14,7 @@ def engine_children() -> list[int]:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"resource_tracker" not in cmdline:
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"spawn_main" in cmdline:
             found.append(int(stat.parent.name))
     return found
 
