@@ -32,7 +32,7 @@ from .errors import CheckpointError, EngineError
 from .lm import LMConfig, LMModel, random_lm_state
 from .lm_gen import DEFAULT_XA_START, Sampling
 from .options import ModelOptions
-from .runner import DEFAULT_SEED, DTYPES, ChatRunner, Models, Progress, StepOutput, _resolve_device
+from .runner import ChatRunner, Models, Progress, StepOutput, load_models
 from .tiny import write_tiny_checkpoint
 from .vision import ImagePrefix, VisionConfig, image_pixels, open_image, random_image_prefix_state
 from .weights import load_weights, read_safetensors
@@ -210,9 +210,9 @@ def gate_level(gate: float) -> int:
 class SeeRunner(ChatRunner):
     """A conversation about a picture: ChatRunner, plus the picture and how much Moshi looks at it."""
 
-    def __init__(self, models: Models, model: MoshiVis, picture, xa_start: int, image_name: str = ""):
+    def __init__(self, models: Models, picture, xa_start: int, image_name: str = ""):
         super().__init__(models)
-        self.model = model
+        self.model: MoshiVis = models.model
         self.gen.xa_start = xa_start
         self._gate: torch.Tensor | None = None
         self.set_image(picture, image_name)
@@ -222,9 +222,9 @@ class SeeRunner(ChatRunner):
         if options.image is None:
             raise EngineError("MoshiVis needs a picture to talk about")
         picture = open_image(options.image)  # before minutes of loading, a bad file fails now
-        models, model = _load_models(options, progress)
-        xa_start = model.cfg.xa_start if options.xa_start is None else options.xa_start
-        return cls(models, model, picture, xa_start, Path(options.image).name)
+        models = _load_models(options, progress)
+        xa_start = models.model.cfg.xa_start if options.xa_start is None else options.xa_start
+        return cls(models, picture, xa_start, Path(options.image).name)
 
     def set_image(self, picture, name: str = "") -> None:
         """Look at this RGB picture (see ``vision.open_image``) from now on, in a new conversation:
@@ -249,37 +249,11 @@ class SeeRunner(ChatRunner):
         return SeeStepOutput(**vars(out), gate=float(self._gate[0]))
 
 
-def _load_models(options: SeeOptions, progress: Progress | None) -> tuple[Models, MoshiVis]:
-    import sentencepiece
+def _load_models(options: SeeOptions, progress: Progress | None) -> Models:
+    def load_vision_model(info, device: torch.device, dtype: torch.dtype) -> MoshiVis:
+        cfg = MoshiVisConfig.from_checkpoint(info)
+        if options.rms_norm is not None:
+            cfg = replace(cfg, rms_norm=options.rms_norm)
+        return load_moshivis(info.lm_weights, cfg, device=device, dtype=dtype)
 
-    from .hub import CheckpointInfo
-    from .mimi import MimiConfig, load_mimi
-
-    report = progress or (lambda message: None)
-    if options.dtype not in DTYPES:
-        raise EngineError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
-    device = _resolve_device(options.device)
-    repo = options.hf_repo or "moshika-vis"
-    report(f"resolving {repo}")
-    info = CheckpointInfo.resolve(repo)
-    cfg = MoshiVisConfig.from_checkpoint(info)
-    if options.rms_norm is not None:
-        cfg = replace(cfg, rms_norm=options.rms_norm)
-
-    report("loading Mimi")
-    mimi_config = MimiConfig.from_dict(info.mimi_config) if info.mimi_config else None
-    mimi = load_mimi(info.mimi_weights, mimi_config, num_codebooks=cfg.lm.dep_q, device=device)
-    report("loading MoshiVis")
-    model = load_moshivis(info.lm_weights, cfg, device=device, dtype=DTYPES[options.dtype])
-    tokenizer = sentencepiece.SentencePieceProcessor()
-    if not tokenizer.Load(str(info.tokenizer)):
-        raise EngineError(f"cannot read the text tokenizer {info.tokenizer}")
-
-    sampling = {**SAMPLING.__dict__, **{k: v for k, v in info.lm_gen_config.items() if k in SAMPLING.__dict__}}
-    for key in sampling:
-        if getattr(options, key) is not None:
-            sampling[key] = getattr(options, key)
-    torch.manual_seed(DEFAULT_SEED if options.seed is None else options.seed)
-    models = Models(name=repo, model_type="moshivis", mimi=mimi, lm=model.lm, tokenizer=tokenizer,
-                    sampling=Sampling(**sampling))
-    return models, model
+    return load_models(options, "moshika-vis", progress, load_vision_model, SAMPLING)

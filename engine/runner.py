@@ -38,6 +38,7 @@ class Models:
     model_type: str
     mimi: torch.nn.Module
     lm: LMModel
+    model: torch.nn.Module  # what the checkpoint holds: the LMModel, or a model wrapping it (MoshiVis)
     tokenizer: object  # sentencepiece.SentencePieceProcessor
     sampling: Sampling
     stt_config: dict = field(default_factory=dict)
@@ -58,8 +59,17 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_models(options: ModelOptions, default_repo: str, progress: Progress | None = None) -> Models:
-    """Resolve the checkpoint, then load Mimi, the LM and the tokenizer onto the device."""
+def _load_plain_lm(info, device: torch.device, dtype: torch.dtype) -> LMModel:
+    return load_lm(info.lm_weights, LMConfig.from_dict(info.lm_config), device=device, dtype=dtype)
+
+
+def load_models(options: ModelOptions, default_repo: str, progress: Progress | None = None,
+                load_language_model: Callable = _load_plain_lm, default_sampling: Sampling | None = None) -> Models:
+    """Resolve the checkpoint, then load the LM, Mimi and the tokenizer onto the device.
+
+    ``load_language_model(info, device, dtype)`` returns the LMModel, or a model wrapping one as
+    ``.lm`` (MoshiVis); ``default_sampling`` applies where the checkpoint's lm_gen_config is silent.
+    """
     import sentencepiece
 
     from .hub import CheckpointInfo
@@ -72,24 +82,25 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
     repo = options.hf_repo or default_repo
     report(f"resolving {repo}")
     info = CheckpointInfo.resolve(repo)
-    lm_config = LMConfig.from_dict(info.lm_config)
 
+    report("loading the language model")
+    model = load_language_model(info, device, DTYPES[options.dtype])
+    lm = getattr(model, "lm", model)
     report("loading Mimi")
     mimi_config = MimiConfig.from_dict(info.mimi_config) if info.mimi_config else None
-    num_codebooks = max(lm_config.dep_q, lm_config.n_q - lm_config.dep_q)
+    num_codebooks = max(lm.cfg.dep_q, lm.cfg.n_q - lm.cfg.dep_q)
     mimi = load_mimi(info.mimi_weights, mimi_config, num_codebooks=num_codebooks, device=device)
-    report("loading the language model")
-    lm = load_lm(info.lm_weights, lm_config, device=device, dtype=DTYPES[options.dtype])
     tokenizer = sentencepiece.SentencePieceProcessor()
     if not tokenizer.Load(str(info.tokenizer)):
         raise EngineError(f"cannot read the text tokenizer {info.tokenizer}")
 
-    gen_config = {**Sampling().__dict__, **{k: v for k, v in info.lm_gen_config.items() if k in Sampling().__dict__}}
-    for key in ("temp", "temp_text", "top_k", "top_k_text"):
+    defaults = (default_sampling or Sampling()).__dict__
+    gen_config = {**defaults, **{k: v for k, v in info.lm_gen_config.items() if k in defaults}}
+    for key in defaults:
         if getattr(options, key) is not None:
             gen_config[key] = getattr(options, key)
     torch.manual_seed(DEFAULT_SEED if options.seed is None else options.seed)
-    return Models(name=repo, model_type=info.model_type, mimi=mimi, lm=lm, tokenizer=tokenizer,
+    return Models(name=repo, model_type=info.model_type, mimi=mimi, lm=lm, model=model, tokenizer=tokenizer,
                   sampling=Sampling(**gen_config), stt_config=dict(info.stt_config))
 
 

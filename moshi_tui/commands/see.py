@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -72,30 +71,8 @@ def see(
 
 
 def run_headless_see(input: Path, output: Path | None, transcript: Path | None, options) -> None:
-    from audio.files import read_audio
-    from audio.wav import WavWriter
     from engine.moshivis import SeeRunner
-    from engine.runner import FRAME_SIZE, SAMPLE_RATE
 
-    pcm = read_audio(input)
-    runner = SeeRunner.load(options, progress=progress_to_stderr)
-    writer = WavWriter(output, SAMPLE_RATE, channels=1) if output else None
-    words = transcript.open("w", encoding="utf-8") if transcript else None
-    try:
-        # Only whole frames, as Kyutai's `moshi-inference` does.
-        for start in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE):
-            out = runner.step(pcm[start:start + FRAME_SIZE])
-            if writer is not None and out.pcm is not None:
-                writer.write(out.pcm)
-            if out.text:
-                sys.stdout.write(out.text)
-                sys.stdout.flush()
-                if words is not None:
-                    words.write(out.text)
-                    words.flush()
-        sys.stdout.write("\n")
-    finally:
-        if writer is not None:
-            writer.close()
-        if words is not None:
-            words.close()
+    from .chat import run_headless_conversation
+
+    run_headless_conversation(input, output, transcript, lambda: SeeRunner.load(options, progress_to_stderr))
