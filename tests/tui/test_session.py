@@ -22,19 +22,6 @@ pytestmark = pytest.mark.timeout(120)
 SR = 24000
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from engine.tiny import write_tiny_checkpoint
-
-    base = tmp_path_factory.mktemp("tiny")
-    return {kind: write_tiny_checkpoint(base / kind, kind, seed=0) for kind in ("chat", "transcribe")}
-
-
-@pytest.fixture
-def one_thread_engine(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned child reads it when torch starts
-
-
 def _speech_file(path, seconds: float, seed: int = 0):
     """A buzz with a syllable rhythm and a little noise: something for the models to hear."""
     t = np.arange(int(seconds * SR)) / SR
