@@ -216,6 +216,7 @@ class Session:
         # (frame, pcm, sent, captured_at) of frames awaiting an answer, oldest first
         self._pending: deque[tuple[int, np.ndarray, bool, float | None]] = deque()
         self._speaking = False
+        self._logged_muted = False
         self._steps: list[float] = []
         self._stats_at = 0.0
 
@@ -326,14 +327,18 @@ class Session:
         self._stop.set()
 
     def _take_frame(self, pcm: np.ndarray) -> None:
-        if self._muted:
-            pcm = np.zeros_like(pcm)
+        muted = self._muted  # set by the app's thread; read once per frame
+        if muted != self._logged_muted:
+            self._logged_muted = muted
+            self._recorder.event("mute" if muted else "unmute", t=round(self._frame * FRAME_S, 3))
+        if muted:
+            pcm = np.zeros_like(pcm)  # the model hears silence (so does the recording of a file session)
         n = self._frame
         self._frame += 1
         sent = self.engine.send_frame(pcm)
         self._pending.append((n, pcm, sent, self.source.captured_at))
         figures = self.source.figures()
-        if figures.speaking is not None and figures.speaking != self._speaking and not self._muted:
+        if figures.speaking is not None and figures.speaking != self._speaking and not muted:
             self._speaking = figures.speaking
             self._deliver(UserSpeech(n * FRAME_S, figures.speaking))
             self._recorder.user_speech(n * FRAME_S, figures.speaking)

@@ -127,3 +127,41 @@ def test_the_tui_process_never_imports_torch():
     code = ("import sys, moshi_tui.session, moshi_tui.app, engine.process\n"
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_mute_and_restart_with_the_real_engine(tmp_path, tiny, one_thread_engine):
+    audio = _speech_file(tmp_path / "me.wav", 3.0)
+    options = SessionOptions("chat", ModelOptions(hf_repo=str(tiny["chat"]), dtype="float32"), input_file=audio)
+    session = _session(options, tmp_path / "rec")
+    app = MoshiApp(session, mode="chat")
+
+    async def frames_reach(n: int) -> None:
+        end = time.monotonic() + 60
+        while len(app.query_one(LatencyPanel).steps) < n and time.monotonic() < end:
+            await pilot.pause(0.05)
+
+    async with app.run_test(size=(80, 24)) as pilot:
+        await frames_reach(10)
+        await pilot.press("space")
+        await frames_reach(20)
+        await pilot.press("space")
+        await frames_reach(25)
+        await pilot.press("r")
+        await frames_reach(10)  # the figures start again with the new conversation
+        await pilot.press("q")
+    assert app.return_code == 0 and engine_children() == []
+    first, second = session.folders
+    events = [json.loads(line) for line in (first / "events.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-2:] == ["restart", "end"]
+    muted_at, unmuted_at = (next(e["t"] for e in events if e["event"] == kind) for kind in ("mute", "unmute"))
+    file_pcm = FileSource(audio, realtime=True).pcm
+    wav, _ = sf.read(first / "audio.wav", dtype="float32")
+    a, b = round(muted_at / 0.08) * FRAME, round(unmuted_at / 0.08) * FRAME
+    assert b - a >= 5 * FRAME
+    assert not wav[a:b, 0].any()  # the model heard silence while muted
+    np.testing.assert_allclose(wav[:a, 0], file_pcm[:a], atol=1 / 32767)
+    np.testing.assert_allclose(wav[b:, 0], file_pcm[b:len(wav)], atol=1 / 32767)
+    restarted, _ = sf.read(second / "audio.wav", dtype="float32")
+    assert len(restarted) >= 10 * FRAME
+    np.testing.assert_allclose(restarted[:, 0], file_pcm[:len(restarted)], atol=1 / 32767)  # from the start
