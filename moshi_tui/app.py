@@ -93,7 +93,7 @@ class MoshiApp(App[None]):
         self.error_linger_s = error_linger_s  # None: stay on the error screen (snapshots)
         self.state = "loading"
         self.muted = False
-        self.failure: str | None = None  # why the engine failed; the app then exits with code 1
+        self.failure: str | None = None  # why the session failed; the app then exits with code 1
         self._inbox: deque[Event] = deque()
         self._reset_figures()
         self._stopping: asyncio.Future | None = None
