@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quant
 from .errors import CheckpointError
 from .streaming import StreamingModule
 from .transformer import Transformer, TransformerConfig, make_norm
-from .weights import load_weights, read_safetensors
+from .weights import load_weights, read_safetensors, split_fused_attention
 
 logger = logging.getLogger(__name__)
 
@@ -241,13 +242,33 @@ def _derive_ffn_hidden(cfg: LMConfig, state: dict[str, torch.Tensor]) -> LMConfi
 
 
 def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cpu",
-            dtype: torch.dtype = torch.bfloat16) -> LMModel:
-    """Build on the meta device and assign the file's tensors: no random init, no double copy."""
+            dtype: torch.dtype = torch.bfloat16, quantize: str | None = None) -> LMModel:
+    """Build on the meta device and assign the file's tensors: no random init, no double copy.
+
+    A q8 file (int8 weights with fp32 ``weight_scb``) loads as it is stored. ``quantize`` ("int8"
+    or "int4") quantizes a float file's linears while loading; ``dtype`` is then the dtype of
+    everything else (embeddings, norms, activations).
+    """
+    if quantize is not None and quantize not in quant.MODES:
+        raise CheckpointError(f"unknown quantization {quantize!r}; choose one of {', '.join(quant.MODES)}")
+    device = torch.device(device)
     state = read_safetensors(weights)
     cfg = _derive_ffn_hidden(cfg, state)
     with torch.device("meta"):
         model = LMModel(cfg)
+    stored_int8 = quant.has_int8_weights(state)
+    if stored_int8 and quantize == "int4":
+        raise CheckpointError(f"{weights} is already quantized to int8; --quantize int4 needs a bf16 checkpoint")
+    mode = "int8" if stored_int8 else quantize
+    if mode is not None:
+        names = quant.quantized_linear_names(model)
+        state = split_fused_attention(model, state)
+        if not stored_int8:
+            state = quant.quantize_state(state, names, mode, device)
+        quant.replace_linears(model, names, mode, dtype, device)
     load_weights(model, state, str(weights), dtype=dtype, device=device)
+    if mode is not None:
+        quant.finish_quantized(model, device)
     return model.eval()
 
 

@@ -66,6 +66,18 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, max_perio
     return rotate(q), rotate(k)
 
 
+def matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention as two batched matmuls in the cache's dtype, the softmax in fp32.
+
+    In bf16 on CPUs without AMX this is ~8x faster than ``scaled_dot_product_attention`` for one
+    query over a long ring, but it rounds differently, so only quantized models use it. Every
+    query sees at least its own key, so no row is fully masked.
+    """
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+
+
 class RMSNorm(nn.Module):
     """``x * alpha * rsqrt(eps + mean(x²))`` computed in fp32, whatever the weights' dtype.
 
@@ -150,9 +162,14 @@ class KVCacheState(StreamingState):
         B, H, T, D = k.shape
         capacity = self.capacity
         written = self.offset.view(-1, 1) + torch.arange(T, device=k.device)
-        index = (written % capacity).view(B, 1, T, 1).expand(-1, H, T, D)
-        self.cache[0].scatter_(2, index, k)
-        self.cache[1].scatter_(2, index, v)
+        # One row per (slot, head, step) in the flattened ring: index_copy_ moves the same values
+        # as a scatter along the time axis, but bf16 scatter_ has no vectorised CPU kernel and
+        # cost ~0.25 ms per call at STT-1B size, against ~5 µs for this.
+        heads = torch.arange(B * H, device=k.device).view(B, H, 1) * capacity
+        rows = (heads + (written % capacity).view(B, 1, T)).view(-1)
+        rings = self.cache.view(2, B * H * capacity, D)
+        rings[0].index_copy_(0, rows, k.reshape(-1, D))
+        rings[1].index_copy_(0, rows, v.reshape(-1, D))
 
         slots = torch.arange(capacity, device=k.device)
         last = self.offset.view(-1, 1) + T - 1
@@ -169,6 +186,9 @@ class Attention(StreamingModule):
     session uses the i-th: that is how the depth transformer gives each codebook its own weights.
     """
 
+    # Set by engine/quant.py on quantized models: attention as two matmuls instead of the fused kernel.
+    matmul_attention = False
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
@@ -177,17 +197,19 @@ class Attention(StreamingModule):
         self.out_projs = nn.ModuleList(nn.Linear(cfg.dim, cfg.dim, bias=False) for _ in range(steps))
 
     def init_state(self, batch_size: int) -> KVCacheState:
-        weight = self.in_projs[0].weight
+        in_proj = self.in_projs[0]
         capacity = self.cfg.context or self.cfg.weights_per_step
         if not capacity:
             raise RuntimeError("a streaming attention needs a context or weights per step")
-        dtype = torch.float16 if weight.dtype == torch.int8 else weight.dtype
+        # Quantized projections (engine/quant.py) hold integer weights but compute in a float dtype.
+        dtype = getattr(in_proj, "compute_dtype", None) or in_proj.weight.dtype
+        device = next(in_proj.parameters()).device
         shape = (2, batch_size, self.cfg.num_heads, capacity, self.cfg.head_dim)
         return KVCacheState(
             batch_size,
-            weight.device,
-            cache=torch.zeros(shape, device=weight.device, dtype=dtype),
-            offset=torch.zeros(batch_size, device=weight.device, dtype=torch.long),
+            device,
+            cache=torch.zeros(shape, device=device, dtype=dtype),
+            offset=torch.zeros(batch_size, device=device, dtype=torch.long),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +240,10 @@ class Attention(StreamingModule):
         mask = (pos_k[:, None] >= 0) & (delta >= 0)
         if cfg.context is not None:
             mask = mask & (delta < cfg.context)
-        out = F.scaled_dot_product_attention(q, keys, values, mask[:, None], dropout_p=0.0)
+        if self.matmul_attention:
+            out = matmul_attention(q, keys, values, mask[:, None])
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, mask[:, None], dropout_p=0.0)
         out = out.transpose(1, 2).reshape(B, T, cfg.dim)
         out = out_proj(out)
 

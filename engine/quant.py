@@ -1,0 +1,233 @@
+"""Weight-only quantized linears for the LM: int8 per output channel, int4 in groups along the input.
+
+At batch 1 an LM step reads every weight once per token, so its time is the bytes read: int8
+halves them against bf16 and int4 quarters them. The activations stay in the model's dtype.
+
+* ``Int8Linear`` holds the official q8 layout (``moshi-lm.md`` §7): ``weight`` int8 and
+  ``weight_scb`` fp32 [out], the absmax of each row, so that W ≈ weight · weight_scb / 127. The
+  q8 files (``kyutai/moshi{ko,ka}-pytorch-q8``) load into it as they are, without bitsandbytes.
+* ``Int4Linear`` stores 4-bit codes q in 0..15 with a bf16 scale and offset per group of
+  ``group_size`` inputs: W ≈ (q − 8) · scale + zero. It exists only in memory (quantized at load
+  time from a bf16 file); there is no int4 file format.
+
+On CPU the products run on kernels that read the small weights directly: oneDNN's int8 matmul
+for int8, PyTorch's ``_weight_int4pack_mm_for_cpu`` (the one gpt-fast uses) for int4. Elsewhere
+(CUDA) the weight is widened to the activations' dtype for each product: always correct, and as
+fast as the device's plain matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError
+from .transformer import Attention
+
+MODES = ("int8", "int4")
+# The CPU int4 kernel takes groups of 32, 64, 128 or 256 inputs and a multiple of 16 outputs.
+INT4_GROUP_SIZES = (128, 64, 32)
+# The q8 layout names the scale of a weight ``<weight key>_scb`` (bitsandbytes' "SCB").
+SCALE_SUFFIX = "_scb"
+# Linears the reference's q8 export replaces (moshi-lm.md §7); embeddings, norms and MoshiVis's
+# cross-attention stay in the model dtype.
+_LAYER_LINEARS = (".self_attn.in_projs.", ".self_attn.out_projs.", ".gating.")
+_HEAD_PREFIXES = ("text_linear", "depformer_in.", "linears.", "extra_heads.")
+
+
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the nn.Linear modules a quantized LM replaces."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        in_layer = name.startswith(("transformer.layers.", "depformer.layers.")) and any(
+            part in name for part in _LAYER_LINEARS)
+        if in_layer or name.startswith(_HEAD_PREFIXES):
+            names.append(name)
+    return names
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q8 export's rule: CB = round(127 · W / absmax(row)) as int8, SCB = absmax(row) in fp32."""
+    w = weight.float()
+    absmax = w.abs().amax(dim=1)
+    codes = torch.round(w * (127 / absmax.clamp(min=1e-12))[:, None]).to(torch.int8)
+    return codes, absmax
+
+
+def int4_group_size(in_features: int, out_features: int) -> int | None:
+    """The largest group size the int4 kernel accepts for this shape; None: the linear stays int8."""
+    if out_features % 16:
+        return None
+    return next((size for size in INT4_GROUP_SIZES if in_features % size == 0), None)
+
+
+def int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes per group of inputs: ``(q [N, K] int32 in 0..15, scales_zeros [K/g, N, 2])``.
+
+    The kernel's convention (gpt-fast's): W ≈ (q − 8) · scale + zero, so zero is the value of code 8.
+    """
+    N, K = weight.shape
+    groups = weight.float().view(N, K // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-6)
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(N, K)
+    zero = low + 8 * scale
+    return codes, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+
+
+class Int8Linear(nn.Module):
+    """``y = x · (weight · weight_scb / 127)ᵀ`` with int8 weights; ``compute_dtype``: that of x.
+
+    On CPU, ``prepare()`` hands the weight to oneDNN's int8 matmul (VNNI), which streams it at
+    about twice the rate of the weight-only int8 kernel, and drops the plain copy (the state dict
+    then has no ``weight``). That kernel multiplies int8 by int8, so each input row is quantized
+    on the fly to 8 bits with its own absmax scale: the scheme of the reference's q8 path
+    (bitsandbytes' LLM.int8 with threshold 0), which adds ~0.5% relative error per product.
+    """
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
+        self.weight_scb = nn.Parameter(torch.empty(out_features, dtype=torch.float32), requires_grad=False)
+        self.scale: torch.Tensor | None = None  # weight_scb / 127, set by prepare()
+        self.packed: torch.Tensor | None = None  # the weight in oneDNN's layout (CPU)
+
+    def prepare(self) -> None:
+        self.scale = self.weight_scb / 127
+        if self.weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            self.packed = torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features])
+            self.weight = None
+            device = self.scale.device
+            self._zero_points = torch.zeros(self.out_features, dtype=torch.int32, device=device)
+            self._unit = torch.ones((), device=device)
+            # The VNNI instruction multiplies unsigned by signed bytes: the signed codes of the
+            # input are shifted by 128 and oneDNN takes the shift back as a zero point.
+            self._input_zero_point = torch.full((), 128, dtype=torch.int32, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return (F.linear(x, self.weight.to(x.dtype)) * self.scale).to(x.dtype)
+        rows = x.reshape(-1, self.in_features).float()
+        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127
+        codes = torch.round(rows / row_scale).add_(128).to(torch.uint8)
+        out = torch.ops.onednn.qlinear_pointwise.tensor(
+            codes, self._unit, self._input_zero_point, self.packed, self.scale, self._zero_points, None,
+            1.0, 0, torch.float32, "none", [], "")
+        return (out * row_scale).to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(nn.Module):
+    """4-bit weights in groups of ``group_size`` inputs.
+
+    ``packed_for_cpu``: ``weight`` is in the layout of the CPU kernel (opaque, [N, K/2] uint8);
+    otherwise it holds two codes per byte (low nibble: even input), widened for each product.
+    """
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype, group_size: int,
+                 packed_for_cpu: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype, self.group_size, self.packed_for_cpu = compute_dtype, group_size, packed_for_cpu
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8), requires_grad=False)
+        self.scales_zeros = nn.Parameter(torch.empty(in_features // group_size, out_features, 2, dtype=compute_dtype),
+                                         requires_grad=False)
+
+    @staticmethod
+    def pack(codes: torch.Tensor, packed_for_cpu: bool) -> torch.Tensor:
+        if packed_for_cpu:
+            return torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+
+    def prepare(self) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_for_cpu:
+            flat = x.reshape(-1, self.in_features)
+            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_zeros.to(x.dtype))
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self._dequantized().to(x.dtype))
+
+    def _dequantized(self) -> torch.Tensor:
+        codes = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).view(self.out_features, -1)
+        groups = codes.view(self.out_features, -1, self.group_size).float() - 8
+        scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)
+        return (groups * scale[..., None] + zero[..., None]).view(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4, group_size={self.group_size}"
+
+
+def has_int8_weights(state: dict[str, torch.Tensor]) -> bool:
+    """A q8 checkpoint: its linears come as int8 ``weight`` with an fp32 ``weight_scb``."""
+    return any(key.endswith(SCALE_SUFFIX) for key in state)
+
+
+def quantize_state(state: dict[str, torch.Tensor], names: list[str], mode: str,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """Replace the float weights of the linears ``names`` by their quantized tensors, one at a time.
+
+    Tensors are read straight from the (memory-mapped) file: only one layer's float copy exists at
+    a time, so quantizing a 15 GB bf16 model needs no more than the quantized model's memory.
+    With int4, a linear whose shape the kernel cannot take is quantized to int8.
+    """
+    state = dict(state)
+    for name in names:
+        key = f"{name}.weight"
+        weight = state.pop(key)
+        group_size = int4_group_size(weight.shape[1], weight.shape[0]) if mode == "int4" else None
+        if group_size is None:
+            state[key], state[key + SCALE_SUFFIX] = int8_rows(weight)
+        else:
+            codes, scales_zeros = int4_groups(weight, group_size)
+            state[key] = Int4Linear.pack(codes, device.type == "cpu")
+            state[f"{name}.scales_zeros"] = scales_zeros
+    return state
+
+
+def export_q8(state: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """A float state dict (split attention names) in the official q8 layout, as the reference's
+    ``export_quantized.py`` writes it: the fp16 weight quantized per row."""
+    state = dict(state)
+    for name in names:
+        key = f"{name}.weight"
+        state[key], state[key + SCALE_SUFFIX] = int8_rows(state[key].half())
+    return state
+
+
+def replace_linears(model: nn.Module, names: list[str], mode: str, compute_dtype: torch.dtype,
+                    device: torch.device) -> None:
+    """Swap the named nn.Linear modules for empty quantized ones (build on the meta device), with
+    the same choice per shape as ``quantize_state``."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = parent.get_submodule(child)
+        if linear.bias is not None:
+            raise CheckpointError(f"{name}: quantized linears have no bias")
+        group_size = int4_group_size(linear.in_features, linear.out_features) if mode == "int4" else None
+        if group_size is None:
+            new = Int8Linear(linear.in_features, linear.out_features, compute_dtype)
+        else:
+            new = Int4Linear(linear.in_features, linear.out_features, compute_dtype, group_size,
+                             packed_for_cpu=device.type == "cpu")
+        setattr(parent, child, new)
+
+
+def finish_quantized(model: nn.Module, device: torch.device) -> None:
+    """After the weights are assigned: derive kernel scales, and pick the attention kernel."""
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            module.prepare()
+        elif isinstance(module, Attention) and device.type == "cpu":
+            # The fused bf16 attention kernel is ~8x slower than two matmuls on CPUs without AMX;
+            # the plain model keeps it for bit-parity with the reference, a quantized one need not.
+            module.matmul_attention = True
