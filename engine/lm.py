@@ -266,7 +266,9 @@ def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cp
         if not stored_int8:
             state = quant.quantize_state(state, names, mode, device)
         quant.replace_linears(model, names, mode, dtype, device)
-    load_weights(model, state, str(weights), dtype=dtype, device=device)
+    # The reference assigns the memory-mapped tensors as they lie in the file: keeping them in
+    # place gives its kernels' alignment, and no second copy of gigabytes of weights.
+    load_weights(model, state, str(weights), dtype=dtype, device=device, copy_unaligned=False)
     if mode is not None:
         quant.finish_quantized(model, device)
     return model.eval()

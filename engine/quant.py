@@ -97,9 +97,12 @@ class Int8Linear(nn.Module):
         self.scale: torch.Tensor | None = None  # weight_scb / 127, set by prepare()
         self.packed: torch.Tensor | None = None  # the weight in oneDNN's layout (CPU)
 
-    def prepare(self) -> None:
+    def prepare(self, pack: bool | None = None) -> None:
+        """``pack``: hand the weight to oneDNN (default: on CPU, where oneDNN is built in)."""
         self.scale = self.weight_scb / 127
-        if self.weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        if pack is None:
+            pack = self.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        if pack:
             self.packed = torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features])
             self.weight = None
             device = self.scale.device
@@ -145,9 +148,6 @@ class Int4Linear(nn.Module):
         if packed_for_cpu:
             return torch._convert_weight_to_int4pack_for_cpu(codes, 1)
         return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
-
-    def prepare(self) -> None:
-        pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_for_cpu:
@@ -225,7 +225,7 @@ def replace_linears(model: nn.Module, names: list[str], mode: str, compute_dtype
 def finish_quantized(model: nn.Module, device: torch.device) -> None:
     """After the weights are assigned: derive kernel scales, and pick the attention kernel."""
     for module in model.modules():
-        if isinstance(module, (Int8Linear, Int4Linear)):
+        if isinstance(module, Int8Linear):
             module.prepare()
         elif isinstance(module, Attention) and device.type == "cpu":
             # The fused bf16 attention kernel is ~8x slower than two matmuls on CPUs without AMX;

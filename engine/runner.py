@@ -59,8 +59,9 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _load_plain_lm(info, device: torch.device, dtype: torch.dtype) -> LMModel:
-    return load_lm(info.lm_weights, LMConfig.from_dict(info.lm_config), device=device, dtype=dtype)
+def _load_plain_lm(info, device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> LMModel:
+    return load_lm(info.lm_weights, LMConfig.from_dict(info.lm_config), device=device, dtype=dtype,
+                   quantize=quantize)
 
 
 def load_models(options: ModelOptions, default_repo: str, progress: Progress | None = None,
@@ -83,8 +84,13 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
     report(f"resolving {repo}")
     info = CheckpointInfo.resolve(repo)
 
-    report("loading the language model")
-    model = load_language_model(info, device, DTYPES[options.dtype])
+    report("loading the language model" + (f" ({options.quantize})" if options.quantize else ""))
+    if options.quantize is None:
+        model = load_language_model(info, device, DTYPES[options.dtype])
+    elif load_language_model is _load_plain_lm:
+        model = _load_plain_lm(info, device, DTYPES[options.dtype], options.quantize)
+    else:
+        raise EngineError(f"--quantize is not available for {repo}")
     lm = getattr(model, "lm", model)
     report("loading Mimi")
     mimi_config = MimiConfig.from_dict(info.mimi_config) if info.mimi_config else None

@@ -92,11 +92,13 @@ def load_weights(
     source: str,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    copy_unaligned: bool = True,
 ) -> None:
     """Check and assign ``state`` to ``model`` (which may live on the meta device).
 
     Floating tensors are cast to ``dtype`` when given, except int8 scales (``*_scb``), which stay
-    fp32 as the quantized matmul needs them.
+    fp32 as the quantized matmul needs them. ``copy_unaligned=False`` keeps memory-mapped tensors
+    where they are, whatever their alignment.
     """
     state = split_fused_attention(model, state)
     check_state(model, state, source)
@@ -105,7 +107,7 @@ def load_weights(
             tensor = tensor.to(dtype)
         if device is not None:
             tensor = tensor.to(device)
-        if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
+        if copy_unaligned and tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
             tensor = tensor.clone()
         state[key] = tensor
     model.load_state_dict(state, strict=True, assign=True)

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (DeviceOption, DtypeOption, HfRepo, Seed, Temp, TempText, TopK, TopKText, model_options,
-                     progress_to_stderr)
+from .common import (DeviceOption, DtypeOption, HfRepo, QuantizeOption, Seed, Temp, TempText, TopK, TopKText,
+                     model_options, progress_to_stderr)
 
 EPILOG = """\
 Examples:
@@ -44,6 +44,7 @@ def chat(
     hf_repo: HfRepo = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
+    quantize: QuantizeOption = None,
     seed: Seed = None,
     temp: Temp = None,
     temp_text: TempText = None,
@@ -55,7 +56,7 @@ def chat(
     With --input, the conversation runs headless on a recording: the user's side comes from the
     file, frame by frame exactly as live audio would, and Moshi's side goes to --output and stdout.
     """
-    options = model_options(hf_repo or voice.value, device, dtype, seed, temp, temp_text, top_k, top_k_text)
+    options = model_options(hf_repo or voice.value, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
     if input is None:
         raise typer.BadParameter("live conversation needs the TUI, which is not wired yet; use --input FILE",
                                  param_hint="--input")

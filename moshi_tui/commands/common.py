@@ -26,12 +26,21 @@ class Dtype(str, Enum):
     float32 = "float32"
 
 
+class Quantize(str, Enum):
+    int8 = "int8"
+    int4 = "int4"
+
+
 HfRepo = Annotated[Optional[str], typer.Option(
     "--hf-repo", metavar="REPO_OR_FOLDER", rich_help_panel=MODEL_PANEL,
     help="A model name, a Hugging Face repo id, or a local folder holding config.json and the files it names.")]
 DeviceOption = Annotated[Device, typer.Option("--device", rich_help_panel=MODEL_PANEL, help="Where the model runs.")]
 DtypeOption = Annotated[Dtype, typer.Option(
     "--dtype", rich_help_panel=MODEL_PANEL, help="Weight precision of the language model (Mimi stays float32).")]
+QuantizeOption = Annotated[Optional[Quantize], typer.Option(
+    "--quantize", rich_help_panel=MODEL_PANEL, show_default=False,
+    help="Quantize the language model's weights while loading: int8 (about 2x smaller and, on CPU, 3-4x faster "
+         "than bfloat16) or int4 (4x smaller). Official q8 checkpoints are int8 without it.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", rich_help_panel=SAMPLING_PANEL,
                                              help="Random seed for sampling [default: 4242].")]
 Temp = Annotated[Optional[float], typer.Option(
@@ -45,9 +54,11 @@ TopKText = Annotated[Optional[int], typer.Option("--top-k-text", rich_help_panel
 
 
 def model_options(hf_repo: str | None, device: Device, dtype: Dtype, seed: int | None, temp: float | None,
-                  temp_text: float | None, top_k: int | None, top_k_text: int | None) -> ModelOptions:
+                  temp_text: float | None, top_k: int | None, top_k_text: int | None,
+                  quantize: Quantize | None = None) -> ModelOptions:
     return ModelOptions(hf_repo=hf_repo, device=device.value, dtype=dtype.value, seed=seed, temp=temp,
-                        temp_text=temp_text, top_k=top_k, top_k_text=top_k_text)
+                        temp_text=temp_text, top_k=top_k, top_k_text=top_k_text,
+                        quantize=None if quantize is None else quantize.value)
 
 
 def progress_to_stderr(message: str) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import MODEL_PANEL, DeviceOption, DtypeOption, Seed, model_options, progress_to_stderr
+from .common import MODEL_PANEL, DeviceOption, DtypeOption, QuantizeOption, Seed, model_options, progress_to_stderr
 
 EPILOG = """\
 Examples:
@@ -82,6 +82,7 @@ def transcribe(
         "--stats", help="At the end, print the real-time factor, the model's delay and the frames processed.")] = False,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
+    quantize: QuantizeOption = None,
     seed: Seed = None,
 ) -> None:
     """Transcribe speech with Kyutai STT, with word timestamps, as the words are recognised.
@@ -90,7 +91,7 @@ def transcribe(
     output files are written while the words arrive, so an interrupted run (Ctrl-C) keeps
     everything recognised so far.
     """
-    options = model_options(model, device, dtype, seed, None, None, None, None)
+    options = model_options(model, device, dtype, seed, None, None, None, None, quantize)
     inputs = inputs or []
     if (raw or rate is not None) and inputs != [STDIN]:
         raise typer.BadParameter("--raw and --rate read standard input: give - as the only INPUT", param_hint="--raw")
