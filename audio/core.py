@@ -1,8 +1,8 @@
 """The device-independent heart of full-duplex audio, on 24 kHz mono samples.
 
 A device (PortAudio in ``duplex.py``, or a simulated clock in tests) calls ``playback`` and
-``capture`` once per block with the stream's timestamps; the model side calls ``read_frame`` and
-``play``. Between them: the jitter buffer, the far-end aligner, the echo canceller, stale-frame
+``capture`` once per block with the stream's timestamps, and ``process_captured`` (echo
+cancellation) off its audio thread; the model side calls ``read_frame`` and ``play``. Between them: the jitter buffer, the far-end aligner, the echo canceller, stale-frame
 skipping, meters and recording. All times are seconds on the device's clock.
 """
 
@@ -59,15 +59,19 @@ class AudioStats:
 
 class FarEndAligner:
     """Keeps what was sent to the speaker and says which of it was playing when each microphone
-    sample was captured, from the DAC and ADC timestamps of the stream. The timestamps are wild
-    for the first callbacks, so the offset is a median that skips them, and it is changed only
-    when it drifts by more than ``tolerance_ms``."""
+    sample was captured, from the DAC and ADC timestamps of the stream.
 
-    def __init__(self, history_s: float = 4.0, skip: int = 10, window: int = 25, tolerance_ms: float = 4.0):
+    Timestamps run wild for the first second or so (through PulseAudio the round trip they give
+    falls from about 1 s to 0.3 s) and then wander by a millisecond or two while the sound itself
+    stays put. So the offset is taken once they are steady (the medians of the older and the newer
+    half of a window agree within ``steady_ms``), and changed only for a move of ``move_ms`` (a new
+    device or server buffer); smaller moves are the echo canceller's delay search's business."""
+
+    def __init__(self, history_s: float = 4.0, window: int = 24, steady_ms: float = 2.0, move_ms: float = 20.0):
         self._far = np.zeros(int(history_s * SAMPLE_RATE), np.float32)
         self._written = 0  # far samples so far; the ring holds the last len(_far)
         self._last_block: tuple[int, float] | None = None  # (first index, DAC time)
-        self._skip, self._tolerance = skip, tolerance_ms * SAMPLE_RATE / 1000
+        self._steady, self._move = steady_ms * SAMPLE_RATE / 1000, move_ms * SAMPLE_RATE / 1000
         self._observations: deque[float] = deque(maxlen=window)
         self.offset: int | None = None  # far index minus microphone index, for the same moment
         self.roundtrip_ms: float | None = None
@@ -80,22 +84,21 @@ class FarEndAligner:
         self._written += len(pcm)
 
     def captured(self, mic_index: int, adc_time: float) -> bool:
-        """Observe one capture block; True when the offset changed (the echo path moved)."""
+        """Observe one capture block; True when the offset moved (the echo path changed)."""
         if self._last_block is None:
             return False
         far_index, dac_time = self._last_block
-        if self._skip:
-            self._skip -= 1
-            return False
         self._observations.append(far_index - mic_index - (dac_time - adc_time) * SAMPLE_RATE)
         self.roundtrip_ms = (dac_time - adc_time) * 1000
-        if len(self._observations) < 5:
+        obs = list(self._observations)
+        half = len(obs) // 2
+        if len(obs) < self._observations.maxlen or abs(median(obs[:half]) - median(obs[half:])) > self._steady:
             return False
-        estimate = round(median(self._observations))
-        if self.offset is None or abs(estimate - self.offset) > self._tolerance:
-            changed = self.offset is not None
+        estimate = round(median(obs))
+        if self.offset is None or abs(estimate - self.offset) > self._move:
+            moved = self.offset is not None
             self.offset = estimate
-            return changed
+            return moved
         return False
 
     def reference(self, mic_index: int, n: int) -> np.ndarray | None:
@@ -121,6 +124,9 @@ class DuplexCore:
         self._max_age = self.config.max_input_age_ms / 1000
         self._pending = np.zeros(0, np.float32)  # captured samples not yet a whole frame
         self._pending_start = 0  # microphone index of _pending[0]
+        # Whole frames waiting for echo cancellation: (pcm, index, captured_at, available_at).
+        self._captured: deque[tuple[np.ndarray, int, float, float]] = deque(maxlen=25)
+        self._realign = False  # the aligner moved: the canceller must start over
         self._mic_index = 0  # microphone samples captured so far
         self._adc_marks: deque[tuple[int, float]] = deque(maxlen=64)  # (index, ADC time) per block
         self.skipped_input_frames = 0
@@ -139,30 +145,54 @@ class DuplexCore:
             return out
 
     def capture(self, pcm: np.ndarray, adc_time: float, now: float) -> None:
-        """Microphone samples whose first reached the ADC at adc_time, delivered at ``now``."""
+        """Microphone samples whose first reached the ADC at adc_time, delivered at ``now``.
+        Cheap: whole frames wait for ``process_captured``, so the device thread never stalls."""
         pcm = np.asarray(pcm, np.float32).reshape(-1)
         with self.condition:
-            if self.aligner.captured(self._mic_index, adc_time) and self.canceller is not None:
-                self.canceller.realign()
+            if self.aligner.captured(self._mic_index, adc_time):
+                self._realign = True
             self._adc_marks.append((self._mic_index, adc_time))
             self._mic_index += len(pcm)
             self._pending = np.concatenate([self._pending, pcm])
             while len(self._pending) >= FRAME_SIZE:
                 frame, self._pending = self._pending[:FRAME_SIZE], self._pending[FRAME_SIZE:]
-                self._frame_captured(frame, self._pending_start, now)
+                if len(self._captured) == self._captured.maxlen:
+                    self.skipped_input_frames += 1  # nobody processes them: keep memory bounded
+                self._captured.append((frame, self._pending_start, self._adc_time(self._pending_start), now))
                 self._pending_start += FRAME_SIZE
+            self.condition.notify_all()
 
-    def _frame_captured(self, mic: np.ndarray, index: int, now: float) -> None:
-        far = self.aligner.reference(index, FRAME_SIZE)
-        clean = self.canceller.process(mic, far) if self.canceller is not None else mic
-        self._in_meter.update(clean, FRAME_SIZE / SAMPLE_RATE)
-        self._vad.update(clean, FRAME_SIZE / SAMPLE_RATE)
-        self._record(clean, far)
-        self._frames.append(MicFrame(clean, self._adc_time(index), now))
-        while len(self._frames) > 1 and now - self._frames[0].available_at > self._max_age:
-            self._frames.popleft()  # nobody is reading: keep memory bounded
-            self.skipped_input_frames += 1
-        self.condition.notify_all()
+    @property
+    def frames_to_process(self) -> int:
+        return len(self._captured)
+
+    def process_captured(self) -> int:
+        """Echo-cancel the captured frames and make them readable; returns how many. Runs on its
+        own thread with a device (the canceller is that thread's alone), after ``capture`` in tests."""
+        done = 0
+        while True:
+            with self.condition:
+                if not self._captured:
+                    return done
+                mic, index, captured_at, available_at = self._captured.popleft()
+                far = self.aligner.reference(index, FRAME_SIZE)
+                realign, self._realign = self._realign, False
+            if self.canceller is not None:
+                if realign:
+                    self.canceller.realign()
+                clean = self.canceller.process(mic, far)
+            else:
+                clean = mic
+            with self.condition:
+                self._in_meter.update(clean, FRAME_SIZE / SAMPLE_RATE)
+                self._vad.update(clean, FRAME_SIZE / SAMPLE_RATE)
+                self._record(clean, far)
+                self._frames.append(MicFrame(clean, captured_at, available_at))
+                while len(self._frames) > 1 and available_at - self._frames[0].available_at > self._max_age:
+                    self._frames.popleft()  # nobody is reading: keep memory bounded
+                    self.skipped_input_frames += 1
+                self.condition.notify_all()
+            done += 1
 
     def _adc_time(self, index: int) -> float:
         mark_index, mark_time = self._adc_marks[0]
@@ -186,6 +216,14 @@ class DuplexCore:
         """Queue model audio; ``captured_at`` is that of the microphone frame it answers."""
         with self.condition:
             self.jitter.push(pcm, captured_at, now)
+
+    def clear(self) -> None:
+        """A new conversation: drop queued playback and unread frames, and restart the counters."""
+        with self.condition:
+            self.jitter.reset()
+            self._captured.clear()
+            self._frames.clear()
+            self.skipped_input_frames = 0
 
     # Recording and stats -----------------------------------------------------------------------
 

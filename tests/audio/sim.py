@@ -20,12 +20,17 @@ BLOCK = SAMPLE_RATE * 20 // 1000
 NEVER = 1 << 62
 
 
+_SPEECH_BAND = np.sinc(2 * 3500 / SAMPLE_RATE * np.arange(-32, 33)) * np.hanning(65) * (2 * 3500 / SAMPLE_RATE)
+
+
 def answer(k: int) -> np.ndarray:
-    """The simulated model's voice for its k-th step: broadband noise with a tone (broadband, so
-    that the echo canceller's delay search has something to lock on)."""
-    noise = np.random.default_rng(k).standard_normal(FRAME_SIZE) * 0.05
-    tone = 0.1 * np.sin((k * FRAME_SIZE + np.arange(FRAME_SIZE)) * 0.07)
-    return (noise + tone).astype(np.float32)
+    """The simulated model's voice for its k-th step: noise below 3.5 kHz with a syllable rhythm.
+    Broadband like speech, and no steady tone (the speex filter copes badly with a strong tone
+    that stops)."""
+    t = (k * FRAME_SIZE + np.arange(FRAME_SIZE)) / SAMPLE_RATE
+    envelope = 0.55 + 0.45 * np.sin(2 * np.pi * 3.7 * t)
+    noise = np.random.default_rng(k).standard_normal(FRAME_SIZE + len(_SPEECH_BAND) - 1)
+    return (np.convolve(noise, _SPEECH_BAND, "valid") * 0.15 * envelope).astype(np.float32)
 
 
 @dataclass
@@ -90,6 +95,7 @@ class Simulation:
                 mic = mic + self.echo_gain * played[start:start + BLOCK]
         self._played = self._played[-64:]
         self.core.capture(mic, t - BLOCK / SAMPLE_RATE - self.input_latency_s, t)
+        self.core.process_captured()
         self._mic_index += BLOCK
         if self.core.jitter.last_lag_at == dac:
             self.lag_times.append(t)

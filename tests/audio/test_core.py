@@ -29,6 +29,7 @@ def test_frames_carry_their_capture_time():
     for k in range(8):
         core.playback(BLOCK, 1.0 + k * 0.02)
         core.capture(np.full(BLOCK, k, np.float32), 0.5 + k * 0.02, 1.0 + k * 0.02)
+        core.process_captured()
         frames.append(core.read_frame(1.0 + k * 0.02))
     first, second = [f for f in frames if f is not None]
     assert first.captured_at == pytest.approx(0.5) and second.captured_at == pytest.approx(0.58)
@@ -41,6 +42,7 @@ def test_stale_frames_are_skipped_and_counted():
     core = DuplexCore(DuplexConfig(aec=False, max_input_age_ms=40))
     for k in range(12):  # three frames, ready at 0.08, 0.16 and 0.24 s
         core.capture(np.zeros(BLOCK, np.float32), k * 0.02, (k + 1) * 0.02)
+    core.process_captured()
     frame = core.read_frame(0.25)
     assert frame.available_at == pytest.approx(0.24)
     assert core.skipped_input_frames == 2
