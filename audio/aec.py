@@ -178,8 +178,8 @@ class EchoCanceller:
         self._search.clear()
         self.suppressor.reset()
         self._far[:] = 0
-        self._frames = 0
         self._since_search = 0
+        self._searches = 0  # since the last lock
         self._disagreements = 0
         self._candidate: int | None = None
 
@@ -205,20 +205,22 @@ class EchoCanceller:
         ])
 
     def _track_delay(self) -> None:
-        self._frames += 1
         self._since_search += 1
-        every = 1 if self.delay is None else int(self.config.recheck_every_s * SAMPLE_RATE / FRAME_SIZE)
+        if self.delay is not None:
+            every = int(self.config.recheck_every_s * SAMPLE_RATE / FRAME_SIZE)
+        else:  # every frame at first; slower if nothing is found (headphones: no echo to find)
+            every = 1 if self._searches < 40 else 6
         if self._since_search < every:
             return
         self._since_search = 0
+        self._searches += 1
         found = self._search.estimate()
         if found is None or found[1] < self.config.confidence:
             return
         lag = found[0]
         if self.delay is None:  # lock when two searches in a row agree
             if self._candidate is not None and abs(lag - self._candidate) <= SAMPLE_RATE // 1000:
-                self.delay = lag
-                self._speex.reset()
+                self.delay, self._searches = lag, 0
             self._candidate = lag
         elif abs(lag - self.delay) > self.config.realign_ms * SAMPLE_RATE / 1000:
             self._disagreements += 1
