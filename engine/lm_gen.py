@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compile import AcceleratedStep, step_modes
 from .lm import UNGENERATED_TOKEN, LMModel
 from .streaming import StreamingModule, StreamingState
 
@@ -87,6 +88,16 @@ class LMGen(StreamingModule):
         self.xa_start = xa_start  # with cross-attention: a slot attends the image from its step xa_start on
         self.register_buffer("delays", torch.tensor(lm.cfg.delays, dtype=torch.long, device=lm.device),
                              persistent=False)
+        # On a GPU the two per-step functions run compiled or as CUDA graphs (engine/compile.py).
+        # MoshiVis swaps the image tensors between steps, which a captured graph would not see.
+        modes = ["eager"] if lm.cfg.cross_attention else step_modes(lm.device)
+        self._temporal = AcceleratedStep(lm.forward_text, "temporal step", modes)
+        self._depformer = AcceleratedStep(self.depformer_step, "depformer step", modes)
+
+    @property
+    def acceleration(self) -> str:
+        """How the steps run: "eager" (always on CPU), "compile" or "cuda-graph"."""
+        return self._temporal.mode
 
     def init_state(self, batch_size: int) -> GenState:
         cfg = self.lm.cfg
@@ -94,6 +105,9 @@ class LMGen(StreamingModule):
         cache = torch.full((batch_size, cfg.num_streams, cfg.max_delay + 2), UNGENERATED_TOKEN,
                            dtype=torch.long, device=device)
         offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # New streaming states: compiled code and graphs holding the old tensors must go.
+        self._temporal.reset()
+        self._depformer.reset()
         return GenState(batch_size, device, cache=cache, offsets=offsets)
 
     @torch.no_grad()
@@ -136,9 +150,12 @@ class LMGen(StreamingModule):
         tokens = torch.where(not_started, lm.initial_tokens(), state.cache.gather(2, read_at))
 
         cross_active = state.offsets >= self.xa_start if cfg.cross_attention else None
-        hidden, text_logits = lm.forward_text(tokens, cross_active)
+        if cross_active is None:
+            hidden, text_logits = self._temporal(tokens)
+        else:
+            hidden, text_logits = lm.forward_text(tokens, cross_active)
         text = sample_token(text_logits, self.sampling.temp_text, self.sampling.top_k_text)[:, 0, 0]
-        audio = self._depformer_step(text, hidden) if cfg.dep_q else None
+        audio = self._depformer(text, hidden) if cfg.dep_q else None
 
         state.offsets += 1
         state.steps_since_full_reset += 1
@@ -156,8 +173,8 @@ class LMGen(StreamingModule):
         incomplete = (state.offsets <= cfg.max_delay)[:, None, None]
         return GenOutput(torch.where(incomplete, UNGENERATED_TOKEN, out), hidden, gate)
 
-    def _depformer_step(self, text: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Sample the dep_q audio codebooks of this frame, each conditioned on the previous one."""
+    def depformer_step(self, text: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Sample the dep_q audio codebooks [B, dep_q] of this frame, each conditioned on the previous one."""
         lm = self.lm
         lm.depformer.reset_streaming()
         token = text

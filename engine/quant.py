@@ -166,6 +166,12 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4, group_size={self.group_size}"
 
 
+def quantization_of(model: nn.Module) -> str | None:
+    """"int4" (with int8 where the int4 kernel cannot go), "int8", or None for a float model."""
+    kinds = {type(module) for module in model.modules()}
+    return "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else None
+
+
 def has_int8_weights(state: dict[str, torch.Tensor]) -> bool:
     """A q8 checkpoint: its linears come as int8 ``weight`` with an fp32 ``weight_scb``."""
     return any(key.endswith(SCALE_SUFFIX) for key in state)

@@ -19,6 +19,7 @@ from .errors import EngineError
 from .lm import LMConfig, LMModel, load_lm
 from .lm_gen import LMGen, Sampling
 from .options import ModelOptions
+from .quant import quantization_of
 
 SAMPLE_RATE = 24_000
 FRAME_SIZE = 1920
@@ -42,6 +43,7 @@ class Models:
     tokenizer: object  # sentencepiece.SentencePieceProcessor
     sampling: Sampling
     stt_config: dict = field(default_factory=dict)
+    quantize: str | None = None  # "int8" (a q8 checkpoint, or --quantize) or "int4"
 
     def piece(self, token: int) -> str | None:
         """The text of a token as the reference prints it, or None for padding."""
@@ -107,7 +109,7 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
             gen_config[key] = getattr(options, key)
     torch.manual_seed(DEFAULT_SEED if options.seed is None else options.seed)
     return Models(name=repo, model_type=info.model_type, mimi=mimi, lm=lm, model=model, tokenizer=tokenizer,
-                  sampling=Sampling(**gen_config), stt_config=dict(info.stt_config))
+                  sampling=Sampling(**gen_config), stt_config=dict(info.stt_config), quantize=quantization_of(lm))
 
 
 class _Stopwatch:
@@ -153,7 +155,8 @@ class _Runner:
         self._first_frame = True
 
     def describe(self) -> dict[str, str]:
-        return {"model": self.models.name, "device": str(self.device), "dtype": str(self.models.lm.dtype).split(".")[-1]}
+        return {"model": self.models.name, "device": str(self.device), "dtype": str(self.models.lm.dtype).split(".")[-1],
+                "quantize": self.models.quantize or "none", "steps": self.gen.acceleration}
 
     def reset(self) -> None:
         self.models.mimi.reset_streaming()

@@ -216,7 +216,9 @@ class Attention(StreamingModule):
         cfg = self.cfg
         B, T, _ = x.shape
         state = self.state
-        step = state.step if state is not None else 0
+        # The call count matters only for per-step weights; not reading it otherwise keeps the
+        # temporal step free of a host integer that changes every call (torch.compile guards on it).
+        step = state.step if state is not None and cfg.weights_per_step else 0
         if cfg.weights_per_step and T != 1:
             raise ValueError("per-step weights take one step per call")
         in_proj, out_proj = self.in_projs[step % len(self.in_projs)], self.out_projs[step % len(self.out_projs)]
@@ -249,7 +251,8 @@ class Attention(StreamingModule):
 
         if state is not None:
             state.offset += T
-            state.step += T
+            if cfg.weights_per_step:
+                state.step += T
         return out
 
 
@@ -373,7 +376,7 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cross: CrossSource | None = None) -> torch.Tensor:
         state = self.self_attn.state
-        step = state.step if state is not None else 0
+        step = state.step if state is not None and self.cfg.weights_per_step else 0
         update = self.self_attn(self.norm1(x))
         x = x.to(update) + self._scale(1, update)
         if cross is not None:
