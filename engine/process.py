@@ -8,7 +8,7 @@ child sends a heartbeat every 0.2 s, frames waiting `stall_timeout_s` without an
 a stall, and a dead process is seen on the next poll. The child leaves on its own when the parent dies.
 
 Messages on the pipe are tuples, parent → child: ("frame", index, pcm), ("reset",), ("stop",);
-child → parent: ("loading", text), ("warming",), ("ready", info), ("out", pcm, text, timings_ms),
+child → parent: ("loading", text), ("warming",), ("ready", info, warm_step_s), ("out", pcm, text, timings_ms),
 ("reset",), ("alive",), ("error", message, traceback).
 """
 
@@ -33,6 +33,8 @@ from .errors import EngineError
 
 RUNNERS = {"chat": "engine.runner:ChatRunner", "transcribe": "engine.runner:TranscribeRunner"}
 HEARTBEAT_S = 0.2
+# A frame unanswered for this many warm step times (and at least stall_timeout_s) is a stall.
+STALL_STEPS = 10
 
 
 class EngineProcessError(EngineError):
@@ -218,6 +220,9 @@ class EngineProcess:
             return WarmingUp()
         if kind == "ready":
             self.state, self.info = "live", msg[1]
+            # A model slower than real time (7B on a CPU) still answers every frame, only late:
+            # what counts as a stall scales with what a warm-up step took.
+            self.stall_timeout_s = max(self.stall_timeout_s, STALL_STEPS * msg[2])
             return Ready(msg[1])
         if kind == "error":
             self._error = (msg[1], msg[2])
@@ -311,7 +316,12 @@ def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: in
         runner = runner_class.load(options, progress=lambda text: link.send(("loading", text)))
         link.send(("warming",))
         runner.warmup()
-        link.send(("ready", runner.describe()))
+        # One timed step, warm: the parent scales what it calls a stall on it.
+        started = time.perf_counter()
+        runner.step(np.zeros(runner.frame_size, dtype=np.float32))
+        step_s = time.perf_counter() - started
+        runner.reset()
+        link.send(("ready", runner.describe(), step_s))
         while True:
             msg = conn.recv()
             if msg[0] == "frame":

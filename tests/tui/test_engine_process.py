@@ -79,6 +79,22 @@ def test_a_slow_engine_never_blocks_the_sender_and_frames_are_skipped():
         assert engine.in_flight == 0 and engine.send_frame(frames(1)[0])
 
 
+def test_a_model_slower_than_the_stall_timeout_is_late_not_stalled():
+    """7B on a CPU takes seconds per step: it answers every frame, late, and must not be killed."""
+    with start(step_s=1.2) as engine:
+        poll_until(engine, Ready, timeout=30)
+        assert engine.stall_timeout_s >= 10 * 1.2
+        for pcm in frames(2):
+            engine.send_frame(pcm)
+        answers = []
+        end = time.monotonic() + 10
+        while len(answers) < 2 and time.monotonic() < end:
+            events = engine.poll(timeout=0.1)
+            assert not any(isinstance(e, Failed) for e in events), events
+            answers += [e for e in events if isinstance(e, Output)]
+        assert len(answers) == 2
+
+
 def test_reset_drops_old_answers_and_counts_from_zero():
     with start(step_s=0.02) as engine:
         poll_until(engine, Ready)
