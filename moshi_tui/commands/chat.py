@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (DeviceOption, DtypeOption, HfRepo, QuantizeOption, Seed, Temp, TempText, TopK, TopKText,
+from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, NoAec, NoTui, OutputDevice, QuantizeOption,
+                     Record, Seed, Temp, TempText, TopK, TopKText,
                      model_options, progress_to_stderr)
 
 EPILOG = """\
@@ -41,6 +42,11 @@ def chat(
     transcript: Annotated[Optional[Path], typer.Option(
         "--transcript", metavar="TXT", help="With --input: also write Moshi's words to this file.")] = None,
     voice: Annotated[Voice, typer.Option("--voice", help="Moshika (female) or Moshiko (male).")] = Voice.moshika,
+    no_tui: NoTui = False,
+    record: Record = None,
+    input_device: InputDevice = None,
+    output_device: OutputDevice = None,
+    no_aec: NoAec = False,
     hf_repo: HfRepo = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
@@ -53,14 +59,25 @@ def chat(
 ) -> None:
     """Talk with Moshi: it listens and speaks at the same time.
 
+    Live, the model runs in its own process while the terminal shows the transcript, latency and
+    levels; every conversation is recorded (--record). Keys: q quit, space mute, r restart, s save
+    the transcript, ? help.
+
     With --input, the conversation runs headless on a recording: the user's side comes from the
     file, frame by frame exactly as live audio would, and Moshi's side goes to --output and stdout.
     """
     options = model_options(hf_repo or voice.value, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
-    if input is None:
-        raise typer.BadParameter("live conversation needs the TUI, which is not wired yet; use --input FILE",
-                                 param_hint="--input")
-    run_headless_chat(input, output, transcript, options)
+    if input is not None:
+        run_headless_chat(input, output, transcript, options)
+        return
+    for value, name in ((output, "--output"), (transcript, "--transcript")):
+        if value is not None:
+            raise typer.BadParameter("goes with --input; a live conversation is recorded with --record DIR",
+                                     param_hint=name)
+    from ..session import SessionOptions, run
+
+    run(SessionOptions(mode="chat", model=options, input_device=input_device, output_device=output_device,
+                       aec=not no_aec, record_dir=record, tui=not no_tui))
 
 
 def run_headless_chat(input: Path, output: Path | None, transcript: Path | None, options) -> None:

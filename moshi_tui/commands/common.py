@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -51,6 +52,23 @@ TopK = Annotated[Optional[int], typer.Option("--top-k", rich_help_panel=SAMPLING
                                              help="Sample audio among the k likeliest tokens.")]
 TopKText = Annotated[Optional[int], typer.Option("--top-k-text", rich_help_panel=SAMPLING_PANEL,
                                                  help="Sample text among the k likeliest tokens.")]
+
+
+LIVE_PANEL = "Live conversation"
+NoTui = Annotated[bool, typer.Option(
+    "--no-tui", rich_help_panel=LIVE_PANEL, help="Plain text on stdout instead of the full-screen view "
+    "(for pipes and scripts); states go to stderr.")]
+Record = Annotated[Optional[Path], typer.Option(
+    "--record", metavar="DIR", rich_help_panel=LIVE_PANEL, help="Where each conversation's folder goes (stereo "
+    "WAV, transcript, event log) [default: the XDG data dir, moshi/sessions].")]
+InputDevice = Annotated[Optional[str], typer.Option(
+    "--input-device", metavar="INDEX_OR_NAME", rich_help_panel=LIVE_PANEL,
+    help="Microphone: an index or part of a name from `moshi devices` [default: the system's].")]
+OutputDevice = Annotated[Optional[str], typer.Option(
+    "--output-device", metavar="INDEX_OR_NAME", rich_help_panel=LIVE_PANEL,
+    help="Speakers: an index or part of a name from `moshi devices` [default: the system's].")]
+NoAec = Annotated[bool, typer.Option(
+    "--no-aec", rich_help_panel=LIVE_PANEL, help="Turn echo cancellation off (with headphones, it is not needed).")]
 
 
 def model_options(hf_repo: str | None, device: Device, dtype: Dtype, seed: int | None, temp: float | None,
