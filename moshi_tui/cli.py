@@ -15,7 +15,7 @@ from audio.errors import AudioError
 from engine.errors import EngineError
 
 from . import __version__, settings
-from .commands import chat, devices, see, tiny_model, transcribe
+from .commands import chat, devices, doctor, see, tiny_model, transcribe
 from .commands.download import download
 
 app = typer.Typer(
@@ -50,6 +50,7 @@ chat.register(app)
 see.register(app)
 transcribe.register(app)
 tiny_model.register(app)
+doctor.register(app)
 devices.register(app)
 
 

@@ -1,0 +1,43 @@
+"""`moshi doctor` on this machine: with a sound server it passes, without one it says what is missing;
+its pipeline check runs a tiny model through the real engine process."""
+
+import os
+import socket
+import subprocess
+
+import pytest
+
+from .test_terminal import MOSHI
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _doctor(env):
+    env = {**env, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
+    return subprocess.run([MOSHI, "doctor"], capture_output=True, text=True, env=env, timeout=240)
+
+
+def test_doctor_passes_with_a_sound_server(pulse):
+    result = _doctor({**os.environ, **pulse.env})
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("[ok  ] microphone:") for line in lines)
+    assert any(line.startswith("[ok  ] speakers:") for line in lines)
+    assert any("Hub not reachable at http://127.0.0.1:" in line for line in lines)
+    [pipeline] = [line for line in lines if "pipeline:" in line]
+    assert pipeline.startswith("[ok  ] pipeline: 25 frames") and "25 answered with audio" in pipeline
+
+
+def test_doctor_fails_without_audio_devices(tmp_path):
+    # No sound server reachable: PortAudio finds no usable device.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PULSE")}
+    env.update(XDG_RUNTIME_DIR=str(tmp_path), PULSE_SERVER=f"unix:{tmp_path}/none")
+    result = _doctor(env)
+    assert result.returncode == 1
+    assert "[FAIL] microphone: no device" in result.stdout
