@@ -7,9 +7,11 @@ than a few, and `poll` only reads what has arrived. Failures are noticed within 
 child sends a heartbeat every 0.2 s, frames waiting `stall_timeout_s` without any answer count as
 a stall, and a dead process is seen on the next poll. The child leaves on its own when the parent dies.
 
-Messages on the pipe are tuples, parent → child: ("frame", index, pcm), ("reset",), ("stop",);
-child → parent: ("loading", text), ("warming",), ("ready", info, warm_step_s), ("out", pcm, text, timings_ms),
-("reset",), ("alive",), ("error", message, traceback).
+Messages on the pipe are tuples, parent → child: ("frame", index, pcm), ("reset",), ("image", data, name),
+("stop",); child → parent: ("loading", text), ("warming",), ("ready", info, warm_step_s),
+("out", pcm, text, timings_ms, gate), ("reset",), ("alive",), ("error", message, traceback).
+"image" (a picture file's bytes, for runners with `set_image`) starts a new conversation, as "reset"
+does; "gate" is how much a MoshiVis runner looked at the picture that step, None for the others.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import numpy as np
 
 from .errors import EngineError
 
-RUNNERS = {"chat": "engine.runner:ChatRunner", "transcribe": "engine.runner:TranscribeRunner"}
+RUNNERS = {"chat": "engine.runner:ChatRunner", "transcribe": "engine.runner:TranscribeRunner",
+           "see": "engine.moshivis:SeeRunner"}
 HEARTBEAT_S = 0.2
 # A frame unanswered for this many warm step times (and at least stall_timeout_s) is a stall.
 STALL_STEPS = 10
@@ -65,6 +68,7 @@ class Output:
     pcm: np.ndarray | None
     text: str | None
     timings_ms: dict[str, float]  # the runner's own, plus "roundtrip": send to receive
+    gate: float | None = None  # MoshiVis: how much it looked at the picture this step
 
 
 @dataclass(frozen=True)
@@ -151,10 +155,18 @@ class EngineProcess:
     def reset(self) -> None:
         """Start a new conversation with the same weights. Answers to earlier frames are dropped;
         frame indices start again at 0."""
+        self._start_over(("reset",))
+
+    def set_image(self, data: bytes, name: str) -> None:
+        """Talk about this picture (a file's bytes) from now on, in a new conversation, as `reset`.
+        Only for runners with `set_image` (MoshiVis); a picture it cannot decode fails the engine."""
+        self._start_over(("image", data, name))
+
+    def _start_over(self, msg: tuple) -> None:
         if self.state != "live":
             return
         try:
-            self._conn.send(("reset",))
+            self._conn.send(msg)
         except OSError:
             return
         self._resets_pending += 1
@@ -201,11 +213,11 @@ class EngineProcess:
             self._last_answer = self._last_heard
             if self._resets_pending:
                 return None  # answers a frame of the conversation that was reset
-            _, pcm, text, timings = msg
+            _, pcm, text, timings, gate = msg
             timings = dict(timings, roundtrip=(self._last_heard - sent) * 1000)
             index = self._answered
             self._answered += 1
-            return Output(index, pcm, text, timings)
+            return Output(index, pcm, text, timings, gate)
         if kind == "alive":
             return None
         if kind == "reset":
@@ -306,6 +318,14 @@ def _load_runner_class(path: str) -> type:
         raise EngineProcessError(f"cannot load the engine runner {path}: {exc}") from exc
 
 
+def _set_image(runner: Any, data: bytes, name: str) -> None:
+    if not hasattr(runner, "set_image"):
+        raise EngineProcessError(f"{type(runner).__name__} cannot look at pictures")
+    from .vision import open_image  # the child only: it needs torch
+
+    runner.set_image(open_image(data), name)  # which also resets the conversation
+
+
 def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: int, log_path: str | None) -> None:
     _redirect_output(log_path)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -326,9 +346,12 @@ def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: in
             msg = conn.recv()
             if msg[0] == "frame":
                 out = runner.step(msg[2])
-                link.send(("out", out.pcm, out.text, out.timings_ms))
+                link.send(("out", out.pcm, out.text, out.timings_ms, getattr(out, "gate", None)))
             elif msg[0] == "reset":
                 runner.reset()
+                link.send(("reset",))
+            elif msg[0] == "image":
+                _set_image(runner, msg[1], msg[2])
                 link.send(("reset",))
             elif msg[0] == "stop":
                 return

@@ -20,9 +20,10 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Static
+from textual.widgets import Footer, Input, Static
 
 from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from .picture import PictureError, PictureView, load_picture
 from .widgets import AudioPanel, LatencyPanel, StatusBar, Thresholds, TranscriptView
 
 HINTS = {
@@ -40,6 +41,7 @@ class Conversation(Protocol):
     def start(self, deliver: Callable[[Event], None]) -> None: ...
     def set_muted(self, muted: bool) -> None: ...
     def restart(self) -> None: ...
+    def set_image(self, data: bytes, name: str) -> None: ...  # `moshi see`: a new picture, a new conversation
     def stop(self) -> None: ...  # idempotent: ends the engine, flushes the session files
 
 
@@ -52,13 +54,35 @@ class HelpScreen(ModalScreen[None]):
         ("s", "save the transcript to a text file"),
         ("?, esc", "close this help"),
     )
+    SEE_KEYS = (("o", "talk about another picture (a new conversation)"),)
+
+    def __init__(self, see: bool = False) -> None:
+        super().__init__()
+        self.keys = self.KEYS[:-1] + self.SEE_KEYS + self.KEYS[-1:] if see else self.KEYS
 
     def compose(self) -> ComposeResult:
-        lines = "\n".join(f"{key:<11} {what}" for key, what in self.KEYS)
+        lines = "\n".join(f"{key:<11} {what}" for key, what in self.keys)
         yield Static(lines, id="help", markup=False)
 
     def on_mount(self) -> None:
         self.query_one("#help").border_title = "Keys"
+
+
+class OpenImageScreen(ModalScreen[Path | None]):
+    """Asks for the path of the next picture; Enter opens it, Escape keeps the current one."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="open-image"):
+            yield Input(placeholder="path/to/picture.jpg", id="image-path")
+
+    def on_mount(self) -> None:
+        self.query_one("#open-image").border_title = "Talk about another picture"
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        path = event.value.strip()
+        self.dismiss(Path(path).expanduser() if path else None)
 
 
 class MoshiApp(App[None]):
@@ -71,6 +95,7 @@ class MoshiApp(App[None]):
         Binding("space", "toggle_mute", "Mute"),
         Binding("r", "restart", "Restart"),
         Binding("s", "save", "Save"),
+        Binding("o", "open_image", "Picture"),
         Binding("question_mark", "help", "Help"),
     ]
 
@@ -83,7 +108,9 @@ class MoshiApp(App[None]):
         thresholds: Thresholds = Thresholds(),
         refresh_hz: float = 10.0,
         error_linger_s: float | None = 2.0,
+        image: Path | None = None,
     ) -> None:
+        """`mode`: "chat", "see" (then `image` is the picture shown beside the words) or "transcribe"."""
         super().__init__()
         self.conversation = conversation
         self.mode = mode
@@ -91,6 +118,7 @@ class MoshiApp(App[None]):
         self.thresholds = thresholds
         self.refresh_hz = refresh_hz
         self.error_linger_s = error_linger_s  # None: stay on the error screen (snapshots)
+        self.image = image
         self.state = "loading"
         self.muted = False
         self.failure: str | None = None  # why the session failed; the app then exits with code 1
@@ -106,17 +134,22 @@ class MoshiApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield StatusBar(id="status")
+        talks = self.mode != "transcribe"
         with Horizontal(id="body"):
             with Vertical(id="main"):
-                yield TranscriptView("moshi" if self.mode == "chat" else None, id="transcript")
+                yield TranscriptView("moshi" if talks else None, id="transcript")
                 yield Static(id="error", markup=False)
             with Vertical(id="side"):
+                if self.mode == "see":
+                    yield PictureView(id="picture")
                 yield LatencyPanel(self.thresholds, id="latency")
-                yield AudioPanel(output=self.mode == "chat", id="audio")
+                yield AudioPanel(output=talks, id="audio")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(TranscriptView).border_title = "Moshi" if self.mode == "chat" else "Transcript"
+        self.query_one(TranscriptView).border_title = "Moshi" if self.mode != "transcribe" else "Transcript"
+        if self.mode == "see" and self.image is not None:
+            self._show_picture(self.image)
         self.query_one(LatencyPanel).border_title = "Latency"
         self.query_one(AudioPanel).border_title = "Audio"
         self._set_state("loading")
@@ -136,7 +169,7 @@ class MoshiApp(App[None]):
         while self._inbox:
             event = self._inbox.popleft()
             if isinstance(event, TextPiece):
-                transcript.add_text(event.t, event.text)
+                transcript.add_text(event.t, event.text, event.gate)
             elif isinstance(event, Stats):
                 self._take_stats(event)
                 got_stats = True
@@ -205,15 +238,47 @@ class MoshiApp(App[None]):
         self.query_one(AudioPanel).show(self._stats, self.muted)
 
     def action_restart(self) -> None:
-        if self.failure is not None or self._stopping is not None or self.state == "ended":
-            return
+        if self._start_over(self.conversation.restart):
+            self.notify("New conversation.", timeout=2)
+
+    def _start_over(self, start: Callable[[], None]) -> bool:
+        """A new conversation (`start` tells the conversation); False when there is none to start."""
+        if not self._can_start_over():
+            return False
         self.drain()  # what the old conversation said before the restart is dropped with it
-        self.conversation.restart()
+        start()
         self.query_one(TranscriptView).clear()
         self._reset_figures()
         self.query_one(LatencyPanel).show(None, [])
         self.query_one(AudioPanel).show(None, self.muted)
-        self.notify("New conversation.", timeout=2)
+        return True
+
+    def _can_start_over(self) -> bool:
+        return self.failure is None and self._stopping is None and self.state != "ended"
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        return action != "open_image" or self.mode == "see"  # False also hides it from the footer
+
+    def action_open_image(self) -> None:
+        self.push_screen(OpenImageScreen(), self._open_image)
+
+    def _open_image(self, path: Path | None) -> None:
+        if path is None or not self._can_start_over():
+            return
+        shown = self._show_picture(path)
+        if shown is not None and self._start_over(lambda: self.conversation.set_image(shown, path.name)):
+            self.notify(f"New conversation about {path.name}.", timeout=3)
+
+    def _show_picture(self, path: Path) -> bytes | None:
+        """Show the picture; its bytes, or None (and a one-line error) when it cannot be read."""
+        try:
+            data, picture = load_picture(path)
+        except PictureError as exc:
+            self.notify(str(exc), severity="error", timeout=6)
+            return None
+        self.image = path
+        self.query_one(PictureView).show(picture, path.name)
+        return data
 
     def action_save(self) -> None:
         self.drain()
@@ -227,7 +292,7 @@ class MoshiApp(App[None]):
             self.notify(f"Transcript saved to {path}", timeout=4)
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen())
+        self.push_screen(HelpScreen(see=self.mode == "see"))
 
     # -- ending ------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ FRAME_S = 0.080  # one Mimi frame: 1920 samples at 24 kHz
 
 @dataclass(frozen=True)
 class SessionInfo:
-    mode: str  # "chat" or "transcribe"
+    mode: str  # "chat", "see" or "transcribe"
     model: str
     device: str
     dtype: str
@@ -33,6 +33,7 @@ class StateChanged:
 class TextPiece:
     t: float
     text: str  # a piece of a word as the model produced it, spaces included
+    gate: float | None = None  # `moshi see`: how much Moshi looked at the picture as it said it
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from .transcript import Transcript
 
 FRAME = 1920
 SAMPLE_RATE = 24000
-DEFAULT_MODELS = {"chat": "moshika", "transcribe": "stt-1b-en_fr"}
+DEFAULT_MODELS = {"chat": "moshika", "see": "moshika-vis", "transcribe": "stt-1b-en_fr"}
 # Silence after the end of a file so the words still in flight come out (the STT text lags its
 # audio by up to 2.5 s for stt-2.6b-en; Moshi needs a moment to finish its sentence).
 FILE_TAIL_S = 3.0
@@ -39,9 +39,9 @@ FILE_TAIL_S = 3.0
 
 @dataclass
 class SessionOptions:
-    """What `moshi chat` / `moshi transcribe` pass to `run`."""
+    """What `moshi chat` / `moshi see` / `moshi transcribe` pass to `run`."""
 
-    mode: str  # "chat" or "transcribe"
+    mode: str  # "chat", "see" (a chat about a picture: `model` is a SeeOptions) or "transcribe"
     model: ModelOptions = field(default_factory=ModelOptions)
     runner: str | None = None  # engine runner, "module:Class"; default: the mode's
     input_file: Path | None = None  # instead of the microphone
@@ -82,6 +82,11 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+def talks(mode: str) -> bool:
+    """Moshi speaks back in a chat and in `see`; a transcription only listens."""
+    return mode != "transcribe"
+
+
 def level_db(pcm: np.ndarray) -> float:
     rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64))))
     return 20 * math.log10(rms) if rms > 1e-6 else -120.0
@@ -99,7 +104,7 @@ class MicSource:
         from audio.duplex import DuplexAudio
 
         # Echo cancellation only matters when something plays: in a chat.
-        config = DuplexConfig(aec=options.aec and options.mode == "chat")
+        config = DuplexConfig(aec=options.aec and talks(options.mode))
         self.audio = DuplexAudio(_device(options.input_device), _device(options.output_device), config)
         self.audio.start()  # warm while the model loads; `clear` drops what was heard meanwhile
         self.captured_at: float | None = None
@@ -205,6 +210,7 @@ class Session:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._restart = threading.Event()
+        self._image: tuple[bytes, str] | None = None  # a new picture for the next conversation
         self._muted = False
         self._live = False
         self._recorder: SessionRecorder | None = None
@@ -231,6 +237,11 @@ class Session:
         self._muted = muted
 
     def restart(self) -> None:
+        self._restart.set()
+
+    def set_image(self, data: bytes, name: str) -> None:
+        """`moshi see`: a new picture, and with it a new conversation."""
+        self._image = (data, name)
         self._restart.set()
 
     def stop(self) -> None:
@@ -304,7 +315,9 @@ class Session:
     def _start_conversation(self) -> None:
         folder = new_session_folder(self.record_base, self.mode)
         self.folders.append(folder)
-        self._recorder = SessionRecorder(folder, self.mode, self._info, SAMPLE_RATE, wav=not self.source.records)
+        # A conversation about a picture is recorded as a chat; its `info` names the picture.
+        kind = "chat" if talks(self.mode) else self.mode
+        self._recorder = SessionRecorder(folder, kind, self._info, SAMPLE_RATE, wav=not self.source.records)
         self.source.clear()
         if self.source.records:
             self.source.start_recording(folder / "audio.wav")
@@ -313,10 +326,16 @@ class Session:
         self._deliver(StateChanged("live"))
 
     def _new_conversation(self) -> None:
-        self.engine.reset()
+        image, self._image = self._image, None
+        if image is None:
+            self.engine.reset()
+        else:
+            self.engine.set_image(*image)
+            self._info["image"] = image[1]
         self._flush_pending()
         if self._recorder is not None:
-            self._recorder.event("restart")
+            self._recorder.event("restart" if image is None else "new image", **({} if image is None else
+                                                                                  {"image": image[1]}))
             self._recorder.close()
         self._start_conversation()
 
@@ -351,11 +370,11 @@ class Session:
             return  # answers a frame of a conversation since restarted
         n, user, _, captured_at = self._pending.popleft()
         t = n * FRAME_S
-        if out.pcm is not None and self.mode == "chat":
+        if out.pcm is not None and talks(self.mode):
             self.source.play(out.pcm, captured_at)
         self._recorder.frame(user, out.pcm)
         if out.text:
-            self._deliver(TextPiece(t, out.text))
+            self._deliver(TextPiece(t, out.text, out.gate))
             self._recorder.text(t, out.text)
         step = out.timings_ms.get("total")
         figures = self.source.figures()
@@ -406,7 +425,7 @@ class PlainPrinter:
     """`--no-tui`: the words on stdout (a new line per paragraph), the rest on stderr."""
 
     def __init__(self, mode: str, out=None, err=None) -> None:
-        self.transcript = Transcript("moshi" if mode == "chat" else None)
+        self.transcript = Transcript("moshi" if talks(mode) else None)
         self.out, self.err = out or sys.stdout, err or sys.stderr
 
     def __call__(self, event: Event) -> None:
@@ -435,7 +454,7 @@ def open_source(options: SessionOptions) -> Source:
     """The microphone (and speaker), or a file. A bad device or file raises a one-line error."""
     if options.input_file is not None:
         # A conversation with a recording plays out in real time; a transcription goes at full speed.
-        return FileSource(options.input_file, realtime=options.mode == "chat")
+        return FileSource(options.input_file, realtime=talks(options.mode))
     return MicSource(options)
 
 
@@ -452,7 +471,9 @@ def run(options: SessionOptions) -> None:
         if options.tui:
             from .app import MoshiApp
 
-            MoshiApp(session, mode=options.mode, save_dir=options.save_dir).run()
+            image = getattr(options.model, "image", None)  # `moshi see`: the picture beside the words
+            MoshiApp(session, mode=options.mode, save_dir=options.save_dir,
+                     image=None if image is None else Path(image)).run()
         else:
             printer = PlainPrinter(options.mode)
             session.start(printer)

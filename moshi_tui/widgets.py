@@ -7,7 +7,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rich.color import Color, blend_rgb
 from rich.console import Group
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 from textual.containers import VerticalScroll
@@ -181,10 +183,31 @@ class AudioPanel(Widget):
         return Group(mic, level_bar("out", s.out_db, width), aec)
 
 
+def gate_level(gate: float) -> int:
+    """0..10, as the official MoshiVis server scales the gate to colour words (moshivis.md §6).
+    The same formula as engine.moshivis.gate_level, which this process cannot import (torch)."""
+    return round(min(max((gate - 0.005) / 0.016, 0.0), 1.0) * 10)
+
+
+def _gate_style(level: int) -> Style:
+    # Dim grey (not looking) to a bright accent (looking hard): brightness rises with the level, so
+    # the ramp survives NO_COLOR, where Textual turns colours into greys.
+    rgb = blend_rgb(Color.parse("#707070").triplet, Color.parse("#ffd75f").triplet, level / 10)
+    return Style(color=Color.from_triplet(rgb), bold=level >= 8)
+
+
+GATE_STYLES = tuple(_gate_style(level) for level in range(11))
+
+
 class ParagraphView(Static):
-    def __init__(self, paragraph, **kwargs) -> None:
+    def __init__(self, paragraph, gate: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.paragraph = paragraph
+        self.text = Text()  # each piece in its gate colour, in `moshi see`
+        self.append(paragraph.text, gate)
+
+    def append(self, piece: str, gate: float | None) -> None:
+        self.text.append(piece, None if gate is None else GATE_STYLES[gate_level(gate)])
         self.redraw()
 
     def redraw(self) -> None:
@@ -196,7 +219,7 @@ class ParagraphView(Static):
             self.add_class("-user")
             grid.add_row(clock(p.t), Text("▸ you spoke", "italic cyan"))
         else:
-            grid.add_row(clock(p.t), Text(p.text))
+            grid.add_row(clock(p.t), self.text)
         self.update(grid)
 
 
@@ -219,19 +242,20 @@ class TranscriptView(VerticalScroll):
         self.hint.update(text)
         self.hint.display = bool(text) and not self.model.paragraphs
 
-    def add_text(self, t: float, text: str) -> None:
-        count = len(self.model.paragraphs)
-        new = self.model.add_text(t, text)
-        if new:
-            self._append(self.model.paragraphs[-1])
-        elif count and self._last is not None:
-            self._last.redraw()
+    def add_text(self, t: float, text: str, gate: float | None = None) -> None:
+        """`gate` (`moshi see`): colour the piece by how much Moshi looked at the picture."""
+        paragraphs = self.model.paragraphs
+        before = paragraphs[-1].text if paragraphs else None
+        if self.model.add_text(t, text):
+            self._append(paragraphs[-1], gate)
+        elif paragraphs and paragraphs[-1].text != before and self._last is not None:
+            self._last.append(text, gate)
 
     def mark_user(self, t: float) -> None:
         count = len(self.model.paragraphs)
         self.model.mark_user(t)
         if len(self.model.paragraphs) > count:
-            self._append(self.model.paragraphs[-1])
+            self._append(self.model.paragraphs[-1], None)
 
     def clear(self) -> None:
         self.model = Transcript(self.speaker)
@@ -239,13 +263,13 @@ class TranscriptView(VerticalScroll):
         self._last = None
         self.hint.display = True
 
-    def _append(self, paragraph) -> None:
+    def _append(self, paragraph, gate: float | None) -> None:
         follow = self.scroll_y >= self.max_scroll_y
         self.hint.display = False
         views = self.query(ParagraphView)
         if len(views) >= self.MAX_PARAGRAPHS:
             views.first().remove()
-        self._last = ParagraphView(paragraph)
+        self._last = ParagraphView(paragraph, gate)
         self.mount(self._last)
         if follow:
             self.scroll_end(animate=False)

@@ -8,14 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (MODEL_PANEL, DeviceOption, DtypeOption, HfRepo, Seed, Temp, TempText, TopK, TopKText,
-                     model_options, progress_to_stderr)
+from .common import (MODEL_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, NoAec, NoTui, OutputDevice,
+                     Record, Seed, Temp, TempText, TopK, TopKText, model_options, progress_to_stderr)
 
 EPILOG = """\
 Examples:
 
 \b
   moshi see photo.jpg                                      # talk about it (microphone, speakers)
+  moshi see photo.jpg --no-tui --record talks/             # words to stdout, the session kept in talks/
   moshi see photo.jpg --input me.wav --output moshi.wav    # answer a recording, words to stdout
   moshi see photo.jpg --xa-start 0 --input me.wav          # look at the picture from the first frame
 """
@@ -45,6 +46,11 @@ def see(
     rms_norm: Annotated[Optional[RmsNorm], typer.Option(
         "--rms-norm", rich_help_panel=MODEL_PANEL, help="RMSNorm of the model: mean-square (Moshi's training, "
         "the Rust and MLX backends) or variance (the official PyTorch backend) [default: from the model].")] = None,
+    no_tui: NoTui = False,
+    record: Record = None,
+    input_device: InputDevice = None,
+    output_device: OutputDevice = None,
+    no_aec: NoAec = False,
     hf_repo: HfRepo = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
@@ -56,18 +62,34 @@ def see(
 ) -> None:
     """Talk with MoshiVis about a picture: it listens, looks and speaks at the same time.
 
+    Live, the picture is shown beside the transcript, and each of Moshi's words is coloured by how
+    much Moshi was looking at the picture as it said it (dim: not at all, bright: intently). Keys:
+    q quit, space mute, r restart, o talk about another picture, s save the transcript, ? help.
+
     With --input, the conversation runs headless on a recording: the user's side comes from the
     file, frame by frame exactly as live audio would, and Moshi's side goes to --output and stdout.
     """
-    if input is None:
-        raise typer.BadParameter("live conversation needs the TUI, which is not wired yet; use --input FILE",
-                                 param_hint="--input")
     from engine.moshivis import SeeOptions
 
     base = model_options(hf_repo or "moshika-vis", device, dtype, seed, temp, temp_text, top_k, top_k_text)
     options = SeeOptions(**vars(base), image=str(image), xa_start=xa_start,
                          rms_norm=None if rms_norm is None else rms_norm.name)
-    run_headless_see(input, output, transcript, options)
+    if input is not None:
+        run_headless_see(input, output, transcript, options)
+        return
+    for value, name in ((output, "--output"), (transcript, "--transcript")):
+        if value is not None:
+            raise typer.BadParameter("goes with --input; a live conversation is recorded with --record DIR",
+                                     param_hint=name)
+    from ..picture import PictureError, load_picture
+    from ..session import SessionOptions, run
+
+    try:
+        load_picture(image)  # a bad file fails now, not in the engine after the model has loaded
+    except PictureError as exc:
+        raise typer.BadParameter(str(exc), param_hint="IMAGE") from None
+    run(SessionOptions(mode="see", model=options, input_device=input_device, output_device=output_device,
+                       aec=not no_aec, record_dir=record, tui=not no_tui))
 
 
 def run_headless_see(input: Path, output: Path | None, transcript: Path | None, options) -> None:

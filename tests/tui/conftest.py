@@ -47,6 +47,20 @@ def pulse():
     refresh()
 
 
+@pytest.fixture(scope="session")
+def sun_picture(tmp_path_factory):
+    """A 4:3 JPEG: a yellow sun in a blue sky over green grass."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (640, 480), (30, 120, 200))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([200, 100, 440, 340], fill=(250, 210, 40))
+    draw.rectangle([0, 380, 640, 480], fill=(40, 160, 60))
+    path = tmp_path_factory.mktemp("pictures") / "sun.jpg"
+    image.save(path, quality=90)
+    return path
+
+
 @pytest.fixture
 def one_thread_engine(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a spawned engine reads it when torch starts

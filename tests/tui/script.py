@@ -15,6 +15,10 @@ MOSHI_WORDS = (
     "or we could talk about a book you read recently. Sure, the weather here is sunny and warm, "
     "a good day for a walk along the river."
 ).split(" ")
+SEE_WORDS = (
+    "I see a bright yellow sun above a blue sky, and green grass below it. It looks like a "
+    "child's drawing of a summer day. Would you like to go outside?"
+).split(" ")
 USER_WORDS = (
     "so this is a test of the transcription in the terminal and it should show every word "
     "that was recognised with the time it was spoken at"
@@ -27,7 +31,7 @@ class ScriptedConversation:
         self.deliver = None
         self.calls: list[tuple] = []
         self.frame = 0
-        self.words = MOSHI_WORDS if mode == "chat" else USER_WORDS
+        self.words = {"chat": MOSHI_WORDS, "see": SEE_WORDS}.get(mode, USER_WORDS)
         self.word = 0
         self.skipped = 0
         self.underruns = 0
@@ -42,6 +46,10 @@ class ScriptedConversation:
 
     def restart(self) -> None:
         self.calls.append(("restart",))
+        self.frame = self.word = self.skipped = self.underruns = 0
+
+    def set_image(self, data: bytes, name: str) -> None:
+        self.calls.append(("image", name, len(data)))
         self.frame = self.word = self.skipped = self.underruns = 0
 
     def stop(self) -> None:
@@ -65,7 +73,7 @@ class ScriptedConversation:
             if i == user_speaks_at:
                 self.deliver(UserSpeech(t, True))
             if i % 4 == 3 and self.word < len(self.words):
-                self.deliver(TextPiece(t, " " + self.words[self.word]))
+                self.deliver(TextPiece(t, " " + self.words[self.word], self.gate(self.word)))
                 self.word += 1
             step = 40.0 + 12.0 * math.sin(i / 3)
             if slow:
@@ -78,9 +86,15 @@ class ScriptedConversation:
                 t=t, step_ms=step, lag_ms=(900.0 if slow else 310.0) + 2 * (i % 5),
                 buffered_ms=20.0 if slow else 160.0, skipped=self.skipped, underruns=self.underruns,
                 mic_db=-30.0 + 10 * math.sin(i / 4), out_db=-18.0 + 6 * math.cos(i / 5),
-                aec=self.mode == "chat", erle_db=21.5 if self.mode == "chat" else None,
+                aec=self.mode != "transcribe", erle_db=21.5 if self.mode != "transcribe" else None,
             ))
             self.frame += 1
+
+    def gate(self, word: int) -> float | None:
+        """`see`: Moshi looks at the picture more and more, then less (levels 0..10 and back)."""
+        if self.mode != "see":
+            return None
+        return 0.005 + 0.0016 * (10 - abs(word % 20 - 10))
 
     def fail(self, reason: str) -> None:
         self.deliver(SessionFailed(reason))

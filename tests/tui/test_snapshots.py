@@ -99,3 +99,24 @@ def test_live_chat_without_colour(snap_compare, monkeypatch):
 def test_live_chat_in_a_large_terminal(snap_compare):
     conv = ScriptedConversation()
     assert snap_compare(_app(conv), terminal_size=(120, 36), run_before=_scene(conv, _live_scene))
+
+
+def _see_app(picture) -> tuple[MoshiApp, ScriptedConversation]:
+    conv = ScriptedConversation(mode="see")
+    return MoshiApp(conv, mode="see", error_linger_s=None, image=picture), conv
+
+
+def _see_scene(c):
+    c.go_live()
+    c.play(90, user_speaks_at=50)
+
+
+def test_see(snap_compare, sun_picture):
+    app, conv = _see_app(sun_picture)
+    assert snap_compare(app, terminal_size=SIZE, run_before=_scene(conv, _see_scene))
+
+
+def test_see_without_colour(snap_compare, sun_picture, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    app, conv = _see_app(sun_picture)
+    assert snap_compare(app, terminal_size=SIZE, run_before=_scene(conv, _see_scene))
