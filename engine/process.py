@@ -112,6 +112,7 @@ class EngineProcess:
         self._next_index = 0
         self._answered = 0
         self._resets_pending = 0
+        self._new_picture = False  # a picture is being looked at (seconds): no stall until it is done
         self._error: tuple[str, str] | None = None
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
@@ -159,18 +160,21 @@ class EngineProcess:
 
     def set_image(self, data: bytes, name: str) -> None:
         """Talk about this picture (a file's bytes) from now on, in a new conversation, as `reset`.
-        Only for runners with `set_image` (MoshiVis); a picture it cannot decode fails the engine."""
-        self._start_over(("image", data, name))
+        Only for runners with `set_image` (MoshiVis); a picture it cannot decode fails the engine.
+        Until the engine has taken it in, it may be as slow to answer as while loading."""
+        if self._start_over(("image", data, name)):
+            self._new_picture = True
 
-    def _start_over(self, msg: tuple) -> None:
+    def _start_over(self, msg: tuple) -> bool:
         if self.state != "live":
-            return
+            return False
         try:
             self._conn.send(msg)
         except OSError:
-            return
+            return False
         self._resets_pending += 1
         self._next_index = 0
+        return True
 
     def poll(self, timeout: float = 0.0) -> list[EngineEvent]:
         """What the engine said since the last poll, waiting up to `timeout` s for the first word.
@@ -224,6 +228,8 @@ class EngineProcess:
             self._resets_pending -= 1
             if not self._resets_pending:
                 self._answered = 0
+                self._new_picture = False
+                self._last_answer = self._last_heard  # frames sent meanwhile waited on the reset
             return None
         if kind == "loading":
             return Loading(msg[1])
@@ -249,13 +255,14 @@ class EngineProcess:
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
             return f"the engine process {how}", ""
         now = time.monotonic()
-        limit = self.load_timeout_s if self.state in ("loading", "warming up") else self.stall_timeout_s
+        slow = self.state in ("loading", "warming up") or self._new_picture
+        limit = self.load_timeout_s if slow else self.stall_timeout_s
         if now - self._last_heard > limit:
             return f"the engine process stopped responding (silent for {now - self._last_heard:.1f} s)", ""
         if self._in_flight:
             # A slow engine still answers; a stalled one leaves the oldest frame unanswered.
             waiting = now - max(self._in_flight[0], self._last_answer)
-            if waiting > self.stall_timeout_s:
+            if waiting > limit:
                 return f"the engine stalled: no answer to a frame for {waiting:.1f} s", ""
         return None
 

@@ -334,8 +334,10 @@ class Session:
             self._info["image"] = image[1]
         self._flush_pending()
         if self._recorder is not None:
-            self._recorder.event("restart" if image is None else "new image", **({} if image is None else
-                                                                                  {"image": image[1]}))
+            if image is None:
+                self._recorder.event("restart")
+            else:
+                self._recorder.event("new image", image=image[1])
             self._recorder.close()
         self._start_conversation()
 

@@ -78,3 +78,31 @@ class ScriptedRunner:
         time.sleep(o.step_s)
         text = f" w{n}" if n % 2 else None
         return Step(-0.5 * pcm, text, {"total": (time.perf_counter() - t0) * 1000})
+
+
+@dataclass
+class SeeStep(Step):
+    gate: float | None
+
+
+class PictureRunner(ScriptedRunner):
+    """ScriptedRunner that looks at a picture: its gate is the picture's mean red level / 2550, so
+    a test can tell which picture the engine has."""
+
+    @classmethod
+    def load(cls, options: ScriptOptions, progress=None) -> "PictureRunner":
+        runner = cls(options)
+        runner.gate = 0.0
+        return runner
+
+    def set_image(self, picture, name: str) -> None:
+        self.gate = float(np.asarray(picture)[..., 0].mean()) / 2550
+        self.name = name
+        self.reset()
+
+    def describe(self) -> dict[str, str]:
+        return {**super().describe(), "image": getattr(self, "name", "")}
+
+    def step(self, pcm: np.ndarray) -> SeeStep:
+        out = super().step(pcm)
+        return SeeStep(out.pcm, out.text, out.timings_ms, self.gate)

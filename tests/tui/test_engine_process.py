@@ -13,7 +13,7 @@ import pytest
 from engine.process import EngineProcess, Failed, Loading, Output, Ready, WarmingUp
 
 from .processes import engine_children, gone
-from .runners import ScriptedRunner, ScriptOptions
+from .runners import PictureRunner, ScriptedRunner, ScriptOptions
 
 RUNNER = f"{ScriptedRunner.__module__}:{ScriptedRunner.__qualname__}"
 pytestmark = pytest.mark.timeout(60)
@@ -206,3 +206,56 @@ def test_an_unknown_runner_is_an_engine_error():
 
 def start_failing(path: str) -> EngineProcess:
     return EngineProcess(path, None)
+
+
+PICTURE_RUNNER = f"{PictureRunner.__module__}:{PictureRunner.__qualname__}"
+
+
+def _png(rgb) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _answers(engine: EngineProcess, pcms) -> list[Output]:
+    outputs = []
+    for pcm in pcms:
+        assert engine.send_frame(pcm)
+        while engine.in_flight:
+            events = engine.poll(timeout=0.05)
+            assert not any(isinstance(e, Failed) for e in events), events
+            outputs += [e for e in events if isinstance(e, Output)]
+    return outputs
+
+
+def test_outputs_carry_the_gate_and_a_new_image_starts_a_new_conversation():
+    with EngineProcess(PICTURE_RUNNER, ScriptOptions(step_s=0.05)) as engine:
+        poll_until(engine, Ready)
+        assert {o.gate for o in _answers(engine, frames(3))} == {0.0}
+        for pcm in frames(3):  # in flight when the picture changes: their answers are dropped
+            engine.send_frame(pcm)
+        engine.set_image(_png((255, 0, 0)), "red.png")
+        after = _answers(engine, frames(4, seed=1))
+        assert [o.index for o in after] == [0, 1, 2, 3]
+        assert [o.text for o in after] == [None, " w1", None, " w3"]  # the runner counts from 0 again
+        assert all(o.gate == pytest.approx(0.1, abs=1e-3) for o in after)  # red 255 / 2550
+    with start() as engine:  # a runner without a picture has no gate
+        poll_until(engine, Ready)
+        assert [o.gate for o in _answers(engine, frames(2))] == [None, None]
+
+
+@pytest.mark.parametrize("runner, image, reason", [
+    (RUNNER, _png((0, 0, 0)), "ScriptedRunner cannot look at pictures"),
+    (PICTURE_RUNNER, b"GIF89a but not really", "the image is not a picture"),
+])
+def test_a_picture_the_engine_cannot_use_is_a_named_failure(runner, image, reason):
+    with EngineProcess(runner, ScriptOptions()) as engine:
+        poll_until(engine, Ready)
+        engine.set_image(image, "x")
+        [failed], _ = poll_until(engine, Failed)
+        assert failed.reason.startswith(reason)
+    assert engine_children() == []
