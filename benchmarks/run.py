@@ -1,8 +1,13 @@
 """Run every benchmark: ours against the reference in the same run, 1 torch thread, medians.
 
-    python benchmarks/run.py            # full size; prints a table
-    python benchmarks/run.py --json     # {"name": {"ours_ms", "reference_ms", "ratio"}, ...}
-    python benchmarks/run.py --quick    # small shapes, seconds: CI runs this so the scripts never rot
+    python benchmarks/run.py             # full size; prints a table
+    python benchmarks/run.py --full-7b   # also the full Moshi-7B step (writes a 15 GB file, ~20 GB of RAM)
+    python benchmarks/run.py --json      # {"name": {"ours_ms", "reference_ms", "ratio"}, ...}
+    python benchmarks/run.py --quick     # small shapes, seconds: CI runs this so the scripts never rot
+
+Besides times (``*_ms``), the JSON holds peak memory (``ours_mb``/``reference_mb``), real-time
+factors (``ours_rtf``/``reference_rtf``) and the quantized models' logit errors (``relative_error``).
+Our int8/int4 rows are compared with the reference's bf16 step: it has no CPU int8 path.
 """
 
 from __future__ import annotations
@@ -16,26 +21,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lm  # noqa: E402
 import mimi  # noqa: E402
+import pipeline  # noqa: E402
 import torch  # noqa: E402
 
-BENCHMARKS = (mimi, lm)
+
+def _row(name: str, figure: dict) -> str:
+    if "relative_error" in figure:
+        return f"{name:34s} {'relative error of the text logits vs our bf16:':>47s} {figure['relative_error']:.4f}"
+    unit = next(key[len("ours_"):] for key in figure if key.startswith("ours_"))
+    ours, reference = figure[f"ours_{unit}"], figure[f"reference_{unit}"]
+    return f"{name:34s} {ours:12.2f} {reference:12.2f} {unit:>4s} {figure['ratio']:7.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes: only checks that the code runs")
+    parser.add_argument("--full-7b", action="store_true", help="also the full Moshi-7B step (15 GB file)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = {}
-    for module in BENCHMARKS:
-        results.update(module.run(args.quick))
+    results.update(mimi.run(args.quick))
+    results.update(lm.run(args.quick, full_7b=args.full_7b))
+    results.update(pipeline.run(args.quick))
     if args.json:
         print(json.dumps(results))
         return
-    print(f"{'':26s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
-    for name, figures in results.items():
-        print(f"{name:26s} {figures['ours_ms']:8.1f}ms {figures['reference_ms']:8.1f}ms {figures['ratio']:7.2f}")
+    print(f"{'':34s} {'ours':>12s} {'reference':>12s} {'':4s} {'ratio':>7s}")
+    for name, figure in results.items():
+        print(_row(name, figure))
+    print("int8/int4 rows: the reference column is the reference's bf16 (it has no CPU int8 path)")
 
 
 if __name__ == "__main__":

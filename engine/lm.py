@@ -269,6 +269,7 @@ def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cp
     # The reference assigns the memory-mapped tensors as they lie in the file: keeping them in
     # place gives its kernels' alignment, and no second copy of gigabytes of weights.
     load_weights(model, state, str(weights), dtype=dtype, device=device, copy_unaligned=False)
+    del state  # the model holds what it needs: each plain int8 copy can go once packed
     if mode is not None:
         quant.finish_quantized(model, device)
     return model.eval()

@@ -18,6 +18,10 @@ fast as the device's plain matmul.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,11 +53,26 @@ def quantized_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
+# Rows quantized at a time: the fp32 temporaries stay a few MB (cache-sized, and no 500 MB
+# spike for a 32000-row vocabulary projection).
+_ELEMENTS_PER_BLOCK = 1 << 20
+
+
+def _row_blocks(weight: torch.Tensor):
+    rows = max(1, _ELEMENTS_PER_BLOCK // weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        yield start, weight[start:start + rows].to(torch.float32, copy=True)  # worked on in place
+
+
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The q8 export's rule: CB = round(127 · W / absmax(row)) as int8, SCB = absmax(row) in fp32."""
-    w = weight.float()
-    absmax = w.abs().amax(dim=1)
-    codes = torch.round(w * (127 / absmax.clamp(min=1e-12))[:, None]).to(torch.int8)
+    codes = torch.empty(weight.shape, dtype=torch.int8)
+    absmax = torch.empty(weight.shape[0])
+    for start, block in _row_blocks(weight):
+        block_max = block.abs().amax(dim=1)
+        block.mul_((127 / block_max.clamp(min=1e-12))[:, None]).round_()
+        codes[start:start + len(block)] = block
+        absmax[start:start + len(block)] = block_max
     return codes, absmax
 
 
@@ -70,12 +89,17 @@ def int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     The kernel's convention (gpt-fast's): W ≈ (q − 8) · scale + zero, so zero is the value of code 8.
     """
     N, K = weight.shape
-    groups = weight.float().view(N, K // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = ((high - low) / 15).clamp(min=1e-6)
-    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(N, K)
-    zero = low + 8 * scale
-    return codes, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    codes = torch.empty(N, K, dtype=torch.int32)
+    scales_zeros = torch.empty(K // group_size, N, 2)
+    for start, block in _row_blocks(weight):
+        rows = slice(start, start + len(block))
+        groups = block.view(len(block), K // group_size, group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = ((high - low) / 15).clamp(min=1e-6)
+        groups.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15)
+        codes[rows] = block
+        scales_zeros[:, rows] = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1)
+    return codes, scales_zeros
 
 
 class Int8Linear(nn.Module):
@@ -177,12 +201,28 @@ def has_int8_weights(state: dict[str, torch.Tensor]) -> bool:
     return any(key.endswith(SCALE_SUFFIX) for key in state)
 
 
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel drop the pages of a tensor that is read for the last time.
+
+    A memory-mapped checkpoint's pages stay resident (and in the RSS) while the mapping lives,
+    which is as long as any tensor of the file (embeddings, norms) is in use. Only pages wholly
+    inside this tensor are released; for a file mapping they would be read back from the file.
+    """
+    if sys.platform != "linux" or tensor.device.type != "cpu":
+        return
+    start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (tensor.data_ptr() + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
 def quantize_state(state: dict[str, torch.Tensor], names: list[str], mode: str,
                    device: torch.device) -> dict[str, torch.Tensor]:
     """Replace the float weights of the linears ``names`` by their quantized tensors, one at a time.
 
-    Tensors are read straight from the (memory-mapped) file: only one layer's float copy exists at
-    a time, so quantizing a 15 GB bf16 model needs no more than the quantized model's memory.
+    Tensors are read straight from the memory-mapped file, and their pages released once read:
+    only one layer's float copy exists at a time, so quantizing a 15 GB bf16 model needs about
+    the quantized model's memory. ``state`` must own its float tensors (a file's, not a model's).
     With int4, a linear whose shape the kernel cannot take is quantized to int8.
     """
     state = dict(state)
@@ -196,6 +236,7 @@ def quantize_state(state: dict[str, torch.Tensor], names: list[str], mode: str,
             codes, scales_zeros = int4_groups(weight, group_size)
             state[key] = Int4Linear.pack(codes, device.type == "cpu")
             state[f"{name}.scales_zeros"] = scales_zeros
+        _release_pages(weight)
     return state
 
 
