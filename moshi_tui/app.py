@@ -164,6 +164,8 @@ class MoshiApp(App[None]):
 
     def drain(self) -> None:
         """Apply every queued event, then redraw the figures once."""
+        if not self.is_running:
+            return  # shutting down: the timer may tick once more while the panels are removed
         got_stats = False
         transcript = self.query_one(TranscriptView)
         while self._inbox:

@@ -3,6 +3,10 @@ their gates on screen are what the runner says in this process, and `o` gives th
 picture mid-conversation."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -103,3 +107,40 @@ async def test_o_gives_the_engine_a_new_picture(tiny_vis, sun_picture, tmp_path,
     assert events[-2]["image"] == "night.png"
     start = json.loads((second / "events.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["image"] == "night.png"
+
+
+def _moshi(*args, env=None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "moshi_tui", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+def test_moshi_see_live_without_the_tui(pulse, tiny_vis, sun_picture, tmp_path):
+    """The real command on the microphone and speakers (the private PulseAudio server), until Ctrl-C."""
+    moshi = _moshi("see", sun_picture, "--no-tui", "--hf-repo", tiny_vis, "--dtype", "float32", "--record",
+                   tmp_path / "rec", "--input-device", "pulse", "--output-device", "pulse", env=pulse.env)
+    seen = []
+    for line in moshi.stderr:  # the states, one a line, until the conversation is live
+        seen.append(line)
+        if line.startswith("moshi: live"):
+            break
+    assert seen and seen[-1].startswith("moshi: live"), "".join(seen)
+    time.sleep(3.0)
+    moshi.send_signal(signal.SIGINT)
+    out, err = moshi.communicate(timeout=30)
+    assert moshi.returncode == 0, err
+    [folder] = (tmp_path / "rec").glob("*-see")
+    events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start" and events[0]["image"] == "sun.jpg" and events[-1]["event"] == "end"
+    said = [line.split(" moshi: ", 1)[1] for line in (folder / "transcript.txt").read_text().splitlines()
+            if " moshi: " in line]
+    assert said and out.splitlines() == said  # the words on stdout are the conversation's
+
+
+def test_a_bad_picture_fails_before_anything_starts(tmp_path):
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a picture")
+    moshi = _moshi("see", notes, "--no-tui", "--record", tmp_path / "rec")
+    _, err = moshi.communicate(timeout=60)
+    assert moshi.returncode == 2 and f"{notes} is not a picture" in " ".join(err.split())
+    assert not (tmp_path / "rec").exists()
