@@ -31,7 +31,7 @@ from torch import nn
 from .errors import CheckpointError, EngineError
 from .lm import LMConfig, LMModel, random_lm_state
 from .lm_gen import DEFAULT_XA_START, Sampling
-from .options import ModelOptions
+from .options import SeeOptions
 from .runner import ChatRunner, Models, Progress, StepOutput, load_models
 from .tiny import write_tiny_checkpoint
 from .vision import ImagePrefix, VisionConfig, image_pixels, open_image, random_image_prefix_state
@@ -191,20 +191,8 @@ def write_tiny_moshivis_checkpoint(folder: str | Path, seed: int = 0) -> Path:
 
 
 @dataclass
-class SeeOptions(ModelOptions):
-    image: str | None = None  # the picture's path
-    xa_start: int | None = None  # steps before Moshi looks at the picture; None: the checkpoint's (16)
-    rms_norm: str | None = None  # None: the checkpoint's
-
-
-@dataclass
 class SeeStepOutput(StepOutput):
     gate: float | None = None  # how much Moshi looked at the picture this step (mean gate, ~0.02 to ~0.1)
-
-
-def gate_level(gate: float) -> int:
-    """0..10, as the official server scales the gate to colour words."""
-    return round(min(max((gate - 0.005) / 0.016, 0.0), 1.0) * 10)
 
 
 class SeeRunner(ChatRunner):

@@ -1,4 +1,5 @@
-"""What the CLI tells the engine about the model to run. Importing this is cheap: no torch."""
+"""What the CLI tells the engine about the model to run. Importing this is cheap: no torch,
+so the TUI process can use it."""
 
 from __future__ import annotations
 
@@ -21,3 +22,17 @@ class ModelOptions:
     temp_text: float | None = None
     top_k: int | None = None
     top_k_text: int | None = None
+
+
+@dataclass
+class SeeOptions(ModelOptions):
+    """MoshiVis: the model options plus the picture and how the model looks at it."""
+
+    image: str | None = None  # the picture's path
+    xa_start: int | None = None  # steps before Moshi looks at the picture; None: the checkpoint's (16)
+    rms_norm: str | None = None  # None: the checkpoint's
+
+
+def gate_level(gate: float) -> int:
+    """0..10, as the official MoshiVis server scales the gate to colour words (moshivis.md §6)."""
+    return round(min(max((gate - 0.005) / 0.016, 0.0), 1.0) * 10)

@@ -16,6 +16,8 @@ from textual.containers import VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Static
 
+from engine.options import gate_level
+
 from .messages import SessionInfo, Stats
 from .transcript import USER, Transcript, clock
 
@@ -181,12 +183,6 @@ class AudioPanel(Widget):
         if not self.output:
             return Group(mic)
         return Group(mic, level_bar("out", s.out_db, width), aec)
-
-
-def gate_level(gate: float) -> int:
-    """0..10, as the official MoshiVis server scales the gate to colour words (moshivis.md §6).
-    The same formula as engine.moshivis.gate_level, which this process cannot import (torch)."""
-    return round(min(max((gate - 0.005) / 0.016, 0.0), 1.0) * 10)
 
 
 def _gate_style(level: int) -> Style:

@@ -98,8 +98,3 @@ def test_one_line_errors(folders, pictures, speech, tmp_path, case):
     assert expected in lines[-1]
     if case != "plain model":
         assert len(lines) == 1, "the picture is checked before anything is loaded"
-
-
-def test_live_mode_is_not_wired_yet(pictures):
-    result = _moshi("see", pictures["png"])
-    assert result.returncode == 2 and "not wired yet" in result.stderr

@@ -69,7 +69,7 @@ def see(
     With --input, the conversation runs headless on a recording: the user's side comes from the
     file, frame by frame exactly as live audio would, and Moshi's side goes to --output and stdout.
     """
-    from engine.moshivis import SeeOptions
+    from engine.options import SeeOptions
 
     base = model_options(hf_repo or "moshika-vis", device, dtype, seed, temp, temp_text, top_k, top_k_text)
     options = SeeOptions(**vars(base), image=str(image), xa_start=xa_start,

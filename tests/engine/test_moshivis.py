@@ -18,7 +18,8 @@ from engine.errors import CheckpointError
 from engine.hub import CheckpointInfo
 from engine.lm import LMConfig, LMModel, load_lm
 from engine.lm_gen import LMGen, Sampling
-from engine.moshivis import (MoshiVis, MoshiVisConfig, SeeOptions, SeeRunner, gate_level, load_moshivis,
+from engine.options import SeeOptions, gate_level
+from engine.moshivis import (MoshiVis, MoshiVisConfig, SeeRunner, load_moshivis,
                              to_official_layout, write_tiny_moshivis_checkpoint)
 from engine.tiny import write_tiny_checkpoint
 from engine.transformer import RMSNorm

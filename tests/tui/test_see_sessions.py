@@ -12,10 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from engine.moshivis import SeeOptions, write_tiny_moshivis_checkpoint
+from engine.moshivis import write_tiny_moshivis_checkpoint
+from engine.options import SeeOptions
 from moshi_tui.app import MoshiApp
 from moshi_tui.session import FRAME, FileSource, Session, SessionOptions
-from moshi_tui.widgets import GATE_STYLES, LatencyPanel, ParagraphView, TranscriptView, gate_level
+from engine.options import gate_level
+from moshi_tui.widgets import GATE_STYLES, LatencyPanel, ParagraphView, TranscriptView
 
 from .processes import engine_children
 from .test_session import _speech_file
