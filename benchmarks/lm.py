@@ -141,8 +141,16 @@ def _load_child(impl: str, path: str, cfg_json: str, quantize: str) -> None:
     with gen.streaming(1), torch.no_grad():
         first_ms = _timed(gen.step, codes[0])
         gen.step(codes[1])
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"load_ms": load_ms, "first_step_ms": first_ms, "rss_mb": rss_mb}))
+    print(json.dumps({"load_ms": load_ms, "first_step_ms": first_ms, "rss_mb": _peak_rss_mb()}))
+
+
+def _peak_rss_mb() -> float:
+    """This process's high-water RSS. Not ru_maxrss: that one starts from the parent's RSS at fork."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_and_memory(path: Path, cfg: LMConfig, prefix: str, modes: tuple[str, ...]) -> dict[str, dict]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
-QUANTIZE_NAMES = ("int8", "int4")
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Weight-only quantized linears for the LM: int8 per output channel, int4 in groups along the input.
+"""Quantized linears for the LM: int8 per output channel, int4 in groups along the input.
 
 At batch 1 an LM step reads every weight once per token, so its time is the bytes read: int8
-halves them against bf16 and int4 quarters them. The activations stay in the model's dtype.
+halves them against bf16 and int4 quarters them. Embeddings, norms, attention and the residual
+stream stay in the model's dtype.
 
 * ``Int8Linear`` holds the official q8 layout (``moshi-lm.md`` §7): ``weight`` int8 and
   ``weight_scb`` fp32 [out], the absmax of each row, so that W ≈ weight · weight_scb / 127. The
@@ -26,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError
 from .transformer import Attention
 
 MODES = ("int8", "int4")
@@ -109,7 +109,8 @@ class Int8Linear(nn.Module):
     about twice the rate of the weight-only int8 kernel, and drops the plain copy (the state dict
     then has no ``weight``). That kernel multiplies int8 by int8, so each input row is quantized
     on the fly to 8 bits with its own absmax scale: the scheme of the reference's q8 path
-    (bitsandbytes' LLM.int8 with threshold 0), which adds ~0.5% relative error per product.
+    (bitsandbytes' LLM.int8 with threshold 0). On Gaussian data that makes a product's relative
+    error ~0.8%, against ~0.3% for the int8 weight alone.
     """
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype):
@@ -240,16 +241,6 @@ def quantize_state(state: dict[str, torch.Tensor], names: list[str], mode: str,
     return state
 
 
-def export_q8(state: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    """A float state dict (split attention names) in the official q8 layout, as the reference's
-    ``export_quantized.py`` writes it: the fp16 weight quantized per row."""
-    state = dict(state)
-    for name in names:
-        key = f"{name}.weight"
-        state[key], state[key + SCALE_SUFFIX] = int8_rows(state[key].half())
-    return state
-
-
 def replace_linears(model: nn.Module, names: list[str], mode: str, compute_dtype: torch.dtype,
                     device: torch.device) -> None:
     """Swap the named nn.Linear modules for empty quantized ones (build on the meta device), with
@@ -258,8 +249,6 @@ def replace_linears(model: nn.Module, names: list[str], mode: str, compute_dtype
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = parent.get_submodule(child)
-        if linear.bias is not None:
-            raise CheckpointError(f"{name}: quantized linears have no bias")
         group_size = int4_group_size(linear.in_features, linear.out_features) if mode == "int4" else None
         if group_size is None:
             new = Int8Linear(linear.in_features, linear.out_features, compute_dtype)
