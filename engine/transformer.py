@@ -144,7 +144,7 @@ class KVCacheState(StreamingState):
 
     cache: torch.Tensor  # [2, B, H, capacity, head_dim]
     offset: torch.Tensor  # [B] long
-    step: int = 0  # host-side count of calls since the last full reset, for per-step weights
+    step: int = 0  # host-side count of steps since the last full reset (per-step weights, matmul attention)
 
     @property
     def capacity(self) -> int:
@@ -216,8 +216,9 @@ class Attention(StreamingModule):
         cfg = self.cfg
         B, T, _ = x.shape
         state = self.state
-        # The call count matters only for per-step weights; not reading it otherwise keeps the
-        # temporal step free of a host integer that changes every call (torch.compile guards on it).
+        # The call count matters only for per-step weights (and the CPU-only matmul attention);
+        # not reading it otherwise keeps the temporal step free of a host integer that changes
+        # every call (torch.compile guards on it).
         step = state.step if state is not None and cfg.weights_per_step else 0
         if cfg.weights_per_step and T != 1:
             raise ValueError("per-step weights take one step per call")
@@ -243,6 +244,11 @@ class Attention(StreamingModule):
         if cfg.context is not None:
             mask = mask & (delta < cfg.context)
         if self.matmul_attention:
+            if state is not None:
+                # Until the ring wraps, every slot written since the last full reset lies below
+                # this many (a slot reset mid-batch restarts lower): attend over those only.
+                filled = min(state.step + T, state.capacity)
+                keys, values, mask = keys[:, :, :filled], values[:, :, :filled], mask[..., :filled]
             out = matmul_attention(q, keys, values, mask[:, None])
         else:
             out = F.scaled_dot_product_attention(q, keys, values, mask[:, None], dropout_p=0.0)
@@ -251,7 +257,7 @@ class Attention(StreamingModule):
 
         if state is not None:
             state.offset += T
-            if cfg.weights_per_step:
+            if cfg.weights_per_step or self.matmul_attention:
                 state.step += T
         return out
 

@@ -19,7 +19,7 @@ from engine.lm import LMConfig, load_lm, random_lm_state
 from engine.lm_gen import LMGen, Sampling
 from engine.quant import Int4Linear, Int8Linear, int4_groups
 from engine.tiny import write_tiny_checkpoint
-from engine.transformer import matmul_attention
+from engine.transformer import Attention, matmul_attention
 
 TOLERANCE = {"int8": 0.06, "int4": 0.4}
 
@@ -208,3 +208,30 @@ def test_quantize_option_end_to_end_through_the_cli(tmp_path, kind, mode):
         assert rate == 24000 and len(audio) > 24000
     else:
         assert (tmp_path / "out" / "in.json").stat().st_size > 0
+
+
+@torch.no_grad()
+def test_matmul_attention_over_the_filled_ring_matches_the_full_ring(checkpoints):
+    """Quantized models attend only over the ring slots written so far; through a slot reset and
+    past the ring's wrap (context 100), that matches the fused kernel over the whole ring. (On a
+    float model: the int8 activation codes would turn rounding noise into whole steps.)"""
+    cfg = LMConfig.tiny_stt()
+    quantized = load_lm(checkpoints["stt"], cfg, quantize="int8")
+    assert all(m.matmul_attention for m in quantized.modules() if isinstance(m, Attention))
+    lm = load_lm(checkpoints["stt"], cfg, dtype=torch.float32)
+    attentions = [m for m in lm.modules() if isinstance(m, Attention)]
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, cfg.card, (2, cfg.num_streams, 130), generator=generator)
+    tokens[:, 0] = torch.randint(0, cfg.text_card, (2, 130), generator=generator)
+    runs = {}
+    for matmul in (True, False):
+        for module in attentions:
+            module.matmul_attention = matmul
+        with lm.streaming(2):
+            logits = []
+            for t in range(130):
+                if t == 40:
+                    lm.reset_streaming(torch.tensor([False, True]))
+                logits.append(lm.forward_text(tokens[:, :, t:t + 1])[1])
+        runs[matmul] = torch.cat(logits, dim=2)
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
