@@ -238,7 +238,9 @@ class SeeRunner(ChatRunner):
 
 
 def _load_models(options: SeeOptions, progress: Progress | None) -> Models:
-    def load_vision_model(info, device: torch.device, dtype: torch.dtype) -> MoshiVis:
+    def load_vision_model(info, device: torch.device, dtype: torch.dtype, quantize: str | None) -> MoshiVis:
+        if quantize is not None:
+            raise EngineError(f"--quantize is not available for {info.repo} yet")
         cfg = MoshiVisConfig.from_checkpoint(info)
         if options.rms_norm is not None:
             cfg = replace(cfg, rms_norm=options.rms_norm)

@@ -70,8 +70,8 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
                 load_language_model: Callable = _load_plain_lm, default_sampling: Sampling | None = None) -> Models:
     """Resolve the checkpoint, then load the LM, Mimi and the tokenizer onto the device.
 
-    ``load_language_model(info, device, dtype)`` returns the LMModel, or a model wrapping one as
-    ``.lm`` (MoshiVis); ``default_sampling`` applies where the checkpoint's lm_gen_config is silent.
+    ``load_language_model(info, device, dtype, quantize)`` returns the LMModel, or a model wrapping
+    one as ``.lm`` (MoshiVis); ``default_sampling`` applies where the checkpoint's lm_gen_config is silent.
     """
     import sentencepiece
 
@@ -87,12 +87,7 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
     info = CheckpointInfo.resolve(repo)
 
     report("loading the language model" + (f" ({options.quantize})" if options.quantize else ""))
-    if options.quantize is None:
-        model = load_language_model(info, device, DTYPES[options.dtype])
-    elif load_language_model is _load_plain_lm:
-        model = _load_plain_lm(info, device, DTYPES[options.dtype], options.quantize)
-    else:
-        raise EngineError(f"--quantize is not available for {repo}")
+    model = load_language_model(info, device, DTYPES[options.dtype], options.quantize)
     lm = getattr(model, "lm", model)
     report("loading Mimi")
     mimi_config = MimiConfig.from_dict(info.mimi_config) if info.mimi_config else None
