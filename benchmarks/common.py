@@ -1,10 +1,34 @@
-"""What every benchmark reports: medians of ours and the reference, and their ratio."""
+"""What every benchmark shares: medians of ours and the reference with their ratio, and the
+command line (``--quick``, ``--json``, 1 torch thread) around a script's measurements."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+from typing import Callable
+
+import torch
 
 
 def summary(ours_ms: list[float], reference_ms: list[float]) -> dict[str, float]:
     ours, reference = statistics.median(ours_ms), statistics.median(reference_ms)
     return {"ours_ms": round(ours, 2), "reference_ms": round(reference, 2), "ratio": round(ours / reference, 3)}
+
+
+def run_command_line(doc: str, quick_help: str, measure: Callable[[argparse.Namespace], dict],
+                     print_table: Callable[[dict], None], full_7b: bool = False) -> None:
+    """Parse the script's options, run ``measure(args)`` on 1 torch thread, print its figures:
+    one JSON object with ``--json``, else ``print_table``'s table. ``full_7b`` adds ``--full-7b``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if full_7b:
+        parser.add_argument("--full-7b", action="store_true", help="also the full Moshi-7B step (15 GB file)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results = measure(args)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print_table(results)

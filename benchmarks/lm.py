@@ -16,7 +16,6 @@ fresh process per implementation (load, then two steps).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
@@ -35,7 +34,7 @@ os.environ.setdefault("NO_CUDA_GRAPH", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from common import summary  # noqa: E402
+from common import run_command_line, summary  # noqa: E402
 
 from engine.lm import LMConfig, LMModel, load_lm  # noqa: E402
 from engine.lm_gen import LMGen, Sampling  # noqa: E402
@@ -273,17 +272,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--load-child":
         _load_child(*sys.argv[2:6])
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes: only checks that the code runs")
-    parser.add_argument("--full-7b", action="store_true", help="also the full Moshi-7B step (15 GB file)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    results = run(args.quick, args.full_7b)
-    if args.json:
-        print(json.dumps(results))
-    else:
-        print_table(results)
+    run_command_line(__doc__, "small shapes: only checks that the code runs",
+                     lambda args: run(args.quick, args.full_7b), print_table, full_7b=True)
 
 
 if __name__ == "__main__":

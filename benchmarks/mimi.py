@@ -12,9 +12,7 @@ rounding can flip a codeword near-tie, so its codes are not guaranteed identical
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -27,7 +25,7 @@ os.environ.setdefault("NO_CUDA_GRAPH", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from common import summary  # noqa: E402
+from common import run_command_line, summary  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from engine.mimi import MimiConfig, load_mimi, random_mimi_state  # noqa: E402
@@ -92,19 +90,15 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few frames: only checks that the code runs")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    results = run(args.quick)
-    if args.json:
-        print(json.dumps(results))
-        return
+def print_table(results: dict) -> None:
     for name, figures in results.items():
         print(f"{name:19s} ours {figures['ours_ms']:7.1f} ms   reference {figures['reference_ms']:7.1f} ms   "
               f"ratio {figures['ratio']:.2f}   (median per 80 ms frame)")
+
+
+def main() -> None:
+    run_command_line(__doc__, "a few frames: only checks that the code runs", lambda args: run(args.quick),
+                     print_table)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ not depend on the position, since it always attends over its whole KV ring.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import multiprocessing
 import os
@@ -30,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from common import run_command_line  # noqa: E402
 from lm import write_random_weights  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -129,19 +128,15 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 s, small LM: only checks that the code runs")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    results = run(args.quick)
-    if args.json:
-        print(json.dumps(results))
-        return
+def print_table(results: dict) -> None:
     for name, figure in results.items():
         print(f"{name:34s} ours RTF {figure['ours_rtf']:.3f}   reference RTF {figure['reference_rtf']:.3f} "
               f"(bf16, sequential)   ratio {figure['ratio']:.3f}")
+
+
+def main() -> None:
+    run_command_line(__doc__, "2 s, small LM: only checks that the code runs", lambda args: run(args.quick),
+                     print_table)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ Our int8/int4 rows are compared with the reference's bf16 step: it has no CPU in
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm  # noqa: E402
 import mimi  # noqa: E402
 import pipeline  # noqa: E402
-import torch  # noqa: E402
+from common import run_command_line  # noqa: E402
 
 
 def _row(name: str, figure: dict) -> str:
@@ -33,24 +31,19 @@ def _row(name: str, figure: dict) -> str:
     return f"{name:34s} {ours:12.2f} {reference:12.2f} {unit:>4s} {figure['ratio']:7.3f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes: only checks that the code runs")
-    parser.add_argument("--full-7b", action="store_true", help="also the full Moshi-7B step (15 GB file)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    results = {}
-    results.update(mimi.run(args.quick))
-    results.update(lm.run(args.quick, full_7b=args.full_7b))
-    results.update(pipeline.run(args.quick))
-    if args.json:
-        print(json.dumps(results))
-        return
+def print_table(results: dict) -> None:
     print(f"{'':34s} {'ours':>12s} {'reference':>12s} {'':4s} {'ratio':>7s}")
     for name, figure in results.items():
         print(_row(name, figure))
     print("int8/int4 rows: the reference column is the reference's bf16 (it has no CPU int8 path)")
+
+
+def measure(args) -> dict:
+    return {**mimi.run(args.quick), **lm.run(args.quick, full_7b=args.full_7b), **pipeline.run(args.quick)}
+
+
+def main() -> None:
+    run_command_line(__doc__, "small shapes: only checks that the code runs", measure, print_table, full_7b=True)
 
 
 if __name__ == "__main__":
