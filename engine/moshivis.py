@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import quant
 from .errors import CheckpointError, EngineError
 from .lm import LMConfig, LMModel, random_lm_state
 from .lm_gen import DEFAULT_XA_START, Sampling
@@ -35,7 +36,7 @@ from .options import SeeOptions
 from .runner import ChatRunner, Models, Progress, StepOutput, load_models
 from .tiny import write_tiny_checkpoint
 from .vision import ImagePrefix, VisionConfig, image_pixels, open_image, random_image_prefix_state
-from .weights import load_weights, read_safetensors
+from .weights import load_weights, read_safetensors, split_fused_attention
 
 RMS_NORMS = {"mean_square": "rms_norm_f32", "variance": "rms_norm_f32_variance"}
 # The official web client's sampling (moshivis.md §6); a checkpoint's lm_gen_config or the CLI override it.
@@ -154,13 +155,31 @@ def from_official_layout(state: dict[str, torch.Tensor], num_layers: int, source
 
 
 def load_moshivis(weights: str | Path, cfg: MoshiVisConfig, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.bfloat16) -> MoshiVis:
+                  dtype: torch.dtype = torch.bfloat16, quantize: str | None = None) -> MoshiVis:
     """Load a checkpoint in the official layout. Every tensor is cast to ``dtype``, whatever it is stored
-    in (the official loader also runs the vision tower in the LM's dtype)."""
+    in (the official loader also runs the vision tower in the LM's dtype).
+
+    ``quantize`` ("int8" or "int4") quantizes the linears that ``load_lm`` quantizes in a Moshi LM,
+    by the same rules: 7.4 B of MoshiVis's 8.3 B weights. The vision tower (0.4 B) stays in ``dtype``:
+    it runs once per picture, so int8 would save memory but no step time. The cross-attention (0.2 B:
+    the shared projections and each layer's gate) stays too, as trained: it is the whole path of the
+    picture into the speech, and no quantized MoshiVis exists to check its gate against. Its price:
+    each layer still reads its query/output projections and gate in ``dtype`` every step, about a
+    third of the bytes of that layer's int8 linears.
+    """
+    if quantize is not None and quantize not in quant.MODES:
+        raise CheckpointError(f"unknown quantization {quantize!r}; choose one of {', '.join(quant.MODES)}")
+    device = torch.device(device)
     state = from_official_layout(read_safetensors(weights), cfg.lm.num_layers, str(weights))
     with torch.device("meta"):
         model = MoshiVis(cfg)
+    if quantize is not None:
+        names = [f"lm.{name}" for name in quant.quantized_linear_names(model.lm)]
+        state = quant.quantize_state(split_fused_attention(model, state), names, quantize, device)
+        quant.replace_linears(model, names, quantize, dtype, device)
     load_weights(model, state, str(weights), dtype=dtype, device=device)
+    if quantize is not None:
+        quant.finish_quantized(model, device)
     return model.eval()
 
 
@@ -239,11 +258,9 @@ class SeeRunner(ChatRunner):
 
 def _load_models(options: SeeOptions, progress: Progress | None) -> Models:
     def load_vision_model(info, device: torch.device, dtype: torch.dtype, quantize: str | None) -> MoshiVis:
-        if quantize is not None:
-            raise EngineError(f"--quantize is not available for {info.repo} yet")
         cfg = MoshiVisConfig.from_checkpoint(info)
         if options.rms_norm is not None:
             cfg = replace(cfg, rms_norm=options.rms_norm)
-        return load_moshivis(info.lm_weights, cfg, device=device, dtype=dtype)
+        return load_moshivis(info.lm_weights, cfg, device=device, dtype=dtype, quantize=quantize)
 
     return load_models(options, "moshika-vis", progress, load_vision_model, SAMPLING)
