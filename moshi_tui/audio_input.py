@@ -24,7 +24,7 @@ import soundfile as sf
 
 from audio import SAMPLE_RATE
 from audio.errors import AudioFileError
-from audio.files import FORMATS
+from audio.files import check_audio_path, decode_error
 from audio.resample import Resampler
 
 BLOCK_SECONDS = 1.0
@@ -60,20 +60,10 @@ def stdin_input(raw_rate: int | None = None, stream: BinaryIO | None = None) -> 
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise AudioFileError(f"audio file not found: {path}")
-    if path.is_dir():
-        raise AudioFileError(f"{path} is a directory, not an audio file")
-    if path.stat().st_size == 0:
-        raise AudioFileError(f"audio file is empty (0 bytes): {path}")
+    check_audio_path(path)
     with _open_soundfile(path, f"audio file {path}") as f:
         if f.frames == 0:
             raise AudioFileError(f"audio file has no samples: {path}")
-
-
-# libsndfile's codes for "unknown format", and for an MP3 it cannot sync to, which it words as a
-# missing file (the file is there: it was checked before).
-_NOT_AUDIO_CODES = (1, 2, 7)
 
 
 def _open_soundfile(file, name: str) -> sf.SoundFile:
@@ -81,13 +71,8 @@ def _open_soundfile(file, name: str) -> sf.SoundFile:
     try:
         with _quiet_stderr():  # libmpg123 prints its resync attempts on a broken MP3
             return _FrontToBackSoundFile(file)
-    except sf.LibsndfileError as exc:
-        detail = exc.error_string.removeprefix("Error :").strip().rstrip(".")
-        if not detail or exc.code in _NOT_AUDIO_CODES:
-            detail = f"not a readable {FORMATS} file"
-        raise AudioFileError(f"cannot decode {name}: {detail}") from exc
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise AudioFileError(f"cannot decode {name}: {exc}") from exc
+    except (RuntimeError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError
+        raise decode_error(exc, name) from exc
 
 
 @contextmanager
