@@ -16,16 +16,6 @@ ref_loaders = pytest.importorskip("moshi.models.loaders")
 ref_lm = pytest.importorskip("moshi.models.lm")
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lm")
-    paths = {}
-    for name, cfg in {"moshi": LMConfig.tiny_moshi(), "stt": LMConfig.tiny_stt()}.items():
-        paths[name] = folder / f"{name}.safetensors"
-        save_file(random_lm_state(cfg, seed=1), paths[name])
-    return paths
-
-
 def _pair(path, cfg, dtype, sampling):
     ref = ref_loaders.get_moshi_lm(str(path), cfg.to_dict(), device="cpu", dtype=dtype)
     ref_gen = ref_lm.LMGen(ref, use_sampling=sampling.temp > 0, temp=sampling.temp, temp_text=sampling.temp_text,
@@ -39,9 +29,9 @@ def _user_codes(cfg, steps, batch, seed=5):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moshi_greedy_50_steps_identical(checkpoints, dtype):
+def test_moshi_greedy_50_steps_identical(lm_checkpoints, dtype):
     cfg = LMConfig.tiny_moshi()
-    ref_gen, gen = _pair(checkpoints["moshi"], cfg, dtype, Sampling.greedy())
+    ref_gen, gen = _pair(lm_checkpoints["moshi"], cfg, dtype, Sampling.greedy())
     codes = _user_codes(cfg, 50, 1)
     texts = set()
     with ref_gen.streaming(1), gen.streaming(1):
@@ -55,10 +45,10 @@ def test_moshi_greedy_50_steps_identical(checkpoints, dtype):
     assert len(texts) > 5, "degenerate random model: the comparison would prove little"
 
 
-def test_moshi_sampling_with_same_seed_identical(checkpoints):
+def test_moshi_sampling_with_same_seed_identical(lm_checkpoints):
     """Same RNG draws in the same order: even sampled tokens agree."""
     cfg = LMConfig.tiny_moshi()
-    ref_gen, gen = _pair(checkpoints["moshi"], cfg, torch.float32, Sampling())
+    ref_gen, gen = _pair(lm_checkpoints["moshi"], cfg, torch.float32, Sampling())
     codes = _user_codes(cfg, 30, 1)
     with ref_gen.streaming(1), gen.streaming(1):
         for t in range(30):
@@ -69,9 +59,9 @@ def test_moshi_sampling_with_same_seed_identical(checkpoints):
             assert (expected is None and got is None) or torch.equal(expected, got), f"step {t}"
 
 
-def test_stt_extra_heads_match(checkpoints):
+def test_stt_extra_heads_match(lm_checkpoints):
     cfg = LMConfig.tiny_stt()
-    ref_gen, gen = _pair(checkpoints["stt"], cfg, torch.float32, Sampling.greedy())
+    ref_gen, gen = _pair(lm_checkpoints["stt"], cfg, torch.float32, Sampling.greedy())
     codes = _user_codes(cfg, 40, 1)
     with ref_gen.streaming(1), gen.streaming(1):
         for t in range(40):
@@ -84,9 +74,9 @@ def test_stt_extra_heads_match(checkpoints):
 
 
 @pytest.mark.parametrize("name", ["moshi", "stt"])
-def test_batch_of_two_with_one_slot_reset(checkpoints, name):
+def test_batch_of_two_with_one_slot_reset(lm_checkpoints, name):
     cfg = LMConfig.tiny_moshi() if name == "moshi" else LMConfig.tiny_stt()
-    path = checkpoints[name]
+    path = lm_checkpoints[name]
     codes = _user_codes(cfg, 30, 2)
     reset_at = 12
     mask = torch.tensor([False, True])
@@ -119,7 +109,7 @@ def test_batch_of_two_with_one_slot_reset(checkpoints, name):
                 assert (got[1] == -2).all()
 
 
-def test_loader_names_missing_and_misshaped_tensors(checkpoints, tmp_path):
+def test_loader_names_missing_and_misshaped_tensors(lm_checkpoints, tmp_path):
     cfg = LMConfig.tiny_moshi()
     state = random_lm_state(cfg, seed=2)
     state.pop("linears.3.weight")
@@ -135,22 +125,22 @@ def test_loader_names_missing_and_misshaped_tensors(checkpoints, tmp_path):
     assert "not_a_weight" in message
 
 
-def test_loader_accepts_split_attention_names(checkpoints, tmp_path):
+def test_loader_accepts_split_attention_names(lm_checkpoints, tmp_path):
     """The q8 files store per-step names (``in_projs.{k}.weight``); both layouts give the same model."""
     cfg = LMConfig.tiny_moshi()
     split = random_lm_state(cfg, seed=1, fused=False)
     assert "depformer.layers.0.self_attn.in_projs.7.weight" in split
     save_file(split, tmp_path / "split.safetensors")
-    fused_model = load_lm(checkpoints["moshi"], cfg)
+    fused_model = load_lm(lm_checkpoints["moshi"], cfg)
     split_model = load_lm(tmp_path / "split.safetensors", cfg)
     for (name, a), (_, b) in zip(fused_model.state_dict().items(), split_model.state_dict().items()):
         assert torch.equal(a, b), name
 
 
-def test_ffn_width_comes_from_the_weights(checkpoints):
+def test_ffn_width_comes_from_the_weights(lm_checkpoints):
     """A config whose hidden_scale rule gives the wrong width still loads (spec trap 4)."""
     cfg = LMConfig.tiny_moshi()
     wrong = LMConfig.from_dict({**cfg.to_dict(), "hidden_scale": 4.0})
     assert wrong.ffn_hidden != cfg.ffn_hidden
-    model = load_lm(checkpoints["moshi"], wrong)
+    model = load_lm(lm_checkpoints["moshi"], wrong)
     assert model.cfg.ffn_hidden == cfg.ffn_hidden

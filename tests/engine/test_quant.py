@@ -28,16 +28,6 @@ def _relative(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("quant")
-    paths = {}
-    for name, cfg in {"moshi": LMConfig.tiny_moshi(), "stt": LMConfig.tiny_stt()}.items():
-        paths[name] = folder / f"{name}.safetensors"
-        save_file(random_lm_state(cfg, seed=1), paths[name])
-    return paths
-
-
 def _text_logits(lm, tokens):
     """Teacher-forced text logits [steps, text_card]: every model sees the same inputs."""
     with torch.no_grad(), lm.streaming(1):
@@ -68,10 +58,10 @@ def _q8_state(cfg, seed=1):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("name", ["moshi", "stt"])
-def test_quantized_logits_within_tolerance_of_bf16(checkpoints, name, mode):
+def test_quantized_logits_within_tolerance_of_bf16(lm_checkpoints, name, mode):
     cfg = LMConfig.tiny_moshi() if name == "moshi" else LMConfig.tiny_stt()
-    plain = load_lm(checkpoints[name], cfg)
-    quantized = load_lm(checkpoints[name], cfg, quantize=mode)
+    plain = load_lm(lm_checkpoints[name], cfg)
+    quantized = load_lm(lm_checkpoints[name], cfg, quantize=mode)
     linears = [m for m in quantized.modules() if isinstance(m, (Int8Linear, Int4Linear))]
     assert not any(isinstance(m, torch.nn.Linear) for m in quantized.transformer.modules())
     assert len(linears) >= 4 * cfg.num_layers + 1
@@ -85,9 +75,9 @@ def test_quantized_logits_within_tolerance_of_bf16(checkpoints, name, mode):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_moshi_generates_with_its_depformer(checkpoints, mode):
+def test_quantized_moshi_generates_with_its_depformer(lm_checkpoints, mode):
     cfg = LMConfig.tiny_moshi()
-    gen = LMGen(load_lm(checkpoints["moshi"], cfg, quantize=mode), Sampling.greedy())
+    gen = LMGen(load_lm(lm_checkpoints["moshi"], cfg, quantize=mode), Sampling.greedy())
     generator = torch.Generator().manual_seed(3)
     codes = torch.randint(0, cfg.card, (12, 2, cfg.n_q - cfg.dep_q, 1), generator=generator)
     with gen.streaming(2):
@@ -101,7 +91,7 @@ def test_quantized_moshi_generates_with_its_depformer(checkpoints, mode):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["split-names", "fused-names"])
-def test_official_q8_layout_loads_strictly_and_runs(checkpoints, tmp_path, fused):
+def test_official_q8_layout_loads_strictly_and_runs(lm_checkpoints, tmp_path, fused):
     cfg = LMConfig.tiny_moshi()
     state = _q8_state(cfg)
     if fused:  # the load hook's other spelling: in_proj_weight / in_proj_weight_scb
@@ -119,7 +109,7 @@ def test_official_q8_layout_loads_strictly_and_runs(checkpoints, tmp_path, fused
                                                                   Int8Linear)
     assert q8.emb[0].weight.dtype == torch.bfloat16
     # The same random weights in bf16: the q8 model is within int8's tolerance of them.
-    plain = load_lm(checkpoints["moshi"], cfg)
+    plain = load_lm(lm_checkpoints["moshi"], cfg)
     tokens = _tokens(cfg, 20)
     assert _relative(_text_logits(q8, tokens), _text_logits(plain, tokens)) < TOLERANCE["int8"]
     with pytest.raises(CheckpointError, match="already quantized to int8"):
@@ -136,9 +126,9 @@ def test_q8_file_with_a_missing_scale_names_it(tmp_path):
         load_lm(path, cfg)
 
 
-def test_unknown_quantization_is_a_named_error(checkpoints):
+def test_unknown_quantization_is_a_named_error(lm_checkpoints):
     with pytest.raises(CheckpointError, match="unknown quantization 'int3'"):
-        load_lm(checkpoints["moshi"], LMConfig.tiny_moshi(), quantize="int3")
+        load_lm(lm_checkpoints["moshi"], LMConfig.tiny_moshi(), quantize="int3")
 
 
 @torch.no_grad()
@@ -211,14 +201,14 @@ def test_quantize_option_end_to_end_through_the_cli(tmp_path, kind, mode):
 
 
 @torch.no_grad()
-def test_matmul_attention_over_the_filled_ring_matches_the_full_ring(checkpoints):
+def test_matmul_attention_over_the_filled_ring_matches_the_full_ring(lm_checkpoints):
     """Quantized models attend only over the ring slots written so far; through a slot reset and
     past the ring's wrap (context 100), that matches the fused kernel over the whole ring. (On a
     float model: the int8 activation codes would turn rounding noise into whole steps.)"""
     cfg = LMConfig.tiny_stt()
-    quantized = load_lm(checkpoints["stt"], cfg, quantize="int8")
+    quantized = load_lm(lm_checkpoints["stt"], cfg, quantize="int8")
     assert all(m.matmul_attention for m in quantized.modules() if isinstance(m, Attention))
-    lm = load_lm(checkpoints["stt"], cfg, dtype=torch.float32)
+    lm = load_lm(lm_checkpoints["stt"], cfg, dtype=torch.float32)
     attentions = [m for m in lm.modules() if isinstance(m, Attention)]
     generator = torch.Generator().manual_seed(4)
     tokens = torch.randint(0, cfg.card, (2, cfg.num_streams, 130), generator=generator)
