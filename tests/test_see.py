@@ -68,6 +68,27 @@ def test_headless_see_end_to_end(folders, pictures, speech, tmp_path, kind):
     assert np.abs(reply).max() > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_headless_see_quantized(folders, pictures, speech, tmp_path, mode):
+    path, samples = speech
+    result = _moshi("see", pictures["jpeg"], "--hf-repo", folders["vis"], "--input", path, "--output",
+                    tmp_path / "reply.wav", "--xa-start", 4, "--quantize", mode)
+    assert result.returncode == 0, result.stderr
+    assert f"loading the language model ({mode})" in result.stderr
+    assert len(result.stdout.strip()) > 5
+    reply, rate = soundfile.read(tmp_path / "reply.wav", dtype="float32")
+    assert rate == 24000 and reply.shape == (samples // 1920 * 1920,)
+    assert np.abs(reply).max() > 1e-3
+
+
+@pytest.mark.parametrize("option", ["--output", "--transcript"])
+def test_reply_files_need_input(folders, pictures, tmp_path, option):
+    result = _moshi("see", pictures["jpeg"], "--hf-repo", folders["vis"], option, tmp_path / "reply")
+    assert result.returncode == 2
+    assert "goes with --input" in result.stderr and option in result.stderr
+    assert not (tmp_path / "reply").exists()
+
+
 def test_gate_closed_says_what_chat_says(folders, pictures, speech, tmp_path):
     path, _ = speech
     sampling = ("--temp", 0.8, "--temp-text", 0.7, "--seed", 11)  # sampled: the random draws must line up too

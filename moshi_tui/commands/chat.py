@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, NoAec, NoTui, OutputDevice, QuantizeOption,
-                     Record, Seed, Temp, TempText, TopK, TopKText,
-                     model_options, progress_to_stderr)
+from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoTui, OutputDevice,
+                     OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText, TranscriptFile,
+                     model_options, progress_to_stderr, reject_without_input)
 
 EPILOG = """\
 Examples:
@@ -34,13 +34,9 @@ def register(app: typer.Typer) -> None:
 
 
 def chat(
-    input: Annotated[Optional[Path], typer.Option(
-        "--input", "-i", metavar="AUDIO", help="Answer this recording instead of the microphone "
-        "(wav, flac, ogg or mp3, any rate).")] = None,
-    output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", metavar="WAV", help="With --input: write Moshi's voice to this WAV file.")] = None,
-    transcript: Annotated[Optional[Path], typer.Option(
-        "--transcript", metavar="TXT", help="With --input: also write Moshi's words to this file.")] = None,
+    input: InputRecording = None,
+    output: OutputWav = None,
+    transcript: TranscriptFile = None,
     voice: Annotated[Voice, typer.Option("--voice", help="Moshika (female) or Moshiko (male).")] = Voice.moshika,
     no_tui: NoTui = False,
     record: Record = None,
@@ -70,10 +66,7 @@ def chat(
     if input is not None:
         run_headless_chat(input, output, transcript, options)
         return
-    for value, name in ((output, "--output"), (transcript, "--transcript")):
-        if value is not None:
-            raise typer.BadParameter("goes with --input; a live conversation is recorded with --record DIR",
-                                     param_hint=name)
+    reject_without_input(output, transcript)
     from ..session import SessionOptions, run
 
     run(SessionOptions(mode="chat", model=options, input_device=input_device, output_device=output_device,

@@ -1,4 +1,7 @@
-"""Options shared by the commands that run a model (chat, see, transcribe)."""
+"""Options shared by the commands that run a model (chat, see, transcribe).
+
+Typer builds a command's options from its function's own parameters, so each command still lists
+them, one line each; their names, help and types are declared here once."""
 
 from __future__ import annotations
 
@@ -53,6 +56,24 @@ TopK = Annotated[Optional[int], typer.Option("--top-k", rich_help_panel=SAMPLING
                                              help="Sample audio among the k likeliest tokens.")]
 TopKText = Annotated[Optional[int], typer.Option("--top-k-text", rich_help_panel=SAMPLING_PANEL,
                                                  help="Sample text among the k likeliest tokens.")]
+
+
+# A conversation (chat, see) on a recording instead of the microphone.
+InputRecording = Annotated[Optional[Path], typer.Option(
+    "--input", "-i", metavar="AUDIO", help="Answer this recording instead of the microphone "
+    "(wav, flac, ogg or mp3, any rate).")]
+OutputWav = Annotated[Optional[Path], typer.Option(
+    "--output", "-o", metavar="WAV", help="With --input: write Moshi's voice to this WAV file.")]
+TranscriptFile = Annotated[Optional[Path], typer.Option(
+    "--transcript", metavar="TXT", help="With --input: also write Moshi's words to this file.")]
+
+
+def reject_without_input(output: Path | None, transcript: Path | None) -> None:
+    """--output and --transcript belong to a conversation on a recording (--input)."""
+    for value, name in ((output, "--output"), (transcript, "--transcript")):
+        if value is not None:
+            raise typer.BadParameter("goes with --input; a live conversation is recorded with --record DIR",
+                                     param_hint=name)
 
 
 LIVE_PANEL = "Live conversation"

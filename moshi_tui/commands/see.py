@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (MODEL_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, NoAec, NoTui, OutputDevice,
-                     Record, Seed, Temp, TempText, TopK, TopKText, model_options, progress_to_stderr)
+from .common import (MODEL_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoTui,
+                     OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText,
+                     TranscriptFile, model_options, progress_to_stderr, reject_without_input)
 
 EPILOG = """\
 Examples:
@@ -33,13 +34,9 @@ def register(app: typer.Typer) -> None:
 
 def see(
     image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The picture to talk about (JPEG, PNG, WebP, ...).")],
-    input: Annotated[Optional[Path], typer.Option(
-        "--input", "-i", metavar="AUDIO", help="Answer this recording instead of the microphone "
-        "(wav, flac, ogg or mp3, any rate).")] = None,
-    output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", metavar="WAV", help="With --input: write Moshi's voice to this WAV file.")] = None,
-    transcript: Annotated[Optional[Path], typer.Option(
-        "--transcript", metavar="TXT", help="With --input: also write Moshi's words to this file.")] = None,
+    input: InputRecording = None,
+    output: OutputWav = None,
+    transcript: TranscriptFile = None,
     xa_start: Annotated[Optional[int], typer.Option(
         "--xa-start", min=0, metavar="FRAMES", help="Frames of 80 ms before Moshi starts looking at the "
         "picture [default: from the model, 16].")] = None,
@@ -54,6 +51,7 @@ def see(
     hf_repo: HfRepo = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
+    quantize: QuantizeOption = None,
     seed: Seed = None,
     temp: Temp = None,
     temp_text: TempText = None,
@@ -71,16 +69,13 @@ def see(
     """
     from engine.options import SeeOptions
 
-    base = model_options(hf_repo or "moshika-vis", device, dtype, seed, temp, temp_text, top_k, top_k_text)
+    base = model_options(hf_repo or "moshika-vis", device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
     options = SeeOptions(**vars(base), image=str(image), xa_start=xa_start,
                          rms_norm=None if rms_norm is None else rms_norm.name)
     if input is not None:
         run_headless_see(input, output, transcript, options)
         return
-    for value, name in ((output, "--output"), (transcript, "--transcript")):
-        if value is not None:
-            raise typer.BadParameter("goes with --input; a live conversation is recorded with --record DIR",
-                                     param_hint=name)
+    reject_without_input(output, transcript)
     from ..picture import PictureError, load_picture
     from ..session import SessionOptions, run
 
