@@ -16,10 +16,11 @@ def summary(ours_ms: list[float], reference_ms: list[float]) -> dict[str, float]
     return {"ours_ms": round(ours, 2), "reference_ms": round(reference, 2), "ratio": round(ours / reference, 3)}
 
 
-def run_command_line(doc: str, quick_help: str, measure: Callable[[argparse.Namespace], dict],
-                     print_table: Callable[[dict], None], full_7b: bool = False) -> None:
-    """Parse the script's options, run ``measure(args)`` on 1 torch thread, print its figures:
-    one JSON object with ``--json``, else ``print_table``'s table. ``full_7b`` adds ``--full-7b``."""
+def run_command_line(doc: str, quick_help: str, measure: Callable[..., dict], print_table: Callable[[dict], None],
+                     full_7b: bool = False) -> None:
+    """Parse the script's options, run ``measure(quick)`` (``measure(quick, full_7b=...)`` with
+    ``full_7b``, which adds the ``--full-7b`` option) on 1 torch thread and print its figures: one
+    JSON object with ``--json``, else ``print_table``'s table."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     if full_7b:
@@ -27,7 +28,7 @@ def run_command_line(doc: str, quick_help: str, measure: Callable[[argparse.Name
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = measure(args)
+    results = measure(args.quick, full_7b=args.full_7b) if full_7b else measure(args.quick)
     if args.json:
         print(json.dumps(results))
     else:

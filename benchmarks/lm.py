@@ -272,8 +272,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--load-child":
         _load_child(*sys.argv[2:6])
         return
-    run_command_line(__doc__, "small shapes: only checks that the code runs",
-                     lambda args: run(args.quick, args.full_7b), print_table, full_7b=True)
+    run_command_line(__doc__, "small shapes: only checks that the code runs", run, print_table, full_7b=True)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,7 @@ def print_table(results: dict) -> None:
 
 
 def main() -> None:
-    run_command_line(__doc__, "a few frames: only checks that the code runs", lambda args: run(args.quick),
-                     print_table)
+    run_command_line(__doc__, "a few frames: only checks that the code runs", run, print_table)
 
 
 if __name__ == "__main__":

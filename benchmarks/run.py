@@ -38,8 +38,8 @@ def print_table(results: dict) -> None:
     print("int8/int4 rows: the reference column is the reference's bf16 (it has no CPU int8 path)")
 
 
-def measure(args) -> dict:
-    return {**mimi.run(args.quick), **lm.run(args.quick, full_7b=args.full_7b), **pipeline.run(args.quick)}
+def measure(quick: bool, full_7b: bool) -> dict[str, dict[str, float]]:
+    return {**mimi.run(quick), **lm.run(quick, full_7b=full_7b), **pipeline.run(quick)}
 
 
 def main() -> None:
