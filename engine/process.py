@@ -336,6 +336,10 @@ def _set_image(runner: Any, data: bytes, name: str) -> None:
 def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: int, log_path: str | None) -> None:
     _redirect_output(log_path)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Daemonic so that the parent's interpreter ends it at exit, but multiprocessing refuses
+    # children to a daemonic process: this one may start Mimi's encoder process, which ends by
+    # itself when this process does (its pipe closes).
+    multiprocessing.current_process().daemon = False
     link = _Link(conn)
     threading.Thread(target=_heartbeat, args=(link, parent_pid), daemon=True).start()
     try:

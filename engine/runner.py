@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .encoder import EncoderProcess, InlineEncoder, pipeline_wanted, usable_cores
 from .errors import EngineError
 from .lm import LMConfig, LMModel, load_lm
 from .lm_gen import LMGen, Sampling
@@ -66,17 +68,31 @@ def _load_plain_lm(info, device: torch.device, dtype: torch.dtype, quantize: str
                    quantize=quantize)
 
 
+def _mimi_config(info):
+    from .mimi import MimiConfig
+
+    return MimiConfig.from_dict(info.mimi_config) if info.mimi_config else None
+
+
+def _load_mimi_here(info, num_codebooks: int, device: torch.device):
+    from .mimi import load_mimi
+
+    return load_mimi(info.mimi_weights, _mimi_config(info), num_codebooks=num_codebooks, device=device)
+
+
 def load_models(options: ModelOptions, default_repo: str, progress: Progress | None = None,
-                load_language_model: Callable = _load_plain_lm, default_sampling: Sampling | None = None) -> Models:
-    """Resolve the checkpoint, then load the LM, Mimi and the tokenizer onto the device.
+                load_language_model: Callable = _load_plain_lm, default_sampling: Sampling | None = None,
+                load_codec: Callable = _load_mimi_here) -> Models:
+    """Resolve the checkpoint, then load Mimi, the LM and the tokenizer onto the device.
 
     ``load_language_model(info, device, dtype, quantize)`` returns the LMModel, or a model wrapping
-    one as ``.lm`` (MoshiVis); ``default_sampling`` applies where the checkpoint's lm_gen_config is silent.
+    one as ``.lm`` (MoshiVis); ``default_sampling`` applies where the checkpoint's lm_gen_config is
+    silent; ``load_codec(info, num_codebooks, device)`` returns Mimi, or an ``EncoderProcess`` that
+    runs it (started first, so that it loads while the LM does).
     """
     import sentencepiece
 
     from .hub import CheckpointInfo
-    from .mimi import MimiConfig, load_mimi
 
     report = progress or (lambda message: None)
     if options.dtype not in DTYPES:
@@ -86,13 +102,12 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
     report(f"resolving {repo}")
     info = CheckpointInfo.resolve(repo)
 
+    report("loading Mimi")
+    lm_config = LMConfig.from_dict(info.lm_config)
+    mimi = load_codec(info, max(lm_config.dep_q, lm_config.n_q - lm_config.dep_q), device)
     report("loading the language model" + (f" ({options.quantize})" if options.quantize else ""))
     model = load_language_model(info, device, DTYPES[options.dtype], options.quantize)
     lm = getattr(model, "lm", model)
-    report("loading Mimi")
-    mimi_config = MimiConfig.from_dict(info.mimi_config) if info.mimi_config else None
-    num_codebooks = max(lm.cfg.dep_q, lm.cfg.n_q - lm.cfg.dep_q)
-    mimi = load_mimi(info.mimi_weights, mimi_config, num_codebooks=num_codebooks, device=device)
     tokenizer = sentencepiece.SentencePieceProcessor()
     if not tokenizer.Load(str(info.tokenizer)):
         raise EngineError(f"cannot read the text tokenizer {info.tokenizer}")
@@ -145,7 +160,8 @@ class _Runner:
         self.gen = LMGen(models.lm, models.sampling)
         self.device = models.lm.device
         self.batch_size = batch_size
-        models.mimi.start_streaming(batch_size)
+        mimi = models.mimi
+        self.encoder = mimi if isinstance(mimi, EncoderProcess) else InlineEncoder(mimi, self.device, batch_size)
         self.gen.start_streaming(batch_size)
         self._first_frame = True
 
@@ -154,9 +170,13 @@ class _Runner:
                 "quantize": self.models.quantize or "none", "steps": self.gen.acceleration}
 
     def reset(self) -> None:
-        self.models.mimi.reset_streaming()
+        self.encoder.reset()
         self.gen.reset_streaming()
         self._first_frame = True
+
+    def close(self) -> None:
+        """End the encoder process, if Mimi runs in one."""
+        self.encoder.close()
 
     def warmup(self, frames: int = 4) -> None:
         for _ in range(frames):
@@ -165,10 +185,13 @@ class _Runner:
 
     def _encode(self, pcm: np.ndarray) -> torch.Tensor:
         """One frame (FRAME_SIZE,) with batch size 1, or one per slot (batch_size, FRAME_SIZE)."""
+        self._submit(pcm)
+        return self.encoder.collect()
+
+    def _submit(self, pcm: np.ndarray) -> None:
         if pcm.shape != (FRAME_SIZE,) and pcm.shape != (self.batch_size, FRAME_SIZE):
             raise ValueError(f"a frame is {FRAME_SIZE} samples per slot, got shape {pcm.shape}")
-        wav = torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32)).to(self.device)
-        return self.models.mimi.encode(wav.reshape(-1, 1, FRAME_SIZE))
+        self.encoder.submit(pcm.reshape(self.batch_size, FRAME_SIZE))
 
     def _lm_step(self, codes: torch.Tensor):
         # `moshi-inference`'s convention: the model never sees its first input frame, so the first
@@ -217,15 +240,39 @@ class TranscribeRunner(_Runner):
     """Streaming speech recognition: the user's frame in, at most one text piece out.
 
     ``step`` serves one live stream (batch size 1). The batched file path drives the stages itself
-    (``encode``, ``lm_step``, ``reset_slots``) so that each slot can start a new input on its own.
+    (``submit``, ``lm_step``, ``collect``, ``reset_slots``) so that each slot can start a new input
+    on its own.
+
+    On a CPU with two cores or more Mimi runs in an ``EncoderProcess`` (``pipelined``): frame k is
+    encoded while the LM reads frame k - 1, and ``step`` answers for the frame before the one it
+    is given; ``flush`` gives the last one.
     """
 
     @classmethod
     def load(cls, options: ModelOptions, progress: Progress | None = None, batch_size: int = 1) -> TranscribeRunner:
-        models = load_models(options, "stt-1b-en_fr", progress)
-        if models.lm.cfg.dep_q != 0:
-            raise EngineError(f"{models.name} is a conversation model; use `moshi chat`")
+        pipelined = pipeline_wanted(torch.device(options.device))
+        codec = partial(_start_encoder_process, batch_size=batch_size) if pipelined else _load_mimi_here
+        models = load_models(options, "stt-1b-en_fr", progress, load_codec=codec)
+        try:
+            if models.lm.cfg.dep_q != 0:
+                raise EngineError(f"{models.name} is a conversation model; use `moshi chat`")
+            if pipelined:
+                # The encoder has a core of its own; the LM takes the others.
+                torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - 1)))
+                models.mimi.wait_ready()
+        except BaseException:
+            if pipelined:
+                models.mimi.close()
+            raise
         return cls(models, batch_size)
+
+    def __init__(self, models: Models, batch_size: int = 1):
+        super().__init__(models, batch_size)
+        self._codes: torch.Tensor | None = None  # pipelined: the last frame's, for the next LM step
+
+    @property
+    def pipelined(self) -> bool:
+        return isinstance(self.encoder, EncoderProcess)
 
     @property
     def delay_seconds(self) -> float:
@@ -240,21 +287,37 @@ class TranscribeRunner(_Runner):
     def has_vad(self) -> bool:
         return len(self.models.lm.extra_heads) > 0
 
+    def describe(self) -> dict[str, str]:
+        return {**super().describe(), "mimi": "own process" if self.pipelined else "in the engine"}
+
+    def submit(self, pcm: np.ndarray) -> None:
+        """Start encoding one frame per slot ([batch_size, FRAME_SIZE]); ``collect`` gives the codes."""
+        self._submit(pcm)
+
     @torch.no_grad()
-    def encode(self, pcm: np.ndarray) -> torch.Tensor:
-        """Mimi codes [batch_size, n_q, 1] of one frame per slot ([batch_size, FRAME_SIZE])."""
-        return self._encode(pcm)
+    def collect(self) -> torch.Tensor:
+        """The Mimi codes [batch_size, n_q, 1] of the frames submitted last."""
+        return self.encoder.collect().to(self.device)
+
+    def no_codes(self) -> torch.Tensor:
+        """Codes for an LM step whose audio input is never read: a stream's first step reads only
+        the initial tokens (``moshi-inference`` feeds it the first frame, the batch path zeros)."""
+        return torch.zeros(self.batch_size, self.models.lm.cfg.n_q, 1, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def lm_step(self, codes: torch.Tensor) -> TextStep:
         """One LM step on these codes, without the first-frame double feed (the caller's business)."""
         return self._text_step(self.gen.step_full(codes))
 
+    def reset(self) -> None:
+        super().reset()
+        self._codes = None
+
     def reset_slots(self, slots: list[int]) -> None:
         """Start these slots over (Mimi and LM), leaving the others where they are."""
         mask = torch.zeros(self.batch_size, dtype=torch.bool)
         mask[slots] = True
-        self.models.mimi.reset_streaming(mask)
+        self.encoder.reset(mask)
         self.gen.reset_streaming(mask)
 
     def _text_step(self, out) -> TextStep:
@@ -268,10 +331,38 @@ class TranscribeRunner(_Runner):
     @torch.no_grad()
     def step(self, pcm: np.ndarray) -> StepOutput:
         watch = _Stopwatch(self.device)
-        codes = self._encode(pcm)
-        watch.lap("encode")
-        out = self._text_step(self._lm_step(codes))
+        if self.pipelined:
+            self._submit(pcm)
+            first = self._codes is None
+            out = self.lm_step(self.no_codes() if first else self._codes)
+            watch.lap("lm")
+            self._codes = self.collect()
+            watch.lap("encode")  # what the encoder took beyond the LM step
+            if first:
+                return StepOutput(None, None, watch.done())
+        else:
+            codes = self._encode(pcm)
+            watch.lap("encode")
+            out = self._text_step(self._lm_step(codes))
+            watch.lap("lm")
+        return self._output(out, watch)
+
+    @torch.no_grad()
+    def flush(self) -> StepOutput | None:
+        """Pipelined: the LM step on the last frame given to ``step``; otherwise None."""
+        if self._codes is None:
+            return None
+        watch = _Stopwatch(self.device)
+        out = self.lm_step(self._codes)
+        self._codes = None
         watch.lap("lm")
+        return self._output(out, watch)
+
+    def _output(self, out: TextStep, watch: _Stopwatch) -> StepOutput:
         token = out.tokens[0]
         return StepOutput(None, self.models.piece(token), watch.done(), token=token,
                           vad=out.vad[0] if out.vad else None)
+
+
+def _start_encoder_process(info, num_codebooks: int, device: torch.device, batch_size: int) -> EncoderProcess:
+    return EncoderProcess(info.mimi_weights, _mimi_config(info), num_codebooks, batch_size)

@@ -315,6 +315,8 @@ class BatchTranscriber:
             yield block
 
     def _step(self, slots: list[_Slot | None], stats: RunStats) -> None:
+        """Each slot's LM step reads the frame it was given the step before, so the encoder (in a
+        process of its own on a CPU) takes this step's frames while the LM runs."""
         runner = self.runner
         pcm = np.zeros((runner.batch_size, FRAME_SIZE), np.float32)
         for i, slot in enumerate(slots):
@@ -325,12 +327,13 @@ class BatchTranscriber:
                 else:
                     pcm[i] = frame
                     stats.frames += 1
-        codes = runner.encode(pcm)
-        lm_codes = codes.clone()
+        runner.submit(pcm)
+        lm_codes = runner.no_codes()
         for i, slot in enumerate(slots):
             if slot is not None and slot.codes is not None:
                 lm_codes[i] = slot.codes
         out = runner.lm_step(lm_codes)
+        codes = runner.collect()
         stats.steps += 1
         for i, slot in enumerate(slots):
             if slot is None:
@@ -348,8 +351,8 @@ class BatchTranscriber:
 class LiveTranscriber:
     """One live stream (a microphone) on a batch-1 runner: blocks in as they come, words out.
 
-    The runner's ``step`` double-feeds the first frame, which gives the same tokens as the batch
-    path, one frame sooner.
+    The runner's ``step`` gives the same tokens as the batch path: one frame sooner than it (the
+    first frame fed twice) in this process, or as the batch path does with Mimi in its own process.
     """
 
     def __init__(self, runner, listener: TranscriptListener, pause_seconds: float = DEFAULT_PAUSE_SECONDS):
@@ -369,12 +372,18 @@ class LiveTranscriber:
     def finish(self, complete: bool = True) -> None:
         """Flush the words still in flight with the checkpoint's trailing silence, then end."""
         self._feed(np.zeros(self.suffix, np.float32))
+        last = self.runner.flush()
+        if last is not None:
+            self._take(last)
         self.words.finish(complete, self.stats.audio_seconds)
 
     def _feed(self, pcm: np.ndarray) -> None:
         for frame in self.framer.push(pcm):
-            out = self.runner.step(frame)
-            self.stats.steps += 1
             self.stats.frames += 1
-            self.stats.wall_seconds += out.timings_ms["total"] / 1000
+            self._take(self.runner.step(frame))
+
+    def _take(self, out) -> None:
+        self.stats.steps += 1
+        self.stats.wall_seconds += out.timings_ms["total"] / 1000
+        if out.token is not None:  # None: a pipelined runner's first step, which answers for no frame
             self.words.push(out.token, out.vad)

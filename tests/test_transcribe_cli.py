@@ -2,6 +2,7 @@
 against the published formula on Kyutai's token stream, interrupted runs, pipes, bad input."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,10 @@ import soundfile
 import srt
 import webvtt
 
+from safetensors.torch import load_file, save_file
+
 from audio.files import read_audio
+from engine.encoder import usable_cores
 from transcribe_support import ENV, SCHEMA, moshi, moshi_command, noise, published_words, reference_tokens, stt_folder
 
 pytest.importorskip("moshi.run_inference")
@@ -174,11 +178,57 @@ def test_interrupted_run_keeps_valid_partial_files(folder, tmp_path):
     assert doc["duration"] < 90
 
 
-def test_killed_run_leaves_parseable_files(folder, tmp_path):
+def _children(pid):
+    path = f"/proc/{pid}/task/{pid}/children"
+    with open(path) as f:
+        return [int(child) for child in f.read().split()]
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_killed_run_leaves_parseable_files_and_no_process_behind(folder, tmp_path):
     process, out = _start_long_run(folder, tmp_path)
+    children = _children(process.pid)
     process.kill()
     process.communicate(timeout=60)
     _check_partial_files(out, killed=True)
+    deadline = time.monotonic() + 10
+    while any(_alive(child) for child in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(child) for child in children), "the Mimi encoder process outlived the CLI"
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="Mimi gets a process of its own only with 2 cores or more")
+def test_encoder_process_that_dies_is_a_clear_error_and_keeps_the_words(folder, tmp_path):
+    process, out = _start_long_run(folder, tmp_path)
+    encoders = [pid for pid in _children(process.pid)
+                if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    assert len(encoders) == 1
+    os.kill(encoders[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    last = stderr.decode().strip().splitlines()[-1]
+    assert last.startswith("moshi: error: the Mimi encoder process stopped (exit code -9)"), stderr
+    assert "MOSHI_NO_PIPELINE=1" in last
+    _check_partial_files(out, killed=False)
+
+
+def test_mimi_checkpoint_with_a_missing_key_is_named(tmp_path, files):
+    broken = stt_folder(tmp_path / "broken")
+    state = load_file(broken / "mimi.safetensors")
+    del state["decoder.model.0.conv.conv.bias"]
+    save_file(state, broken / "mimi.safetensors")
+    result = moshi("transcribe", "--model", broken, files[0])
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("moshi: error:") and "decoder.model.0.conv.conv.bias" in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # -- standard input, through real pipes ------------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import sentencepiece
 
+from engine.encoder import usable_cores
 from engine.options import ModelOptions
 from engine.runner import TranscribeRunner
 from engine.transcription import BatchTranscriber, LiveTranscriber, Segment, TranscriptListener, Word, WordAssembler
@@ -62,7 +63,7 @@ def _transcribe(folder, pcms, batch_size, block=4999):
         stats = BatchTranscriber(runner).run((_blocks(pcm, block), rec) for pcm, rec in zip(pcms, recorders))
         return recorders, stats, runner
     finally:
-        runner.models.mimi.stop_streaming()
+        runner.close()
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -95,15 +96,35 @@ def test_batch_of_three_equals_one_by_one(folders, inputs):
     assert stats3.steps < stats2.steps < sum(len(r.tokens) + 1 for r in alone)
 
 
-def test_live_transcriber_matches_batch(folders, inputs):
-    """The live path double-feeds the first frame instead of delaying every frame: same tokens."""
+@pytest.mark.skipif(usable_cores() < 2, reason="Mimi gets a process of its own only with 2 cores or more")
+def test_mimi_in_this_process_gives_the_same_transcript(folders, inputs, monkeypatch):
+    """The batch path with Mimi in a second process (the default on 2 cores), and without it."""
+    pipelined, _, runner = _transcribe(folders["1b"], inputs, batch_size=2)
+    assert runner.pipelined
+    monkeypatch.setenv("MOSHI_NO_PIPELINE", "1")
+    inline, _, runner = _transcribe(folders["1b"], inputs, batch_size=2)
+    assert not runner.pipelined
+    for a, b in zip(pipelined, inline):
+        assert a.tokens == b.tokens and a.words == b.words and a.ended == b.ended
+
+
+@pytest.mark.parametrize("pipeline", ["mimi in its own process", "mimi in this process"])
+def test_live_transcriber_matches_batch(folders, inputs, pipeline, monkeypatch):
+    """In this process the live path double-feeds the first frame instead of delaying every
+    frame; with Mimi in its own process each step answers for the frame before. Same tokens."""
     (batch,), _, _ = _transcribe(folders["2.6b"], inputs[:1], batch_size=1)
+    if pipeline == "mimi in this process":
+        monkeypatch.setenv("MOSHI_NO_PIPELINE", "1")
     runner = TranscribeRunner.load(ModelOptions(hf_repo=str(folders["2.6b"])))
+    assert runner.pipelined == (pipeline == "mimi in its own process" and usable_cores() >= 2)
     live = Recorder()
     transcriber = LiveTranscriber(runner, live)
-    for block in _blocks(inputs[0], 700):  # smaller than a frame, as a sound card delivers
-        transcriber.push(block)
-    transcriber.finish()
+    try:
+        for block in _blocks(inputs[0], 700):  # smaller than a frame, as a sound card delivers
+            transcriber.push(block)
+        transcriber.finish()
+    finally:
+        runner.close()
     assert live.tokens == batch.tokens and live.words == batch.words and live.segments == batch.segments
     assert live.ended == batch.ended
 

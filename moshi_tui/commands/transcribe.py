@@ -145,6 +145,7 @@ def _run_files(names: list[str], options, formats: list[str], output_dir: Path |
         raise typer.Exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        runner.close()
     if stats:
         _print_stats(run, runner)
 
@@ -237,7 +238,10 @@ def _run_live(options, no_tui: bool, formats: list[str], output_dir: Path | None
         live = LiveTranscriber(runner, _listeners("microphone", paths, formats, _model_info(runner, pause), 1,
                                                   max_line_width, max_words_per_line), pause)
         print("moshi: listening (Ctrl-C ends it)", file=sys.stderr, flush=True)
-        transcribe_source(source, live)
+        try:
+            transcribe_source(source, live)
+        finally:
+            runner.close()
     finally:
         source.close()
     if stats:

@@ -50,9 +50,12 @@ def test_transcribe_a_file_to_stdout_as_the_runner_does(tmp_path, tiny, capsys, 
 
     # The oracle: the same runner in this process, fed the same frames.
     runner = TranscribeRunner.load(model)
-    runner.warmup()
-    frames = FileSource(audio, realtime=False).pcm.reshape(-1, FRAME)
-    pieces = [(i * 0.08, out.text) for i, out in enumerate(map(runner.step, frames)) if out.text]
+    try:
+        runner.warmup()
+        frames = FileSource(audio, realtime=False).pcm.reshape(-1, FRAME)
+        pieces = [(i * 0.08, out.text) for i, out in enumerate(map(runner.step, frames)) if out.text]
+    finally:
+        runner.close()
     expected = "".join(text for _, text in pieces).strip()
     assert expected and words == expected + "\n"
 

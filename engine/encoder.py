@@ -1,0 +1,159 @@
+"""Mimi's streaming encoder behind ``submit`` / ``collect``, so a caller can step the LM meanwhile.
+
+On a CPU with two cores or more, ``EncoderProcess`` runs the encoder in a process of its own:
+speech recognition then costs max(encode, LM step) per frame instead of their sum, which is what
+brings `moshi transcribe` under real time on a 2-core machine. A process, not a thread: both
+stages are many small operations that would take turns on the GIL. ``InlineEncoder`` is the same
+interface in this process (GPUs, single cores, ``MOSHI_NO_PIPELINE=1``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+
+import numpy as np
+import torch
+
+from .errors import EngineError
+
+FRAME_SIZE = 1920
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def pipeline_wanted(device: torch.device) -> bool:
+    """Mimi in a second process pays off only where it gets a core of its own."""
+    return device.type == "cpu" and usable_cores() >= 2 and os.environ.get("MOSHI_NO_PIPELINE", "") in ("", "0")
+
+
+class InlineEncoder:
+    """Mimi in this process: ``submit`` keeps the frames, ``collect`` encodes them."""
+
+    def __init__(self, mimi, device: torch.device, batch_size: int):
+        self.mimi = mimi
+        self.device = device
+        mimi.start_streaming(batch_size)
+        self._pcm: np.ndarray | None = None
+
+    def submit(self, pcm: np.ndarray) -> None:
+        """One frame per slot, [batch_size, FRAME_SIZE] float32."""
+        self._pcm = pcm
+
+    def collect(self) -> torch.Tensor:
+        """The codes of the frames submitted last, [batch_size, n_q, 1]."""
+        wav = torch.from_numpy(np.ascontiguousarray(self._pcm, dtype=np.float32)).to(self.device)
+        self._pcm = None
+        with torch.no_grad():
+            return self.mimi.encode(wav.reshape(-1, 1, FRAME_SIZE))
+
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        """Start these slots (all if None) over with a fresh stream."""
+        self.mimi.reset_streaming(mask)
+
+    def wait_ready(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.mimi.stop_streaming()
+
+
+class EncoderProcess:
+    """Mimi in a spawned process, loaded from the same weights file as ``load_mimi`` would read.
+
+    Messages go in order over one pipe, so a reset sent between two frames applies between them.
+    Loading starts at construction and overlaps the caller's LM load; ``wait_ready`` raises the
+    encoder's load error (a bad checkpoint) in this process, with its own message.
+    """
+
+    def __init__(self, weights, config, num_codebooks: int, batch_size: int):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_end = context.Pipe()
+        self._process = context.Process(target=_serve, name="moshi-mimi-encoder", daemon=True,
+                                        args=(child_end, str(weights), config, num_codebooks, batch_size))
+        self._process.start()
+        child_end.close()
+        self._ready = False
+
+    def wait_ready(self) -> None:
+        if not self._ready:
+            reply = self._receive()
+            if reply != "ready":
+                raise EngineError(f"the Mimi encoder process answered {reply!r} instead of starting")
+            self._ready = True
+
+    def submit(self, pcm: np.ndarray) -> None:
+        self.wait_ready()
+        self._send(("encode", np.ascontiguousarray(pcm, dtype=np.float32)))
+
+    def collect(self) -> torch.Tensor:
+        return torch.from_numpy(self._receive())
+
+    def reset(self, mask: torch.Tensor | None = None) -> None:
+        self.wait_ready()
+        self._send(("reset", None if mask is None else mask.numpy()))
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            try:
+                self._conn.send(("close", None))
+            except OSError:
+                pass
+            self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.kill()
+        self._conn.close()
+
+    def _send(self, message) -> None:
+        try:
+            self._conn.send(message)
+        except OSError:
+            raise self._gone() from None
+
+    def _receive(self):
+        try:
+            reply = self._conn.recv()
+        except (EOFError, OSError):
+            raise self._gone() from None
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def _gone(self) -> EngineError:
+        self._process.join(timeout=1)
+        return EngineError(f"the Mimi encoder process stopped (exit code {self._process.exitcode}); "
+                           "MOSHI_NO_PIPELINE=1 runs Mimi in the main process instead")
+
+
+def _serve(conn, weights: str, config, num_codebooks: int, batch_size: int) -> None:
+    # Ctrl-C in the terminal reaches the whole process group; the parent decides when to stop
+    # (a live transcription still encodes its trailing silence after it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    from .mimi import load_mimi
+
+    try:
+        mimi = load_mimi(weights, config, num_codebooks=num_codebooks)
+        mimi.start_streaming(batch_size)
+    except Exception as exc:  # the parent raises it: a bad checkpoint must read the same as inline
+        conn.send(exc if isinstance(exc, EngineError) else EngineError(f"loading Mimi: {exc}"))
+        return
+    conn.send("ready")
+    with torch.no_grad():
+        while True:
+            try:
+                kind, payload = conn.recv()
+            except EOFError:  # the parent is gone
+                return
+            if kind == "encode":
+                conn.send(mimi.encode(torch.from_numpy(payload).reshape(-1, 1, FRAME_SIZE)).numpy())
+            elif kind == "reset":
+                mimi.reset_streaming(None if payload is None else torch.from_numpy(payload))
+            else:
+                return
