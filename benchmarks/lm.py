@@ -43,9 +43,11 @@ from engine.transformer import Attention  # noqa: E402
 QUANT_MODES = ("int8", "int4")
 
 
-def write_random_weights(path: Path, cfg: LMConfig, seed: int = 0) -> None:
+def write_random_weights(path: Path, cfg: LMConfig, seed: int = 0, text_vocab: int | None = None) -> None:
     """The official bf16 layout (fused attention) with N(0, 1/fan_in) weights, written tensor by
-    tensor: the model is never whole in memory, so a 15 GB file needs no 15 GB of RAM."""
+    tensor: the model is never whole in memory, so a 15 GB file needs no 15 GB of RAM.
+    ``text_vocab``: the text head's rows from there on are zero, so that greedy decoding stays
+    within a smaller tokenizer's pieces."""
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in LMModel(cfg).state_dict().items()}
     for split, fused in ((".in_projs.", ".in_proj_weight"), (".out_projs.", ".out_proj.weight")):
@@ -70,6 +72,8 @@ def write_random_weights(path: Path, cfg: LMConfig, seed: int = 0) -> None:
                 part = (min(chunk, rows - start), *shape[1:]) if len(shape) == 2 else shape
                 noise = torch.randn(part, generator=generator)
                 value = 1 + 0.1 * noise if name.endswith(".alpha") else noise / shape[-1] ** 0.5
+                if name == "text_linear.weight" and text_vocab is not None:
+                    value[max(0, text_vocab - start):] = 0
                 out.write(value.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
 
 
