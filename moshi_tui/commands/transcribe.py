@@ -21,6 +21,7 @@ Examples:
   moshi transcribe --model stt-2.6b-en talk.wav      # the larger English model
   moshi transcribe *.wav -f srt -o subs/             # one subtitle file per input, in one batch
   moshi transcribe talk.flac -f all -o out/ --stats  # txt, srt, vtt, json and jsonl
+  moshi transcribe --quantize int8                   # the microphone, in real time on a 2-core CPU
   ffmpeg -i talk.m4a -f wav - | moshi transcribe -   # any stream ffmpeg or sox can write
   arecord -f S16_LE -r 16000 | moshi transcribe - --raw --rate 16000
 """
