@@ -29,8 +29,10 @@ def usable_cores() -> int:
 
 
 def pipeline_wanted(device: torch.device) -> bool:
-    """Mimi in a second process pays off only where it gets a core of its own."""
-    return device.type == "cpu" and usable_cores() >= 2 and os.environ.get("MOSHI_NO_PIPELINE", "") in ("", "0")
+    """Mimi in a second process pays off only where it gets a core of its own (and multiprocessing
+    gives a daemonic process no children)."""
+    return (device.type == "cpu" and usable_cores() >= 2 and not multiprocessing.current_process().daemon
+            and os.environ.get("MOSHI_NO_PIPELINE", "") in ("", "0"))
 
 
 class InlineEncoder:
