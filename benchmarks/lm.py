@@ -104,9 +104,12 @@ def _attend_full_ring(gen: LMGen) -> None:
     """Our quantized models attend only over the ring slots written so far, so a step early in a
     stream is cheaper than one after ``context`` steps. Marking the rings as filled makes the next
     steps attend over all slots (the unwritten ones masked out), which costs what a full ring
-    costs, without stepping through the whole context first."""
+    costs, without stepping through the whole context first. The rings are filled with noise:
+    a ring of fresh zeros is the kernel's shared zero page, which reads from cache and would
+    time a full ring as fast as an empty one."""
     for module in gen.lm.modules():
         if isinstance(module, Attention) and module.matmul_attention:
+            module.state.cache.normal_()
             module.state.step = max(module.state.step, module.state.capacity)
 
 

@@ -19,6 +19,7 @@ from engine.lm import LMConfig, load_lm, random_lm_state
 from engine.lm_gen import LMGen, Sampling
 from engine.quant import Int4Linear, Int8Linear, int4_groups
 from engine.tiny import write_tiny_checkpoint
+from engine import transformer
 from engine.transformer import Attention, matmul_attention
 
 TOLERANCE = {"int8": 0.06, "int4": 0.4}
@@ -225,3 +226,24 @@ def test_matmul_attention_over_the_filled_ring_matches_the_full_ring(lm_checkpoi
                 logits.append(lm.forward_text(tokens[:, :, t:t + 1])[1])
         runs[matmul] = torch.cat(logits, dim=2)
     torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_matmul_attention_keeps_small_rings_in_fp32_and_large_ones_in_bf16(lm_checkpoints, monkeypatch):
+    """The ring's dtype is a speed choice (engine/transformer.py): both give the same logits up to
+    bf16 rounding. (On a bf16 model: int8 activation codes would turn rounding noise into steps.)"""
+    cfg = LMConfig.tiny_stt()
+    lm = load_lm(lm_checkpoints["stt"], cfg, dtype=torch.bfloat16)
+    for module in lm.modules():
+        if isinstance(module, Attention):
+            module.matmul_attention = True
+    tokens = torch.randint(0, cfg.card, (1, cfg.num_streams, 30), generator=torch.Generator().manual_seed(5))
+    tokens[:, 0] = tokens[:, 0] % cfg.text_card
+    runs = {}
+    for ring_max, dtype in ((transformer.FP32_RING_MAX_BYTES, torch.float32), (0, torch.bfloat16)):
+        monkeypatch.setattr(transformer, "FP32_RING_MAX_BYTES", ring_max)
+        with lm.streaming(1):
+            rings = {m.state.cache.dtype for m in lm.modules() if isinstance(m, Attention)}
+            assert rings == {dtype}
+            runs[dtype] = torch.cat([lm.forward_text(tokens[:, :, t:t + 1])[1] for t in range(30)], dim=2)
+    assert _relative(runs[torch.bfloat16], runs[torch.float32]) < 0.01
