@@ -4,8 +4,9 @@ Both implementations load the same safetensors file (memory-mapped, so the weigh
 once) and step the same user codes; calls alternate so that both see the same machine load.
 The reference has no CPU int8 path (its q8 needs bitsandbytes, GPU only), so our int8 and int4
 figures are compared with the reference's bf16 step. Steps are timed at the start of a stream,
-as in performance.md; our quantized models attend only over what the stream has heard so far,
-so ``*_full_context`` repeats the int8 step with the attention over the whole KV ring. Load time and peak RSS are measured in a
+as in performance.md; on CPU our models attend only over what the stream has heard so far (the
+reference always over its whole KV ring), so ``*_full_context`` repeats our steps with the
+attention over the whole ring. Load time and peak RSS are measured in a
 fresh process per implementation (load, then two steps).
 
     python benchmarks/lm.py              # STT-1B (bf16, int8, int4), Moshi-7B depformer (bf16, int8)
@@ -101,14 +102,14 @@ def _codes(cfg: LMConfig, steps: int) -> torch.Tensor:
 
 
 def _attend_full_ring(gen: LMGen) -> None:
-    """Our quantized models attend only over the ring slots written so far, so a step early in a
-    stream is cheaper than one after ``context`` steps. Marking the rings as filled makes the next
-    steps attend over all slots (the unwritten ones masked out), which costs what a full ring
-    costs, without stepping through the whole context first. The rings are filled with noise:
-    a ring of fresh zeros is the kernel's shared zero page, which reads from cache and would
-    time a full ring as fast as an empty one."""
+    """On CPU our models attend only over the ring slots written so far (bf16: in whole blocks
+    of the fused kernel), so a step early in a stream is cheaper than one after ``context`` steps.
+    Marking the rings as filled makes the next steps attend over all slots (the unwritten ones
+    masked out), which costs what a full ring costs, without stepping through the whole context
+    first. The rings are filled with noise: a ring of fresh zeros is the kernel's shared zero
+    page, which reads from cache and would time a full ring as fast as an empty one."""
     for module in gen.lm.modules():
-        if isinstance(module, Attention) and module.matmul_attention:
+        if isinstance(module, Attention) and module.state is not None and module.cfg.context:
             module.state.cache.normal_()
             module.state.step = max(module.state.step, module.state.capacity)
 
@@ -206,8 +207,9 @@ def bench_stt(folder: Path, quick: bool) -> dict:
     times = time_steps(gens, cfg, warmup, steps)
     for mode in ("bf16",) + QUANT_MODES:
         figures[f"stt1b_step_{mode}"] = summary(times[mode], times["reference"])
-    full = time_steps({"int8": gens["int8"]}, cfg, warmup, steps, full_ring=True)
-    figures["stt1b_step_int8_full_context"] = summary(full["int8"], times["reference"])
+    full = time_steps({mode: gens[mode] for mode in ("bf16", "int8")}, cfg, warmup, steps, full_ring=True)
+    for mode in ("bf16", "int8"):
+        figures[f"stt1b_step_{mode}_full_context"] = summary(full[mode], times["reference"])
     errors = logit_errors({mode: gens[mode].lm for mode in ("bf16",) + QUANT_MODES}, cfg, 4 if quick else 16)
     for mode, error in errors.items():
         figures[f"stt1b_logit_error_{mode}"] = {"relative_error": error}
@@ -246,8 +248,11 @@ def bench_moshi_7b(folder: Path, quick: bool) -> dict:
         gc.collect()
     figures["moshi7b_step_bf16"] = summary(times["bf16"], times["reference"])
     figures["moshi7b_step_int8"] = summary(times["int8"], times["reference"])
-    full = time_steps({"int8": _ours_gen(path, cfg, "int8")}, cfg, warmup, steps, full_ring=True)
-    figures["moshi7b_step_int8_full_context"] = summary(full["int8"], times["reference"])
+    for mode in ("bf16", "int8"):
+        full = time_steps({mode: _ours_gen(path, cfg, None if mode == "bf16" else mode)}, cfg, warmup, steps,
+                          full_ring=True)
+        figures[f"moshi7b_step_{mode}_full_context"] = summary(full[mode], times["reference"])
+        gc.collect()
     return figures
 
 

@@ -102,15 +102,20 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
     report(f"resolving {repo}")
     info = CheckpointInfo.resolve(repo)
 
+    tokenizer = sentencepiece.SentencePieceProcessor()
+    if not tokenizer.Load(str(info.tokenizer)):
+        raise EngineError(f"cannot read the text tokenizer {info.tokenizer}")
     report("loading Mimi")
     lm_config = LMConfig.from_dict(info.lm_config)
     mimi = load_codec(info, max(lm_config.dep_q, lm_config.n_q - lm_config.dep_q), device)
     report("loading the language model" + (f" ({options.quantize})" if options.quantize else ""))
-    model = load_language_model(info, device, DTYPES[options.dtype], options.quantize)
+    try:
+        model = load_language_model(info, device, DTYPES[options.dtype], options.quantize)
+    except BaseException:
+        if isinstance(mimi, EncoderProcess):
+            mimi.close()  # it was loading beside the LM
+        raise
     lm = getattr(model, "lm", model)
-    tokenizer = sentencepiece.SentencePieceProcessor()
-    if not tokenizer.Load(str(info.tokenizer)):
-        raise EngineError(f"cannot read the text tokenizer {info.tokenizer}")
 
     defaults = (default_sampling or Sampling()).__dict__
     gen_config = {**defaults, **{k: v for k, v in info.lm_gen_config.items() if k in defaults}}

@@ -144,7 +144,7 @@ class KVCacheState(StreamingState):
 
     cache: torch.Tensor  # [2, B, H, capacity, head_dim]
     offset: torch.Tensor  # [B] long
-    step: int = 0  # host-side count of steps since the last full reset (per-step weights, matmul attention)
+    step: int = 0  # host-side count of steps since the last full reset (per-step weights; on CPU, the slots written)
 
     @property
     def capacity(self) -> int:
@@ -186,6 +186,9 @@ class KVCacheState(StreamingState):
 # bf16. Moshi-7B's ring (98 MB a layer) is no faster in fp32 (589-594 against 552-596 ms a step
 # over the whole ring) and would take 1.5 GB more.
 FP32_RING_MAX_BYTES = 32 << 20
+# The split of the keys in PyTorch's CPU flash-attention kernel: attending over a multiple of it
+# gives the same blocks, and the same bits, as over a longer, masked ring.
+FUSED_ATTENTION_BLOCK = 512
 
 
 class Attention(StreamingModule):
@@ -254,12 +257,18 @@ class Attention(StreamingModule):
         mask = (pos_k[:, None] >= 0) & (delta >= 0)
         if cfg.context is not None:
             mask = mask & (delta < cfg.context)
+        written_only = x.device.type == "cpu" and not torch.compiler.is_compiling()  # host-side shapes
+        if state is not None and written_only:
+            # Until the ring wraps, every slot written since the last full reset lies below
+            # this many (a slot reset mid-batch restarts lower): attend over those only. The
+            # fused kernel then sees whole blocks of its own size, so it gives the same bits as
+            # over the whole ring (masked blocks add exact zeros): the reference's tokens stay.
+            filled = state.step + T
+            if not self.matmul_attention:
+                filled = -(-filled // FUSED_ATTENTION_BLOCK) * FUSED_ATTENTION_BLOCK
+            filled = min(filled, state.capacity)
+            keys, values, mask = keys[:, :, :filled], values[:, :, :filled], mask[..., :filled]
         if self.matmul_attention:
-            if state is not None:
-                # Until the ring wraps, every slot written since the last full reset lies below
-                # this many (a slot reset mid-batch restarts lower): attend over those only.
-                filled = min(state.step + T, state.capacity)
-                keys, values, mask = keys[:, :, :filled], values[:, :, :filled], mask[..., :filled]
             out = matmul_attention(q, keys, values, mask[:, None])
         else:
             out = F.scaled_dot_product_attention(q, keys, values, mask[:, None], dropout_p=0.0)
@@ -268,7 +277,7 @@ class Attention(StreamingModule):
 
         if state is not None:
             state.offset += T
-            if cfg.weights_per_step or self.matmul_attention:
+            if cfg.weights_per_step or written_only:
                 state.step += T
         return out
 

@@ -4,11 +4,15 @@ Tokens are compared with Kyutai's `moshi-inference` on the same folder and audio
 an independent implementation of the published formula (DSM `tokens_to_timestamped_text`).
 """
 
+import multiprocessing
+
 import numpy as np
 import pytest
 import sentencepiece
+from safetensors.torch import load_file, save_file
 
 from engine.encoder import usable_cores
+from engine.errors import CheckpointError
 from engine.options import ModelOptions
 from engine.runner import TranscribeRunner
 from engine.transcription import BatchTranscriber, LiveTranscriber, Segment, TranscriptListener, Word, WordAssembler
@@ -106,6 +110,18 @@ def test_mimi_in_this_process_gives_the_same_transcript(folders, inputs, monkeyp
     assert not runner.pipelined
     for a, b in zip(pipelined, inline):
         assert a.tokens == b.tokens and a.words == b.words and a.ended == b.ended
+
+
+def test_a_bad_lm_checkpoint_leaves_no_encoder_process(tmp_path):
+    """Mimi's process starts loading before the LM; an LM that fails to load ends it."""
+    folder = stt_folder(tmp_path / "broken")
+    state = load_file(folder / "model.safetensors")
+    state["text_linear.weight_renamed"] = state.pop("text_linear.weight")
+    save_file(state, folder / "model.safetensors")
+    before = set(multiprocessing.active_children())
+    with pytest.raises(CheckpointError, match="text_linear.weight"):
+        TranscribeRunner.load(ModelOptions(hf_repo=str(folder)))
+    assert set(multiprocessing.active_children()) <= before
 
 
 @pytest.mark.parametrize("pipeline", ["mimi in its own process", "mimi in this process"])
