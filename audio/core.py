@@ -24,6 +24,12 @@ from .meters import LevelMeter, VoiceActivity
 from .wav import WavWriter
 
 
+# The canceller gets the far end 10 ms ahead of what the timestamps say was playing, so that the
+# echo always comes after its reference even when they overstate the latency a little (the
+# acoustic delay itself is a few ms), and its delay can be followed both ways.
+REFERENCE_LEAD = SAMPLE_RATE * 10 // 1000
+
+
 @dataclass
 class DuplexConfig:
     aec: bool = True
@@ -175,12 +181,13 @@ class DuplexCore:
                 if not self._captured:
                     return done
                 mic, index, captured_at, available_at = self._captured.popleft()
-                far = self.aligner.reference(index, FRAME_SIZE)
+                far = self.aligner.reference(index, FRAME_SIZE)  # what was playing
+                lead = self.aligner.reference(index + REFERENCE_LEAD, FRAME_SIZE)
                 realign, self._realign = self._realign, False
             if self.canceller is not None:
                 if realign:
                     self.canceller.realign()
-                clean = self.canceller.process(mic, far)
+                clean = self.canceller.process(mic, lead)
             else:
                 clean = mic
             with self.condition:
@@ -253,6 +260,10 @@ class DuplexCore:
             except AudioError:
                 pass  # already reported
 
+    def _echo_delay_ms(self) -> float | None:
+        delay = self.canceller.delay_ms if self.canceller else None
+        return None if delay is None else delay - REFERENCE_LEAD * 1000 / SAMPLE_RATE
+
     def stats(self) -> AudioStats:
         with self.condition:
             lag = self.jitter.last_lag
@@ -262,7 +273,7 @@ class DuplexCore:
                 voice=self._vad.active,
                 aec=self.canceller is not None,
                 erle_db=self.canceller.erle_db if self.canceller else None,
-                echo_delay_ms=self.canceller.delay_ms if self.canceller else None,
+                echo_delay_ms=self._echo_delay_ms(),
                 roundtrip_ms=self.aligner.roundtrip_ms,
                 lag_ms=None if lag is None else lag * 1000,
                 buffered_ms=self.jitter.buffered * 1000 / SAMPLE_RATE,

@@ -113,14 +113,14 @@ class LoopbackResult:
     heard_db: float  # level of the test tone as the input heard it (dBFS)
     tone_hz: float | None  # the strongest frequency heard during the tone
     delay_ms: float | None  # speaker to microphone, from the chirp; None if not heard
-    reported_ms: float  # output + input latency, from the stream timestamps
+    reported_ms: float  # output + input latency, from the stream timestamps when the chirp came back
     glitches: int  # PortAudio over- or underflows
 
 
 TONE_HZ = 1000.0
 
 
-def loopback_test(input: str | int | None = None, output: str | int | None = None, latency: float = 0.1,
+def loopback_test(input: str | int | None = None, output: str | int | None = None, latency: float = 0.15,
                   timeout_s: float = 15.0) -> LoopbackResult:
     """Play a chirp and a 1 s tone on the output and record the input meanwhile."""
     sd = portaudio()
@@ -157,27 +157,29 @@ def loopback_test(input: str | int | None = None, output: str | int | None = Non
     heard = np.concatenate(recorded)
     corr = np.correlate(heard, chirp, "valid")
     lag = int(np.argmax(np.abs(corr)))
-    noise = np.sqrt(np.mean(heard[: rate // 5] ** 2)) + 1e-9
+    noise = np.sqrt(np.mean(heard[rate:rate + rate // 5] ** 2)) + 1e-9  # before anything came back
     found = np.abs(corr[lag]) / np.sqrt(np.sum(chirp**2)) > 20 * noise  # well above the background
     delay = lag - chirp_at if found else None
     tone = heard[tone_at + (delay or 0): tone_at + (delay or 0) + rate]
     spectrum = np.abs(np.fft.rfft(tone * np.hanning(len(tone))))
     peak = float(np.fft.rfftfreq(len(tone), 1 / rate)[int(np.argmax(spectrum))]) if len(tone) else None
-    settled = stamps[len(stamps) // 2:]  # the first timestamps are unreliable
+    # What the timestamps said when the chirp came back (they are wild at first, then wander).
+    at_chirp = min(len(stamps) - 1, (chirp_at + (delay or 0)) // block)
     return LoopbackResult(
         input=dev_in, output=dev_out, rate=rate,
         heard_db=float(10 * np.log10(np.mean(tone**2) + 1e-12)) if len(tone) else -120.0,
         tone_hz=peak, delay_ms=None if delay is None else delay * 1000 / rate,
-        reported_ms=float(np.median(settled)) * 1000, glitches=glitches[0])
+        reported_ms=float(np.median(stamps[max(0, at_chirp - 2):at_chirp + 3])) * 1000, glitches=glitches[0])
 
 
 def _test_signal(rate: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """0.5 s silence, a 20 ms chirp (300 Hz to 6 kHz), 0.1 s silence, 1 s tone, 1 s silence.
-    Returns the signal, the chirp, and where the chirp and the tone start."""
+    """2 s silence (the stream's timestamps settle meanwhile), a 20 ms chirp (300 Hz to 6 kHz),
+    0.1 s silence, 1 s tone, 1 s silence. Returns the signal, the chirp, and where the chirp and
+    the tone start."""
     t = np.arange(int(0.02 * rate)) / rate
     chirp = 0.5 * np.sin(2 * np.pi * (300 * t + (6000 - 300) / (2 * 0.02) * t**2))
     tone = 0.25 * np.sin(2 * np.pi * TONE_HZ * np.arange(rate) / rate)
-    lead = rate // 2
+    lead = 2 * rate
     gap = rate // 10
     signal = np.concatenate([np.zeros(lead), chirp, np.zeros(gap), tone, np.zeros(rate)]).astype(np.float32)
     return signal, chirp.astype(np.float32), lead, lead + len(chirp) + gap

@@ -27,6 +27,10 @@ from .errors import DeviceError
 from .resample import Resampler
 
 BLOCK_S = 0.020
+# PortAudio's suggested latency. Through PulseAudio's ALSA plugin, 0.1 s made the round trip
+# drift by 1-2 ms/s in most runs (the server resizing its buffers), which no echo canceller can
+# follow; from 0.15 s it held steady. Real cards may do with less: it is a parameter.
+LATENCY_S = 0.15
 # No callback for this long: the device is gone. Sound servers on a loaded machine (measured: load
 # average 4 on 2 cores, PulseAudio) can pause callbacks for 2 s, which is no reason to stop.
 SILENT_DEVICE_S = 5.0
@@ -36,7 +40,7 @@ GONE = ": was a device unplugged, or did the sound server stop?"
 
 class DuplexAudio:
     def __init__(self, input: str | int | None = None, output: str | int | None = None,
-                 config: DuplexConfig | None = None, latency_s: float = 0.1):
+                 config: DuplexConfig | None = None, latency_s: float = LATENCY_S):
         sd = self._sd = portaudio()
         self.input, self.output = find_device(input, "input"), find_device(output, "output")
         self.core = DuplexCore(config)

@@ -16,10 +16,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(AUDIO_TEST_TIMEOUT_S))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def pulse():
-    """A fresh server for the session (a long-lived one glitches under load: spec/audio-tui.md §1),
-    made PortAudio's default input and output. Skips, with the reason, if it cannot start."""
+    """A fresh server for each test (one that served many streams drifts and glitches under load,
+    spec/audio-tui.md §1; starting one takes 50-120 ms), made PortAudio's default input and
+    output. Skips, with the reason, if it cannot start."""
     try:
         server = start_pulse()
     except PulseUnavailable as exc:

@@ -89,3 +89,45 @@ def test_no_reference_passes_the_microphone_through():
 def test_rejects_frames_of_the_wrong_size():
     with pytest.raises(ValueError, match="1920"):
         EchoCanceller().process(np.zeros(480, np.float32), np.zeros(480, np.float32))
+
+
+def moving_echo_scene(speech, delay_samples):
+    """The quick scene's far end, with an echo whose delay (samples, fractional) follows
+    ``delay_samples(t)``: a clock drift or a jump, as a sound server makes them."""
+    scene = bench.make_scene(0, *speech, bench.QUICK_DT_START_S)
+    n = len(scene.far)
+    room = np.convolve(scene.far, bench.room_response())[:n]
+    t = np.arange(n) / SAMPLE_RATE
+    echo = np.interp(np.arange(n) - delay_samples(t), np.arange(n), room, left=0)
+    scene.echo = echo * np.sqrt(10 ** (-6 / 10) * np.sum(scene.far**2) / np.sum(echo**2))
+    scene.mic = bench.quantise(scene.echo + scene.near + np.random.default_rng(1).standard_normal(n) * 10 ** -3.5)
+    return scene
+
+
+def _erle_by_second(scene, aec, seconds):
+    out, _ = bench.run_canceller(aec.process, scene)
+    return [bench.erle_db(scene, out, s, s + 1) for s in seconds]
+
+
+def test_follows_a_jump_of_the_echo_delay(speech):
+    """A server resizing its buffer: the echo moves by 45 samples at 4 s."""
+    scene = moving_echo_scene(speech, lambda t: 1920 + 45 * (t >= 4.0))
+    aec = EchoCanceller()
+    erle = _erle_by_second(scene, aec, [3, 5, 6, 7])
+    print(f"\nERLE around a 45-sample jump at 4 s (seconds 3, 5, 6, 7): {np.round(erle, 1)}")
+    assert erle[0] > 25
+    assert min(erle[1:]) > 20  # within a second of the jump
+    assert aec.delay == pytest.approx(1965, abs=1)
+
+
+def test_follows_a_clock_drift(speech):
+    """Two sound cards 100 ppm apart: the echo delay grows by 2.4 samples a second."""
+    scene = moving_echo_scene(speech, lambda t: 1920 + 2.4 * t)
+    aec = EchoCanceller()
+    out = np.zeros_like(scene.mic)
+    for i in range(0, int(7.5 * SAMPLE_RATE) // FRAME_SIZE * FRAME_SIZE, FRAME_SIZE):
+        out[i:i + FRAME_SIZE] = aec.process(scene.mic[i:i + FRAME_SIZE], scene.far[i:i + FRAME_SIZE])
+    erle = [bench.erle_db(scene, out, s, s + 1) for s in (3, 4, 5, 6)]
+    print(f"\nERLE under a 100 ppm drift (seconds 3-6): {np.round(erle, 1)}; delay {aec.delay:.1f} at {i / 24000:.2f} s")
+    assert min(erle) > 20
+    assert aec.delay == pytest.approx(1920 + 2.4 * (i + FRAME_SIZE) / SAMPLE_RATE, abs=1.0)
