@@ -190,10 +190,11 @@ class _Runner:
 
     def _encode(self, pcm: np.ndarray) -> torch.Tensor:
         """One frame (FRAME_SIZE,) with batch size 1, or one per slot (batch_size, FRAME_SIZE)."""
-        self._submit(pcm)
+        self.submit(pcm)
         return self.encoder.collect()
 
-    def _submit(self, pcm: np.ndarray) -> None:
+    def submit(self, pcm: np.ndarray) -> None:
+        """Start encoding one frame per slot ([batch_size, FRAME_SIZE]); ``collect`` gives the codes."""
         if pcm.shape != (FRAME_SIZE,) and pcm.shape != (self.batch_size, FRAME_SIZE):
             raise ValueError(f"a frame is {FRAME_SIZE} samples per slot, got shape {pcm.shape}")
         self.encoder.submit(pcm.reshape(self.batch_size, FRAME_SIZE))
@@ -295,10 +296,6 @@ class TranscribeRunner(_Runner):
     def describe(self) -> dict[str, str]:
         return {**super().describe(), "mimi": "own process" if self.pipelined else "in the engine"}
 
-    def submit(self, pcm: np.ndarray) -> None:
-        """Start encoding one frame per slot ([batch_size, FRAME_SIZE]); ``collect`` gives the codes."""
-        self._submit(pcm)
-
     @torch.no_grad()
     def collect(self) -> torch.Tensor:
         """The Mimi codes [batch_size, n_q, 1] of the frames submitted last."""
@@ -337,7 +334,7 @@ class TranscribeRunner(_Runner):
     def step(self, pcm: np.ndarray) -> StepOutput:
         watch = _Stopwatch(self.device)
         if self.pipelined:
-            self._submit(pcm)
+            self.submit(pcm)
             first = self._codes is None
             out = self.lm_step(self.no_codes() if first else self._codes)
             watch.lap("lm")
