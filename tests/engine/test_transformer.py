@@ -40,6 +40,16 @@ def _pair(ref_kwargs, cfg, dtype):
     return ref, ours
 
 
+def _assert_same_steps_through_a_reset(ref, ours, x, reset_at, mask):
+    """Both stream ``x`` [B, T, dim] one step at a time, resetting the ``mask`` slots at ``reset_at``."""
+    with ref.streaming(x.shape[0]), ours.streaming(x.shape[0]):
+        for t in range(x.shape[1]):
+            if t == reset_at:
+                ref.reset_streaming(mask)
+                ours.reset_streaming(mask)
+            assert torch.equal(ref(x[:, t:t + 1]), ours(x[:, t:t + 1])), f"step {t}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", [MIMI_LIKE, LM_LIKE, DEPTH_LIKE], ids=["mimi", "lm", "depth"])
 @torch.no_grad()
@@ -63,14 +73,8 @@ def test_a_long_ring_attended_over_its_written_blocks_matches_reference_bit_for_
     ref_kwargs, cfg, _ = LM_LIKE
     ref_kwargs, cfg = dict(ref_kwargs, context=1100), replace(cfg, context=1100)
     ref, ours = _pair(ref_kwargs, cfg, dtype)
-    x = torch.randn(2, 1300, cfg.dim, dtype=dtype)
-    with ref.streaming(2), ours.streaming(2):
-        for t in range(1300):
-            if t == 600:
-                mask = torch.tensor([True, False])
-                ref.reset_streaming(mask)
-                ours.reset_streaming(mask)
-            assert torch.equal(ref(x[:, t:t + 1]), ours(x[:, t:t + 1])), f"step {t}"
+    _assert_same_steps_through_a_reset(ref, ours, torch.randn(2, 1300, cfg.dim, dtype=dtype), 600,
+                                       torch.tensor([True, False]))
 
 
 @torch.no_grad()
@@ -86,13 +90,7 @@ def test_reset_one_slot_restarts_only_that_slot():
     ref_kwargs, cfg, _ = LM_LIKE
     ref, ours = _pair(ref_kwargs, cfg, torch.float32)
     x = torch.randn(2, 20, cfg.dim)
-    with ref.streaming(2), ours.streaming(2):
-        for t in range(20):
-            if t == 9:
-                mask = torch.tensor([False, True])
-                ref.reset_streaming(mask)
-                ours.reset_streaming(mask)
-            assert torch.equal(ref(x[:, t:t + 1]), ours(x[:, t:t + 1])), f"step {t}"
+    _assert_same_steps_through_a_reset(ref, ours, x, 9, torch.tensor([False, True]))
     # and the reset slot really restarted: it now matches a fresh stream fed from step 9
     with ours.streaming(1):
         fresh = [ours(x[1:, t:t + 1]) for t in range(9, 20)]
