@@ -165,6 +165,7 @@ class JsonWriter(TranscriptListener):
         self._next_save = 0.0
         if path is not None:
             self._save()
+            self._next_save = 0.0  # the first word goes to disk at once: the empty document waits for nothing
 
     def on_word(self, word: Word) -> None:
         self.document["words"].append(_word_json(word, len(self.document["segments"])))
