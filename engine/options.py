@@ -1,11 +1,48 @@
-"""What the CLI tells the engine about the model to run. Importing this is cheap: no torch,
-so the TUI process can use it."""
+"""What the CLI tells the engine: the mode and the model to run. Importing this is cheap (no
+torch), so the app's process uses it too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+class Mode(str, Enum):
+    """What a session does. Everything that differs between the modes is in ``MODES``."""
+
+    CHAT = "chat"
+    SEE = "see"
+    TRANSCRIBE = "transcribe"
+
+    @property
+    def spec(self) -> ModeSpec:
+        return MODES[self]
+
+    @property
+    def talks(self) -> bool:
+        return MODES[self].talks
+
+    @property
+    def default_model(self) -> str:
+        return MODES[self].default_model
+
+    @property
+    def runner(self) -> str:
+        return MODES[self].runner
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    default_model: str  # a name from the models table, used when --hf-repo is not given
+    runner: str  # the engine runner, "module:Class", loaded in the engine process
+    talks: bool  # Moshi answers with its voice (else the session only listens)
+
+
+MODES = {
+    Mode.CHAT: ModeSpec("moshika", "engine.runner:ChatRunner", talks=True),
+    Mode.SEE: ModeSpec("moshika-vis", "engine.moshivis:SeeRunner", talks=True),
+    Mode.TRANSCRIBE: ModeSpec("stt-1b-en_fr", "engine.runner:TranscribeRunner", talks=False),
+}
 
 
 @dataclass
