@@ -14,8 +14,8 @@ which removes echo from the first words; as speex converges the learned coupling
 suppressor gets out of the way. Moments where the microphone or the output holds more than the
 far end explains (the user talking) are not learned from, so double talk passes.
 
-Speex runs on 80 ms frames: in double talk they keep the near talker cleaner than 20 ms frames
-(spec/audio-tui.md §2), and they are the model's frames, so they add no latency. Speex's own
+Speex runs on 80 ms frames: in double talk they kept the near talker cleaner than 20 ms frames
+in our measurements (``benchmarks/aec.py``'s scene), and they are the model's frames, so they add no latency. Speex's own
 preprocessor is not used: its residual-echo suppressor delays the output by a frame (80 ms here)
 and costs more near-end quality in double talk than this suppressor (benchmarks/aec.py).
 """

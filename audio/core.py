@@ -19,7 +19,8 @@ import numpy as np
 from . import FRAME_SIZE, SAMPLE_RATE
 from .aec import AecConfig, EchoCanceller
 from .errors import AudioError
-from .jitter import JitterBuffer, JitterConfig
+from .jitter import JitterBuffer
+from .lag import MAX_INPUT_AGE_MS, JitterConfig
 from .meters import LevelMeter, VoiceActivity
 from .wav import WavWriter
 
@@ -33,7 +34,7 @@ REFERENCE_LEAD = SAMPLE_RATE * 10 // 1000
 @dataclass
 class DuplexConfig:
     aec: bool = True
-    max_input_age_ms: float = 40.0  # older microphone frames are skipped: the model hears the present
+    max_input_age_ms: float = MAX_INPUT_AGE_MS  # older microphone frames are skipped (lag.py)
     jitter: JitterConfig = field(default_factory=JitterConfig)
     echo: AecConfig = field(default_factory=AecConfig)
 

@@ -1,4 +1,5 @@
-"""Playback jitter buffer with a bounded lag: the rule of Kyutai's web client (protocol.md §7.1).
+"""Playback jitter buffer with a bounded lag: the rule of Kyutai's web client (its budgets, and
+the other lag bounds, are in ``lag.py``).
 
 Playback starts once one frame is queued, plus ``partial`` ms of silence. When more than
 ``initial + partial + max`` is queued, the oldest audio is dropped down to ``initial + partial``
@@ -18,18 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import FRAME_SIZE, SAMPLE_RATE
+from .lag import JitterConfig
 
 FADE = SAMPLE_RATE * 5 // 1000  # 5 ms
-
-
-@dataclass
-class JitterConfig:
-    initial_ms: float = 80.0
-    partial_ms: float = 10.0
-    max_ms: float = 10.0
-    step_ms: float = 5.0
-    cap_ms: float = 80.0
-    relax_s: float = 10.0
 
 
 def _samples(ms: float) -> int:

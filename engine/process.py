@@ -25,16 +25,17 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
 
-from .errors import EngineError
+from audio.lag import MAX_IN_FLIGHT_FRAMES
 
-RUNNERS = {"chat": "engine.runner:ChatRunner", "transcribe": "engine.runner:TranscribeRunner",
-           "see": "engine.moshivis:SeeRunner"}
+from .errors import EngineError
+from .interface import EngineEvent, Failed, Loading, Output, Ready, WarmingUp
+from .options import Mode
+
 HEARTBEAT_S = 0.2
 # A frame unanswered for this many warm step times (and at least stall_timeout_s) is a stall.
 STALL_STEPS = 10
@@ -44,65 +45,31 @@ class EngineProcessError(EngineError):
     """The engine process failed to start, died, or stopped answering."""
 
 
-# -- what `poll` returns ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Loading:
-    detail: str
-
-
-@dataclass(frozen=True)
-class WarmingUp:
-    pass
-
-
-@dataclass(frozen=True)
-class Ready:
-    info: dict[str, str]  # the runner's describe(): model, device, dtype
-
-
-@dataclass(frozen=True)
-class Output:
-    index: int  # the frame it answers, counted from 0 since start or the last reset
-    pcm: np.ndarray | None
-    text: str | None
-    timings_ms: dict[str, float]  # the runner's own, plus "roundtrip": send to receive
-    gate: float | None = None  # MoshiVis: how much it looked at the picture this step
-
-
-@dataclass(frozen=True)
-class Failed:
-    reason: str  # one line for the user
-    detail: str = ""  # the child's traceback, for MOSHI_DEBUG
-
-
-EngineEvent = Loading | WarmingUp | Ready | Output | Failed
-
-
 # -- parent side ----------------------------------------------------------------------------
 
 
 class EngineProcess:
-    """Handle on the engine process. Not thread-safe: one thread sends and polls."""
+    """The ``Engine`` (``engine/interface.py``) that runs the model in a child process on this
+    machine. Not thread-safe: one thread sends and polls."""
 
     def __init__(
         self,
-        runner: str,
+        runner: Mode | str,
         options: Any,
         *,
         log_path: str | None = None,
-        max_in_flight: int = 4,
+        max_in_flight: int = MAX_IN_FLIGHT_FRAMES,
         stall_timeout_s: float = 0.8,
         load_timeout_s: float = 60.0,
     ) -> None:
-        """`runner`: "chat", "transcribe" or "package.module:Class". `options` is handed to
+        """`runner`: a mode (its runner) or "package.module:Class". `options` is handed to
         `Class.load` in the child (it must pickle). The child's stdout and stderr go to
         `log_path` (default: nowhere), so they cannot scribble over the TUI."""
-        self.runner = RUNNERS.get(runner, runner)
+        modes = [mode.value for mode in Mode]
+        self.runner = Mode(runner).runner if runner in modes else runner
         if ":" not in self.runner:
-            raise EngineProcessError(f"unknown engine runner {runner!r}: use one of {sorted(RUNNERS)} or module:Class")
-        self.max_in_flight = max_in_flight  # ~0.3 s of audio; more would only add lag
+            raise EngineProcessError(f"unknown engine runner {runner!r}: use one of {modes} or module:Class")
+        self.max_in_flight = max_in_flight
         self.stall_timeout_s = stall_timeout_s
         self.load_timeout_s = load_timeout_s  # silence allowed while loading (long C calls)
         self.state = "loading"  # loading, warming up, live, failed, closed

@@ -6,12 +6,12 @@ the engine inside their function bodies.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import typer
 
 from audio.errors import AudioError
+from engine.env import env_flag
 from engine.errors import EngineError
 
 from . import __version__, settings
@@ -59,7 +59,7 @@ def main() -> None:
     try:
         app()
     except (EngineError, AudioError) as exc:
-        if os.environ.get("MOSHI_DEBUG"):
+        if env_flag("MOSHI_DEBUG"):
             raise
         print(f"moshi: error: {exc}", file=sys.stderr)
         sys.exit(1)

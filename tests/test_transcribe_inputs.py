@@ -10,7 +10,7 @@ import pytest
 import soundfile
 
 from audio.files import read_audio
-from moshi_tui.audio_input import file_input, stdin_input
+from audio.inputs import file_input, stdin_input
 from transcribe_support import noise
 
 # (extension, rate, channels, subtype): MP3 at 16 and 22.05 kHz is MPEG-2, which libsndfile garbles

@@ -75,7 +75,8 @@ def reference_tokens(folder: Path, pcm: np.ndarray) -> list[int]:
 
 
 def published_words(tokens: list[int], tokenizer, offset_seconds: float) -> list[tuple[str, float, float]]:
-    """DSM's `tokens_to_timestamped_text` (stt.md §3.4), written out plainly on a whole token list.
+    """`tokens_to_timestamped_text` of Kyutai's delayed-streams-modeling STT scripts, written out
+    plainly on a whole token list.
 
     Where the published code slices with a fractional end (the last word's one-second cap), tokens
     strictly before that position are the ones decoded.

@@ -67,9 +67,11 @@ def chat(
         run_headless_chat(input, output, transcript, options)
         return
     reject_without_input(output, transcript)
+    from engine.options import Mode
+
     from ..session import SessionOptions, run
 
-    run(SessionOptions(mode="chat", model=options, input_device=input_device, output_device=output_device,
+    run(SessionOptions(mode=Mode.CHAT, model=options, input_device=input_device, output_device=output_device,
                        aec=not no_aec, record_dir=record, tui=not no_tui))
 
 

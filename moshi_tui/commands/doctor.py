@@ -133,17 +133,20 @@ def _check_pipeline() -> int:
     """Two seconds through the real engine process, on a tiny random model written for the occasion."""
     import numpy as np
 
-    from engine.options import ModelOptions
-    from engine.process import EngineProcess, Failed, Output, Ready
+    from audio import FRAME_SIZE
+    from engine.interface import Failed, Output, Ready
+    from engine.options import Mode, ModelOptions
+    from engine.process import EngineProcess
     from engine.tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="moshi-doctor-") as folder:
-        write_tiny_checkpoint(folder, "chat")
-        engine = EngineProcess("chat", ModelOptions(hf_repo=folder, dtype="float32"))
+        write_tiny_checkpoint(folder, Mode.CHAT.value)
+        engine = EngineProcess(Mode.CHAT, ModelOptions(hf_repo=folder, dtype="float32"))
         try:
             outputs = []
             deadline = time.monotonic() + 120
-            frames = iter(np.sin(np.arange(PIPELINE_FRAMES * 1920, dtype=np.float32) * 0.05).reshape(-1, 1920) * 0.3)
+            frames = iter(np.sin(np.arange(PIPELINE_FRAMES * FRAME_SIZE, dtype=np.float32) * 0.05)
+                         .reshape(-1, FRAME_SIZE) * 0.3)
             while len(outputs) < PIPELINE_FRAMES and time.monotonic() < deadline:
                 for event in engine.poll(timeout=0.05):
                     if isinstance(event, Failed):

@@ -67,9 +67,9 @@ def see(
     With --input, the conversation runs headless on a recording: the user's side comes from the
     file, frame by frame exactly as live audio would, and Moshi's side goes to --output and stdout.
     """
-    from engine.options import SeeOptions
+    from engine.options import Mode, SeeOptions
 
-    base = model_options(hf_repo or "moshika-vis", device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
+    base = model_options(hf_repo or Mode.SEE.default_model, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
     options = SeeOptions(**vars(base), image=str(image), xa_start=xa_start,
                          rms_norm=None if rms_norm is None else rms_norm.name)
     if input is not None:
@@ -83,7 +83,7 @@ def see(
         load_picture(image)  # a bad file fails now, not in the engine after the model has loaded
     except PictureError as exc:
         raise typer.BadParameter(str(exc), param_hint="IMAGE") from None
-    run(SessionOptions(mode="see", model=options, input_device=input_device, output_device=output_device,
+    run(SessionOptions(mode=Mode.SEE, model=options, input_device=input_device, output_device=output_device,
                        aec=not no_aec, record_dir=record, tui=not no_tui))
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from engine.options import Mode
 
 EPILOG = """\
 Examples:
@@ -19,12 +20,6 @@ Examples:
 """
 
 
-class Kind(str, Enum):
-    chat = "chat"
-    transcribe = "transcribe"
-    see = "see"
-
-
 def register(app: typer.Typer) -> None:
     app.command("tiny-model", short_help="Write a tiny random model folder for offline tries.", epilog=EPILOG)(
         tiny_model)
@@ -32,8 +27,8 @@ def register(app: typer.Typer) -> None:
 
 def tiny_model(
     folder: Annotated[Path, typer.Argument(help="Where to write the checkpoint folder.")],
-    kind: Annotated[Kind, typer.Option(
-        "--kind", help="A conversation model, a speech-recognition one, or MoshiVis.")] = Kind.chat,
+    kind: Annotated[Mode, typer.Option(
+        "--kind", help="A model for `moshi chat` (Moshi), `moshi see` (MoshiVis) or `moshi transcribe` (STT).")] = Mode.CHAT,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
 ) -> None:
     """Write a tiny checkpoint folder in the official layout, with random weights.
@@ -41,12 +36,7 @@ def tiny_model(
     It loads through the same code as the real models, but it has learnt nothing: it produces
     noise and gibberish, not speech. Use it to try the app and its pipeline offline.
     """
-    if kind is Kind.see:
-        from engine.moshivis import write_tiny_moshivis_checkpoint
+    from engine.tiny import write_tiny_checkpoint
 
-        path = write_tiny_moshivis_checkpoint(folder, seed)
-    else:
-        from engine.tiny import write_tiny_checkpoint
-
-        path = write_tiny_checkpoint(folder, kind.value, seed)
+    path = write_tiny_checkpoint(folder, kind.value, seed)
     typer.echo(f"wrote a tiny random {kind.value} model to {path} (it speaks noise, not words)")

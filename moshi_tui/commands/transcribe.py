@@ -125,7 +125,7 @@ def _run_files(names: list[str], options, formats: list[str], output_dir: Path |
     from engine.runner import TranscribeRunner
     from engine.transcription import BatchTranscriber
 
-    from ..audio_input import file_input, stdin_input
+    from audio.inputs import file_input, stdin_input
 
     # Every input is checked, and every output path decided, before the model loads.
     inputs = [stdin_input(rate) if name == STDIN else file_input(name) for name in names]

@@ -18,8 +18,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def pulse():
-    """A fresh server for each test (one that served many streams drifts and glitches under load,
-    spec/audio-tui.md §1; starting one takes 50-120 ms), made PortAudio's default input and
+    """A fresh server for each test (one that served many streams drifts and glitches under load;
+    starting one takes 50-120 ms), made PortAudio's default input and
     output. Skips, with the reason, if it cannot start."""
     try:
         server = start_pulse()

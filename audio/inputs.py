@@ -22,10 +22,10 @@ from typing import BinaryIO, Callable, Iterator
 import numpy as np
 import soundfile as sf
 
-from audio import SAMPLE_RATE
-from audio.errors import AudioFileError
-from audio.files import check_audio_path, decode_error
-from audio.resample import Resampler
+from . import SAMPLE_RATE
+from .errors import AudioFileError
+from .files import check_audio_path, decode_error
+from .resample import Resampler
 
 BLOCK_SECONDS = 1.0
 STDIN = "-"
