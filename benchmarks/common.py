@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
+import sys
 from typing import Callable
 
 import torch
@@ -14,6 +16,31 @@ import torch
 def summary(ours_ms: list[float], reference_ms: list[float]) -> dict[str, float]:
     ours, reference = statistics.median(ours_ms), statistics.median(reference_ms)
     return {"ours_ms": round(ours, 2), "reference_ms": round(reference, 2), "ratio": round(ours / reference, 3)}
+
+
+# The x86 features that choose our CPU kernels (bf16 and int8 matmuls, attention).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def machine() -> str:
+    """The CPU, its kernel-relevant features and the kernels PyTorch chose on it: figures from
+    machines with other features are not comparable."""
+    from engine.quant import int8_kernel
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("", platform.machine()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    features = " ".join(f for f in CPU_FEATURES if f in flags) or "none of " + "/".join(CPU_FEATURES)
+    return (f"{name}; {features}; torch {torch.__version__} CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; int8: {int8_kernel()}")
 
 
 def run_command_line(doc: str, quick_help: str, measure: Callable[..., dict], print_table: Callable[[dict], None],
@@ -30,6 +57,8 @@ def run_command_line(doc: str, quick_help: str, measure: Callable[..., dict], pr
     torch.set_num_threads(1)
     results = measure(args.quick, full_7b=args.full_7b) if full_7b else measure(args.quick)
     if args.json:
+        print(f"machine: {machine()}", file=sys.stderr)
         print(json.dumps(results))
     else:
+        print(f"machine: {machine()}")
         print_table(results)

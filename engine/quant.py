@@ -20,6 +20,7 @@ fast as the device's plain matmul.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 
@@ -102,15 +103,49 @@ def int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     return codes, scales_zeros
 
 
+def _onednn_int8_matmul(codes: torch.Tensor, input_zero_point: int, packed: torch.Tensor,
+                        scale: torch.Tensor) -> torch.Tensor:
+    """fp32 ``(codes − input_zero_point) · weightᵀ · scale`` for uint8 ``codes`` [rows, in]."""
+    device = scale.device
+    return torch.ops.onednn.qlinear_pointwise.tensor(
+        codes, torch.ones((), device=device), torch.full((), input_zero_point, dtype=torch.int32, device=device),
+        packed, scale, torch.zeros(len(scale), dtype=torch.int32, device=device), None,
+        1.0, 0, torch.float32, "none", [], "")
+
+
+@functools.cache
+def int8_saturates() -> bool:
+    """Whether oneDNN's int8 matmul on this CPU sums pairs of unsigned × signed byte products in a
+    saturating 16-bit integer (``vpmaddubsw``): its x86 kernels without VNNI do, and two products
+    of 255 and 127 overflow it. Run on exactly that worst case, so that the answer follows the
+    kernel oneDNN really dispatches here (``ONEDNN_MAX_CPU_ISA`` included), not a CPU flag."""
+    inputs, outputs = 64, 16
+    packed = torch.ops.onednn.qlinear_prepack(torch.full((outputs, inputs), 127, dtype=torch.int8), [1, inputs])
+    codes = torch.full((1, inputs), 255, dtype=torch.uint8)
+    got = _onednn_int8_matmul(codes, 128, packed, torch.ones(outputs))
+    return not torch.equal(got, torch.full_like(got, 127 * 127 * inputs))
+
+
+def int8_kernel() -> str:
+    """Which int8 product runs on this CPU, for ``moshi doctor`` and the benchmarks."""
+    if not torch.backends.mkldnn.is_available():
+        return "weight-only int8 (no oneDNN in this PyTorch)"
+    if int8_saturates():
+        return "oneDNN u8×s8 without VNNI: 7-bit activations (16-bit pair sums would saturate)"
+    return "oneDNN u8×s8 with VNNI: 8-bit activations"
+
+
 class Int8Linear(nn.Module):
     """``y = x · (weight · weight_scb / 127)ᵀ`` with int8 weights; ``compute_dtype``: that of x.
 
-    On CPU, ``prepare()`` hands the weight to oneDNN's int8 matmul (VNNI), which streams it at
-    about twice the rate of the weight-only int8 kernel, and drops the plain copy (the state dict
-    then has no ``weight``). That kernel multiplies int8 by int8, so each input row is quantized
-    on the fly to 8 bits with its own absmax scale: the scheme of the reference's q8 path
-    (bitsandbytes' LLM.int8 with threshold 0). On Gaussian data that makes a product's relative
-    error ~0.8%, against ~0.3% for the int8 weight alone.
+    On CPU, ``prepare()`` hands the weight to oneDNN's int8 matmul, which streams it at about
+    twice the rate of the weight-only int8 kernel, and drops the plain copy (the state dict then
+    has no ``weight``). That kernel multiplies bytes by bytes, so each input row is quantized on
+    the fly with its own absmax scale: the scheme of the reference's q8 path (bitsandbytes'
+    LLM.int8 with threshold 0). With VNNI the input gets 8 bits: on Gaussian data a product's
+    relative error is ~0.8%, against ~0.3% for the int8 weight alone. Without VNNI the kernel's
+    16-bit pair sums saturate on 8-bit inputs (3.7% error measured on a 512×256 layer), so the
+    input gets 7 bits (``int8_saturates``): ~1.4%, and no saturation.
     """
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype):
@@ -130,22 +165,18 @@ class Int8Linear(nn.Module):
         if pack:
             self.packed = torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features])
             self.weight = None
-            device = self.scale.device
-            self._zero_points = torch.zeros(self.out_features, dtype=torch.int32, device=device)
-            self._unit = torch.ones((), device=device)
-            # The VNNI instruction multiplies unsigned by signed bytes: the signed codes of the
-            # input are shifted by 128 and oneDNN takes the shift back as a zero point.
-            self._input_zero_point = torch.full((), 128, dtype=torch.int32, device=device)
+            # The kernel multiplies unsigned by signed bytes: the input's signed codes in
+            # [-levels, levels] are shifted by levels + 1 into [1, 2 · levels + 1], and oneDNN
+            # takes the shift back as a zero point.
+            self._levels = 63 if int8_saturates() else 127
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return (F.linear(x, self.weight.to(x.dtype)) * self.scale).to(x.dtype)
         rows = x.reshape(-1, self.in_features).float()
-        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127
-        codes = torch.round(rows / row_scale).add_(128).to(torch.uint8)
-        out = torch.ops.onednn.qlinear_pointwise.tensor(
-            codes, self._unit, self._input_zero_point, self.packed, self.scale, self._zero_points, None,
-            1.0, 0, torch.float32, "none", [], "")
+        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / self._levels
+        codes = torch.round(rows / row_scale).add_(self._levels + 1).to(torch.uint8)
+        out = _onednn_int8_matmul(codes, self._levels + 1, self.packed, self.scale)
         return (out * row_scale).to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -18,6 +18,7 @@ def test_quick_benchmarks_report_ours_and_reference():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--json"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    assert "machine: " in result.stderr and "int8: " in result.stderr  # what the figures were measured on
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"mimi_encode", "mimi_decode", "stt1b_step_bf16", "stt1b_step_int8", "stt1b_step_int4",
             "moshi7b_depformer_step", "stt1b_peak_rss_int8", "stt1b_logit_error_int8"} <= set(figures)

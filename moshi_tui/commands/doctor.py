@@ -68,8 +68,11 @@ def _check_torch(model: str) -> int:
             _line(enough, f"{model} needs about {needed:.0f} GB of GPU memory"
                   + ("" if enough else "; try the -q8 model or --quantize int8/int4"))
         return 0
+    from engine.quant import int8_kernel
+
     mps = torch.backends.mps.is_available()
     _line(None, "no CUDA GPU" + (", MPS available (--device mps)" if mps else "") + "; the models run on the CPU")
+    _line(True, f"CPU kernels: {torch.backends.cpu.get_cpu_capability()}; --quantize int8 runs {int8_kernel()}")
     if needed is not None:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
         enough = available >= needed

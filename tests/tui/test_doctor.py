@@ -30,6 +30,7 @@ def test_doctor_passes_with_a_sound_server(pulse):
     assert any(line.startswith("[ok  ] microphone:") for line in lines)
     assert any(line.startswith("[ok  ] speakers:") for line in lines)
     assert any("Hub not reachable at http://127.0.0.1:" in line for line in lines)
+    assert any(line.startswith("[ok  ] CPU kernels: ") and "--quantize int8 runs oneDNN" in line for line in lines)
     [pipeline] = [line for line in lines if "pipeline:" in line]
     assert pipeline.startswith("[ok  ] pipeline: 25 frames") and "25 answered with audio" in pipeline
 
