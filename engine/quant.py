@@ -128,24 +128,26 @@ def int8_saturates() -> bool:
 
 def int8_kernel() -> str:
     """Which int8 product runs on this CPU, for ``moshi doctor`` and the benchmarks."""
-    if not torch.backends.mkldnn.is_available():
-        return "weight-only int8 (no oneDNN in this PyTorch)"
-    if int8_saturates():
-        return "oneDNN u8×s8 without VNNI: 7-bit activations (16-bit pair sums would saturate)"
-    return "oneDNN u8×s8 with VNNI: 8-bit activations"
+    if torch.backends.mkldnn.is_available() and not int8_saturates():
+        return "oneDNN u8×s8 (VNNI), 8-bit activations"
+    return "weight-only int8 (PyTorch's int8pack kernel), activations in the model dtype"
 
 
 class Int8Linear(nn.Module):
     """``y = x · (weight · weight_scb / 127)ᵀ`` with int8 weights; ``compute_dtype``: that of x.
 
-    On CPU, ``prepare()`` hands the weight to oneDNN's int8 matmul, which streams it at about
-    twice the rate of the weight-only int8 kernel, and drops the plain copy (the state dict then
-    has no ``weight``). That kernel multiplies bytes by bytes, so each input row is quantized on
-    the fly with its own absmax scale: the scheme of the reference's q8 path (bitsandbytes'
-    LLM.int8 with threshold 0). With VNNI the input gets 8 bits: on Gaussian data a product's
-    relative error is ~0.8%, against ~0.3% for the int8 weight alone. Without VNNI the kernel's
-    16-bit pair sums saturate on 8-bit inputs (3.7% error measured on a 512×256 layer), so the
-    input gets 7 bits (``int8_saturates``): ~1.4%, and no saturation.
+    On a CPU the kernel is chosen by what the CPU does well (``prepare``):
+
+    * with VNNI, oneDNN's int8 matmul, which takes the weight in a layout of its own (the plain
+      copy is dropped: the state dict then has no ``weight``). It multiplies bytes by bytes, so
+      each input row is quantized on the fly with its own absmax scale, the scheme of the
+      reference's q8 path (bitsandbytes' LLM.int8 with threshold 0): on Gaussian data a product's
+      relative error is ~0.8%, against ~0.2% for the int8 weight alone. Measured at one thread, it
+      beats the weight-only kernel from 4 input rows on (2048×11264: 1.3 against 2.6 ms).
+    * without VNNI (AVX2, early AVX-512), PyTorch's weight-only int8 kernel on activations in the
+      model dtype. oneDNN's kernel there sums pairs of byte products in a saturating int16
+      (3.7% error on a 512×256 layer) and is 3-5x slower at one input row (2048×11264: 7.0 ms
+      against 1.9 ms with PyTorch and oneDNN held to AVX2).
     """
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype):
@@ -156,27 +158,35 @@ class Int8Linear(nn.Module):
         self.weight_scb = nn.Parameter(torch.empty(out_features, dtype=torch.float32), requires_grad=False)
         self.scale: torch.Tensor | None = None  # weight_scb / 127, set by prepare()
         self.packed: torch.Tensor | None = None  # the weight in oneDNN's layout (CPU)
+        self._weight_only_kernel = False  # set by prepare()
 
     def prepare(self, pack: bool | None = None) -> None:
-        """``pack``: hand the weight to oneDNN (default: on CPU, where oneDNN is built in)."""
+        """``pack``: hand the weight to oneDNN (default: on a CPU whose oneDNN kernel has VNNI);
+        otherwise a CPU uses the weight-only kernel and other devices widen the weight."""
         self.scale = self.weight_scb / 127
+        cpu = self.weight.device.type == "cpu"
         if pack is None:
-            pack = self.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            pack = cpu and torch.backends.mkldnn.is_available() and not int8_saturates()
+        # PyTorch 2.13's AVX-512 int8pack kernel crashes on several input rows when the input
+        # width is not a multiple of 16 (every real model's is); such a layer widens its weight.
+        self._weight_only_kernel = cpu and not pack and self.in_features % 16 == 0
         if pack:
             self.packed = torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features])
             self.weight = None
-            # The kernel multiplies unsigned by signed bytes: the input's signed codes in
-            # [-levels, levels] are shifted by levels + 1 into [1, 2 · levels + 1], and oneDNN
-            # takes the shift back as a zero point.
-            self._levels = 63 if int8_saturates() else 127
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight_only_kernel:
+            flat = x.reshape(-1, self.in_features)
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype))
+            return out.view(*x.shape[:-1], self.out_features)
         if self.packed is None:
             return (F.linear(x, self.weight.to(x.dtype)) * self.scale).to(x.dtype)
         rows = x.reshape(-1, self.in_features).float()
-        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / self._levels
-        codes = torch.round(rows / row_scale).add_(self._levels + 1).to(torch.uint8)
-        out = _onednn_int8_matmul(codes, self._levels + 1, self.packed, self.scale)
+        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127
+        # The kernel multiplies unsigned by signed bytes: the input's signed codes are shifted
+        # by 128, and oneDNN takes the shift back as a zero point.
+        codes = torch.round(rows / row_scale).add_(128).to(torch.uint8)
+        out = _onednn_int8_matmul(codes, 128, self.packed, self.scale)
         return (out * row_scale).to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
