@@ -266,4 +266,4 @@ def finish_quantized(model: nn.Module, device: torch.device) -> None:
         elif isinstance(module, Attention) and device.type == "cpu":
             # The fused bf16 attention kernel is ~8x slower than two matmuls on CPUs without AMX;
             # the plain model keeps it for bit-parity with the reference, a quantized one need not.
-            module.matmul_attention = True
+            module.use_matmul_attention = True
