@@ -1,6 +1,6 @@
 """Echo-cancellation benchmark on a reproducible echo scene built from espeak-ng speech.
 
-Scene (24 kHz, int16, as in spec/audio-tui.md §2): the far end (Moshi) talks for about 30 s; its
+Scene (24 kHz, int16): the far end (Moshi) talks for about 30 s; its
 echo reaches the microphone after a pure delay of 40, 80 or 120 ms through a room impulse response
 (direct tap plus exponentially decaying noise, T60 150 ms) at -6 dB; white noise at -70 dBFS.
 The near talker speaks over the far end from 16 s (double talk), and alone after the far end stops.

@@ -82,7 +82,7 @@ class RMSNorm(nn.Module):
     """``x * alpha * rsqrt(eps + mean(x²))`` computed in fp32, whatever the weights' dtype.
 
     With ``variance``, the unbiased variance of x replaces mean(x²) (x itself is not centred):
-    the definition of the official PyTorch MoshiVis code (moshivis.md §4).
+    the definition of the official PyTorch MoshiVis code.
     """
 
     def __init__(self, dim: int, eps: float = 1e-8, variance: bool = False):
