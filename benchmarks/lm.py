@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from common import run_command_line, summary  # noqa: E402
 
-from engine.lm import LMConfig, LMModel, load_lm  # noqa: E402
-from engine.lm_gen import LMGen, Sampling  # noqa: E402
+from engine.moshi.generate import LMGen, Sampling  # noqa: E402
+from engine.moshi.loading import load_lm  # noqa: E402
+from engine.moshi.model import LMConfig, LMModel  # noqa: E402
 from engine.transformer import Attention  # noqa: E402
 
 QUANT_MODES = ("int8", "int4")

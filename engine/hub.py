@@ -36,7 +36,8 @@ MODELS = {
 }
 
 # Repos without config.json (MoshiVis) are Moshi 7B checkpoints with these file names and LM settings
-# (moshi-lm.md §1, the reference's `_lm_kwargs`).
+# (the reference's `moshi.models.loaders._lm_kwargs`). The settings are the one definition of Moshi 7B:
+# `LMConfig.moshi_7b()` reads them, and so does `LMConfig.from_dict` for keys a config.json leaves out.
 LEGACY_LM_WEIGHTS = "model.safetensors"
 LEGACY_MIMI_WEIGHTS = "tokenizer-e351c8d8-checkpoint125.safetensors"
 LEGACY_TOKENIZER = "tokenizer_spm_32k_3.model"

@@ -33,8 +33,8 @@ import numpy as np
 
 from .errors import EngineError
 
-RUNNERS = {"chat": "engine.runner:ChatRunner", "transcribe": "engine.runner:TranscribeRunner",
-           "see": "engine.moshivis:SeeRunner"}
+RUNNERS = {"chat": "engine.moshi.runner:ChatRunner", "transcribe": "engine.stt.runner:TranscribeRunner",
+           "see": "engine.moshivis.runner:SeeRunner"}
 HEARTBEAT_S = 0.2
 # A frame unanswered for this many warm step times (and at least stall_timeout_s) is a stall.
 STALL_STEPS = 10
@@ -328,7 +328,7 @@ def _load_runner_class(path: str) -> type:
 def _set_image(runner: Any, data: bytes, name: str) -> None:
     if not hasattr(runner, "set_image"):
         raise EngineProcessError(f"{type(runner).__name__} cannot look at pictures")
-    from .vision import open_image  # the child only: it needs torch
+    from .moshivis.vision import open_image  # the child only: it needs torch
 
     runner.set_image(open_image(data), name)  # which also resets the conversation
 

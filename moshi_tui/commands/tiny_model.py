@@ -42,7 +42,7 @@ def tiny_model(
     noise and gibberish, not speech. Use it to try the app and its pipeline offline.
     """
     if kind is Kind.see:
-        from engine.moshivis import write_tiny_moshivis_checkpoint
+        from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
 
         path = write_tiny_moshivis_checkpoint(folder, seed)
     else:

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from engine.errors import CheckpointError
-from engine.lm import LMConfig, load_lm, random_lm_state
-from engine.lm_gen import LMGen, Sampling
+from engine.moshi.generate import LMGen, Sampling
+from engine.moshi.loading import load_lm
+from engine.moshi.model import LMConfig
+from engine.moshi.tiny import random_lm_state
 from engine.quant import Int4Linear, Int8Linear, int4_groups
 from engine.tiny import write_tiny_checkpoint
 from engine import transformer
