@@ -10,8 +10,9 @@ a stall, and a dead process is seen on the next poll. The child leaves on its ow
 Messages on the pipe are tuples, parent → child: ("frame", index, pcm), ("reset",), ("image", data, name),
 ("stop",); child → parent: ("loading", text), ("warming",), ("ready", info, warm_step_s),
 ("out", pcm, text, timings_ms, gate), ("reset",), ("alive",), ("error", message, traceback).
-"image" (a picture file's bytes, for runners with `set_image`) starts a new conversation, as "reset"
+"image" (a picture file's bytes, for a `PictureRunner`) starts a new conversation, as "reset"
 does; "gate" is how much a MoshiVis runner looked at the picture that step, None for the others.
+What the child uses of a runner is the `Runner` protocol of engine/runner.py.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import EngineError
+
+if TYPE_CHECKING:  # the runners need torch, which the app's process never loads
+    from .runner import Runner
 
 RUNNERS = {"chat": "engine.moshi.runner:ChatRunner", "transcribe": "engine.stt.runner:TranscribeRunner",
            "see": "engine.moshivis.runner:SeeRunner"}
@@ -317,7 +321,7 @@ def _redirect_output(log_path: str | None) -> None:
     faulthandler.enable()  # a crash in native code leaves a trace in the log
 
 
-def _load_runner_class(path: str) -> type:
+def _load_runner_class(path: str) -> type[Runner]:
     module, _, name = path.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
@@ -325,10 +329,12 @@ def _load_runner_class(path: str) -> type:
         raise EngineProcessError(f"cannot load the engine runner {path}: {exc}") from exc
 
 
-def _set_image(runner: Any, data: bytes, name: str) -> None:
-    if not hasattr(runner, "set_image"):
+def _set_image(runner: Runner, data: bytes, name: str) -> None:
+    from .runner import PictureRunner  # the child only: it needs torch
+
+    if not isinstance(runner, PictureRunner):
         raise EngineProcessError(f"{type(runner).__name__} cannot look at pictures")
-    from .moshivis.vision import open_image  # the child only: it needs torch
+    from .moshivis.vision import open_image
 
     runner.set_image(open_image(data), name)  # which also resets the conversation
 
@@ -344,7 +350,7 @@ def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: in
     threading.Thread(target=_heartbeat, args=(link, parent_pid), daemon=True).start()
     try:
         runner_class = _load_runner_class(runner_path)
-        runner = runner_class.load(options, progress=lambda text: link.send(("loading", text)))
+        runner: Runner = runner_class.load(options, progress=lambda text: link.send(("loading", text)))
         link.send(("warming",))
         runner.warmup()
         # One timed step, warm: the parent scales what it calls a stall on it.
@@ -357,7 +363,7 @@ def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: in
             msg = conn.recv()
             if msg[0] == "frame":
                 out = runner.step(msg[2])
-                link.send(("out", out.pcm, out.text, out.timings_ms, getattr(out, "gate", None)))
+                link.send(("out", out.pcm, out.text, out.timings_ms, out.gate))
             elif msg[0] == "reset":
                 runner.reset()
                 link.send(("reset",))

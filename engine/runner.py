@@ -5,16 +5,16 @@ A runner takes one frame of the user's audio (``audio.FRAME_SIZE`` float32 sampl
 call and returns what the model produced for that frame. It keeps Mimi and the LM in streaming
 mode for its whole life; ``reset()`` starts a new conversation with the same weights.
 
-Here is what every runner shares: ``StepOutput``, the models of a checkpoint (``Models``,
-``load_models``) and ``BaseRunner``. The runners themselves are the families': ``moshi/runner.py``,
-``moshivis/runner.py``, ``stt/runner.py``.
+Here is what every runner shares: the seam (``Runner``, ``PictureRunner``, ``StepOutput``), the
+models of a checkpoint (``Models``, ``load_models``) and ``BaseRunner``. The runners themselves are
+the families': ``moshi/runner.py``, ``moshivis/runner.py``, ``stt/runner.py``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from .quant import quantization_of
 
 if TYPE_CHECKING:
     import sentencepiece
+    from PIL import Image
 
 # Seed of Kyutai's `moshi-inference`, so that sampled runs can be compared with it.
 DEFAULT_SEED = 4242
@@ -50,6 +51,40 @@ class StepOutput:
     token: int | None = None  # the raw text token (None before the first frame)
     vad: list[float] | None = None  # STT with VAD heads: P(pause) over 0.5, 1, 2, 3 s
     gate: float | None = None  # MoshiVis: how much Moshi looked at the picture (mean gate, ~0.02 to ~0.1)
+
+
+class Runner(Protocol):
+    """What the engine process (its child side) and the headless commands use of a runner."""
+
+    frame_size: int  # samples a step takes: FRAME_SIZE
+
+    @classmethod
+    def load(cls, options: Any, progress: Progress | None = None) -> Runner:
+        """Load the model ``options`` names (a ``ModelOptions``, or the runner's own subclass of it),
+        telling ``progress`` each stage."""
+
+    def warmup(self) -> None:
+        """Run a few frames of silence, then reset: the first real frame is then as fast as the others."""
+
+    def step(self, pcm: np.ndarray) -> StepOutput:
+        """Answer one frame of the user's voice (FRAME_SIZE float32 samples)."""
+
+    def reset(self) -> None:
+        """Start a new conversation with the same weights."""
+
+    def describe(self) -> dict[str, str]:
+        """What runs, for display: model, device, dtype, quantization, ..."""
+
+    def close(self) -> None:
+        """Release what lives outside this process (Mimi's encoder process)."""
+
+
+@runtime_checkable
+class PictureRunner(Runner, Protocol):
+    """A runner that talks about a picture (MoshiVis)."""
+
+    def set_image(self, picture: Image.Image, name: str = "") -> None:
+        """Look at this RGB picture from now on, in a new conversation."""
 
 
 @dataclass
