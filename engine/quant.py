@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CheckpointError
 from .transformer import Attention
 
 MODES = ("int8", "int4")
@@ -38,6 +39,12 @@ SCALE_SUFFIX = "_scb"
 # cross-attention stay in the model dtype.
 _LAYER_LINEARS = (".self_attn.in_projs.", ".self_attn.out_projs.", ".gating.")
 _HEAD_PREFIXES = ("text_linear", "depformer_in.", "linears.", "extra_heads.")
+
+
+def check_mode(mode: str | None) -> None:
+    """Refuse an unknown quantization (None: none) before any weight is read."""
+    if mode is not None and mode not in MODES:
+        raise CheckpointError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
 
 
 def quantized_linear_names(model: nn.Module) -> list[str]:

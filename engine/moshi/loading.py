@@ -39,8 +39,7 @@ def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cp
     or "int4") quantizes a float file's linears while loading; ``dtype`` is then the dtype of
     everything else (embeddings, norms, activations).
     """
-    if quantize is not None and quantize not in quant.MODES:
-        raise CheckpointError(f"unknown quantization {quantize!r}; choose one of {', '.join(quant.MODES)}")
+    quant.check_mode(quantize)
     device = torch.device(device)
     state = read_safetensors(weights)
     cfg = _derive_ffn_hidden(cfg, state)

@@ -81,8 +81,7 @@ def load_moshivis(weights: str | Path, cfg: MoshiVisConfig, device: str | torch.
     each layer still reads its query/output projections and gate in ``dtype`` every step, about a
     third of the bytes of that layer's int8 linears.
     """
-    if quantize is not None and quantize not in quant.MODES:
-        raise CheckpointError(f"unknown quantization {quantize!r}; choose one of {', '.join(quant.MODES)}")
+    quant.check_mode(quantize)
     device = torch.device(device)
     state = from_official_layout(read_safetensors(weights), cfg.lm.num_layers, str(weights))
     with torch.device("meta"):
