@@ -3,11 +3,10 @@
 Both implementations load the same safetensors file (memory-mapped, so the weights are in RAM
 once) and step the same user codes; calls alternate so that both see the same machine load.
 The reference has no CPU int8 path (its q8 needs bitsandbytes, GPU only), so our int8 and int4
-figures are compared with the reference's bf16 step. Steps are timed at the start of a stream,
-as in performance.md; on CPU our models attend only over what the stream has heard so far (the
-reference always over its whole KV ring), so ``*_full_context`` repeats our steps with the
-attention over the whole ring. Load time and peak RSS are measured in a
-fresh process per implementation (load, then two steps).
+figures are compared with the reference's bf16 step. Steps are timed at the start of a stream;
+on CPU our models attend only over what the stream has heard so far (the reference always over
+its whole KV ring), so ``*_full_context`` repeats our steps with the attention over the whole ring.
+Load time and peak RSS are measured in a fresh process per implementation (load, then two steps).
 
     python benchmarks/lm.py              # STT-1B (bf16, int8, int4), Moshi-7B depformer (bf16, int8)
     python benchmarks/lm.py --full-7b    # and the full Moshi-7B step: writes a 15 GB file, needs ~20 GB RAM
@@ -37,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from common import run_command_line, summary  # noqa: E402
 
-from engine.lm import LMConfig, LMModel, load_lm  # noqa: E402
-from engine.lm_gen import LMGen, Sampling  # noqa: E402
+from engine.moshi.generate import LMGen, Sampling  # noqa: E402
+from engine.moshi.loading import load_lm  # noqa: E402
+from engine.moshi.model import LMConfig, LMModel  # noqa: E402
 from engine.transformer import Attention  # noqa: E402
 
 QUANT_MODES = ("int8", "int4")

@@ -28,7 +28,9 @@ import torch  # noqa: E402
 from common import run_command_line, summary  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from engine.mimi import MimiConfig, load_mimi, random_mimi_state  # noqa: E402
+from engine.mimi.loading import load_mimi  # noqa: E402
+from engine.mimi.model import MimiConfig  # noqa: E402
+from engine.mimi.tiny import random_mimi_state  # noqa: E402
 
 
 def _audio(frames: int, frame_size: int) -> torch.Tensor:

@@ -39,8 +39,9 @@ from common import run_command_line  # noqa: E402
 from lm import write_random_weights  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from engine.lm import LMConfig  # noqa: E402
-from engine.mimi import MimiConfig, random_mimi_state  # noqa: E402
+from engine.mimi.model import MimiConfig  # noqa: E402
+from engine.mimi.tiny import random_mimi_state  # noqa: E402
+from engine.moshi.model import LMConfig  # noqa: E402
 from engine.tiny import write_tiny_checkpoint  # noqa: E402
 
 FRAME = 1920

@@ -20,10 +20,11 @@ it is safe to run again after a failed first use (host-side state reset at entry
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable
 
 import torch
+
+from .env import env_flag
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +33,14 @@ MODES = ("compile", "cuda-graph", "eager")
 _EAGER_CALLS_BEFORE_CAPTURE = 2
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
-
-
 def step_modes(device: torch.device) -> list[str]:
     """The modes to try on this device, best first, after the escape hatches."""
     if device.type != "cuda":
         return ["eager"]
     modes = []
-    if not _flag("MOSHI_NO_COMPILE"):
+    if not env_flag("MOSHI_NO_COMPILE"):
         modes.append("compile")
-    if not _flag("MOSHI_NO_CUDA_GRAPH"):
+    if not env_flag("MOSHI_NO_CUDA_GRAPH"):
         modes.append("cuda-graph")
     return modes + ["eager"]
 

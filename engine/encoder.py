@@ -16,9 +16,10 @@ import signal
 import numpy as np
 import torch
 
-from .errors import EngineError
+from audio import FRAME_SIZE
 
-FRAME_SIZE = 1920
+from .env import env_flag
+from .errors import EngineError
 
 
 def usable_cores() -> int:
@@ -32,7 +33,7 @@ def pipeline_wanted(device: torch.device) -> bool:
     """Mimi in a second process pays off only where it gets a core of its own (and multiprocessing
     gives a daemonic process no children)."""
     return (device.type == "cpu" and usable_cores() >= 2 and not multiprocessing.current_process().daemon
-            and os.environ.get("MOSHI_NO_PIPELINE", "") in ("", "0"))
+            and not env_flag("MOSHI_NO_PIPELINE"))
 
 
 class InlineEncoder:
@@ -138,7 +139,7 @@ def _serve(conn, weights: str, config, num_codebooks: int, batch_size: int) -> N
     # (a live transcription still encodes its trailing silence after it).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
-    from .mimi import load_mimi
+    from .mimi.loading import load_mimi
 
     try:
         mimi = load_mimi(weights, config, num_codebooks=num_codebooks)

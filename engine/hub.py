@@ -1,10 +1,10 @@
 """Where a model's files are: from what the user names to local file paths plus the raw ``config.json``.
 
 The user names a short model name (``moshika``), a Hugging Face repo id (``kyutai/stt-2.6b-en``) or a local
-folder; explicit paths may replace any file. Names inside ``config.json`` follow the reference scheme
-(``moshi-lm.md`` §11): ``hf://owner/repo/path`` is a file of that repo, ``file://path`` a local path, and a plain
-name a file of the current repo or folder. Nothing here builds a model or imports torch; ``huggingface_hub`` is
-imported only when a file has to come from the Hub.
+folder; explicit paths may replace any file. Names inside ``config.json`` follow the reference's scheme
+(``moshi.models.loaders.hf_get``): ``hf://owner/repo/path`` is a file of that repo, ``file://path`` a local
+path, and a plain name a file of the current repo or folder. Nothing here builds a model or imports torch;
+``huggingface_hub`` is imported only when a file has to come from the Hub.
 
 Offline use is a first-class case: a dead network must fail in seconds with a message that says how to run
 without it, and a local folder that links Mimi through ``hf://`` still works when the file is in the HF cache.
@@ -30,13 +30,14 @@ MODELS = {
     "moshiko-q8": "kyutai/moshiko-pytorch-q8",
     "moshika-vis": "kyutai/moshika-vis-pytorch-bf16",
     "stt-1b-en_fr": "kyutai/stt-1b-en_fr",
-    # the -candle repo is the same model plus the four semantic VAD heads (stt.md §2.2)
+    # the -candle repo is the same model plus the four semantic VAD heads
     "stt-1b-en_fr-vad": "kyutai/stt-1b-en_fr-candle",
     "stt-2.6b-en": "kyutai/stt-2.6b-en",
 }
 
 # Repos without config.json (MoshiVis) are Moshi 7B checkpoints with these file names and LM settings
-# (moshi-lm.md §1, the reference's `_lm_kwargs`).
+# (the reference's `moshi.models.loaders._lm_kwargs`). The settings are the one definition of Moshi 7B:
+# `LMConfig.moshi_7b()` reads them, and so does `LMConfig.from_dict` for keys a config.json leaves out.
 LEGACY_LM_WEIGHTS = "model.safetensors"
 LEGACY_MIMI_WEIGHTS = "tokenizer-e351c8d8-checkpoint125.safetensors"
 LEGACY_TOKENIZER = "tokenizer_spm_32k_3.model"

@@ -39,9 +39,9 @@ class ModeSpec:
 
 
 MODES = {
-    Mode.CHAT: ModeSpec("moshika", "engine.runner:ChatRunner", talks=True),
-    Mode.SEE: ModeSpec("moshika-vis", "engine.moshivis:SeeRunner", talks=True),
-    Mode.TRANSCRIBE: ModeSpec("stt-1b-en_fr", "engine.runner:TranscribeRunner", talks=False),
+    Mode.CHAT: ModeSpec("moshika", "engine.moshi.runner:ChatRunner", talks=True),
+    Mode.SEE: ModeSpec("moshika-vis", "engine.moshivis.runner:SeeRunner", talks=True),
+    Mode.TRANSCRIBE: ModeSpec("stt-1b-en_fr", "engine.stt.runner:TranscribeRunner", talks=False),
 }
 
 

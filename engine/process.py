@@ -10,8 +10,9 @@ a stall, and a dead process is seen on the next poll. The child leaves on its ow
 Messages on the pipe are tuples, parent → child: ("frame", index, pcm), ("reset",), ("image", data, name),
 ("stop",); child → parent: ("loading", text), ("warming",), ("ready", info, warm_step_s),
 ("out", pcm, text, timings_ms, gate), ("reset",), ("alive",), ("error", message, traceback).
-"image" (a picture file's bytes, for runners with `set_image`) starts a new conversation, as "reset"
+"image" (a picture file's bytes, for a `PictureRunner`) starts a new conversation, as "reset"
 does; "gate" is how much a MoshiVis runner looked at the picture that step, None for the others.
+What the child uses of a runner is the `Runner` protocol of engine/runner.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from audio.lag import MAX_IN_FLIGHT_FRAMES
 from .errors import EngineError
 from .interface import EngineEvent, Failed, Loading, Output, Ready, WarmingUp
 from .options import Mode
+
+if TYPE_CHECKING:  # the runners need torch, which the app's process never loads
+    from .runner import Runner
 
 HEARTBEAT_S = 0.2
 # A frame unanswered for this many warm step times (and at least stall_timeout_s) is a stall.
@@ -284,7 +288,7 @@ def _redirect_output(log_path: str | None) -> None:
     faulthandler.enable()  # a crash in native code leaves a trace in the log
 
 
-def _load_runner_class(path: str) -> type:
+def _load_runner_class(path: str) -> type[Runner]:
     module, _, name = path.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
@@ -292,10 +296,12 @@ def _load_runner_class(path: str) -> type:
         raise EngineProcessError(f"cannot load the engine runner {path}: {exc}") from exc
 
 
-def _set_image(runner: Any, data: bytes, name: str) -> None:
-    if not hasattr(runner, "set_image"):
+def _set_image(runner: Runner, data: bytes, name: str) -> None:
+    from .runner import PictureRunner  # the child only: it needs torch
+
+    if not isinstance(runner, PictureRunner):
         raise EngineProcessError(f"{type(runner).__name__} cannot look at pictures")
-    from .vision import open_image  # the child only: it needs torch
+    from .moshivis.vision import open_image
 
     runner.set_image(open_image(data), name)  # which also resets the conversation
 
@@ -311,7 +317,7 @@ def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: in
     threading.Thread(target=_heartbeat, args=(link, parent_pid), daemon=True).start()
     try:
         runner_class = _load_runner_class(runner_path)
-        runner = runner_class.load(options, progress=lambda text: link.send(("loading", text)))
+        runner: Runner = runner_class.load(options, progress=lambda text: link.send(("loading", text)))
         link.send(("warming",))
         runner.warmup()
         # One timed step, warm: the parent scales what it calls a stall on it.
@@ -324,7 +330,7 @@ def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: in
             msg = conn.recv()
             if msg[0] == "frame":
                 out = runner.step(msg[2])
-                link.send(("out", out.pcm, out.text, out.timings_ms, getattr(out, "gate", None)))
+                link.send(("out", out.pcm, out.text, out.timings_ms, out.gate))
             elif msg[0] == "reset":
                 runner.reset()
                 link.send(("reset",))

@@ -4,7 +4,7 @@ At batch 1 an LM step reads every weight once per token, so its time is the byte
 halves them against bf16 and int4 quarters them. Embeddings, norms, attention and the residual
 stream stay in the model's dtype.
 
-* ``Int8Linear`` holds the official q8 layout (``moshi-lm.md`` §7): ``weight`` int8 and
+* ``Int8Linear`` holds the official q8 layout (the reference's q8 export): ``weight`` int8 and
   ``weight_scb`` fp32 [out], the absmax of each row, so that W ≈ weight · weight_scb / 127. The
   q8 files (``kyutai/moshi{ko,ka}-pytorch-q8``) load into it as they are, without bitsandbytes.
 * ``Int4Linear`` stores 4-bit codes q in 0..15 with a bf16 scale and offset per group of
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CheckpointError
 from .transformer import Attention
 
 MODES = ("int8", "int4")
@@ -35,10 +36,16 @@ MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (128, 64, 32)
 # The q8 layout names the scale of a weight ``<weight key>_scb`` (bitsandbytes' "SCB").
 SCALE_SUFFIX = "_scb"
-# Linears the reference's q8 export replaces (moshi-lm.md §7); embeddings, norms and MoshiVis's
+# Linears the reference's q8 export replaces; embeddings, norms and MoshiVis's
 # cross-attention stay in the model dtype.
 _LAYER_LINEARS = (".self_attn.in_projs.", ".self_attn.out_projs.", ".gating.")
 _HEAD_PREFIXES = ("text_linear", "depformer_in.", "linears.", "extra_heads.")
+
+
+def check_mode(mode: str | None) -> None:
+    """Refuse an unknown quantization (None: none) before any weight is read."""
+    if mode is not None and mode not in MODES:
+        raise CheckpointError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
 
 
 def quantized_linear_names(model: nn.Module) -> list[str]:
@@ -307,4 +314,4 @@ def finish_quantized(model: nn.Module, device: torch.device) -> None:
         elif isinstance(module, Attention) and device.type == "cpu":
             # The fused bf16 attention kernel is ~8x slower than two matmuls on CPUs without AMX;
             # the plain model keeps it for bit-parity with the reference, a quantized one need not.
-            module.matmul_attention = True
+            module.use_matmul_attention = True

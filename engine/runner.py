@@ -1,34 +1,42 @@
 """Frame-by-frame runners: the one interface between the models and everything that feeds them
 (the headless commands, the engine process behind the TUI).
 
-A runner takes 80 ms of the user's audio (1920 float32 samples at 24 kHz) per call and returns
-what the model produced for that frame. It keeps Mimi and the LM in streaming mode for its whole
-life; ``reset()`` starts a new conversation with the same weights.
+A runner takes one frame of the user's audio (``audio.FRAME_SIZE`` float32 samples, 80 ms) per
+call and returns what the model produced for that frame. It keeps Mimi and the LM in streaming
+mode for its whole life; ``reset()`` starts a new conversation with the same weights.
+
+Here is what every runner shares: the seam (``Runner``, ``PictureRunner``, ``StepOutput``), the
+models of a checkpoint (``Models``, ``load_models``) and ``BaseRunner``. The runners themselves are
+the families': ``moshi/runner.py``, ``moshivis/runner.py``, ``stt/runner.py``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from .encoder import EncoderProcess, InlineEncoder, pipeline_wanted, usable_cores
+from audio import FRAME_SIZE
+
+from .encoder import EncoderProcess, InlineEncoder
 from .errors import EngineError
-from .lm import LMConfig, LMModel, load_lm
-from .lm_gen import LMGen, Sampling
+from .mimi.loading import load_checkpoint_mimi
+from .moshi.generate import LMGen, Sampling
+from .moshi.loading import load_checkpoint_lm
+from .moshi.model import LMConfig, LMModel
+from .moshi.tokens import text_piece
 from .options import ModelOptions
 from .quant import quantization_of
 
-SAMPLE_RATE = 24_000
-FRAME_SIZE = 1920
+if TYPE_CHECKING:
+    import sentencepiece
+    from PIL import Image
+
 # Seed of Kyutai's `moshi-inference`, so that sampled runs can be compared with it.
 DEFAULT_SEED = 4242
-# Text ids that are not words: 0 ends a stretch of padding, 3 is padding.
-NON_WORD_TOKENS = (0, 3)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -36,22 +44,63 @@ Progress = Callable[[str], None]
 
 
 @dataclass
+class StepOutput:
+    pcm: np.ndarray | None  # FRAME_SIZE samples of Moshi's voice for this frame; None before its first frame
+    text: str | None  # the text piece of this frame, None for padding
+    timings_ms: dict[str, float]
+    token: int | None = None  # the raw text token (None before the first frame)
+    vad: list[float] | None = None  # STT with VAD heads: P(pause) over 0.5, 1, 2, 3 s
+    gate: float | None = None  # MoshiVis: how much Moshi looked at the picture (mean gate, ~0.02 to ~0.1)
+
+
+class Runner(Protocol):
+    """What the engine process (its child side) and the headless commands use of a runner."""
+
+    frame_size: int  # samples a step takes: FRAME_SIZE
+
+    @classmethod
+    def load(cls, options: Any, progress: Progress | None = None) -> Runner:
+        """Load the model ``options`` names (a ``ModelOptions``, or the runner's own subclass of it),
+        telling ``progress`` each stage."""
+
+    def warmup(self) -> None:
+        """Run a few frames of silence, then reset: the first real frame is then as fast as the others."""
+
+    def step(self, pcm: np.ndarray) -> StepOutput:
+        """Answer one frame of the user's voice (FRAME_SIZE float32 samples)."""
+
+    def reset(self) -> None:
+        """Start a new conversation with the same weights."""
+
+    def describe(self) -> dict[str, str]:
+        """What runs, for display: model, device, dtype, quantization, ..."""
+
+    def close(self) -> None:
+        """Release what lives outside this process (Mimi's encoder process)."""
+
+
+@runtime_checkable
+class PictureRunner(Runner, Protocol):
+    """A runner that talks about a picture (MoshiVis)."""
+
+    def set_image(self, picture: Image.Image, name: str = "") -> None:
+        """Look at this RGB picture from now on, in a new conversation."""
+
+
+@dataclass
 class Models:
     name: str
-    model_type: str
     mimi: torch.nn.Module
     lm: LMModel
     model: torch.nn.Module  # what the checkpoint holds: the LMModel, or a model wrapping it (MoshiVis)
-    tokenizer: object  # sentencepiece.SentencePieceProcessor
+    tokenizer: sentencepiece.SentencePieceProcessor
     sampling: Sampling
     stt_config: dict = field(default_factory=dict)
     quantize: str | None = None  # "int8" (a q8 checkpoint, or --quantize) or "int4"
 
     def piece(self, token: int) -> str | None:
         """The text of a token as the reference prints it, or None for padding."""
-        if token in NON_WORD_TOKENS:
-            return None
-        return self.tokenizer.id_to_piece(token).replace("▁", " ")
+        return text_piece(self.tokenizer, token)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -63,26 +112,9 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _load_plain_lm(info, device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> LMModel:
-    return load_lm(info.lm_weights, LMConfig.from_dict(info.lm_config), device=device, dtype=dtype,
-                   quantize=quantize)
-
-
-def _mimi_config(info):
-    from .mimi import MimiConfig
-
-    return MimiConfig.from_dict(info.mimi_config) if info.mimi_config else None
-
-
-def _load_mimi_here(info, num_codebooks: int, device: torch.device):
-    from .mimi import load_mimi
-
-    return load_mimi(info.mimi_weights, _mimi_config(info), num_codebooks=num_codebooks, device=device)
-
-
 def load_models(options: ModelOptions, default_repo: str, progress: Progress | None = None,
-                load_language_model: Callable = _load_plain_lm, default_sampling: Sampling | None = None,
-                load_codec: Callable = _load_mimi_here) -> Models:
+                load_language_model: Callable = load_checkpoint_lm, default_sampling: Sampling | None = None,
+                load_codec: Callable = load_checkpoint_mimi) -> Models:
     """Resolve the checkpoint, then load Mimi, the LM and the tokenizer onto the device.
 
     ``load_language_model(info, device, dtype, quantize)`` returns the LMModel, or a model wrapping
@@ -123,11 +155,11 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
         if getattr(options, key) is not None:
             gen_config[key] = getattr(options, key)
     torch.manual_seed(DEFAULT_SEED if options.seed is None else options.seed)
-    return Models(name=repo, model_type=info.model_type, mimi=mimi, lm=lm, model=model, tokenizer=tokenizer,
+    return Models(name=repo, mimi=mimi, lm=lm, model=model, tokenizer=tokenizer,
                   sampling=Sampling(**gen_config), stt_config=dict(info.stt_config), quantize=quantization_of(lm))
 
 
-class _Stopwatch:
+class Stopwatch:
     """Per-stage wall times; on a GPU each lap waits for the queued work so the figure is real."""
 
     def __init__(self, device: torch.device):
@@ -147,18 +179,10 @@ class _Stopwatch:
         return self.laps
 
 
-@dataclass
-class StepOutput:
-    pcm: np.ndarray | None  # 1920 samples of Moshi's voice for this frame; None before its first frame
-    text: str | None  # the text piece of this frame, None for padding
-    timings_ms: dict[str, float]
-    token: int | None = None  # the raw text token (None before the first frame)
-    vad: list[float] | None = None  # STT with VAD heads: P(pause) over 0.5, 1, 2, 3 s
+class BaseRunner:
+    """Mimi and the LM streaming together; a family's runner adds ``load`` and ``step``."""
 
-
-class _Runner:
     frame_size = FRAME_SIZE
-    sample_rate = SAMPLE_RATE
 
     def __init__(self, models: Models, batch_size: int = 1):
         self.models = models
@@ -206,165 +230,3 @@ class _Runner:
             self._first_frame = False
             self.gen.step_full(codes)
         return self.gen.step_full(codes)
-
-
-class ChatRunner(_Runner):
-    """Full-duplex conversation: the user's frame in, Moshi's voice and words for one frame out."""
-
-    @classmethod
-    def load(cls, options: ModelOptions, progress: Progress | None = None) -> ChatRunner:
-        models = load_models(options, "moshika", progress)
-        if models.lm.cfg.dep_q == 0:
-            raise EngineError(f"{models.name} is a speech-recognition model; use `moshi transcribe`")
-        return cls(models)
-
-    @torch.no_grad()
-    def step(self, pcm: np.ndarray) -> StepOutput:
-        watch = _Stopwatch(self.device)
-        codes = self._encode(pcm)
-        watch.lap("encode")
-        tokens = self._lm_step(codes).tokens
-        watch.lap("lm")
-        if tokens is None:
-            return StepOutput(None, None, watch.done())
-        audio = self.models.mimi.decode(tokens[:, 1:])
-        out = audio[0, 0].float().cpu().numpy()
-        watch.lap("decode")
-        token = int(tokens[0, 0, 0])
-        return StepOutput(out, self.models.piece(token), watch.done(), token=token)
-
-
-@dataclass
-class TextStep:
-    """One LM step over every slot of a batch."""
-
-    tokens: list[int]  # the text token of each slot
-    vad: list[list[float]] | None  # per slot, P(pause) over 0.5, 1, 2, 3 s; None without VAD heads
-
-
-class TranscribeRunner(_Runner):
-    """Streaming speech recognition: the user's frame in, at most one text piece out.
-
-    ``step`` serves one live stream (batch size 1). The batched file path drives the stages itself
-    (``submit``, ``lm_step``, ``collect``, ``reset_slots``) so that each slot can start a new input
-    on its own.
-
-    On a CPU with two cores or more Mimi runs in an ``EncoderProcess`` (``pipelined``): frame k is
-    encoded while the LM reads frame k - 1, and ``step`` answers for the frame before the one it
-    is given; ``flush`` gives the last one.
-    """
-
-    @classmethod
-    def load(cls, options: ModelOptions, progress: Progress | None = None, batch_size: int = 1) -> TranscribeRunner:
-        pipelined = pipeline_wanted(torch.device(options.device))
-        codec = partial(_start_encoder_process, batch_size=batch_size) if pipelined else _load_mimi_here
-        models = load_models(options, "stt-1b-en_fr", progress, load_codec=codec)
-        try:
-            if models.lm.cfg.dep_q != 0:
-                raise EngineError(f"{models.name} is a conversation model; use `moshi chat`")
-            if pipelined:
-                # The encoder has a core of its own; the LM takes the others.
-                torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - 1)))
-                models.mimi.wait_ready()
-        except BaseException:
-            if pipelined:
-                models.mimi.close()
-            raise
-        return cls(models, batch_size)
-
-    def __init__(self, models: Models, batch_size: int = 1):
-        super().__init__(models, batch_size)
-        self._codes: torch.Tensor | None = None  # pipelined: the last frame's, for the next LM step
-
-    @property
-    def pipelined(self) -> bool:
-        return isinstance(self.encoder, EncoderProcess)
-
-    @property
-    def delay_seconds(self) -> float:
-        """How far the text lags the audio (learned in training, from the checkpoint's stt_config)."""
-        return float(self.models.stt_config.get("audio_delay_seconds", 0.0))
-
-    @property
-    def silence_prefix_seconds(self) -> float:
-        return float(self.models.stt_config.get("audio_silence_prefix_seconds", 0.0))
-
-    @property
-    def has_vad(self) -> bool:
-        return len(self.models.lm.extra_heads) > 0
-
-    def describe(self) -> dict[str, str]:
-        return {**super().describe(), "mimi": "own process" if self.pipelined else "in the engine"}
-
-    @torch.no_grad()
-    def collect(self) -> torch.Tensor:
-        """The Mimi codes [batch_size, n_q, 1] of the frames submitted last."""
-        return self.encoder.collect().to(self.device)
-
-    def no_codes(self) -> torch.Tensor:
-        """Codes for an LM step whose audio input is never read: a stream's first step reads only
-        the initial tokens (``moshi-inference`` feeds it the first frame, the batch path zeros)."""
-        return torch.zeros(self.batch_size, self.models.lm.cfg.n_q, 1, dtype=torch.long, device=self.device)
-
-    @torch.no_grad()
-    def lm_step(self, codes: torch.Tensor) -> TextStep:
-        """One LM step on these codes, without the first-frame double feed (the caller's business)."""
-        return self._text_step(self.gen.step_full(codes))
-
-    def reset(self) -> None:
-        super().reset()
-        self._codes = None
-
-    def reset_slots(self, slots: list[int]) -> None:
-        """Start these slots over (Mimi and LM), leaving the others where they are."""
-        mask = torch.zeros(self.batch_size, dtype=torch.bool)
-        mask[slots] = True
-        self.encoder.reset(mask)
-        self.gen.reset_streaming(mask)
-
-    def _text_step(self, out) -> TextStep:
-        vad = None
-        if self.has_vad:
-            # Element 0 of each head is the probability of a pause over its horizon.
-            heads = [torch.softmax(head(out.hidden), dim=-1)[:, 0, 0] for head in self.models.lm.extra_heads]
-            vad = torch.stack(heads, dim=1).float().tolist()
-        return TextStep(out.tokens[:, 0, 0].tolist(), vad)
-
-    @torch.no_grad()
-    def step(self, pcm: np.ndarray) -> StepOutput:
-        watch = _Stopwatch(self.device)
-        if self.pipelined:
-            self.submit(pcm)
-            first = self._codes is None
-            out = self.lm_step(self.no_codes() if first else self._codes)
-            watch.lap("lm")
-            self._codes = self.collect()
-            watch.lap("encode")  # what the encoder took beyond the LM step
-            if first:
-                return StepOutput(None, None, watch.done())
-        else:
-            codes = self._encode(pcm)
-            watch.lap("encode")
-            out = self._text_step(self._lm_step(codes))
-            watch.lap("lm")
-        return self._output(out, watch)
-
-    @torch.no_grad()
-    def flush(self) -> StepOutput | None:
-        """Pipelined: the LM step on the last frame given to ``step``; otherwise None."""
-        if self._codes is None:
-            return None
-        watch = _Stopwatch(self.device)
-        out = self.lm_step(self._codes)
-        self._codes = None
-        watch.lap("lm")
-        return self._output(out, watch)
-
-    def _output(self, out: TextStep, watch: _Stopwatch) -> StepOutput:
-        token = out.tokens[0]
-        return StepOutput(None, self.models.piece(token), watch.done(), token=token,
-                          vad=out.vad[0] if out.vad else None)
-
-
-def _start_encoder_process(info, num_codebooks: int, device: torch.device, batch_size: int) -> EncoderProcess:
-    return EncoderProcess(info.mimi_weights, _mimi_config(info), num_codebooks, batch_size)

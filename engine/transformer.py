@@ -82,7 +82,7 @@ class RMSNorm(nn.Module):
     """``x * alpha * rsqrt(eps + mean(x²))`` computed in fp32, whatever the weights' dtype.
 
     With ``variance``, the unbiased variance of x replaces mean(x²) (x itself is not centred):
-    the definition of the official PyTorch MoshiVis code (moshivis.md §4).
+    the definition of the official PyTorch MoshiVis code.
     """
 
     def __init__(self, dim: int, eps: float = 1e-8, variance: bool = False):
@@ -199,7 +199,7 @@ class Attention(StreamingModule):
     """
 
     # Set by engine/quant.py on quantized models: attention as two matmuls instead of the fused kernel.
-    matmul_attention = False
+    use_matmul_attention = False
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -217,7 +217,7 @@ class Attention(StreamingModule):
         dtype = getattr(in_proj, "compute_dtype", None) or in_proj.weight.dtype
         device = next(in_proj.parameters()).device
         shape = (2, batch_size, self.cfg.num_heads, capacity, self.cfg.head_dim)
-        if self.matmul_attention and 4 * math.prod(shape) // batch_size <= FP32_RING_MAX_BYTES:
+        if self.use_matmul_attention and 4 * math.prod(shape) // batch_size <= FP32_RING_MAX_BYTES:
             dtype = torch.float32
         return KVCacheState(
             batch_size,
@@ -264,11 +264,11 @@ class Attention(StreamingModule):
             # fused kernel then sees whole blocks of its own size, so it gives the same bits as
             # over the whole ring (masked blocks add exact zeros): the reference's tokens stay.
             filled = state.step + T
-            if not self.matmul_attention:
+            if not self.use_matmul_attention:
                 filled = -(-filled // FUSED_ATTENTION_BLOCK) * FUSED_ATTENTION_BLOCK
             filled = min(filled, state.capacity)
             keys, values, mask = keys[:, :, :filled], values[:, :, :filled], mask[..., :filled]
-        if self.matmul_attention:
+        if self.use_matmul_attention:
             out = matmul_attention(q, keys, values, mask[:, None])
         else:
             out = F.scaled_dot_product_attention(q, keys, values, mask[:, None], dropout_p=0.0)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .quant import SCALE_SUFFIX
 from .transformer import Attention
 
 _FUSED_NAMES = {"in_proj_weight": "in_projs", "in_proj.weight": "in_projs", "out_proj.weight": "out_projs"}
@@ -47,7 +48,7 @@ def split_fused_attention(model: nn.Module, state: dict[str, torch.Tensor]) -> d
             continue
         steps = len(module.in_projs)
         for fused, split in _FUSED_NAMES.items():
-            for suffix in ("", "_scb"):
+            for suffix in ("", SCALE_SUFFIX):
                 key = f"{prefix}.{fused}{suffix}"
                 if key not in state:
                     continue
@@ -103,7 +104,7 @@ def load_weights(
     state = split_fused_attention(model, state)
     check_state(model, state, source)
     for key, tensor in state.items():
-        if dtype is not None and tensor.is_floating_point() and not key.endswith("_scb"):
+        if dtype is not None and tensor.is_floating_point() and not key.endswith(SCALE_SUFFIX):
             tensor = tensor.to(dtype)
         if device is not None:
             tensor = tensor.to(device)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from engine.transcription import Segment, TranscriptListener, Word
+from engine.stt.transcription import Segment, TranscriptListener, Word
 
 FORMATS = ("txt", "srt", "vtt", "json", "jsonl")
 SCHEMA_VERSION = 1

@@ -11,7 +11,7 @@ import pytest
 import soundfile
 from PIL import Image, ImageDraw
 
-from engine.moshivis import write_tiny_moshivis_checkpoint
+from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
 from engine.tiny import write_tiny_checkpoint
 
 SEED = 4

@@ -76,16 +76,16 @@ def chat(
 
 
 def run_headless_chat(input: Path, output: Path | None, transcript: Path | None, options) -> None:
-    from engine.runner import ChatRunner
+    from engine.moshi.runner import ChatRunner
 
     run_headless_conversation(input, output, transcript, lambda: ChatRunner.load(options, progress_to_stderr))
 
 
 def run_headless_conversation(input: Path, output: Path | None, transcript: Path | None, load_runner) -> None:
     """Feed a recording to a conversation runner frame by frame; Moshi's voice to ``output``, words to stdout."""
+    from audio import FRAME_SIZE, SAMPLE_RATE
     from audio.files import read_audio
     from audio.wav import WavWriter
-    from engine.runner import FRAME_SIZE, SAMPLE_RATE
 
     pcm = read_audio(input)  # a bad file fails before minutes of loading
     runner = load_runner()

@@ -88,7 +88,7 @@ def see(
 
 
 def run_headless_see(input: Path, output: Path | None, transcript: Path | None, options) -> None:
-    from engine.moshivis import SeeRunner
+    from engine.moshivis.runner import SeeRunner
 
     from .chat import run_headless_conversation
 

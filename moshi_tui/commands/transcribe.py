@@ -122,8 +122,8 @@ def _formats(output_format: OutputFormat | None, output_dir: Path | None, count:
 
 def _run_files(names: list[str], options, formats: list[str], output_dir: Path | None, rate: int | None,
                max_line_width: int, max_words_per_line: int, pause: float, batch_size: int, stats: bool) -> None:
-    from engine.runner import TranscribeRunner
-    from engine.transcription import BatchTranscriber
+    from engine.stt.runner import TranscribeRunner
+    from engine.stt.transcription import BatchTranscriber
 
     from audio.inputs import file_input, stdin_input
 
@@ -177,7 +177,7 @@ def _output_paths(stems: list[str], formats: list[str], output_dir: Path | None)
 
 def _listeners(name: str, paths: dict, formats: list[str], info: dict, count: int, max_line_width: int,
                max_words_per_line: int):
-    from engine.transcription import Listeners
+    from engine.stt.transcription import Listeners
 
     from ..transcript_writers import PiecePrinter, open_writer
 
@@ -190,7 +190,7 @@ def _listeners(name: str, paths: dict, formats: list[str], info: dict, count: in
 
 
 def _model_info(runner, pause: float) -> dict:
-    from engine.transcription import END_OF_TURN_THRESHOLD
+    from engine.stt.transcription import END_OF_TURN_THRESHOLD
 
     models = runner.models
     return {
@@ -229,8 +229,8 @@ def _run_live(options, no_tui: bool, formats: list[str], output_dir: Path | None
                                      "--output-format files from the microphone", param_hint="--output-format")
         run(session)
         return
-    from engine.runner import TranscribeRunner
-    from engine.transcription import LiveTranscriber
+    from engine.stt.runner import TranscribeRunner
+    from engine.stt.transcription import LiveTranscriber
 
     source = open_source(session)  # a missing or busy device fails here, before the model loads
     try:

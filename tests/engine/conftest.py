@@ -3,7 +3,8 @@
 import pytest
 from safetensors.torch import save_file
 
-from engine.lm import LMConfig, random_lm_state
+from engine.moshi.model import LMConfig
+from engine.moshi.tiny import random_lm_state
 
 
 @pytest.fixture(scope="session")

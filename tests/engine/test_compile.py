@@ -10,8 +10,10 @@ import torch._dynamo.testing
 from safetensors.torch import save_file
 
 from engine.compile import AcceleratedStep, step_modes
-from engine.lm import LMConfig, load_lm, random_lm_state
-from engine.lm_gen import LMGen, Sampling
+from engine.moshi.generate import LMGen, Sampling
+from engine.moshi.loading import load_lm
+from engine.moshi.model import LMConfig
+from engine.moshi.tiny import random_lm_state
 
 CUDA = torch.device("cuda")
 

@@ -18,7 +18,9 @@ from safetensors.torch import save_file
 
 from engine.conv import conv1d_matmul, conv_transpose1d_matmul
 from engine.errors import CheckpointError, EngineError
-from engine.mimi import MimiConfig, load_mimi, random_mimi_state
+from engine.mimi.loading import load_mimi
+from engine.mimi.model import MimiConfig
+from engine.mimi.tiny import random_mimi_state
 
 loaders = pytest.importorskip("moshi.models.loaders")
 

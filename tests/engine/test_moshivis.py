@@ -17,15 +17,18 @@ from safetensors.torch import load_file, save_file
 
 from engine.errors import CheckpointError
 from engine.hub import CheckpointInfo
-from engine.lm import LMConfig, LMModel, load_lm
-from engine.lm_gen import LMGen, Sampling
+from engine.moshi.generate import LMGen, Sampling
+from engine.moshi.loading import load_lm
+from engine.moshi.model import LMConfig, LMModel
+from engine.moshivis.loading import load_moshivis, to_official_layout
+from engine.moshivis.model import MoshiVis, MoshiVisConfig
+from engine.moshivis.runner import SeeRunner
+from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
+from engine.moshivis.vision import ImageError, SiglipTower, VisionConfig, open_image
 from engine.options import SeeOptions, gate_level
 from engine.quant import Int4Linear, Int8Linear
-from engine.moshivis import (MoshiVis, MoshiVisConfig, SeeRunner, load_moshivis,
-                             to_official_layout, write_tiny_moshivis_checkpoint)
 from engine.tiny import write_tiny_checkpoint
 from engine.transformer import RMSNorm
-from engine.vision import ImageError, SiglipTower, VisionConfig, open_image
 
 SEED = 3
 

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from engine.errors import CheckpointError
-from engine.lm import LMConfig, load_lm, random_lm_state
-from engine.lm_gen import LMGen, Sampling
+from engine.moshi.generate import LMGen, Sampling
+from engine.moshi.loading import load_lm
+from engine.moshi.model import LMConfig
+from engine.moshi.tiny import random_lm_state
 from engine.quant import Int4Linear, Int8Linear, int4_groups
 from engine.tiny import write_tiny_checkpoint
 from engine import transformer
@@ -208,7 +210,7 @@ def test_matmul_attention_over_the_filled_ring_matches_the_full_ring(lm_checkpoi
     float model: the int8 activation codes would turn rounding noise into whole steps.)"""
     cfg = LMConfig.tiny_stt()
     quantized = load_lm(lm_checkpoints["stt"], cfg, quantize="int8")
-    assert all(m.matmul_attention for m in quantized.modules() if isinstance(m, Attention))
+    assert all(m.use_matmul_attention for m in quantized.modules() if isinstance(m, Attention))
     lm = load_lm(lm_checkpoints["stt"], cfg, dtype=torch.float32)
     attentions = [m for m in lm.modules() if isinstance(m, Attention)]
     generator = torch.Generator().manual_seed(4)
@@ -217,7 +219,7 @@ def test_matmul_attention_over_the_filled_ring_matches_the_full_ring(lm_checkpoi
     runs = {}
     for matmul in (True, False):
         for module in attentions:
-            module.matmul_attention = matmul
+            module.use_matmul_attention = matmul
         with lm.streaming(2):
             logits = []
             for t in range(130):
@@ -236,7 +238,7 @@ def test_matmul_attention_keeps_small_rings_in_fp32_and_large_ones_in_bf16(lm_ch
     lm = load_lm(lm_checkpoints["stt"], cfg, dtype=torch.bfloat16)
     for module in lm.modules():
         if isinstance(module, Attention):
-            module.matmul_attention = True
+            module.use_matmul_attention = True
     tokens = torch.randint(0, cfg.card, (1, cfg.num_streams, 30), generator=torch.Generator().manual_seed(5))
     tokens[:, 0] = tokens[:, 0] % cfg.text_card
     runs = {}

@@ -15,8 +15,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from engine.transformer import RMSNorm
-from engine.vision import (ImageError, ImagePrefix, SiglipTower, VisionConfig, image_pixels, open_image,
-                           random_image_prefix_state)
+from engine.moshivis.tiny import random_image_prefix_state
+from engine.moshivis.vision import ImageError, ImagePrefix, SiglipTower, VisionConfig, image_pixels, open_image
 
 SIZE = 448
 RED, BLUE = (255, 0, 0), (0, 0, 255)

@@ -1,5 +1,5 @@
-"""Runner classes the engine process loads by dotted path in tests: the ChatRunner contract
-(load/describe/warmup/step/reset) with numpy only, and knobs to make it fail on purpose."""
+"""Runner classes the engine process loads by dotted path in tests: the ``Runner`` protocol of
+engine/runner.py with numpy only, and knobs to make it fail on purpose."""
 
 from __future__ import annotations
 
@@ -27,10 +27,11 @@ class ScriptOptions:
 
 
 @dataclass
-class Step:
+class Step:  # the fields of engine.runner.StepOutput the engine process sends
     pcm: np.ndarray | None
     text: str | None
     timings_ms: dict
+    gate: float | None = None
 
 
 class ScriptedRunner:
@@ -63,6 +64,9 @@ class ScriptedRunner:
     def reset(self) -> None:
         self.n = 0
 
+    def close(self) -> None:
+        pass
+
     def step(self, pcm: np.ndarray) -> Step:
         o, n = self.options, self.n
         self.n += 1
@@ -78,11 +82,6 @@ class ScriptedRunner:
         time.sleep(o.step_s)
         text = f" w{n}" if n % 2 else None
         return Step(-0.5 * pcm, text, {"total": (time.perf_counter() - t0) * 1000})
-
-
-@dataclass
-class SeeStep(Step):
-    gate: float | None
 
 
 class PictureRunner(ScriptedRunner):
@@ -103,6 +102,6 @@ class PictureRunner(ScriptedRunner):
     def describe(self) -> dict[str, str]:
         return {**super().describe(), "image": getattr(self, "name", "")}
 
-    def step(self, pcm: np.ndarray) -> SeeStep:
+    def step(self, pcm: np.ndarray) -> Step:
         out = super().step(pcm)
-        return SeeStep(out.pcm, out.text, out.timings_ms, self.gate)
+        return Step(out.pcm, out.text, out.timings_ms, self.gate)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.moshivis import write_tiny_moshivis_checkpoint
+from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
 from engine.options import SeeOptions
 from moshi_tui.app import MoshiApp
 from moshi_tui.session import FRAME, FileSource, Session, SessionOptions
@@ -45,7 +45,7 @@ async def _until(pilot, done, timeout: float = 60.0) -> None:
 
 async def test_see_a_recording_in_the_app_with_the_runners_words_and_gates(tiny_vis, sun_picture, tmp_path,
                                                                            one_thread_engine):
-    from engine.moshivis import SeeRunner
+    from engine.moshivis.runner import SeeRunner
 
     audio = _speech_file(tmp_path / "me.wav", 1.5)
     model = SeeOptions(hf_repo=str(tiny_vis), dtype="float32", image=str(sun_picture), xa_start=2)

@@ -41,7 +41,7 @@ def _session(options, record_dir):
 
 
 def test_transcribe_a_file_to_stdout_as_the_runner_does(tmp_path, tiny, capsys, one_thread_engine):
-    from engine.runner import TranscribeRunner
+    from engine.stt.runner import TranscribeRunner
 
     audio = _speech_file(tmp_path / "talk.wav", 1.5)
     model = ModelOptions(hf_repo=str(tiny["transcribe"]), dtype="float32")

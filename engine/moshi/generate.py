@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .compile import AcceleratedStep, step_modes
-from .lm import UNGENERATED_TOKEN, LMModel
-from .streaming import StreamingModule, StreamingState
+from ..compile import AcceleratedStep, step_modes
+from ..streaming import StreamingModule, StreamingState
+from .model import UNGENERATED_TOKEN, LMModel
 
 # MoshiVis: steps before the image is attended to (the official web client's default, 1.28 s).
 DEFAULT_XA_START = 16
@@ -119,13 +119,6 @@ class LMGen(StreamingModule):
     def step(self, codes: torch.Tensor) -> torch.Tensor | None:
         """``codes`` [B, ≥ n_q - dep_q, 1]: the user's Mimi codes for this frame (extra codebooks ignored)."""
         return self.step_full(codes).tokens
-
-    @torch.no_grad()
-    def step_with_extra_heads(self, codes: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """As ``step``, plus the softmax of each extra head (STT's pause predictors), each [B, 1, dim]."""
-        out = self.step_full(codes)
-        heads = [torch.softmax(head(out.hidden), dim=-1) for head in self.lm.extra_heads]
-        return out.tokens, heads
 
     @torch.no_grad()
     def step_full(self, codes: torch.Tensor) -> GenOutput:

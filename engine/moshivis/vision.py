@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import EngineError
-from .transformer import RMSNorm
+from ..errors import EngineError
+from ..transformer import RMSNorm
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -162,7 +162,7 @@ class ImagePrefix(nn.Module):
     """The picture as the LM attends to it: SigLIP tokens projected to the LM width, then normed.
 
     ``variance`` selects the RMSNorm of the official PyTorch code (unbiased variance, eps 1e-5);
-    otherwise mean(x²) with eps 1e-8, as the MLX and Rust backends compute it (moshivis.md §4).
+    otherwise mean(x²) with eps 1e-8, as the MLX and Rust backends compute it.
     """
 
     def __init__(self, cfg: VisionConfig, dim: int, variance: bool = False):
@@ -173,27 +173,6 @@ class ImagePrefix(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.norm_xa(self.proj_xa(self.tower(pixels)))
-
-
-def random_image_prefix_state(cfg: VisionConfig, dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random fp32 weights for an ImagePrefix (``tower.*``, ``proj_xa.*``, ``norm_xa.alpha``),
-    scaled so that activations stay O(1) through the layers."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, tensor in ImagePrefix(cfg, dim).state_dict().items():
-        noise = torch.randn(tensor.shape, generator=generator)
-        if name.endswith("alpha") or ("norm" in name and name.endswith("weight")):
-            value = 1.0 + 0.1 * noise
-        elif "norm" in name:
-            value = 0.1 * noise
-        elif name.endswith("bias"):
-            value = 0.02 * noise
-        elif "position_embedding" in name:
-            value = 0.5 * noise
-        else:
-            value = noise / tensor[0].numel() ** 0.5
-        state[name] = value
-    return state
 
 
 # -- picture files to pixels ------------------------------------------------------------------

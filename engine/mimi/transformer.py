@@ -3,9 +3,9 @@
 Mimi calls each of its two 8-layer transformers on 2 steps per frame, where PyTorch's cost per
 operation rivals the arithmetic. This step computes once per call what every layer shares (RoPE
 angles, ring slots, attention mask) instead of once per layer, and calls the layers' parameters
-directly. The modules, key names and streaming states stay those of ``transformer.py``.
+directly. The modules, key names and streaming states stay those of ``engine/transformer.py``.
 
-With ``exact=True`` every operation is one that ``transformer.py`` performs (itself operation for
+With ``exact=True`` every operation is one that ``engine/transformer.py`` performs (itself operation for
 operation the reference's), on the same shapes and layouts, so the output is the same bits and
 the codes stay identical. ``exact=False`` (decoding, or encoding with ``exact_codes=False``)
 computes the linears as ``W · xᵀ``. Mimi runs in fp32, so the reference's casts to fp32 and
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transformer import KVCacheState, Transformer, TransformerConfig, TransformerLayer
+from ..transformer import KVCacheState, Transformer, TransformerConfig, TransformerLayer
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import Nested, StreamingConv1d, StreamingConvTranspose1d
-from .errors import CheckpointError, EngineError
-from .mimi_transformer import MimiTransformer
-from .quantizer import Codebook, QuantizerConfig, SplitResidualVQ
-from .seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
-from .streaming import StreamingModule
-from .transformer import Attention, LayerScale, TransformerConfig
-from .weights import load_weights, read_safetensors
+from audio import FRAME_RATE, SAMPLE_RATE
+
+from ..conv import Nested, StreamingConv1d, StreamingConvTranspose1d
+from ..errors import CheckpointError, EngineError
+from ..quantizer import QuantizerConfig, SplitResidualVQ
+from ..seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
+from ..streaming import StreamingModule
+from ..transformer import TransformerConfig
+from .transformer import MimiTransformer
 
 # The only values our modules implement, as spelled in the reference's config dicts.
 _FIXED_SEANET = {"causal": True, "activation": "ELU", "norm": "none", "pad_mode": "constant", "true_skip": True,
@@ -48,9 +48,9 @@ class MimiConfig:
     seanet: SEANetConfig
     quantizer: QuantizerConfig
     transformer: TransformerConfig
-    sample_rate: int = 24_000
+    sample_rate: int = SAMPLE_RATE
     channels: int = 1
-    frame_rate: float = 12.5
+    frame_rate: float = FRAME_RATE
 
     @classmethod
     def official(cls) -> MimiConfig:
@@ -230,71 +230,3 @@ class Mimi(StreamingModule):
         latent = self.upsample(latent)
         latent = self.decoder_transformer(latent)
         return self.decoder(latent)
-
-
-def build_mimi(state: dict[str, torch.Tensor], config: MimiConfig | None = None, num_codebooks: int = 8,
-               device: torch.device | str = "cpu", source: str = "Mimi weights", exact_codes: bool = True) -> Mimi:
-    """A Mimi with the given official-layout tensors, in fp32, for inference only."""
-    config = config or MimiConfig.official()
-    with torch.device("meta"):
-        mimi = Mimi(config, exact_codes)
-    load_weights(mimi, state, source, dtype=torch.float32, device=device)
-    mimi.quantizer.refresh()
-    mimi.requires_grad_(False)
-    mimi.eval()
-    mimi.set_num_codebooks(num_codebooks)
-    return mimi
-
-
-def load_mimi(path: str | Path, config: MimiConfig | None = None, num_codebooks: int = 8,
-              device: torch.device | str = "cpu", exact_codes: bool = True) -> Mimi:
-    """Load a Mimi checkpoint in the official layout (fused attention names accepted)."""
-    return build_mimi(read_safetensors(path), config, num_codebooks, device, source=str(path), exact_codes=exact_codes)
-
-
-def random_mimi_state(config: MimiConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights in the official file layout, for tests and benchmarks without the real file.
-
-    Scales keep activations near unit size through every layer, and the codebooks are drawn at
-    the scale of the latent they quantise, so the codes spread over many codewords (default
-    codebooks are all zero and would give only code 0).
-    """
-    generator = torch.Generator().manual_seed(seed)
-
-    def normal(shape: tuple[int, ...], std: float, mean: float = 0.0) -> torch.Tensor:
-        return torch.randn(shape, generator=generator) * std + mean
-
-    with torch.device("meta"):
-        mimi = Mimi(config)
-    state: dict[str, torch.Tensor] = {}
-    for prefix, module in mimi.named_modules():
-        tensors: dict[str, torch.Tensor] = {}
-        if isinstance(module, nn.Conv1d):
-            fan_in = module.in_channels // module.groups * module.kernel_size[0]
-            tensors["weight"] = normal(module.weight.shape, fan_in**-0.5)
-        elif isinstance(module, nn.ConvTranspose1d):
-            fan_in = module.in_channels // module.groups * module.kernel_size[0] // module.stride[0]
-            tensors["weight"] = normal(module.weight.shape, fan_in**-0.5)
-        elif isinstance(module, nn.Linear):
-            tensors["weight"] = normal(module.weight.shape, module.in_features**-0.5)
-        elif isinstance(module, nn.LayerNorm):
-            tensors["weight"] = normal(module.weight.shape, 0.1, mean=1.0)
-            tensors["bias"] = normal(module.bias.shape, 0.1)
-        elif isinstance(module, LayerScale):
-            tensors["scale"] = torch.rand(module.scale.shape, generator=generator) * 0.2
-        elif isinstance(module, Codebook):
-            bins, dim = module.embedding_sum.shape
-            usage = torch.rand(bins, generator=generator) * 2 + 0.5
-            tensors["embedding_sum"] = normal((bins, dim), 0.3) * usage[:, None]
-            tensors["cluster_usage"] = usage
-            tensors["_initialized"] = torch.ones(1)
-        if getattr(module, "bias", None) is not None and "bias" not in tensors and not isinstance(module, LayerScale):
-            tensors["bias"] = normal(module.bias.shape, 0.05)
-        for name, tensor in tensors.items():
-            state[f"{prefix}.{name}"] = tensor
-    for prefix, module in mimi.named_modules():
-        if isinstance(module, Attention):
-            # The released file stores the attention projections under the fused names.
-            state[f"{prefix}.in_proj_weight"] = state.pop(f"{prefix}.in_projs.0.weight")
-            state[f"{prefix}.out_proj.weight"] = state.pop(f"{prefix}.out_projs.0.weight")
-    return state

@@ -1,14 +1,15 @@
 """Streaming transcription: audio of any length in, timed words and segments out as they are known.
 
-Padding follows Kyutai's ``moshi-inference`` for STT checkpoints (stt.md §3.3): the checkpoint's
-silence prefix before the audio, ``delay + 1 s`` of silence after it so the words still in flight
-come out, and only whole 1920-sample frames. The model never sees the first frame it is given
-(stt.md §3.1), so each stream's first step is thrown away and frame k is read by step k + 1.
+Padding follows Kyutai's ``moshi-inference`` for STT checkpoints: the checkpoint's silence prefix
+before the audio, ``delay + 1 s`` of silence after it so the words still in flight come out, and
+only whole frames. The model never sees the first frame it is given (its first step reads only
+the initial tokens), so each stream's first step is thrown away and frame k is read by step k + 1.
 
-Words follow the published formula (DSM ``tokens_to_timestamped_text``, stt.md §3.4): the text
-between two end-of-padding tokens is one word, or several split by their token counts; token
-position p is at time ``p / 12.5 - (silence prefix + delay)``; a word ends where the next boundary
-is; the last one ends at EOS, else at the end of the stream but at most one second after it starts.
+Words follow the published formula (``tokens_to_timestamped_text`` of Kyutai's delayed-streams-
+modeling STT scripts): the text between two end-of-padding tokens is one word, or several split by
+their token counts; token position p is at time ``p / FRAME_RATE - (silence prefix + delay)``; a
+word ends where the next boundary is; the last one ends at EOS, else at the end of the stream but
+at most one second after it starts.
 
 Segments break where the model stops writing for ``pause_seconds`` or more, and, with the
 semantic VAD heads, where it predicted the end of the turn (P(pause within 2 s) > 0.5) in between.
@@ -18,15 +19,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator
 
 import numpy as np
 
-FRAME_SIZE = 1920
-SAMPLE_RATE = 24_000
-FRAME_RATE = 12.5
-EPAD, PAD = 0, 3  # end of padding (a word boundary follows), padding; ids <= PAD are never text
-END_OF_TURN_HEAD = 2  # the 2 s horizon, as Kyutai and Unmute use it (stt.md §3.5)
+from audio import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+
+from ..moshi.tokens import TEXT_EPAD, TEXT_PAD, Tokenizer, text_piece
+
+# The VAD heads' horizons are 0.5, 1, 2 and 3 s; Kyutai and Unmute take the 2 s one for the end of a turn.
+END_OF_TURN_HEAD = 2
 END_OF_TURN_THRESHOLD = 0.5
 LAST_WORD_MAX_FRAMES = FRAME_RATE  # the formula's cap on a last word with nothing after it: 1 s
 DEFAULT_PAUSE_SECONDS = 1.0
@@ -104,13 +106,6 @@ class Listeners(TranscriptListener):
             listener.on_end(complete, duration)
 
 
-class Tokenizer(Protocol):  # sentencepiece.SentencePieceProcessor
-    def decode(self, ids: list[int]) -> str: ...
-    def encode(self, text: str) -> list[int]: ...
-    def id_to_piece(self, id: int) -> str: ...
-    def eos_id(self) -> int: ...
-
-
 class WordAssembler:
     """One stream's text tokens in, one per frame; words with their times and segments out.
 
@@ -125,7 +120,7 @@ class WordAssembler:
         self.pause_frames = pause_seconds * FRAME_RATE
         self.position = 0  # of the next token
         self._eos = tokenizer.eos_id()
-        self._span_start: int | None = None  # position after the last EPAD; None before the first one
+        self._span_start: int | None = None  # position after the last TEXT_EPAD; None before the first one
         self._span: list[tuple[int, int]] = []  # (position, token) of the text tokens since then
         self._span_eos: int | None = None  # first EOS since then
         self._last_text_at: int | None = None  # position of the last text token
@@ -139,20 +134,19 @@ class WordAssembler:
     def push(self, token: int, pause: list[float] | None = None) -> None:
         position = self.position
         self.position += 1
-        piece = None if token in (EPAD, PAD) else self.tokenizer.id_to_piece(token).replace("▁", " ")
-        self.listener.on_token(token, piece, self.time(position))
-        if token == EPAD:
+        self.listener.on_token(token, text_piece(self.tokenizer, token), self.time(position))
+        if token == TEXT_EPAD:
             if self._span_start is not None:
                 self._emit_words(self._words(self._span_start, position, self._span))
             self._span_start, self._span, self._span_eos = position + 1, [], None
         elif self._span_start is not None:
             if token == self._eos and self._span_eos is None:
                 self._span_eos = position
-            if token > PAD:
+            if token > TEXT_PAD:
                 if not self._span:
                     self._maybe_break(position)
                 self._span.append((position, token))
-        if token > PAD:
+        if token > TEXT_PAD:
             self._last_text_at, self._pause_max = position, None
         if pause is not None:
             self.listener.on_vad(self.time(position), pause)
@@ -267,7 +261,7 @@ class BatchTranscriber:
     """
 
     def __init__(self, runner, pause_seconds: float = DEFAULT_PAUSE_SECONDS):
-        self.runner = runner  # engine.runner.TranscribeRunner
+        self.runner = runner  # engine.stt.runner.TranscribeRunner
         self.pause_seconds = pause_seconds
         self.offset = runner.silence_prefix_seconds + runner.delay_seconds
         self.prefix, self.suffix = padding_samples(runner.silence_prefix_seconds, runner.delay_seconds)
@@ -356,7 +350,7 @@ class LiveTranscriber:
     """
 
     def __init__(self, runner, listener: TranscriptListener, pause_seconds: float = DEFAULT_PAUSE_SECONDS):
-        self.runner = runner  # engine.runner.TranscribeRunner with batch size 1
+        self.runner = runner  # engine.stt.runner.TranscribeRunner with batch size 1
         self.words = WordAssembler(runner.models.tokenizer, runner.silence_prefix_seconds + runner.delay_seconds,
                                    listener, pause_seconds)
         prefix, self.suffix = padding_samples(runner.silence_prefix_seconds, runner.delay_seconds)
