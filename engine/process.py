@@ -338,6 +338,7 @@ def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: in
                 _set_image(runner, msg[1], msg[2])
                 link.send(("reset",))
             elif msg[0] == "stop":
+                runner.close()  # ends Mimi's encoder process, if it has one, before this one exits
                 return
     except EOFError:
         return  # the parent closed the pipe
