@@ -41,6 +41,28 @@ def new_session_folder(base: Path, mode: str) -> Path:
     return folder
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Replace the file at `path` with `text` in one step, so that a reader, or a crash, never meets
+    half a file. The text goes first to `<name>.tmp` in the same folder (a rename stays within one
+    file system), a file this call creates: O_EXCL and O_NOFOLLOW fail rather than open whatever is
+    at that name, so a symlink planted there cannot send the write elsewhere. Such a link, or the
+    temporary file of a run that was killed, is removed (the link itself, not what it points to)."""
+    tmp = path.with_name(path.name + ".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(tmp, flags, 0o666)
+    except FileExistsError:
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class SessionRecorder:
     def __init__(self, folder: Path, mode: str, info: dict[str, Any], sample_rate: int, wav: bool = True) -> None:
         """`wav=False`: the audio layer records the WAV itself (live audio, in real time)."""
@@ -123,9 +145,7 @@ class SessionRecorder:
             "paragraphs": [{"t": round(p.t, 3), "speaker": p.speaker, "text": p.text}
                            for p in self.transcript.paragraphs],
         }
-        tmp = self.folder / "transcript.json.tmp"
-        tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, self.folder / "transcript.json")
+        write_atomically(self.folder / "transcript.json", json.dumps(doc, ensure_ascii=False, indent=1))
         self._json_dirty = False
         self._json_at = time.monotonic()
 

@@ -10,12 +10,13 @@ most a tenth of the time, and at the end.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import TextIO
 
 from engine.transcription import Segment, TranscriptListener, Word
+
+from .recording import write_atomically
 
 FORMATS = ("txt", "srt", "vtt", "json", "jsonl")
 SCHEMA_VERSION = 1
@@ -193,9 +194,7 @@ class JsonWriter(TranscriptListener):
                 self.out.write(text)
                 self.out.flush()
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomically(self.path, text)
         # A long transcript costs more to rewrite: keep that under a tenth of the run.
         now = time.monotonic()
         self._next_save = now + max(JSON_REWRITE_S, 10 * (now - started))

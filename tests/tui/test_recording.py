@@ -1,4 +1,5 @@
-"""Session files: complete while the conversation runs, and after the process is killed."""
+"""Session files: complete while the conversation runs, and after the process is killed; the
+atomic replacement the JSON files are written with."""
 
 import json
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import numpy as np
 import soundfile as sf
 
-from moshi_tui.recording import SessionRecorder, new_session_folder
+from moshi_tui.recording import SessionRecorder, new_session_folder, write_atomically
 
 SR = 24000
 
@@ -83,3 +84,19 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert len(lines) == 26 and all(json.loads(line) for line in lines)
     doc = json.loads((tmp_path / "transcript.json").read_text())  # valid, maybe a second behind
     assert doc["model"] == "tiny"
+
+
+def test_the_json_is_replaced_whole_and_never_through_a_link(tmp_path):
+    target, victim = tmp_path / "transcript.json", tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "transcript.json.tmp").symlink_to(victim)  # planted where the temporary file goes
+    write_atomically(target, '{"a": 1}')
+    assert victim.read_text() == "keep me"
+    assert target.read_text() == '{"a": 1}' and not target.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transcript.json", "victim.txt"]
+
+
+def test_a_temporary_file_left_by_a_killed_run_is_replaced(tmp_path):
+    (tmp_path / "talk.json.tmp").write_text('{"half": ')
+    write_atomically(tmp_path / "talk.json", "{}\n")
+    assert (tmp_path / "talk.json").read_text() == "{}\n" and not (tmp_path / "talk.json.tmp").exists()
