@@ -25,7 +25,7 @@ import numpy as np
 
 from audio.wav import WavWriter
 
-from .transcript import USER, Transcript
+from .transcript import Change, Transcript
 
 JSON_EVERY_S = 1.0
 
@@ -91,25 +91,14 @@ class SessionRecorder:
 
     def text(self, t: float, piece: str) -> None:
         self.pieces.append({"t": round(t, 3), "text": piece})
-        paragraphs = self.transcript.paragraphs
-        count, last_text = len(paragraphs), paragraphs[-1].text if paragraphs else None
-        if self.transcript.add_text(t, piece):
-            self._append_line(paragraphs[-1].line(), count)
-        elif count and paragraphs[-1].text != last_text:
-            self._txt.write(piece)
-        self._txt.flush()
+        self._write_change(self.transcript.add_text(t, piece))
         self._json_dirty = True
         self._maybe_write_json()
 
     def user_speech(self, t: float, speaking: bool) -> None:
         self.event("speech", t=t, speaking=speaking)
-        if not speaking:
-            return
-        count = len(self.transcript.paragraphs)
-        self.transcript.mark_user(t)
-        if len(self.transcript.paragraphs) > count and self.transcript.paragraphs[-1].speaker == USER:
-            self._append_line(self.transcript.paragraphs[-1].line(), count)
-            self._txt.flush()
+        if speaking:
+            self._write_change(self.transcript.mark_user(t))
 
     def event(self, kind: str, **fields: Any) -> None:
         record = {"time": datetime.now().astimezone().isoformat(timespec="milliseconds"), "event": kind, **fields}
@@ -129,8 +118,15 @@ class SessionRecorder:
         self._events.close()
         self._write_json()
 
-    def _append_line(self, line: str, count_before: int) -> None:
-        self._txt.write(("\n" if count_before else "") + line)
+    def _write_change(self, change: Change | None) -> None:
+        """transcript.txt: a line per paragraph, each piece appended as it comes."""
+        if change is None:
+            return
+        if change.new:
+            self._txt.write(("\n" if change.index else "") + change.paragraph.line())
+        else:
+            self._txt.write(change.text)
+        self._txt.flush()
 
     def _maybe_write_json(self) -> None:
         if self._json_dirty and time.monotonic() - self._json_at >= JSON_EVERY_S:

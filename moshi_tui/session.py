@@ -432,13 +432,10 @@ class PlainPrinter:
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, TextPiece):
-            had = len(self.transcript.paragraphs)
-            last = self.transcript.paragraphs[-1].text if had else None
-            if self.transcript.add_text(event.t, event.text):
-                self.out.write(("\n" if had else "") + self.transcript.paragraphs[-1].text)
-            elif had and self.transcript.paragraphs[-1].text != last:
-                self.out.write(event.text)
-            self.out.flush()
+            change = self.transcript.add_text(event.t, event.text)
+            if change is not None:
+                self.out.write(("\n" if change.new and change.index else "") + change.text)
+                self.out.flush()
         elif isinstance(event, UserSpeech) and event.speaking:
             self.transcript.mark_user(event.t)
         elif isinstance(event, StateChanged):

@@ -19,7 +19,7 @@ from textual.widgets import Static
 from engine.options import gate_level
 
 from .messages import SessionInfo, Stats
-from .transcript import USER, Transcript, clock
+from .transcript import USER, Change, Transcript, clock
 
 OK, WARN, BAD = "green", "yellow", "red"
 STATE_STYLES = {
@@ -240,18 +240,10 @@ class TranscriptView(VerticalScroll):
 
     def add_text(self, t: float, text: str, gate: float | None = None) -> None:
         """`gate` (`moshi see`): colour the piece by how much Moshi looked at the picture."""
-        paragraphs = self.model.paragraphs
-        before = paragraphs[-1].text if paragraphs else None
-        if self.model.add_text(t, text):
-            self._append(paragraphs[-1], gate)
-        elif paragraphs and paragraphs[-1].text != before and self._last is not None:
-            self._last.append(text, gate)
+        self._draw(self.model.add_text(t, text), gate)
 
     def mark_user(self, t: float) -> None:
-        count = len(self.model.paragraphs)
-        self.model.mark_user(t)
-        if len(self.model.paragraphs) > count:
-            self._append(self.model.paragraphs[-1], None)
+        self._draw(self.model.mark_user(t), None)
 
     def clear(self) -> None:
         self.model = Transcript(self.speaker)
@@ -259,13 +251,18 @@ class TranscriptView(VerticalScroll):
         self._last = None
         self.hint.display = True
 
-    def _append(self, paragraph, gate: float | None) -> None:
+    def _draw(self, change: Change | None, gate: float | None) -> None:
+        if change is None:
+            return
+        if not change.new:
+            self._last.append(change.text, gate)
+            return
         follow = self.scroll_y >= self.max_scroll_y
         self.hint.display = False
         views = self.query(ParagraphView)
         if len(views) >= self.MAX_PARAGRAPHS:
             views.first().remove()
-        self._last = ParagraphView(paragraph, gate)
+        self._last = ParagraphView(change.paragraph, gate)
         self.mount(self._last)
         if follow:
             self.scroll_end(animate=False)
