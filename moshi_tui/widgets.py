@@ -16,8 +16,6 @@ from textual.containers import VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Static
 
-from engine.options import gate_level
-
 from .messages import SessionInfo, Stats
 from .transcript import USER, Change, Transcript, clock
 
@@ -183,6 +181,12 @@ class AudioPanel(Widget):
         if not self.output:
             return Group(mic)
         return Group(mic, level_bar("out", s.out_db, width), aec)
+
+
+def gate_level(gate: float) -> int:
+    """How much Moshi looked at the picture, on 0..10: 0 at a gate of 0.005 or less, 10 at 0.021 or
+    more, linear between; the scale Kyutai's MoshiVis server colours its words by."""
+    return round(min(max((gate - 0.005) / 0.016, 0.0), 1.0) * 10)
 
 
 def _gate_style(level: int) -> Style:

@@ -19,7 +19,8 @@ from engine.errors import CheckpointError
 from engine.hub import CheckpointInfo
 from engine.lm import LMConfig, LMModel, load_lm
 from engine.lm_gen import LMGen, Sampling
-from engine.options import SeeOptions, gate_level
+from engine.options import SeeOptions
+from moshi_tui.widgets import gate_level
 from engine.quant import Int4Linear, Int8Linear
 from engine.moshivis import (MoshiVis, MoshiVisConfig, SeeRunner, load_moshivis,
                              to_official_layout, write_tiny_moshivis_checkpoint)

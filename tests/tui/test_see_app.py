@@ -5,8 +5,7 @@ import pytest
 
 from moshi_tui.app import MoshiApp, OpenImageScreen
 from moshi_tui.picture import PictureView
-from engine.options import gate_level
-from moshi_tui.widgets import GATE_STYLES, ParagraphView, TranscriptView
+from moshi_tui.widgets import GATE_STYLES, ParagraphView, TranscriptView, gate_level
 
 from .script import SEE_WORDS, ScriptedConversation
 

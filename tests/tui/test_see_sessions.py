@@ -16,8 +16,7 @@ from engine.moshivis import write_tiny_moshivis_checkpoint
 from engine.options import SeeOptions
 from moshi_tui.app import MoshiApp
 from moshi_tui.session import FRAME, FileSource, Session, SessionOptions
-from engine.options import gate_level
-from moshi_tui.widgets import GATE_STYLES, LatencyPanel, ParagraphView, TranscriptView
+from moshi_tui.widgets import GATE_STYLES, LatencyPanel, ParagraphView, TranscriptView, gate_level
 
 from .processes import engine_children
 from .test_session import _speech_file
