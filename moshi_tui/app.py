@@ -22,6 +22,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
+from engine.options import Mode
+
 from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
 from .picture import PictureError, PictureView, load_picture
 from .widgets import AudioPanel, LatencyPanel, StatusBar, Thresholds, TranscriptView
@@ -103,17 +105,17 @@ class MoshiApp(App[None]):
         self,
         conversation: Conversation,
         *,
-        mode: str = "chat",
+        mode: Mode | str = Mode.CHAT,
         save_dir: Path | None = None,
         thresholds: Thresholds = Thresholds(),
         refresh_hz: float = 10.0,
         error_linger_s: float | None = 2.0,
         image: Path | None = None,
     ) -> None:
-        """`mode`: "chat", "see" (then `image` is the picture shown beside the words) or "transcribe"."""
+        """`mode`, or its name: in SEE, `image` is the picture shown beside the words."""
         super().__init__()
         self.conversation = conversation
-        self.mode = mode
+        self.mode = Mode(mode)
         self.save_dir = save_dir
         self.thresholds = thresholds
         self.refresh_hz = refresh_hz
@@ -134,21 +136,21 @@ class MoshiApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield StatusBar(id="status")
-        talks = self.mode != "transcribe"
+        talks = self.mode.talks
         with Horizontal(id="body"):
             with Vertical(id="main"):
                 yield TranscriptView("moshi" if talks else None, id="transcript")
                 yield Static(id="error", markup=False)
             with Vertical(id="side"):
-                if self.mode == "see":
+                if self.mode is Mode.SEE:
                     yield PictureView(id="picture")
                 yield LatencyPanel(self.thresholds, id="latency")
                 yield AudioPanel(output=talks, id="audio")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(TranscriptView).border_title = "Moshi" if self.mode != "transcribe" else "Transcript"
-        if self.mode == "see" and self.image is not None:
+        self.query_one(TranscriptView).border_title = "Moshi" if self.mode.talks else "Transcript"
+        if self.mode is Mode.SEE and self.image is not None:
             self._show_picture(self.image)
         self.query_one(LatencyPanel).border_title = "Latency"
         self.query_one(AudioPanel).border_title = "Audio"
@@ -259,7 +261,7 @@ class MoshiApp(App[None]):
         return self.failure is None and self._stopping is None and self.state != "ended"
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        return action != "open_image" or self.mode == "see"  # False also hides it from the footer
+        return action != "open_image" or self.mode is Mode.SEE  # False also hides it from the footer
 
     def action_open_image(self) -> None:
         self.push_screen(OpenImageScreen(), self._open_image)
@@ -294,7 +296,7 @@ class MoshiApp(App[None]):
             self.notify(f"Transcript saved to {path}", timeout=4)
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(see=self.mode == "see"))
+        self.push_screen(HelpScreen(see=self.mode is Mode.SEE))
 
     # -- ending ------------------------------------------------------------------------------
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-FRAME_S = 0.080  # one Mimi frame: 1920 samples at 24 kHz
+from engine.options import Mode
 
 
 @dataclass(frozen=True)
 class SessionInfo:
-    mode: str  # "chat", "see" or "transcribe"
+    mode: Mode
     model: str
     device: str
     dtype: str

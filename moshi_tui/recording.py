@@ -2,9 +2,9 @@
 
 In its own folder (``<data dir>/sessions/<time>-<mode>/`` or ``--record DIR/<time>-<mode>/``):
 
-- ``audio.wav``: chat: stereo, the user left and Moshi right; transcribe: the user. From a file,
-  written here frame-aligned as the model heard and answered; from the microphone, the audio
-  layer records it in real time (what was heard after echo cancellation, and what played).
+- ``audio.wav``: chat and see: stereo, the user left and Moshi right; transcribe: the user. From
+  a file, written here frame-aligned as the model heard and answered; from the microphone, the
+  audio layer records it in real time (what was heard after echo cancellation, and what played).
   Valid at every moment (the audio layer's writer).
 - ``transcript.txt``: the paragraphs, appended piece by piece and flushed.
 - ``transcript.json``: every text piece with its conversation time, and the paragraphs; replaced
@@ -23,19 +23,21 @@ from typing import Any
 
 import numpy as np
 
+from audio import SAMPLE_RATE
 from audio.wav import WavWriter
+from engine.options import Mode
 
 from .transcript import Change, Transcript
 
 JSON_EVERY_S = 1.0
 
 
-def new_session_folder(base: Path, mode: str) -> Path:
+def new_session_folder(base: Path, mode: Mode) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = base / f"{stamp}-{mode}"
+    folder = base / f"{stamp}-{mode.value}"
     n = 2
     while folder.exists():  # a restart within the same second
-        folder = base / f"{stamp}-{mode}-{n}"
+        folder = base / f"{stamp}-{mode.value}-{n}"
         n += 1
     folder.mkdir(parents=True)
     return folder
@@ -64,27 +66,27 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 class SessionRecorder:
-    def __init__(self, folder: Path, mode: str, info: dict[str, Any], sample_rate: int, wav: bool = True) -> None:
+    def __init__(self, folder: Path, mode: Mode, info: dict[str, Any], wav: bool = True) -> None:
         """`wav=False`: the audio layer records the WAV itself (live audio, in real time)."""
         self.folder = folder
         self.mode = mode
         self.started = datetime.now().astimezone().isoformat(timespec="seconds")
         self.info = info
-        self.transcript = Transcript("moshi" if mode == "chat" else None)
+        self.transcript = Transcript("moshi" if mode.talks else None)
         self.pieces: list[dict[str, Any]] = []
-        self.wav = WavWriter(folder / "audio.wav", sample_rate, channels=2 if mode == "chat" else 1) if wav else None
+        self.wav = WavWriter(folder / "audio.wav", SAMPLE_RATE, channels=2 if mode.talks else 1) if wav else None
         self._txt = open(folder / "transcript.txt", "w", encoding="utf-8")
         self._events = open(folder / "events.jsonl", "w", encoding="utf-8")
         self._json_dirty = True
         self._json_at = 0.0
-        self.event("start", mode=mode, **info)
+        self.event("start", mode=mode.value, **info)
         self._write_json()
 
     def frame(self, user: np.ndarray, moshi: np.ndarray | None = None) -> None:
-        """One 80 ms frame: what the model heard and (chat) what it said."""
+        """One 80 ms frame: what the model heard and (when Moshi talks) what it said."""
         if self.wav is None:
             return
-        if self.mode == "chat":
+        if self.mode.talks:
             self.wav.write(user, np.zeros_like(user) if moshi is None else moshi)
         else:
             self.wav.write(user)
@@ -134,7 +136,7 @@ class SessionRecorder:
 
     def _write_json(self) -> None:
         doc = {
-            "mode": self.mode,
+            "mode": self.mode.value,
             "started": self.started,
             **self.info,
             "pieces": self.pieces,

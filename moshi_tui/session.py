@@ -20,18 +20,16 @@ from typing import Protocol
 
 import numpy as np
 
+from audio import FRAME_S, FRAME_SIZE, SAMPLE_RATE
 from audio.errors import AudioError
 from engine.errors import EngineError
-from engine.options import ModelOptions
+from engine.options import Mode, ModelOptions
 
-from .messages import FRAME_S, Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
 from .recording import SessionRecorder, new_session_folder
 from .settings import data_dir
 from .transcript import Transcript
 
-FRAME = 1920
-SAMPLE_RATE = 24000
-DEFAULT_MODELS = {"chat": "moshika", "see": "moshika-vis", "transcribe": "stt-1b-en_fr"}
 # Silence after the end of a file so the words still in flight come out (the STT text lags its
 # audio by up to 2.5 s for stt-2.6b-en; Moshi needs a moment to finish its sentence).
 FILE_TAIL_S = 3.0
@@ -41,7 +39,7 @@ FILE_TAIL_S = 3.0
 class SessionOptions:
     """What `moshi chat` / `moshi see` / `moshi transcribe` pass to `run`."""
 
-    mode: str  # "chat", "see" (a chat about a picture: `model` is a SeeOptions) or "transcribe"
+    mode: Mode  # SEE is a chat about a picture: `model` is a SeeOptions
     model: ModelOptions = field(default_factory=ModelOptions)
     runner: str | None = None  # engine runner, "module:Class"; default: the mode's
     input_file: Path | None = None  # instead of the microphone
@@ -51,6 +49,9 @@ class SessionOptions:
     record_dir: Path | None = None  # parent of the session folders; default <XDG data>/moshi/sessions
     tui: bool = True  # False: words to stdout, states to stderr
     save_dir: Path | None = None  # where `s` writes the transcript; default the current folder
+
+    def __post_init__(self) -> None:
+        self.mode = Mode(self.mode)  # the commands may give its name, "chat"
 
 
 @dataclass
@@ -82,11 +83,6 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-def talks(mode: str) -> bool:
-    """Moshi speaks back in a chat and in `see`; a transcription only listens."""
-    return mode != "transcribe"
-
-
 def level_db(pcm: np.ndarray) -> float:
     rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64))))
     return 20 * math.log10(rms) if rms > 1e-6 else -120.0
@@ -103,8 +99,8 @@ class MicSource:
         from audio.core import DuplexConfig
         from audio.duplex import DuplexAudio
 
-        # Echo cancellation only matters when something plays: in a chat.
-        config = DuplexConfig(aec=options.aec and talks(options.mode))
+        # Echo cancellation only matters when something plays: when Moshi talks.
+        config = DuplexConfig(aec=options.aec and options.mode.talks)
         self.audio = DuplexAudio(_device(options.input_device), _device(options.output_device), config)
         self.audio.start()  # warm while the model loads; `clear` drops what was heard meanwhile
         self.captured_at: float | None = None
@@ -150,8 +146,8 @@ class FileSource:
         from audio.files import read_audio
 
         pcm = read_audio(path)
-        frames = math.ceil((len(pcm) + FILE_TAIL_S * SAMPLE_RATE) / FRAME)
-        self.pcm = np.zeros(frames * FRAME, np.float32)
+        frames = math.ceil((len(pcm) + FILE_TAIL_S * SAMPLE_RATE) / FRAME_SIZE)
+        self.pcm = np.zeros(frames * FRAME_SIZE, np.float32)
         self.pcm[:len(pcm)] = pcm
         self.realtime = realtime
         self.position = 0
@@ -172,8 +168,8 @@ class FileSource:
                 return None
             time.sleep(max(0.0, wait))
             self._next_at = max(self._next_at + FRAME_S, time.monotonic() - FRAME_S)
-        frame = self.pcm[self.position:self.position + FRAME]
-        self.position += FRAME
+        frame = self.pcm[self.position:self.position + FRAME_SIZE]
+        self.position += FRAME_SIZE
         self._last_db = level_db(frame)
         return frame
 
@@ -255,8 +251,7 @@ class Session:
 
     def _run(self) -> None:
         model = self.options.model
-        self._deliver(SessionInfo(self.mode, model.hf_repo or DEFAULT_MODELS.get(self.mode, "?"), model.device,
-                                  model.dtype))
+        self._deliver(SessionInfo(self.mode, model.hf_repo or self.mode.default_model, model.device, model.dtype))
         self._deliver(StateChanged("loading"))
         try:
             while not self._stop.is_set() and self.failure is None:
@@ -315,9 +310,7 @@ class Session:
     def _start_conversation(self) -> None:
         folder = new_session_folder(self.record_base, self.mode)
         self.folders.append(folder)
-        # A conversation about a picture is recorded as a chat; its `info` names the picture.
-        kind = "chat" if talks(self.mode) else self.mode
-        self._recorder = SessionRecorder(folder, kind, self._info, SAMPLE_RATE, wav=not self.source.records)
+        self._recorder = SessionRecorder(folder, self.mode, self._info, wav=not self.source.records)
         self.source.clear()
         if self.source.records:
             self.source.start_recording(folder / "audio.wav")
@@ -372,7 +365,7 @@ class Session:
             return  # answers a frame of a conversation since restarted
         n, user, _, captured_at = self._pending.popleft()
         t = n * FRAME_S
-        if out.pcm is not None and talks(self.mode):
+        if out.pcm is not None and self.mode.talks:
             self.source.play(out.pcm, captured_at)
         self._recorder.frame(user, out.pcm)
         if out.text:
@@ -426,8 +419,8 @@ class Session:
 class PlainPrinter:
     """`--no-tui`: the words on stdout (a new line per paragraph), the rest on stderr."""
 
-    def __init__(self, mode: str, out=None, err=None) -> None:
-        self.transcript = Transcript("moshi" if talks(mode) else None)
+    def __init__(self, mode: Mode, out=None, err=None) -> None:
+        self.transcript = Transcript("moshi" if mode.talks else None)
         self.out, self.err = out or sys.stdout, err or sys.stderr
 
     def __call__(self, event: Event) -> None:
@@ -453,7 +446,7 @@ def open_source(options: SessionOptions) -> Source:
     """The microphone (and speaker), or a file. A bad device or file raises a one-line error."""
     if options.input_file is not None:
         # A conversation with a recording plays out in real time; a transcription goes at full speed.
-        return FileSource(options.input_file, realtime=talks(options.mode))
+        return FileSource(options.input_file, realtime=options.mode.talks)
     return MicSource(options)
 
 
@@ -464,7 +457,8 @@ def run(options: SessionOptions) -> None:
     record_base = options.record_dir or data_dir() / "sessions"
     record_base.mkdir(parents=True, exist_ok=True)
     source = open_source(options)  # a bad device or file fails here, before anything starts
-    engine = EngineProcess(options.runner or options.mode, options.model, log_path=str(record_base / "engine.log"))
+    engine = EngineProcess(options.runner or options.mode.runner, options.model,
+                           log_path=str(record_base / "engine.log"))
     session = Session(options, engine, source, record_base)
     try:
         if options.tui:

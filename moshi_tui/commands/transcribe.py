@@ -10,6 +10,8 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from engine.options import Mode
+
 from ..transcript_writers import CHOICES, CueLimits, TranscriptWriter, writers_for
 from .common import MODEL_PANEL, DeviceOption, DtypeOption, QuantizeOption, Seed, model_options, progress_to_stderr
 
@@ -211,7 +213,7 @@ def _run_live(options, no_tui: bool, writers: list[type[TranscriptWriter]], outp
     """The microphone: the full-screen view, or with --no-tui the words on stdout (and in files)."""
     from ..session import SessionOptions, open_source, run
 
-    session = SessionOptions(mode="transcribe", model=options, tui=not no_tui)
+    session = SessionOptions(mode=Mode.TRANSCRIBE, model=options, tui=not no_tui)
     if not no_tui:
         if writers:
             raise typer.BadParameter("the full-screen view saves its own transcript; add --no-tui to write "

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 
-from moshi_tui.messages import FRAME_S, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from audio import FRAME_S
+from engine.options import Mode
+from moshi_tui.messages import SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
 
 MOSHI_WORDS = (
     "Hello, I'm Moshi. What would you like to talk about today? I can tell you about the weather, "
@@ -26,12 +28,12 @@ USER_WORDS = (
 
 
 class ScriptedConversation:
-    def __init__(self, mode: str = "chat") -> None:
-        self.mode = mode
+    def __init__(self, mode: Mode = Mode.CHAT) -> None:
+        self.mode = Mode(mode)
         self.deliver = None
         self.calls: list[tuple] = []
         self.frame = 0
-        self.words = {"chat": MOSHI_WORDS, "see": SEE_WORDS}.get(mode, USER_WORDS)
+        self.words = {Mode.CHAT: MOSHI_WORDS, Mode.SEE: SEE_WORDS, Mode.TRANSCRIBE: USER_WORDS}[self.mode]
         self.word = 0
         self.skipped = 0
         self.underruns = 0
@@ -86,13 +88,13 @@ class ScriptedConversation:
                 t=t, step_ms=step, lag_ms=(900.0 if slow else 310.0) + 2 * (i % 5),
                 buffered_ms=20.0 if slow else 160.0, skipped=self.skipped, underruns=self.underruns,
                 mic_db=-30.0 + 10 * math.sin(i / 4), out_db=-18.0 + 6 * math.cos(i / 5),
-                aec=self.mode != "transcribe", erle_db=21.5 if self.mode != "transcribe" else None,
+                aec=self.mode.talks, erle_db=21.5 if self.mode.talks else None,
             ))
             self.frame += 1
 
     def gate(self, word: int) -> float | None:
         """`see`: Moshi looks at the picture more and more, then less (levels 0..10 and back)."""
-        if self.mode != "see":
+        if self.mode is not Mode.SEE:
             return None
         return 0.005 + 0.0016 * (10 - abs(word % 20 - 10))
 

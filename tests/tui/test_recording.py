@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import soundfile as sf
 
+from engine.options import Mode
 from moshi_tui.recording import SessionRecorder, new_session_folder, write_atomically
 
 SR = 24000
@@ -19,10 +20,10 @@ def _frames(n, seed):
 
 
 def test_files_are_complete_during_and_after_the_conversation(tmp_path):
-    folder = new_session_folder(tmp_path, "chat")
+    folder = new_session_folder(tmp_path, Mode.CHAT)
     assert folder.parent == tmp_path and folder.name.endswith("-chat")
-    assert new_session_folder(tmp_path, "chat") != folder  # a restart in the same second
-    rec = SessionRecorder(folder, "chat", {"model": "tiny", "device": "cpu"}, SR)
+    assert new_session_folder(tmp_path, Mode.CHAT) != folder  # a restart in the same second
+    rec = SessionRecorder(folder, Mode.CHAT, {"model": "tiny", "device": "cpu"})
     user, moshi = _frames(5, 0), _frames(5, 1)
     moshi[0] = None  # Moshi has not spoken yet
     for u, m in zip(user, moshi):
@@ -53,7 +54,7 @@ def test_files_are_complete_during_and_after_the_conversation(tmp_path):
 
 
 def test_transcribe_records_the_user_in_mono_without_speaker_labels(tmp_path):
-    rec = SessionRecorder(tmp_path, "transcribe", {}, SR)
+    rec = SessionRecorder(tmp_path, Mode.TRANSCRIBE, {})
     rec.frame(_frames(1, 0)[0])
     rec.text(0.1, " so this")
     rec.user_speech(2.0, True)
@@ -67,8 +68,9 @@ def test_a_killed_process_leaves_valid_files(tmp_path):
     script = f"""
 import os, signal, numpy as np
 from pathlib import Path
+from engine.options import Mode
 from moshi_tui.recording import SessionRecorder
-rec = SessionRecorder(Path({str(tmp_path)!r}), "chat", {{"model": "tiny"}}, {SR})
+rec = SessionRecorder(Path({str(tmp_path)!r}), Mode.CHAT, {{"model": "tiny"}})
 for i in range(25):
     rec.frame(np.full(1920, 0.1, np.float32), np.full(1920, -0.1, np.float32))
     rec.text(i * 0.08, f" w{{i}}")

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from audio import FRAME_SIZE
 from engine.options import ModelOptions
 from moshi_tui.app import MoshiApp
-from moshi_tui.session import FRAME, FileSource, Session, SessionOptions, run
+from moshi_tui.session import FileSource, Session, SessionOptions, run
 from moshi_tui.widgets import LatencyPanel, TranscriptView
 
 from .processes import engine_children
@@ -52,7 +53,7 @@ def test_transcribe_a_file_to_stdout_as_the_runner_does(tmp_path, tiny, capsys, 
     runner = TranscribeRunner.load(model)
     try:
         runner.warmup()
-        frames = FileSource(audio, realtime=False).pcm.reshape(-1, FRAME)
+        frames = FileSource(audio, realtime=False).pcm.reshape(-1, FRAME_SIZE)
         pieces = [(i * 0.08, out.text) for i, out in enumerate(map(runner.step, frames)) if out.text]
     finally:
         runner.close()
@@ -115,7 +116,7 @@ async def test_killing_the_engine_mid_conversation(tmp_path, tiny, one_thread_en
     assert engine_children() == []
     [folder] = session.folders
     wav, _ = sf.read(folder / "audio.wav", dtype="float32")
-    assert wav.shape[1] == 2 and len(wav) >= 15 * FRAME and len(wav) % FRAME == 0
+    assert wav.shape[1] == 2 and len(wav) >= 15 * FRAME_SIZE and len(wav) % FRAME_SIZE == 0
     json.loads((folder / "transcript.json").read_text())
     events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events[-2:]] == ["failed", "end"]
@@ -160,11 +161,12 @@ async def test_mute_and_restart_with_the_real_engine(tmp_path, tiny, one_thread_
     muted_at, unmuted_at = (next(e["t"] for e in events if e["event"] == kind) for kind in ("mute", "unmute"))
     file_pcm = FileSource(audio, realtime=True).pcm
     wav, _ = sf.read(first / "audio.wav", dtype="float32")
-    a, b = round(muted_at / 0.08) * FRAME, round(unmuted_at / 0.08) * FRAME
-    assert b - a >= 5 * FRAME
+    a, b = round(muted_at / 0.08) * FRAME_SIZE, round(unmuted_at / 0.08) * FRAME_SIZE
+    assert b - a >= 5 * FRAME_SIZE
     assert not wav[a:b, 0].any()  # the model heard silence while muted
     np.testing.assert_allclose(wav[:a, 0], file_pcm[:a], atol=1 / 32767)
     np.testing.assert_allclose(wav[b:, 0], file_pcm[b:len(wav)], atol=1 / 32767)
     restarted, _ = sf.read(second / "audio.wav", dtype="float32")
-    assert len(restarted) >= 10 * FRAME
+    assert len(restarted) >= 10 * FRAME_SIZE
     np.testing.assert_allclose(restarted[:, 0], file_pcm[:len(restarted)], atol=1 / 32767)  # from the start
+

@@ -2,6 +2,7 @@
 
 import io
 
+from engine.options import Mode
 from moshi_tui.messages import StateChanged, Stats, TextPiece, UserSpeech
 from moshi_tui.session import PlainPrinter
 from moshi_tui.transcript import USER, Change, Transcript
@@ -35,7 +36,7 @@ def test_mark_user_is_a_change_in_a_chat_and_a_break_in_a_transcription():
 
 def test_the_plain_printer_writes_a_line_per_paragraph_and_states_on_stderr():
     out, err = io.StringIO(), io.StringIO()
-    printer = PlainPrinter("chat", out, err)
+    printer = PlainPrinter(Mode.CHAT, out, err)
     for event in (StateChanged("live"), TextPiece(0.24, " Hello"), TextPiece(0.4, " there"), Stats(0.4),
                   UserSpeech(3.0, True), UserSpeech(3.5, False), TextPiece(5.0, " Fine.")):
         printer(event)
