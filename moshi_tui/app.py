@@ -205,7 +205,7 @@ class MoshiApp(App[None]):
         s, th = self._stats, self.thresholds
         return (
             (s.step_ms is not None and s.step_ms >= th.budget_ms)
-            or (s.lag_ms is not None and s.lag_ms >= th.lag_bad_ms)
+            or (s.audio.lag_ms is not None and s.audio.lag_ms >= th.lag_bad_ms)
             or s.t - self._last_skip_t < SKIP_MEMORY_S
         )
 

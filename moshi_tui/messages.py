@@ -7,9 +7,10 @@ Plain dataclasses, no Textual: the live session, the scripted engine of the test
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
+from audio.core import AudioStats
 from engine.options import Mode
 
 
@@ -46,19 +47,13 @@ class UserSpeech:
 
 @dataclass(frozen=True)
 class Stats:
-    """Measurements after one frame. The session sends one per frame; the app keeps the latest
-    figures and every step time (for the sparkline) and redraws on its own timer."""
+    """Measurements after one frame: the model's step and the audio layer's own record. The session
+    sends one per frame; the app keeps the latest figures and every step time (for the sparkline)."""
 
     t: float
+    audio: AudioStats = field(default_factory=AudioStats)
     step_ms: float | None = None  # model step time of this frame (the 80 ms budget)
-    lag_ms: float | None = None  # end to end, mic to speaker
-    buffered_ms: float = 0.0  # playback buffer
-    skipped: int = 0  # frames dropped so far because the model fell behind
-    underruns: int = 0  # playback ran dry so far
-    mic_db: float = -120.0
-    out_db: float = -120.0
-    aec: bool = False
-    erle_db: float | None = None  # echo attenuation of the canceller
+    skipped: int = 0  # frames dropped so far: the model fell behind, or the audio layer found them stale
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from typing import Protocol
 import numpy as np
 
 from audio import FRAME_S, FRAME_SIZE, SAMPLE_RATE
+from audio.core import AudioStats
 from audio.errors import AudioError
+from audio.meters import SILENCE_DB, level_db
 from engine.errors import EngineError
 from engine.options import Mode, ModelOptions
 
@@ -54,21 +56,6 @@ class SessionOptions:
         self.mode = Mode(self.mode)  # the commands may give its name, "chat"
 
 
-@dataclass
-class AudioFigures:
-    """What a source measured, for the latency and audio panels."""
-
-    mic_db: float = -120.0
-    out_db: float = -120.0
-    speaking: bool | None = None  # None: the source has no voice activity detector
-    aec: bool = False
-    erle_db: float | None = None
-    lag_ms: float | None = None
-    buffered_ms: float = 0.0
-    underruns: int = 0
-    skipped: int = 0  # input frames the source dropped
-
-
 class Source(Protocol):
     realtime: bool  # frames come at the pace of audio (else: as fast as the engine takes them)
     finished: bool  # a file that has been read to its end
@@ -78,14 +65,9 @@ class Source(Protocol):
     def read(self, timeout: float) -> np.ndarray | None: ...
     def play(self, pcm: np.ndarray, captured_at: float | None) -> None: ...
     def clear(self) -> None: ...  # a new conversation: drop what is queued for playback
-    def figures(self) -> AudioFigures: ...
+    def stats(self) -> AudioStats: ...
     def start_recording(self, path: Path) -> None: ...
     def close(self) -> None: ...
-
-
-def level_db(pcm: np.ndarray) -> float:
-    rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64))))
-    return 20 * math.log10(rms) if rms > 1e-6 else -120.0
 
 
 class MicSource:
@@ -118,11 +100,8 @@ class MicSource:
     def clear(self) -> None:
         self.audio.clear()
 
-    def figures(self) -> AudioFigures:
-        s = self.audio.stats()
-        return AudioFigures(mic_db=s.input_db, out_db=s.output_db, speaking=s.voice, aec=s.aec, erle_db=s.erle_db,
-                            lag_ms=s.lag_ms, buffered_ms=s.buffered_ms, underruns=s.underruns,
-                            skipped=s.skipped_input_frames)
+    def stats(self) -> AudioStats:
+        return self.audio.stats()
 
     def start_recording(self, path: Path) -> None:
         self.audio.start_recording(path)
@@ -152,7 +131,7 @@ class FileSource:
         self.realtime = realtime
         self.position = 0
         self._next_at = time.monotonic()
-        self._last_db = self._out_db = -120.0
+        self._in_db = self._out_db = SILENCE_DB
 
     @property
     def finished(self) -> bool:
@@ -170,7 +149,7 @@ class FileSource:
             self._next_at = max(self._next_at + FRAME_S, time.monotonic() - FRAME_S)
         frame = self.pcm[self.position:self.position + FRAME_SIZE]
         self.position += FRAME_SIZE
-        self._last_db = level_db(frame)
+        self._in_db = level_db(frame)
         return frame
 
     def play(self, pcm: np.ndarray, captured_at: float | None = None) -> None:
@@ -180,8 +159,8 @@ class FileSource:
         self.position = 0  # a restarted conversation hears the file again
         self._next_at = time.monotonic()
 
-    def figures(self) -> AudioFigures:
-        return AudioFigures(mic_db=self._last_db, out_db=self._out_db)
+    def stats(self) -> AudioStats:
+        return AudioStats(input_db=self._in_db, output_db=self._out_db)
 
     def start_recording(self, path: Path) -> None:
         raise NotImplementedError("the session recorder writes a file source's audio")
@@ -351,11 +330,11 @@ class Session:
         self._frame += 1
         sent = self.engine.send_frame(pcm)
         self._pending.append((n, pcm, sent, self.source.captured_at))
-        figures = self.source.figures()
-        if figures.speaking is not None and figures.speaking != self._speaking and not muted:
-            self._speaking = figures.speaking
-            self._deliver(UserSpeech(n * FRAME_S, figures.speaking))
-            self._recorder.user_speech(n * FRAME_S, figures.speaking)
+        speaking = self.source.stats().voice
+        if speaking is not None and speaking != self._speaking and not muted:
+            self._speaking = speaking
+            self._deliver(UserSpeech(n * FRAME_S, speaking))
+            self._recorder.user_speech(n * FRAME_S, speaking)
 
     def _take_output(self, out) -> None:
         while self._pending and not self._pending[0][2]:
@@ -371,14 +350,9 @@ class Session:
         if out.text:
             self._deliver(TextPiece(t, out.text, out.gate))
             self._recorder.text(t, out.text)
-        step = out.timings_ms.get("total")
-        figures = self.source.figures()
-        stats = Stats(
-            t=t, step_ms=step, lag_ms=figures.lag_ms, buffered_ms=figures.buffered_ms,
-            skipped=self.engine.skipped + figures.skipped, underruns=figures.underruns,
-            mic_db=-120.0 if self._muted else figures.mic_db, out_db=figures.out_db, aec=figures.aec,
-            erle_db=figures.erle_db,
-        )
+        audio = self.source.stats()
+        stats = Stats(t, audio, step_ms=out.timings_ms.get("total"),
+                      skipped=self.engine.skipped + audio.skipped_input_frames)
         self._deliver(stats)
         self._log_stats(stats)
 
@@ -391,8 +365,8 @@ class Session:
         steps, self._steps = self._steps, []
         self._recorder.event(
             "stats", t=round(stats.t, 3), step_ms_median=round(float(np.median(steps)), 2) if steps else None,
-            step_ms_max=round(max(steps), 2) if steps else None, lag_ms=stats.lag_ms,
-            buffered_ms=stats.buffered_ms, skipped=stats.skipped, underruns=stats.underruns,
+            step_ms_max=round(max(steps), 2) if steps else None, lag_ms=stats.audio.lag_ms,
+            buffered_ms=stats.audio.buffered_ms, skipped=stats.skipped, underruns=stats.audio.underruns,
             muted=self._muted,
         )
 

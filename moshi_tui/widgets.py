@@ -128,11 +128,12 @@ class LatencyPanel(Widget):
         spark = spark_rows(self.steps, self.content_size.width, 2, 1.5 * th.budget_ms, th)
         if s is None:
             return Group(step, *spark, *(_figure(label, "   --", "dim") for label in LATENCY_FIGURES))
-        lag = _figure("lag", "   --" if s.lag_ms is None else f"{s.lag_ms:5.0f} ms",
-                      "dim" if s.lag_ms is None else th.lag(s.lag_ms))
-        buf = _figure("buffer", f"{s.buffered_ms:5.0f} ms", WARN if s.buffered_ms < th.buffer_low_ms else OK)
+        a = s.audio
+        lag = _figure("lag", "   --" if a.lag_ms is None else f"{a.lag_ms:5.0f} ms",
+                      "dim" if a.lag_ms is None else th.lag(a.lag_ms))
+        buf = _figure("buffer", f"{a.buffered_ms:5.0f} ms", WARN if a.buffered_ms < th.buffer_low_ms else OK)
         skipped = _figure("skipped", f"{s.skipped:5d}", WARN if s.skipped else OK)
-        under = _figure("underruns", f"{s.underruns:5d}", WARN if s.underruns else OK)
+        under = _figure("underruns", f"{a.underruns:5d}", WARN if a.underruns else OK)
         return Group(step, *spark, lag, buf, skipped, under)
 
 
@@ -162,25 +163,25 @@ class AudioPanel(Widget):
         self.refresh()
 
     def render(self) -> Group:
-        s = self.stats or Stats(t=0.0)
+        a = (self.stats or Stats(t=0.0)).audio
         width = self.content_size.width
         if self.muted:
             mic = Text.assemble(("mic ", "dim"), ("  muted", "bold yellow"))
         else:
-            mic = level_bar("mic", s.mic_db, width)
+            mic = level_bar("mic", a.input_db, width)
         aec = Text("AEC  ", "dim")
         if self.stats is None:
             aec.append("--", "dim")
-        elif s.aec:
+        elif a.aec:
             aec.append("on")
-            if s.erle_db is not None:
+            if a.erle_db is not None:
                 aec.append(" · echo ")
-                aec.append(f"-{s.erle_db:.0f} dB", OK if s.erle_db >= 10 else WARN)
+                aec.append(f"-{a.erle_db:.0f} dB", OK if a.erle_db >= 10 else WARN)
         else:
             aec.append("off", WARN)
         if not self.output:
             return Group(mic)
-        return Group(mic, level_bar("out", s.out_db, width), aec)
+        return Group(mic, level_bar("out", a.output_db, width), aec)
 
 
 def gate_level(gate: float) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from audio import FRAME_S
+from audio.core import AudioStats
 from engine.options import Mode
 from moshi_tui.messages import SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
 
@@ -84,12 +85,13 @@ class ScriptedConversation:
                     self.skipped += 1
                 if i % 7 == 0:
                     self.underruns += 1
-            self.deliver(Stats(
-                t=t, step_ms=step, lag_ms=(900.0 if slow else 310.0) + 2 * (i % 5),
-                buffered_ms=20.0 if slow else 160.0, skipped=self.skipped, underruns=self.underruns,
-                mic_db=-30.0 + 10 * math.sin(i / 4), out_db=-18.0 + 6 * math.cos(i / 5),
+            audio = AudioStats(
+                input_db=-30.0 + 10 * math.sin(i / 4), output_db=-18.0 + 6 * math.cos(i / 5),
                 aec=self.mode.talks, erle_db=21.5 if self.mode.talks else None,
-            ))
+                lag_ms=(900.0 if slow else 310.0) + 2 * (i % 5), buffered_ms=20.0 if slow else 160.0,
+                underruns=self.underruns,
+            )
+            self.deliver(Stats(t, audio, step_ms=step, skipped=self.skipped))
             self.frame += 1
 
     def gate(self, word: int) -> float | None:

@@ -4,6 +4,7 @@ import threading
 
 import pytest
 
+from audio.core import AudioStats
 from moshi_tui.app import HelpScreen, MoshiApp
 from moshi_tui.messages import Stats
 from moshi_tui.widgets import AudioPanel, LatencyPanel, StatusBar, TranscriptView
@@ -149,6 +150,6 @@ async def test_lagging_comes_and_goes_with_the_figures():
         conv.play(30)  # more than a second without drops, steps under budget
         app.drain()
         assert app.state == "live"
-        conv.deliver(Stats(t=10.0, step_ms=30.0, lag_ms=1500.0))
+        conv.deliver(Stats(10.0, AudioStats(lag_ms=1500.0), step_ms=30.0))
         app.drain()
         assert app.state == "lagging"
