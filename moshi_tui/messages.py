@@ -3,10 +3,15 @@
 Plain dataclasses, no Textual: the live session, the scripted engine of the tests and the
 ``--no-tui`` printer all produce or consume them. Times ``t`` are conversation time in seconds
 (frame index × 80 ms), so a scripted run renders the same on every machine.
+
+Whoever receives them has a handler per kind, named as Textual names its message handlers
+(``on_text_piece`` for a `TextPiece`): the app through Textual itself, the others through
+`dispatch`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -64,3 +69,13 @@ class SessionFailed:
 
 
 Event = Union[SessionInfo, StateChanged, TextPiece, UserSpeech, Stats, SessionFailed]
+
+
+def dispatch(target: object, event: object) -> None:
+    """Call `target`'s handler for the kind of `event`: ``on_`` and its class name in snake case
+    (``TextPiece`` → ``on_text_piece``). As with Textual's messages, a target without a handler
+    for a kind does not care about it."""
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
+    handler = getattr(target, f"on_{name}", None)
+    if handler is not None:
+        handler(event)

@@ -26,8 +26,9 @@ from audio.errors import AudioError
 from audio.meters import SILENCE_DB, level_db
 from engine.errors import EngineError
 from engine.options import Mode, ModelOptions
+from engine.process import EngineProcess, EngineProcessError, Failed, Loading, Output, Ready, WarmingUp
 
-from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
 from .recording import SessionRecorder, new_session_folder
 from .settings import data_dir
 from .transcript import Transcript
@@ -239,10 +240,13 @@ class Session:
             import traceback
 
             known = isinstance(exc, (EngineError, AudioError))
-            self.failure = (str(exc) if known else f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            self._deliver(SessionFailed(self.failure[0]))
+            self._fail(str(exc) if known else f"{type(exc).__name__}: {exc}", traceback.format_exc())
         finally:
             self._close()
+
+    def _fail(self, reason: str, detail: str) -> None:
+        self.failure = (reason, detail)
+        self._deliver(SessionFailed(reason))
 
     def _step(self) -> None:
         if not self._live:
@@ -266,25 +270,50 @@ class Session:
             self._take_engine_events(self.engine.poll(timeout=0.01))
 
     def _take_engine_events(self, events: list) -> None:
-        from engine.process import Failed, Loading, Output, Ready, WarmingUp
-
         for event in events:
-            if isinstance(event, Output):
-                self._take_output(event)
-            elif isinstance(event, Loading):
-                self._deliver(StateChanged("loading", event.detail))
-            elif isinstance(event, WarmingUp):
-                self._deliver(StateChanged("warming up"))
-            elif isinstance(event, Ready):
-                self._info = dict(event.info)
-                self._deliver(SessionInfo(self.mode, event.info.get("model", "?"), event.info.get("device", "?"),
-                                          event.info.get("dtype", "?")))
-                self._start_conversation()
-            elif isinstance(event, Failed):
-                self.failure = (event.reason, event.detail)
-                if self._recorder is not None:
-                    self._recorder.event("failed", reason=event.reason)
-                self._deliver(SessionFailed(event.reason))
+            dispatch(self, event)
+
+    # -- the engine process's events, each to its handler (`dispatch`) ---------------------
+
+    def on_loading(self, event: Loading) -> None:
+        self._deliver(StateChanged("loading", event.detail))
+
+    def on_warming_up(self, event: WarmingUp) -> None:
+        self._deliver(StateChanged("warming up"))
+
+    def on_ready(self, event: Ready) -> None:
+        self._info = dict(event.info)
+        self._deliver(SessionInfo(self.mode, event.info.get("model", "?"), event.info.get("device", "?"),
+                                  event.info.get("dtype", "?")))
+        self._start_conversation()
+
+    def on_failed(self, event: Failed) -> None:
+        if self._recorder is not None:
+            self._recorder.event("failed", reason=event.reason)
+        self._fail(event.reason, event.detail)
+
+    def on_output(self, out: Output) -> None:
+        """The answer to the oldest frame still waiting for one."""
+        while self._pending and not self._pending[0][2]:
+            n, user, _, _ = self._pending.popleft()  # skipped: the model never heard it
+            self._recorder.frame(user, None)
+        if not self._pending:
+            return  # answers a frame of a conversation since restarted
+        n, user, _, captured_at = self._pending.popleft()
+        t = n * FRAME_S
+        if out.pcm is not None and self.mode.talks:
+            self.source.play(out.pcm, captured_at)
+        self._recorder.frame(user, out.pcm)
+        if out.text:
+            self._deliver(TextPiece(t, out.text, out.gate))
+            self._recorder.text(t, out.text)
+        audio = self.source.stats()
+        stats = Stats(t, audio, step_ms=out.timings_ms.get("total"),
+                      skipped=self.engine.skipped + audio.skipped_input_frames)
+        self._deliver(stats)
+        self._log_stats(stats)
+
+    # -- conversations ---------------------------------------------------------------------
 
     def _start_conversation(self) -> None:
         folder = new_session_folder(self.record_base, self.mode)
@@ -336,26 +365,6 @@ class Session:
             self._deliver(UserSpeech(n * FRAME_S, speaking))
             self._recorder.user_speech(n * FRAME_S, speaking)
 
-    def _take_output(self, out) -> None:
-        while self._pending and not self._pending[0][2]:
-            n, user, _, _ = self._pending.popleft()  # skipped: the model never heard it
-            self._recorder.frame(user, None)
-        if not self._pending:
-            return  # answers a frame of a conversation since restarted
-        n, user, _, captured_at = self._pending.popleft()
-        t = n * FRAME_S
-        if out.pcm is not None and self.mode.talks:
-            self.source.play(out.pcm, captured_at)
-        self._recorder.frame(user, out.pcm)
-        if out.text:
-            self._deliver(TextPiece(t, out.text, out.gate))
-            self._recorder.text(t, out.text)
-        audio = self.source.stats()
-        stats = Stats(t, audio, step_ms=out.timings_ms.get("total"),
-                      skipped=self.engine.skipped + audio.skipped_input_frames)
-        self._deliver(stats)
-        self._log_stats(stats)
-
     def _log_stats(self, stats: Stats) -> None:
         if stats.step_ms is not None:
             self._steps.append(stats.step_ms)
@@ -398,17 +407,22 @@ class PlainPrinter:
         self.out, self.err = out or sys.stdout, err or sys.stderr
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, TextPiece):
-            change = self.transcript.add_text(event.t, event.text)
-            if change is not None:
-                self.out.write(("\n" if change.new and change.index else "") + change.text)
-                self.out.flush()
-        elif isinstance(event, UserSpeech) and event.speaking:
-            self.transcript.mark_user(event.t)
-        elif isinstance(event, StateChanged):
-            detail = f": {event.detail}" if event.detail else ""
-            hint = " (Ctrl-C ends it)" if event.state == "live" else ""
-            print(f"moshi: {event.state}{detail}{hint}", file=self.err, flush=True)
+        dispatch(self, event)
+
+    def on_text_piece(self, event: TextPiece) -> None:
+        change = self.transcript.add_text(event.t, event.text)
+        if change is not None:
+            self.out.write(("\n" if change.new and change.index else "") + change.text)
+            self.out.flush()
+
+    def on_user_speech(self, event: UserSpeech) -> None:
+        if event.speaking:
+            self.transcript.mark_user(event.t)  # the next words begin a line
+
+    def on_state_changed(self, event: StateChanged) -> None:
+        detail = f": {event.detail}" if event.detail else ""
+        hint = " (Ctrl-C ends it)" if event.state == "live" else ""
+        print(f"moshi: {event.state}{detail}{hint}", file=self.err, flush=True)
 
     def close(self) -> None:
         if self.transcript.paragraphs:
@@ -426,8 +440,6 @@ def open_source(options: SessionOptions) -> Source:
 
 def run(options: SessionOptions) -> None:
     """Run one session to its end. A failed engine or device raises EngineError (one line)."""
-    from engine.process import EngineProcess, EngineProcessError
-
     record_base = options.record_dir or data_dir() / "sessions"
     record_base.mkdir(parents=True, exist_ok=True)
     source = open_source(options)  # a bad device or file fails here, before anything starts

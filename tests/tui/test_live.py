@@ -49,7 +49,7 @@ async def test_a_live_chat_through_the_engine_process_and_real_audio(pulse, tiny
         while time.monotonic() - live_at < LIVE_S:
             await pilot.pause(0.2)
         speaker.wait(10)
-        app.drain()
+        await pilot.pause()
         latency, audio = app.query_one(LatencyPanel), app.query_one(AudioPanel)
         shown = app.query_one(TranscriptView).model
         answered = len(latency.steps)

@@ -16,7 +16,6 @@ async def _live_see(pilot, conv, frames=40):
     conv.load()
     conv.go_live()
     conv.play(frames)
-    pilot.app.drain()
     await pilot.pause()
 
 
@@ -47,7 +46,7 @@ async def test_o_opens_another_picture_in_a_new_conversation(sun_picture, tmp_pa
         assert view.picture.getpixel((0, 0)) == (10, 10, 40)
         assert app.query_one(TranscriptView).model.paragraphs == []
         conv.play(8)  # the new conversation, from frame 0
-        app.drain()
+        await pilot.pause()
         assert app.query_one(TranscriptView).model.paragraphs[0].text == " ".join(SEE_WORDS[:2])
 
 
