@@ -8,7 +8,6 @@ printer) only receives `messages` events; it never waits on the model.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from audio import FRAME_S, FRAME_SIZE, SAMPLE_RATE
 from audio.core import AudioStats
 from audio.errors import AudioError
 from audio.meters import SILENCE_DB, level_db
+from engine.env import env_flag
 from engine.errors import EngineError
 from engine.options import Mode, ModelOptions
 from engine.process import EngineProcess, EngineProcessError, Failed, Loading, Output, Ready, WarmingUp
@@ -179,7 +179,8 @@ class Session:
         self.engine = engine
         self.source = source
         self.record_base = record_base
-        self.failure: tuple[str, str] | None = None  # (one line, traceback) when the session failed
+        # Why the session failed, a one-line EngineError or AudioError, and the traceback behind it
+        self.failure: tuple[EngineError | AudioError, str] | None = None
         self.done = threading.Event()  # the pump has ended and closed everything
         self.folders: list[Path] = []  # one per conversation (restarts make more)
         self._deliver: Callable[[Event], None] = lambda event: None
@@ -240,13 +241,13 @@ class Session:
             import traceback
 
             known = isinstance(exc, (EngineError, AudioError))
-            self._fail(str(exc) if known else f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            self._fail(exc if known else EngineProcessError(f"{type(exc).__name__}: {exc}"), traceback.format_exc())
         finally:
             self._close()
 
-    def _fail(self, reason: str, detail: str) -> None:
-        self.failure = (reason, detail)
-        self._deliver(SessionFailed(reason))
+    def _fail(self, error: EngineError | AudioError, detail: str) -> None:
+        self.failure = (error, detail)
+        self._deliver(SessionFailed(str(error)))
 
     def _step(self) -> None:
         if not self._live:
@@ -290,7 +291,7 @@ class Session:
     def on_failed(self, event: Failed) -> None:
         if self._recorder is not None:
             self._recorder.event("failed", reason=event.reason)
-        self._fail(event.reason, event.detail)
+        self._fail(EngineProcessError(event.reason), event.detail)
 
     def on_output(self, out: Output) -> None:
         """The answer to the oldest frame still waiting for one."""
@@ -439,7 +440,8 @@ def open_source(options: SessionOptions) -> Source:
 
 
 def run(options: SessionOptions) -> None:
-    """Run one session to its end. A failed engine or device raises EngineError (one line)."""
+    """Run one session to its end. A failed engine raises EngineError, a failed device AudioError
+    (both one line; MOSHI_DEBUG=1 prints the traceback behind it first)."""
     record_base = options.record_dir or data_dir() / "sessions"
     record_base.mkdir(parents=True, exist_ok=True)
     source = open_source(options)  # a bad device or file fails here, before anything starts
@@ -465,7 +467,7 @@ def run(options: SessionOptions) -> None:
     finally:
         session.stop()
     if session.failure is not None:
-        reason, detail = session.failure
-        if detail and os.environ.get("MOSHI_DEBUG"):
+        error, detail = session.failure
+        if detail and env_flag("MOSHI_DEBUG"):
             print(detail, file=sys.stderr)
-        raise EngineProcessError(reason)
+        raise error

@@ -1,6 +1,6 @@
 """Sessions through the real engine process with the tiny random checkpoints: a file transcribed
 to stdout (compared with the runner in this process), a chat in the TUI, and an engine killed
-in the middle of a conversation."""
+in the middle of a conversation; a lost sound device ends a session with its own error."""
 
 import json
 import os
@@ -12,7 +12,9 @@ import pytest
 import soundfile as sf
 
 from audio import FRAME_SIZE
+from audio.errors import DeviceError
 from engine.options import ModelOptions
+from engine.process import Ready
 from moshi_tui.app import MoshiApp
 from moshi_tui.session import FileSource, Session, SessionOptions, run
 from moshi_tui.widgets import LatencyPanel, TranscriptView
@@ -170,3 +172,47 @@ async def test_mute_and_restart_with_the_real_engine(tmp_path, tiny, one_thread_
     assert len(restarted) >= 10 * FRAME_SIZE
     np.testing.assert_allclose(restarted[:, 0], file_pcm[:len(restarted)], atol=1 / 32767)  # from the start
 
+
+class _ReadyEngine:
+    """Stands for the engine process: ready at once, takes every frame."""
+
+    in_flight, max_in_flight, skipped = 0, 4, 0
+
+    def __init__(self, runner, options, log_path=None):
+        self.events = [Ready({"model": "fake", "device": "cpu", "dtype": "float32"})]
+
+    def poll(self, timeout: float = 0.0):
+        events, self.events = self.events, []
+        return events
+
+    def send_frame(self, pcm) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class _LostMicrophone:
+    realtime, finished, captured_at, records = True, False, None, False
+
+    def read(self, timeout: float):
+        raise DeviceError("the microphone went away")
+
+    def clear(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_a_lost_device_ends_the_session_with_an_audio_error(tmp_path, monkeypatch, capsys, debug):
+    """Not an engine error: the CLI prints either as one line; MOSHI_DEBUG=1 adds the traceback."""
+    import moshi_tui.session as session
+
+    monkeypatch.setattr(session, "EngineProcess", _ReadyEngine)
+    monkeypatch.setattr(session, "open_source", lambda options: _LostMicrophone())
+    monkeypatch.setenv("MOSHI_DEBUG", debug)
+    with pytest.raises(DeviceError, match="^the microphone went away$"):
+        run(SessionOptions("chat", record_dir=tmp_path, tui=False))
+    assert ("Traceback" in capsys.readouterr().err) == (debug == "1")
