@@ -15,7 +15,6 @@ In its own folder (``<data dir>/sessions/<time>-<mode>/`` or ``--record DIR/<tim
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ from audio.wav import WavWriter
 from engine.options import Mode
 
 from .transcript import Change, Transcript
+from .transcript_writers import write_atomically
 
 JSON_EVERY_S = 1.0
 
@@ -41,28 +41,6 @@ def new_session_folder(base: Path, mode: Mode) -> Path:
         n += 1
     folder.mkdir(parents=True)
     return folder
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace the file at `path` with `text` in one step, so that a reader, or a crash, never meets
-    half a file. The text goes first to `<name>.tmp` in the same folder (a rename stays within one
-    file system), a file this call creates: O_EXCL and O_NOFOLLOW fail rather than open whatever is
-    at that name, so a symlink planted there cannot send the write elsewhere. Such a link, or the
-    temporary file of a run that was killed, is removed (the link itself, not what it points to)."""
-    tmp = path.with_name(path.name + ".tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    try:
-        fd = os.open(tmp, flags, 0o666)
-    except FileExistsError:
-        os.unlink(tmp)
-        fd = os.open(tmp, flags, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class SessionRecorder:

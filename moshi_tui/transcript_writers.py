@@ -11,6 +11,7 @@ most a tenth of the time, and at the end.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,31 @@ from typing import ClassVar, TextIO
 
 from engine.transcription import Segment, TranscriptListener, Word
 
-from .recording import write_atomically
-
 SCHEMA_VERSION = 1
 JSON_REWRITE_S = 1.0
 ALL = "all"  # every format at once
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace the file at `path` with `text` in one step, so that a reader, or a crash, never meets
+    half a file. The text goes first to `<name>.tmp` in the same folder (a rename stays within one
+    file system), a file this call creates: O_EXCL and O_NOFOLLOW fail rather than open whatever is
+    at that name, so a symlink planted there cannot send the write elsewhere. Such a link, or the
+    temporary file of a run that was killed, is removed (the link itself, not what it points to)."""
+    tmp = path.with_name(path.name + ".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(tmp, flags, 0o666)
+    except FileExistsError:
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _seconds(t: float) -> float:

@@ -9,7 +9,8 @@ import numpy as np
 import soundfile as sf
 
 from engine.options import Mode
-from moshi_tui.recording import SessionRecorder, new_session_folder, write_atomically
+from moshi_tui.recording import SessionRecorder, new_session_folder
+from moshi_tui.transcript_writers import write_atomically
 
 SR = 24000
 
