@@ -48,7 +48,8 @@ class Transcript:
         self._break = False
 
     def add_text(self, t: float, text: str) -> Change | None:
-        """Append a piece of text; None when it changed nothing (spaces that would begin a paragraph)."""
+        """Append a piece of text; None when that changed nothing (an empty piece, or only spaces
+        where a paragraph would begin)."""
         current = self.paragraphs[-1] if self.paragraphs else None
         if current is None or current.speaker == USER or self._break or t - self._last_t > self.pause_s:
             text = text.lstrip()
