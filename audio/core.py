@@ -21,7 +21,7 @@ from .aec import AecConfig, EchoCanceller
 from .errors import AudioError
 from .jitter import JitterBuffer
 from .lag import MAX_INPUT_AGE_MS, JitterConfig
-from .meters import LevelMeter, VoiceActivity
+from .meters import SILENCE_DB, LevelMeter, VoiceActivity
 from .wav import WavWriter
 
 
@@ -46,22 +46,25 @@ class MicFrame:
     available_at: float  # when it was complete and ready to read
 
 
-@dataclass
+@dataclass(frozen=True)
 class AudioStats:
-    input_db: float  # after echo cancellation: what the model hears
-    output_db: float
-    voice: bool  # the user seems to be talking
-    aec: bool
-    erle_db: float | None  # echo attenuation, once measurable
-    echo_delay_ms: float | None  # speaker-to-microphone delay beyond the stream's own latency
-    roundtrip_ms: float | None  # output plus input latency, from the stream timestamps
-    lag_ms: float | None  # microphone capture to speaker, for what is playing now
-    buffered_ms: float  # queued for playback
-    dropped_frames: float  # playback audio dropped to bound the lag, in 80 ms frames
-    underruns: int
-    skipped_input_frames: int  # stale microphone frames the model never heard
-    recording: str | None
-    recording_error: str | None
+    """What the audio layer measured, as the app shows and logs it. A source without devices (a
+    file) fills in only the levels: the defaults are "nothing measured"."""
+
+    input_db: float = SILENCE_DB  # after echo cancellation: what the model hears
+    output_db: float = SILENCE_DB
+    voice: bool | None = None  # the user seems to be talking; None: no voice detector (a file)
+    aec: bool = False
+    erle_db: float | None = None  # echo attenuation, once measurable
+    echo_delay_ms: float | None = None  # speaker-to-microphone delay beyond the stream's own latency
+    roundtrip_ms: float | None = None  # output plus input latency, from the stream timestamps
+    lag_ms: float | None = None  # microphone capture to speaker, for what is playing now
+    buffered_ms: float = 0.0  # queued for playback
+    dropped_frames: float = 0.0  # playback audio dropped to bound the lag, in 80 ms frames
+    underruns: int = 0
+    skipped_input_frames: int = 0  # stale microphone frames the model never heard
+    recording: str | None = None
+    recording_error: str | None = None
 
 
 class FarEndAligner:

@@ -67,8 +67,3 @@ class SeeOptions(ModelOptions):
     image: str | None = None  # the picture's path
     xa_start: int | None = None  # steps before Moshi looks at the picture; None: the checkpoint's (16)
     rms_norm: str | None = None  # None: the checkpoint's
-
-
-def gate_level(gate: float) -> int:
-    """0..10, as the official MoshiVis server scales the gate to colour words (moshivis.md §6)."""
-    return round(min(max((gate - 0.005) / 0.016, 0.0), 1.0) * 10)

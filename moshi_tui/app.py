@@ -1,9 +1,11 @@
 """The conversation screen.
 
 The app never waits on the model or the audio: a `Conversation` (the live session, or a scripted
-one in tests) hands it events from any thread through `deliver`, which only appends to a queue.
-A timer drains the queue ~10 times a second and redraws the panels from the latest figures, so a
-burst of messages costs one repaint and the UI cannot fall behind the audio.
+one in tests) hands it events from any thread through `deliver`, which posts each as a Textual
+message (post_message is thread-safe). Each kind has its handler, `on_text_piece` and so on. The
+figures of frames the app has not caught up with are dropped for the newest (`FrameStats`), and
+the panels only mark themselves for a repaint, so a burst of frames costs one repaint and the UI
+cannot fall behind the audio.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from typing import Protocol
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
-from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from engine.options import Mode
+
+from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
 from .picture import PictureError, PictureView, load_picture
 from .widgets import AudioPanel, LatencyPanel, StatusBar, Thresholds, TranscriptView
 
@@ -43,6 +48,32 @@ class Conversation(Protocol):
     def restart(self) -> None: ...
     def set_image(self, data: bytes, name: str) -> None: ...  # `moshi see`: a new picture, a new conversation
     def stop(self) -> None: ...  # idempotent: ends the engine, flushes the session files
+
+
+class SessionEvent(Message):
+    """A `messages` event from the conversation's thread; `on_session_event` hands it on to the
+    handler of its kind."""
+
+    def __init__(self, event: Event) -> None:
+        super().__init__()
+        self.event = event
+
+
+class FrameStats(Message):
+    """`Stats` after one or more frames. When two are queued in a row, Textual drops the older (see
+    `can_replace`): the panels show only the newest figures, and the newer message takes over the
+    older one's step times, since every step is a bar of the sparkline."""
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__()
+        self.stats = stats
+        self.steps = [] if stats.step_ms is None else [stats.step_ms]
+
+    def can_replace(self, message: Message) -> bool:
+        if not isinstance(message, FrameStats):
+            return False
+        message.steps[:0] = self.steps
+        return True
 
 
 class HelpScreen(ModalScreen[None]):
@@ -103,26 +134,23 @@ class MoshiApp(App[None]):
         self,
         conversation: Conversation,
         *,
-        mode: str = "chat",
+        mode: Mode | str = Mode.CHAT,
         save_dir: Path | None = None,
         thresholds: Thresholds = Thresholds(),
-        refresh_hz: float = 10.0,
         error_linger_s: float | None = 2.0,
         image: Path | None = None,
     ) -> None:
-        """`mode`: "chat", "see" (then `image` is the picture shown beside the words) or "transcribe"."""
+        """`mode`, or its name: in SEE, `image` is the picture shown beside the words."""
         super().__init__()
         self.conversation = conversation
-        self.mode = mode
+        self.mode = Mode(mode)
         self.save_dir = save_dir
         self.thresholds = thresholds
-        self.refresh_hz = refresh_hz
         self.error_linger_s = error_linger_s  # None: stay on the error screen (snapshots)
         self.image = image
         self.state = "loading"
         self.muted = False
         self.failure: str | None = None  # why the session failed; the app then exits with code 1
-        self._inbox: deque[Event] = deque()
         self._reset_figures()
         self._stopping: asyncio.Future | None = None
 
@@ -134,76 +162,70 @@ class MoshiApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield StatusBar(id="status")
-        talks = self.mode != "transcribe"
+        talks = self.mode.talks
         with Horizontal(id="body"):
             with Vertical(id="main"):
                 yield TranscriptView("moshi" if talks else None, id="transcript")
                 yield Static(id="error", markup=False)
             with Vertical(id="side"):
-                if self.mode == "see":
+                if self.mode is Mode.SEE:
                     yield PictureView(id="picture")
                 yield LatencyPanel(self.thresholds, id="latency")
                 yield AudioPanel(output=talks, id="audio")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(TranscriptView).border_title = "Moshi" if self.mode != "transcribe" else "Transcript"
-        if self.mode == "see" and self.image is not None:
+        self.query_one(TranscriptView).border_title = "Moshi" if self.mode.talks else "Transcript"
+        if self.mode is Mode.SEE and self.image is not None:
             self._show_picture(self.image)
         self.query_one(LatencyPanel).border_title = "Latency"
         self.query_one(AudioPanel).border_title = "Audio"
         self._set_state("loading")
-        self.set_interval(1 / self.refresh_hz, self.drain)
         self.conversation.start(self.deliver)
 
     # -- events ------------------------------------------------------------------------------
 
     def deliver(self, event: Event) -> None:
         """Thread-safe: called by the conversation for every event."""
-        self._inbox.append(event)
+        self.post_message(FrameStats(event) if isinstance(event, Stats) else SessionEvent(event))
 
-    def drain(self) -> None:
-        """Apply every queued event, then redraw the figures once."""
-        if not self.is_running:
-            return  # shutting down: the timer may tick once more while the panels are removed
-        got_stats = False
-        transcript = self.query_one(TranscriptView)
-        while self._inbox:
-            event = self._inbox.popleft()
-            if isinstance(event, TextPiece):
-                transcript.add_text(event.t, event.text, event.gate)
-            elif isinstance(event, Stats):
-                self._take_stats(event)
-                got_stats = True
-            elif isinstance(event, UserSpeech):
-                if event.speaking:
-                    transcript.mark_user(event.t)
-            elif isinstance(event, StateChanged):
-                if self.failure is None:
-                    self._set_state(event.state, event.detail)
-            elif isinstance(event, SessionInfo):
-                self.query_one(StatusBar).show(info=event)
-            elif isinstance(event, SessionFailed):
-                self._fail(event.reason)
-        if got_stats:
-            self.query_one(LatencyPanel).show(self._stats, list(self._steps))
-            self.query_one(AudioPanel).show(self._stats, self.muted)
-            if self.state in ("live", "lagging"):
-                self._set_state("lagging" if self._lagging() else "live")
+    def on_session_event(self, message: SessionEvent) -> None:
+        dispatch(self, message.event)
 
-    def _take_stats(self, stats: Stats) -> None:
-        if stats.step_ms is not None:
-            self._steps.append(stats.step_ms)
+    def on_text_piece(self, event: TextPiece) -> None:
+        self.query_one(TranscriptView).add_text(event.t, event.text, event.gate)
+
+    def on_user_speech(self, event: UserSpeech) -> None:
+        if event.speaking:
+            self.query_one(TranscriptView).mark_user(event.t)
+
+    def on_state_changed(self, event: StateChanged) -> None:
+        if self.failure is None:
+            self._set_state(event.state, event.detail)
+
+    def on_session_info(self, event: SessionInfo) -> None:
+        self.query_one(StatusBar).show(info=event)
+
+    def on_session_failed(self, event: SessionFailed) -> None:
+        self._fail(event.reason)
+
+    def on_frame_stats(self, message: FrameStats) -> None:
+        stats = message.stats
+        self._steps.extend(message.steps)
         if stats.skipped > self._skipped:
             self._last_skip_t = stats.t
         self._skipped = stats.skipped
         self._stats = stats
+        self.query_one(LatencyPanel).show(stats, list(self._steps))
+        self.query_one(AudioPanel).show(stats, self.muted)
+        if self.state in ("live", "lagging"):
+            self._set_state("lagging" if self._lagging() else "live")
 
     def _lagging(self) -> bool:
         s, th = self._stats, self.thresholds
         return (
             (s.step_ms is not None and s.step_ms >= th.budget_ms)
-            or (s.lag_ms is not None and s.lag_ms >= th.lag_bad_ms)
+            or (s.audio.lag_ms is not None and s.audio.lag_ms >= th.lag_bad_ms)
             or s.t - self._last_skip_t < SKIP_MEMORY_S
         )
 
@@ -247,7 +269,6 @@ class MoshiApp(App[None]):
         """A new conversation (`start` tells the conversation); False when there is none to start."""
         if not self._can_start_over():
             return False
-        self.drain()  # what the old conversation said before the restart is dropped with it
         start()
         self.query_one(TranscriptView).clear()
         self._reset_figures()
@@ -259,7 +280,7 @@ class MoshiApp(App[None]):
         return self.failure is None and self._stopping is None and self.state != "ended"
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        return action != "open_image" or self.mode == "see"  # False also hides it from the footer
+        return action != "open_image" or self.mode is Mode.SEE  # False also hides it from the footer
 
     def action_open_image(self) -> None:
         self.push_screen(OpenImageScreen(), self._open_image)
@@ -283,7 +304,6 @@ class MoshiApp(App[None]):
         return data
 
     def action_save(self) -> None:
-        self.drain()
         folder = self.save_dir or Path.cwd()
         path = folder / f"moshi-transcript-{datetime.now():%Y%m%d-%H%M%S}.txt"
         try:
@@ -294,7 +314,7 @@ class MoshiApp(App[None]):
             self.notify(f"Transcript saved to {path}", timeout=4)
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(see=self.mode == "see"))
+        self.push_screen(HelpScreen(see=self.mode is Mode.SEE))
 
     # -- ending ------------------------------------------------------------------------------
 

@@ -3,19 +3,25 @@
 Plain dataclasses, no Textual: the live session, the scripted engine of the tests and the
 ``--no-tui`` printer all produce or consume them. Times ``t`` are conversation time in seconds
 (frame index × 80 ms), so a scripted run renders the same on every machine.
+
+Whoever receives them has a handler per kind, named as Textual names its message handlers
+(``on_text_piece`` for a `TextPiece`): the app through Textual itself, the others through
+`dispatch`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Union
 
-FRAME_S = 0.080  # one Mimi frame: 1920 samples at 24 kHz
+from audio.core import AudioStats
+from engine.options import Mode
 
 
 @dataclass(frozen=True)
 class SessionInfo:
-    mode: str  # "chat", "see" or "transcribe"
+    mode: Mode
     model: str
     device: str
     dtype: str
@@ -46,19 +52,13 @@ class UserSpeech:
 
 @dataclass(frozen=True)
 class Stats:
-    """Measurements after one frame. The session sends one per frame; the app keeps the latest
-    figures and every step time (for the sparkline) and redraws on its own timer."""
+    """Measurements after one frame: the model's step and the audio layer's own record. The session
+    sends one per frame; the app keeps the latest figures and every step time (for the sparkline)."""
 
     t: float
+    audio: AudioStats = field(default_factory=AudioStats)
     step_ms: float | None = None  # model step time of this frame (the 80 ms budget)
-    lag_ms: float | None = None  # end to end, mic to speaker
-    buffered_ms: float = 0.0  # playback buffer
-    skipped: int = 0  # frames dropped so far because the model fell behind
-    underruns: int = 0  # playback ran dry so far
-    mic_db: float = -120.0
-    out_db: float = -120.0
-    aec: bool = False
-    erle_db: float | None = None  # echo attenuation of the canceller
+    skipped: int = 0  # frames dropped so far: the model fell behind, or the audio layer found them stale
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,13 @@ class SessionFailed:
 
 
 Event = Union[SessionInfo, StateChanged, TextPiece, UserSpeech, Stats, SessionFailed]
+
+
+def dispatch(target: object, event: object) -> None:
+    """Call `target`'s handler for the kind of `event`: ``on_`` and its class name in snake case
+    (``TextPiece`` → ``on_text_piece``). As with Textual's messages, a target without a handler
+    for a kind does not care about it."""
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
+    handler = getattr(target, f"on_{name}", None)
+    if handler is not None:
+        handler(event)

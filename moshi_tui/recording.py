@@ -2,9 +2,9 @@
 
 In its own folder (``<data dir>/sessions/<time>-<mode>/`` or ``--record DIR/<time>-<mode>/``):
 
-- ``audio.wav``: chat: stereo, the user left and Moshi right; transcribe: the user. From a file,
-  written here frame-aligned as the model heard and answered; from the microphone, the audio
-  layer records it in real time (what was heard after echo cancellation, and what played).
+- ``audio.wav``: chat and see: stereo, the user left and Moshi right; transcribe: the user. From
+  a file, written here frame-aligned as the model heard and answered; from the microphone, the
+  audio layer records it in real time (what was heard after echo cancellation, and what played).
   Valid at every moment (the audio layer's writer).
 - ``transcript.txt``: the paragraphs, appended piece by piece and flushed.
 - ``transcript.json``: every text piece with its conversation time, and the paragraphs; replaced
@@ -15,7 +15,6 @@ In its own folder (``<data dir>/sessions/<time>-<mode>/`` or ``--record DIR/<tim
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -23,71 +22,63 @@ from typing import Any
 
 import numpy as np
 
+from audio import SAMPLE_RATE
 from audio.wav import WavWriter
+from engine.options import Mode
 
-from .transcript import USER, Transcript
+from .transcript import Change, Transcript
+from .transcript_writers import write_atomically
 
 JSON_EVERY_S = 1.0
 
 
-def new_session_folder(base: Path, mode: str) -> Path:
+def new_session_folder(base: Path, mode: Mode) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = base / f"{stamp}-{mode}"
+    folder = base / f"{stamp}-{mode.value}"
     n = 2
     while folder.exists():  # a restart within the same second
-        folder = base / f"{stamp}-{mode}-{n}"
+        folder = base / f"{stamp}-{mode.value}-{n}"
         n += 1
     folder.mkdir(parents=True)
     return folder
 
 
 class SessionRecorder:
-    def __init__(self, folder: Path, mode: str, info: dict[str, Any], sample_rate: int, wav: bool = True) -> None:
+    def __init__(self, folder: Path, mode: Mode, info: dict[str, Any], wav: bool = True) -> None:
         """`wav=False`: the audio layer records the WAV itself (live audio, in real time)."""
         self.folder = folder
         self.mode = mode
         self.started = datetime.now().astimezone().isoformat(timespec="seconds")
         self.info = info
-        self.transcript = Transcript("moshi" if mode == "chat" else None)
+        self.transcript = Transcript("moshi" if mode.talks else None)
         self.pieces: list[dict[str, Any]] = []
-        self.wav = WavWriter(folder / "audio.wav", sample_rate, channels=2 if mode == "chat" else 1) if wav else None
+        self.wav = WavWriter(folder / "audio.wav", SAMPLE_RATE, channels=2 if mode.talks else 1) if wav else None
         self._txt = open(folder / "transcript.txt", "w", encoding="utf-8")
         self._events = open(folder / "events.jsonl", "w", encoding="utf-8")
         self._json_dirty = True
         self._json_at = 0.0
-        self.event("start", mode=mode, **info)
+        self.event("start", mode=mode.value, **info)
         self._write_json()
 
     def frame(self, user: np.ndarray, moshi: np.ndarray | None = None) -> None:
-        """One 80 ms frame: what the model heard and (chat) what it said."""
+        """One 80 ms frame: what the model heard and (when Moshi talks) what it said."""
         if self.wav is None:
             return
-        if self.mode == "chat":
+        if self.mode.talks:
             self.wav.write(user, np.zeros_like(user) if moshi is None else moshi)
         else:
             self.wav.write(user)
 
     def text(self, t: float, piece: str) -> None:
         self.pieces.append({"t": round(t, 3), "text": piece})
-        paragraphs = self.transcript.paragraphs
-        count, last_text = len(paragraphs), paragraphs[-1].text if paragraphs else None
-        if self.transcript.add_text(t, piece):
-            self._append_line(paragraphs[-1].line(), count)
-        elif count and paragraphs[-1].text != last_text:
-            self._txt.write(piece)
-        self._txt.flush()
+        self._write_change(self.transcript.add_text(t, piece))
         self._json_dirty = True
         self._maybe_write_json()
 
     def user_speech(self, t: float, speaking: bool) -> None:
         self.event("speech", t=t, speaking=speaking)
-        if not speaking:
-            return
-        count = len(self.transcript.paragraphs)
-        self.transcript.mark_user(t)
-        if len(self.transcript.paragraphs) > count and self.transcript.paragraphs[-1].speaker == USER:
-            self._append_line(self.transcript.paragraphs[-1].line(), count)
-            self._txt.flush()
+        if speaking:
+            self._write_change(self.transcript.mark_user(t))
 
     def event(self, kind: str, **fields: Any) -> None:
         record = {"time": datetime.now().astimezone().isoformat(timespec="milliseconds"), "event": kind, **fields}
@@ -107,8 +98,15 @@ class SessionRecorder:
         self._events.close()
         self._write_json()
 
-    def _append_line(self, line: str, count_before: int) -> None:
-        self._txt.write(("\n" if count_before else "") + line)
+    def _write_change(self, change: Change | None) -> None:
+        """transcript.txt: a line per paragraph, each piece appended as it comes."""
+        if change is None:
+            return
+        if change.new:
+            self._txt.write(("\n" if change.index else "") + change.paragraph.line())
+        else:
+            self._txt.write(change.text)
+        self._txt.flush()
 
     def _maybe_write_json(self) -> None:
         if self._json_dirty and time.monotonic() - self._json_at >= JSON_EVERY_S:
@@ -116,16 +114,14 @@ class SessionRecorder:
 
     def _write_json(self) -> None:
         doc = {
-            "mode": self.mode,
+            "mode": self.mode.value,
             "started": self.started,
             **self.info,
             "pieces": self.pieces,
             "paragraphs": [{"t": round(p.t, 3), "speaker": p.speaker, "text": p.text}
                            for p in self.transcript.paragraphs],
         }
-        tmp = self.folder / "transcript.json.tmp"
-        tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, self.folder / "transcript.json")
+        write_atomically(self.folder / "transcript.json", json.dumps(doc, ensure_ascii=False, indent=1))
         self._json_dirty = False
         self._json_at = time.monotonic()
 

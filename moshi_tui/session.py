@@ -8,7 +8,6 @@ printer) only receives `messages` events; it never waits on the model.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import threading
 import time
@@ -20,18 +19,20 @@ from typing import Protocol
 
 import numpy as np
 
+from audio import FRAME_S, FRAME_SIZE, SAMPLE_RATE
+from audio.core import AudioStats
 from audio.errors import AudioError
+from audio.meters import SILENCE_DB, level_db
+from engine.env import env_flag
 from engine.errors import EngineError
-from engine.options import ModelOptions
+from engine.options import Mode, ModelOptions
+from engine.interface import Engine, Failed, Loading, Output, Ready, WarmingUp
 
-from .messages import FRAME_S, Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
 from .recording import SessionRecorder, new_session_folder
 from .settings import data_dir
 from .transcript import Transcript
 
-FRAME = 1920
-SAMPLE_RATE = 24000
-DEFAULT_MODELS = {"chat": "moshika", "see": "moshika-vis", "transcribe": "stt-1b-en_fr"}
 # Silence after the end of a file so the words still in flight come out (the STT text lags its
 # audio by up to 2.5 s for stt-2.6b-en; Moshi needs a moment to finish its sentence).
 FILE_TAIL_S = 3.0
@@ -41,7 +42,7 @@ FILE_TAIL_S = 3.0
 class SessionOptions:
     """What `moshi chat` / `moshi see` / `moshi transcribe` pass to `run`."""
 
-    mode: str  # "chat", "see" (a chat about a picture: `model` is a SeeOptions) or "transcribe"
+    mode: Mode  # SEE is a chat about a picture: `model` is a SeeOptions
     model: ModelOptions = field(default_factory=ModelOptions)
     runner: str | None = None  # engine runner, "module:Class"; default: the mode's
     input_file: Path | None = None  # instead of the microphone
@@ -52,20 +53,8 @@ class SessionOptions:
     tui: bool = True  # False: words to stdout, states to stderr
     save_dir: Path | None = None  # where `s` writes the transcript; default the current folder
 
-
-@dataclass
-class AudioFigures:
-    """What a source measured, for the latency and audio panels."""
-
-    mic_db: float = -120.0
-    out_db: float = -120.0
-    speaking: bool | None = None  # None: the source has no voice activity detector
-    aec: bool = False
-    erle_db: float | None = None
-    lag_ms: float | None = None
-    buffered_ms: float = 0.0
-    underruns: int = 0
-    skipped: int = 0  # input frames the source dropped
+    def __post_init__(self) -> None:
+        self.mode = Mode(self.mode)  # the commands may give its name, "chat"
 
 
 class Source(Protocol):
@@ -77,19 +66,9 @@ class Source(Protocol):
     def read(self, timeout: float) -> np.ndarray | None: ...
     def play(self, pcm: np.ndarray, captured_at: float | None) -> None: ...
     def clear(self) -> None: ...  # a new conversation: drop what is queued for playback
-    def figures(self) -> AudioFigures: ...
+    def stats(self) -> AudioStats: ...
     def start_recording(self, path: Path) -> None: ...
     def close(self) -> None: ...
-
-
-def talks(mode: str) -> bool:
-    """Moshi speaks back in a chat and in `see`; a transcription only listens."""
-    return mode != "transcribe"
-
-
-def level_db(pcm: np.ndarray) -> float:
-    rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64))))
-    return 20 * math.log10(rms) if rms > 1e-6 else -120.0
 
 
 class MicSource:
@@ -103,8 +82,8 @@ class MicSource:
         from audio.core import DuplexConfig
         from audio.duplex import DuplexAudio
 
-        # Echo cancellation only matters when something plays: in a chat.
-        config = DuplexConfig(aec=options.aec and talks(options.mode))
+        # Echo cancellation only matters when something plays: when Moshi talks.
+        config = DuplexConfig(aec=options.aec and options.mode.talks)
         self.audio = DuplexAudio(_device(options.input_device), _device(options.output_device), config)
         self.audio.start()  # warm while the model loads; `clear` drops what was heard meanwhile
         self.captured_at: float | None = None
@@ -122,11 +101,8 @@ class MicSource:
     def clear(self) -> None:
         self.audio.clear()
 
-    def figures(self) -> AudioFigures:
-        s = self.audio.stats()
-        return AudioFigures(mic_db=s.input_db, out_db=s.output_db, speaking=s.voice, aec=s.aec, erle_db=s.erle_db,
-                            lag_ms=s.lag_ms, buffered_ms=s.buffered_ms, underruns=s.underruns,
-                            skipped=s.skipped_input_frames)
+    def stats(self) -> AudioStats:
+        return self.audio.stats()
 
     def start_recording(self, path: Path) -> None:
         self.audio.start_recording(path)
@@ -150,13 +126,13 @@ class FileSource:
         from audio.files import read_audio
 
         pcm = read_audio(path)
-        frames = math.ceil((len(pcm) + FILE_TAIL_S * SAMPLE_RATE) / FRAME)
-        self.pcm = np.zeros(frames * FRAME, np.float32)
+        frames = math.ceil((len(pcm) + FILE_TAIL_S * SAMPLE_RATE) / FRAME_SIZE)
+        self.pcm = np.zeros(frames * FRAME_SIZE, np.float32)
         self.pcm[:len(pcm)] = pcm
         self.realtime = realtime
         self.position = 0
         self._next_at = time.monotonic()
-        self._last_db = self._out_db = -120.0
+        self._in_db = self._out_db = SILENCE_DB
 
     @property
     def finished(self) -> bool:
@@ -172,9 +148,9 @@ class FileSource:
                 return None
             time.sleep(max(0.0, wait))
             self._next_at = max(self._next_at + FRAME_S, time.monotonic() - FRAME_S)
-        frame = self.pcm[self.position:self.position + FRAME]
-        self.position += FRAME
-        self._last_db = level_db(frame)
+        frame = self.pcm[self.position:self.position + FRAME_SIZE]
+        self.position += FRAME_SIZE
+        self._in_db = level_db(frame)
         return frame
 
     def play(self, pcm: np.ndarray, captured_at: float | None = None) -> None:
@@ -184,8 +160,8 @@ class FileSource:
         self.position = 0  # a restarted conversation hears the file again
         self._next_at = time.monotonic()
 
-    def figures(self) -> AudioFigures:
-        return AudioFigures(mic_db=self._last_db, out_db=self._out_db)
+    def stats(self) -> AudioStats:
+        return AudioStats(input_db=self._in_db, output_db=self._out_db)
 
     def start_recording(self, path: Path) -> None:
         raise NotImplementedError("the session recorder writes a file source's audio")
@@ -197,13 +173,14 @@ class FileSource:
 class Session:
     """The app's `Conversation`: runs the pump thread, and everything it owns dies with it."""
 
-    def __init__(self, options: SessionOptions, engine, source: Source, record_base: Path) -> None:
+    def __init__(self, options: SessionOptions, engine: Engine, source: Source, record_base: Path) -> None:
         self.options = options
         self.mode = options.mode
         self.engine = engine
         self.source = source
         self.record_base = record_base
-        self.failure: tuple[str, str] | None = None  # (one line, traceback) when the session failed
+        # Why the session failed, a one-line EngineError or AudioError, and the traceback behind it
+        self.failure: tuple[EngineError | AudioError, str] | None = None
         self.done = threading.Event()  # the pump has ended and closed everything
         self.folders: list[Path] = []  # one per conversation (restarts make more)
         self._deliver: Callable[[Event], None] = lambda event: None
@@ -255,8 +232,7 @@ class Session:
 
     def _run(self) -> None:
         model = self.options.model
-        self._deliver(SessionInfo(self.mode, model.hf_repo or DEFAULT_MODELS.get(self.mode, "?"), model.device,
-                                  model.dtype))
+        self._deliver(SessionInfo(self.mode, model.hf_repo or self.mode.default_model, model.device, model.dtype))
         self._deliver(StateChanged("loading"))
         try:
             while not self._stop.is_set() and self.failure is None:
@@ -265,10 +241,13 @@ class Session:
             import traceback
 
             known = isinstance(exc, (EngineError, AudioError))
-            self.failure = (str(exc) if known else f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            self._deliver(SessionFailed(self.failure[0]))
+            self._fail(exc if known else EngineError(f"{type(exc).__name__}: {exc}"), traceback.format_exc())
         finally:
             self._close()
+
+    def _fail(self, error: EngineError | AudioError, detail: str) -> None:
+        self.failure = (error, detail)
+        self._deliver(SessionFailed(str(error)))
 
     def _step(self) -> None:
         if not self._live:
@@ -292,32 +271,55 @@ class Session:
             self._take_engine_events(self.engine.poll(timeout=0.01))
 
     def _take_engine_events(self, events: list) -> None:
-        from engine.process import Failed, Loading, Output, Ready, WarmingUp
-
         for event in events:
-            if isinstance(event, Output):
-                self._take_output(event)
-            elif isinstance(event, Loading):
-                self._deliver(StateChanged("loading", event.detail))
-            elif isinstance(event, WarmingUp):
-                self._deliver(StateChanged("warming up"))
-            elif isinstance(event, Ready):
-                self._info = dict(event.info)
-                self._deliver(SessionInfo(self.mode, event.info.get("model", "?"), event.info.get("device", "?"),
-                                          event.info.get("dtype", "?")))
-                self._start_conversation()
-            elif isinstance(event, Failed):
-                self.failure = (event.reason, event.detail)
-                if self._recorder is not None:
-                    self._recorder.event("failed", reason=event.reason)
-                self._deliver(SessionFailed(event.reason))
+            dispatch(self, event)
+
+    # -- the engine's events, each to its handler (`dispatch`) ------------------------------
+
+    def on_loading(self, event: Loading) -> None:
+        self._deliver(StateChanged("loading", event.detail))
+
+    def on_warming_up(self, event: WarmingUp) -> None:
+        self._deliver(StateChanged("warming up"))
+
+    def on_ready(self, event: Ready) -> None:
+        self._info = dict(event.info)
+        self._deliver(SessionInfo(self.mode, event.info.get("model", "?"), event.info.get("device", "?"),
+                                  event.info.get("dtype", "?")))
+        self._start_conversation()
+
+    def on_failed(self, event: Failed) -> None:
+        if self._recorder is not None:
+            self._recorder.event("failed", reason=event.reason)
+        self._fail(EngineError(event.reason), event.detail)
+
+    def on_output(self, out: Output) -> None:
+        """The answer to the oldest frame still waiting for one."""
+        while self._pending and not self._pending[0][2]:
+            n, user, _, _ = self._pending.popleft()  # skipped: the model never heard it
+            self._recorder.frame(user, None)
+        if not self._pending:
+            return  # answers a frame of a conversation since restarted
+        n, user, _, captured_at = self._pending.popleft()
+        t = n * FRAME_S
+        if out.pcm is not None and self.mode.talks:
+            self.source.play(out.pcm, captured_at)
+        self._recorder.frame(user, out.pcm)
+        if out.text:
+            self._deliver(TextPiece(t, out.text, out.gate))
+            self._recorder.text(t, out.text)
+        audio = self.source.stats()
+        stats = Stats(t, audio, step_ms=out.timings_ms.get("total"),
+                      skipped=self.engine.skipped + audio.skipped_input_frames)
+        self._deliver(stats)
+        self._log_stats(stats)
+
+    # -- conversations ---------------------------------------------------------------------
 
     def _start_conversation(self) -> None:
         folder = new_session_folder(self.record_base, self.mode)
         self.folders.append(folder)
-        # A conversation about a picture is recorded as a chat; its `info` names the picture.
-        kind = "chat" if talks(self.mode) else self.mode
-        self._recorder = SessionRecorder(folder, kind, self._info, SAMPLE_RATE, wav=not self.source.records)
+        self._recorder = SessionRecorder(folder, self.mode, self._info, wav=not self.source.records)
         self.source.clear()
         if self.source.records:
             self.source.start_recording(folder / "audio.wav")
@@ -358,36 +360,11 @@ class Session:
         self._frame += 1
         sent = self.engine.send_frame(pcm)
         self._pending.append((n, pcm, sent, self.source.captured_at))
-        figures = self.source.figures()
-        if figures.speaking is not None and figures.speaking != self._speaking and not muted:
-            self._speaking = figures.speaking
-            self._deliver(UserSpeech(n * FRAME_S, figures.speaking))
-            self._recorder.user_speech(n * FRAME_S, figures.speaking)
-
-    def _take_output(self, out) -> None:
-        while self._pending and not self._pending[0][2]:
-            n, user, _, _ = self._pending.popleft()  # skipped: the model never heard it
-            self._recorder.frame(user, None)
-        if not self._pending:
-            return  # answers a frame of a conversation since restarted
-        n, user, _, captured_at = self._pending.popleft()
-        t = n * FRAME_S
-        if out.pcm is not None and talks(self.mode):
-            self.source.play(out.pcm, captured_at)
-        self._recorder.frame(user, out.pcm)
-        if out.text:
-            self._deliver(TextPiece(t, out.text, out.gate))
-            self._recorder.text(t, out.text)
-        step = out.timings_ms.get("total")
-        figures = self.source.figures()
-        stats = Stats(
-            t=t, step_ms=step, lag_ms=figures.lag_ms, buffered_ms=figures.buffered_ms,
-            skipped=self.engine.skipped + figures.skipped, underruns=figures.underruns,
-            mic_db=-120.0 if self._muted else figures.mic_db, out_db=figures.out_db, aec=figures.aec,
-            erle_db=figures.erle_db,
-        )
-        self._deliver(stats)
-        self._log_stats(stats)
+        speaking = self.source.stats().voice
+        if speaking is not None and speaking != self._speaking and not muted:
+            self._speaking = speaking
+            self._deliver(UserSpeech(n * FRAME_S, speaking))
+            self._recorder.user_speech(n * FRAME_S, speaking)
 
     def _log_stats(self, stats: Stats) -> None:
         if stats.step_ms is not None:
@@ -398,8 +375,8 @@ class Session:
         steps, self._steps = self._steps, []
         self._recorder.event(
             "stats", t=round(stats.t, 3), step_ms_median=round(float(np.median(steps)), 2) if steps else None,
-            step_ms_max=round(max(steps), 2) if steps else None, lag_ms=stats.lag_ms,
-            buffered_ms=stats.buffered_ms, skipped=stats.skipped, underruns=stats.underruns,
+            step_ms_max=round(max(steps), 2) if steps else None, lag_ms=stats.audio.lag_ms,
+            buffered_ms=stats.audio.buffered_ms, skipped=stats.skipped, underruns=stats.audio.underruns,
             muted=self._muted,
         )
 
@@ -426,25 +403,27 @@ class Session:
 class PlainPrinter:
     """`--no-tui`: the words on stdout (a new line per paragraph), the rest on stderr."""
 
-    def __init__(self, mode: str, out=None, err=None) -> None:
-        self.transcript = Transcript("moshi" if talks(mode) else None)
+    def __init__(self, mode: Mode, out=None, err=None) -> None:
+        self.transcript = Transcript("moshi" if mode.talks else None)
         self.out, self.err = out or sys.stdout, err or sys.stderr
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, TextPiece):
-            had = len(self.transcript.paragraphs)
-            last = self.transcript.paragraphs[-1].text if had else None
-            if self.transcript.add_text(event.t, event.text):
-                self.out.write(("\n" if had else "") + self.transcript.paragraphs[-1].text)
-            elif had and self.transcript.paragraphs[-1].text != last:
-                self.out.write(event.text)
+        dispatch(self, event)
+
+    def on_text_piece(self, event: TextPiece) -> None:
+        change = self.transcript.add_text(event.t, event.text)
+        if change is not None:
+            self.out.write(("\n" if change.new and change.index else "") + change.text)
             self.out.flush()
-        elif isinstance(event, UserSpeech) and event.speaking:
-            self.transcript.mark_user(event.t)
-        elif isinstance(event, StateChanged):
-            detail = f": {event.detail}" if event.detail else ""
-            hint = " (Ctrl-C ends it)" if event.state == "live" else ""
-            print(f"moshi: {event.state}{detail}{hint}", file=self.err, flush=True)
+
+    def on_user_speech(self, event: UserSpeech) -> None:
+        if event.speaking:
+            self.transcript.mark_user(event.t)  # the next words begin a line
+
+    def on_state_changed(self, event: StateChanged) -> None:
+        detail = f": {event.detail}" if event.detail else ""
+        hint = " (Ctrl-C ends it)" if event.state == "live" else ""
+        print(f"moshi: {event.state}{detail}{hint}", file=self.err, flush=True)
 
     def close(self) -> None:
         if self.transcript.paragraphs:
@@ -456,18 +435,20 @@ def open_source(options: SessionOptions) -> Source:
     """The microphone (and speaker), or a file. A bad device or file raises a one-line error."""
     if options.input_file is not None:
         # A conversation with a recording plays out in real time; a transcription goes at full speed.
-        return FileSource(options.input_file, realtime=talks(options.mode))
+        return FileSource(options.input_file, realtime=options.mode.talks)
     return MicSource(options)
 
 
 def run(options: SessionOptions) -> None:
-    """Run one session to its end. A failed engine or device raises EngineError (one line)."""
-    from engine.process import EngineProcess, EngineProcessError
-
+    """Run one session to its end. A failed engine raises EngineError, a failed device AudioError
+    (both one line; MOSHI_DEBUG=1 prints the traceback behind it first)."""
     record_base = options.record_dir or data_dir() / "sessions"
     record_base.mkdir(parents=True, exist_ok=True)
+    from engine.process import EngineProcess
+
     source = open_source(options)  # a bad device or file fails here, before anything starts
-    engine = EngineProcess(options.runner or options.mode, options.model, log_path=str(record_base / "engine.log"))
+    engine = EngineProcess(options.runner or options.mode.runner, options.model,
+                           log_path=str(record_base / "engine.log"))
     session = Session(options, engine, source, record_base)
     try:
         if options.tui:
@@ -488,7 +469,7 @@ def run(options: SessionOptions) -> None:
     finally:
         session.stop()
     if session.failure is not None:
-        reason, detail = session.failure
-        if detail and os.environ.get("MOSHI_DEBUG"):
+        error, detail = session.failure
+        if detail and env_flag("MOSHI_DEBUG"):
             print(detail, file=sys.stderr)
-        raise EngineProcessError(reason)
+        raise error

@@ -29,6 +29,16 @@ class Paragraph:
         return f"[{clock(self.t)}]{label} {self.text}"
 
 
+@dataclass(frozen=True)
+class Change:
+    """What one `Transcript.add_text` or `mark_user` did, so that each view draws just that."""
+
+    paragraph: Paragraph  # the paragraph begun, or the last one, grown
+    text: str  # what to draw: the whole of a new paragraph, else the piece appended
+    new: bool
+    index: int  # the paragraph's place in the transcript: 0 is the first (no line break before it)
+
+
 class Transcript:
     def __init__(self, speaker: str | None, pause_s: float = 2.0) -> None:
         self.speaker = speaker
@@ -37,29 +47,36 @@ class Transcript:
         self._last_t = float("-inf")
         self._break = False
 
-    def add_text(self, t: float, text: str) -> bool:
-        """Append a piece of text; True when it began a new paragraph."""
+    def add_text(self, t: float, text: str) -> Change | None:
+        """Append a piece of text; None when that changed nothing (an empty piece, or only spaces
+        where a paragraph would begin)."""
         current = self.paragraphs[-1] if self.paragraphs else None
-        new = current is None or current.speaker == USER or self._break or t - self._last_t > self.pause_s
-        if new:
+        if current is None or current.speaker == USER or self._break or t - self._last_t > self.pause_s:
             text = text.lstrip()
             if not text:
-                return False
-            self.paragraphs.append(Paragraph(t, self.speaker, text))
+                return None
+            self._last_t = t
             self._break = False
-        else:
-            current.text += text
+            return self._begin(Paragraph(t, self.speaker, text))
         self._last_t = t
-        return new
+        if not text:
+            return None
+        current.text += text
+        return Change(current, text, new=False, index=len(self.paragraphs) - 1)
 
-    def mark_user(self, t: float) -> None:
-        """Chat: a marker paragraph. Transcribe: the user's next words start a new paragraph."""
+    def mark_user(self, t: float) -> Change | None:
+        """Chat: a marker paragraph (None if one is already the last). Transcribe: the user's next
+        words start a new paragraph, and nothing changes yet."""
         if self.speaker is None:
             self._break = True
-            return
+            return None
         if self.paragraphs and self.paragraphs[-1].speaker == USER:
-            return
-        self.paragraphs.append(Paragraph(t, USER))
+            return None
+        return self._begin(Paragraph(t, USER))
+
+    def _begin(self, paragraph: Paragraph) -> Change:
+        self.paragraphs.append(paragraph)
+        return Change(paragraph, paragraph.text, new=True, index=len(self.paragraphs) - 1)
 
     def to_text(self) -> str:
         return "".join(p.line() + "\n" for p in self.paragraphs)

@@ -1,8 +1,9 @@
 """Transcript files, one small class per format, written while the words arrive.
 
-Every writer is a ``TranscriptListener``. The line formats (txt, srt, vtt, jsonl) append and flush
-each line or cue as soon as it is complete, so a run that stops early, even a killed one, leaves a
-valid file with everything recognised so far. A JSON document cannot grow by appending: it is
+Every writer is a ``TranscriptListener`` named by its file extension; `WRITERS` holds them by that
+name, and `moshi transcribe -f` offers its keys. The line formats (txt, srt, vtt, jsonl) append and
+flush each line or cue as soon as it is complete, so a run that stops early, even a killed one,
+leaves a valid file with everything recognised so far. A JSON document cannot grow by appending: it is
 rewritten whole (a temporary file renamed over it) as words arrive, at most once a second and at
 most a tenth of the time, and at the end.
 """
@@ -12,26 +13,77 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import ClassVar, TextIO
 
-from engine.stt.transcription import Segment, TranscriptListener, Word
+from engine.stt.words import Segment, TranscriptListener, Word
 
-FORMATS = ("txt", "srt", "vtt", "json", "jsonl")
 SCHEMA_VERSION = 1
 JSON_REWRITE_S = 1.0
+ALL = "all"  # every format at once
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace the file at `path` with `text` in one step, so that a reader, or a crash, never meets
+    half a file. The text goes first to `<name>.tmp` in the same folder (a rename stays within one
+    file system), a file this call creates: O_EXCL and O_NOFOLLOW fail rather than open whatever is
+    at that name, so a symlink planted there cannot send the write elsewhere. Such a link, or the
+    temporary file of a run that was killed, is removed (the link itself, not what it points to)."""
+    tmp = path.with_name(path.name + ".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(tmp, flags, 0o666)
+    except FileExistsError:
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _seconds(t: float) -> float:
     return round(t, 3)
 
 
-class _LineWriter(TranscriptListener):
-    """Writes to a text stream, which it closes at the end if it opened it (a file, not stdout)."""
+@dataclass(frozen=True)
+class CueLimits:
+    """SRT and VTT: how much one subtitle line holds."""
 
-    def __init__(self, out: TextIO, owned: bool = False):
+    max_line_width: int = 42  # characters; a longer word stands alone
+    max_words_per_line: int = 0  # 0: no limit
+
+
+class TranscriptWriter(TranscriptListener):
+    """One transcript format; `extension` names it and its files."""
+
+    extension: ClassVar[str]
+
+    @classmethod
+    def open(cls, path: Path | None, stdout: TextIO, info: dict, limits: CueLimits) -> TranscriptWriter:
+        """The writer on ``path`` (created now), or on ``stdout`` when ``path`` is None. ``info``: the
+        source and the model, for the formats that record them."""
+        raise NotImplementedError
+
+
+class _LineWriter(TranscriptWriter):
+    """Writes to a text stream, which it closes at the end if it opened it (a file, not stdout).
+    Each format takes from ``info`` and ``limits`` what it needs."""
+
+    def __init__(self, out: TextIO, info: dict, limits: CueLimits = CueLimits(), owned: bool = False):
         self.out = out
+        self.info = info
+        self.limits = limits
         self.owned = owned
+
+    @classmethod
+    def open(cls, path: Path | None, stdout: TextIO, info: dict, limits: CueLimits) -> TranscriptWriter:
+        out = stdout if path is None else path.open("w", encoding="utf-8")
+        return cls(out, info, limits, owned=path is not None)
 
     def _write(self, text: str) -> None:
         self.out.write(text)
@@ -45,8 +97,10 @@ class _LineWriter(TranscriptListener):
 class TxtWriter(_LineWriter):
     """Plain text, one line per segment; each word goes out as soon as its times are final."""
 
-    def __init__(self, out: TextIO, owned: bool = False):
-        super().__init__(out, owned)
+    extension = "txt"
+
+    def __init__(self, out: TextIO, info: dict, limits: CueLimits = CueLimits(), owned: bool = False):
+        super().__init__(out, info, limits, owned)
         self._line_open = False
 
     def on_word(self, word: Word) -> None:
@@ -59,13 +113,12 @@ class TxtWriter(_LineWriter):
 
 
 class SrtWriter(_LineWriter):
-    """SubRip: one line per cue, at most ``max_line_width`` characters (a longer word stands alone)
-    and ``max_words_per_line`` words (0: no limit); a cue never spans two segments."""
+    """SubRip: one line per cue, within the `CueLimits`; a cue never spans two segments."""
 
-    def __init__(self, out: TextIO, owned: bool = False, max_line_width: int = 42, max_words_per_line: int = 0):
-        super().__init__(out, owned)
-        self.max_line_width = max_line_width
-        self.max_words_per_line = max_words_per_line
+    extension = "srt"
+
+    def __init__(self, out: TextIO, info: dict, limits: CueLimits = CueLimits(), owned: bool = False):
+        super().__init__(out, info, limits, owned)
         self._words: list[Word] = []
         self._cues = 0
 
@@ -82,9 +135,9 @@ class SrtWriter(_LineWriter):
         super().on_end(complete, duration)
 
     def _fits(self, word: Word) -> bool:
-        if self.max_words_per_line and len(self._words) >= self.max_words_per_line:
+        if self.limits.max_words_per_line and len(self._words) >= self.limits.max_words_per_line:
             return False
-        return len(self._line()) + 1 + len(word.text) <= self.max_line_width
+        return len(self._line()) + 1 + len(word.text) <= self.limits.max_line_width
 
     def _line(self) -> str:
         return " ".join(word.text for word in self._words)
@@ -110,8 +163,10 @@ class SrtWriter(_LineWriter):
 class VttWriter(SrtWriter):
     """WebVTT: the same cues as SRT, with its header and '.' before the milliseconds."""
 
-    def __init__(self, out: TextIO, owned: bool = False, max_line_width: int = 42, max_words_per_line: int = 0):
-        super().__init__(out, owned, max_line_width, max_words_per_line)
+    extension = "vtt"
+
+    def __init__(self, out: TextIO, info: dict, limits: CueLimits = CueLimits(), owned: bool = False):
+        super().__init__(out, info, limits, owned)
         self._write("WEBVTT\n\n")
 
     @staticmethod
@@ -134,8 +189,10 @@ def _segment_json(segment: Segment, index: int) -> dict:
 class JsonlWriter(_LineWriter):
     """JSON Lines: a "start" line (source, model), then a line per word and per segment, then "end"."""
 
-    def __init__(self, out: TextIO, info: dict, owned: bool = False):
-        super().__init__(out, owned)
+    extension = "jsonl"
+
+    def __init__(self, out: TextIO, info: dict, limits: CueLimits = CueLimits(), owned: bool = False):
+        super().__init__(out, info, limits, owned)
         self._segments = 0
         self._line({"type": "start", "version": SCHEMA_VERSION, **info})
 
@@ -154,8 +211,10 @@ class JsonlWriter(_LineWriter):
         super().on_end(complete, duration)
 
 
-class JsonWriter(TranscriptListener):
+class JsonWriter(TranscriptWriter):
     """One JSON document (schemas/transcript.schema.json), valid on disk at every moment."""
+
+    extension = "json"
 
     def __init__(self, path: Path | None, info: dict, out: TextIO | None = None):
         """``path``: rewritten as words arrive; else the document goes to ``out`` once, at the end."""
@@ -166,6 +225,10 @@ class JsonWriter(TranscriptListener):
         if path is not None:
             self._save()
             self._next_save = 0.0  # the first word goes to disk at once: the empty document waits for nothing
+
+    @classmethod
+    def open(cls, path: Path | None, stdout: TextIO, info: dict, limits: CueLimits) -> TranscriptWriter:
+        return cls(path, info, out=stdout)
 
     def on_word(self, word: Word) -> None:
         self.document["words"].append(_word_json(word, len(self.document["segments"])))
@@ -193,9 +256,7 @@ class JsonWriter(TranscriptListener):
                 self.out.write(text)
                 self.out.flush()
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomically(self.path, text)
         # A long transcript costs more to rewrite: keep that under a tenth of the run.
         now = time.monotonic()
         self._next_save = now + max(JSON_REWRITE_S, 10 * (now - started))
@@ -224,19 +285,12 @@ class PiecePrinter(TranscriptListener):
         self.out.flush()
 
 
-def open_writer(fmt: str, path: Path | None, stdout: TextIO, info: dict, max_line_width: int = 42,
-                max_words_per_line: int = 0) -> TranscriptListener:
-    """The writer of ``fmt`` on ``path`` (created now), or on ``stdout`` when ``path`` is None."""
-    if fmt == "json":
-        return JsonWriter(path, info, out=stdout)
-    out = stdout if path is None else path.open("w", encoding="utf-8")
-    owned = path is not None
-    if fmt == "txt":
-        return TxtWriter(out, owned)
-    if fmt == "srt":
-        return SrtWriter(out, owned, max_line_width, max_words_per_line)
-    if fmt == "vtt":
-        return VttWriter(out, owned, max_line_width, max_words_per_line)
-    if fmt == "jsonl":
-        return JsonlWriter(out, info, owned)
-    raise ValueError(f"unknown transcript format {fmt!r}; choose one of {', '.join(FORMATS)}")
+WRITERS: dict[str, type[TranscriptWriter]] = {
+    writer.extension: writer for writer in (TxtWriter, SrtWriter, VttWriter, JsonWriter, JsonlWriter)
+}
+CHOICES = (*WRITERS, ALL)  # what `-f` accepts
+
+
+def writers_for(choice: str) -> list[type[TranscriptWriter]]:
+    """The writer classes of one of `CHOICES`."""
+    return list(WRITERS.values()) if choice == ALL else [WRITERS[choice]]

@@ -16,10 +16,8 @@ from textual.containers import VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Static
 
-from engine.options import gate_level
-
 from .messages import SessionInfo, Stats
-from .transcript import USER, Transcript, clock
+from .transcript import USER, Change, Transcript, clock
 
 OK, WARN, BAD = "green", "yellow", "red"
 STATE_STYLES = {
@@ -130,11 +128,12 @@ class LatencyPanel(Widget):
         spark = spark_rows(self.steps, self.content_size.width, 2, 1.5 * th.budget_ms, th)
         if s is None:
             return Group(step, *spark, *(_figure(label, "   --", "dim") for label in LATENCY_FIGURES))
-        lag = _figure("lag", "   --" if s.lag_ms is None else f"{s.lag_ms:5.0f} ms",
-                      "dim" if s.lag_ms is None else th.lag(s.lag_ms))
-        buf = _figure("buffer", f"{s.buffered_ms:5.0f} ms", WARN if s.buffered_ms < th.buffer_low_ms else OK)
+        a = s.audio
+        lag = _figure("lag", "   --" if a.lag_ms is None else f"{a.lag_ms:5.0f} ms",
+                      "dim" if a.lag_ms is None else th.lag(a.lag_ms))
+        buf = _figure("buffer", f"{a.buffered_ms:5.0f} ms", WARN if a.buffered_ms < th.buffer_low_ms else OK)
         skipped = _figure("skipped", f"{s.skipped:5d}", WARN if s.skipped else OK)
-        under = _figure("underruns", f"{s.underruns:5d}", WARN if s.underruns else OK)
+        under = _figure("underruns", f"{a.underruns:5d}", WARN if a.underruns else OK)
         return Group(step, *spark, lag, buf, skipped, under)
 
 
@@ -164,25 +163,31 @@ class AudioPanel(Widget):
         self.refresh()
 
     def render(self) -> Group:
-        s = self.stats or Stats(t=0.0)
+        a = (self.stats or Stats(t=0.0)).audio
         width = self.content_size.width
         if self.muted:
             mic = Text.assemble(("mic ", "dim"), ("  muted", "bold yellow"))
         else:
-            mic = level_bar("mic", s.mic_db, width)
+            mic = level_bar("mic", a.input_db, width)
         aec = Text("AEC  ", "dim")
         if self.stats is None:
             aec.append("--", "dim")
-        elif s.aec:
+        elif a.aec:
             aec.append("on")
-            if s.erle_db is not None:
+            if a.erle_db is not None:
                 aec.append(" · echo ")
-                aec.append(f"-{s.erle_db:.0f} dB", OK if s.erle_db >= 10 else WARN)
+                aec.append(f"-{a.erle_db:.0f} dB", OK if a.erle_db >= 10 else WARN)
         else:
             aec.append("off", WARN)
         if not self.output:
             return Group(mic)
-        return Group(mic, level_bar("out", s.out_db, width), aec)
+        return Group(mic, level_bar("out", a.output_db, width), aec)
+
+
+def gate_level(gate: float) -> int:
+    """How much Moshi looked at the picture, on 0..10: 0 at a gate of 0.005 or less, 10 at 0.021 or
+    more, linear between; the scale Kyutai's MoshiVis server colours its words by."""
+    return round(min(max((gate - 0.005) / 0.016, 0.0), 1.0) * 10)
 
 
 def _gate_style(level: int) -> Style:
@@ -240,18 +245,10 @@ class TranscriptView(VerticalScroll):
 
     def add_text(self, t: float, text: str, gate: float | None = None) -> None:
         """`gate` (`moshi see`): colour the piece by how much Moshi looked at the picture."""
-        paragraphs = self.model.paragraphs
-        before = paragraphs[-1].text if paragraphs else None
-        if self.model.add_text(t, text):
-            self._append(paragraphs[-1], gate)
-        elif paragraphs and paragraphs[-1].text != before and self._last is not None:
-            self._last.append(text, gate)
+        self._draw(self.model.add_text(t, text), gate)
 
     def mark_user(self, t: float) -> None:
-        count = len(self.model.paragraphs)
-        self.model.mark_user(t)
-        if len(self.model.paragraphs) > count:
-            self._append(self.model.paragraphs[-1], None)
+        self._draw(self.model.mark_user(t), None)
 
     def clear(self) -> None:
         self.model = Transcript(self.speaker)
@@ -259,13 +256,18 @@ class TranscriptView(VerticalScroll):
         self._last = None
         self.hint.display = True
 
-    def _append(self, paragraph, gate: float | None) -> None:
+    def _draw(self, change: Change | None, gate: float | None) -> None:
+        if change is None:
+            return
+        if not change.new:
+            self._last.append(change.text, gate)
+            return
         follow = self.scroll_y >= self.max_scroll_y
         self.hint.display = False
         views = self.query(ParagraphView)
         if len(views) >= self.MAX_PARAGRAPHS:
             views.first().remove()
-        self._last = ParagraphView(paragraph, gate)
+        self._last = ParagraphView(change.paragraph, gate)
         self.mount(self._last)
         if follow:
             self.scroll_end(animate=False)

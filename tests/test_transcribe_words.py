@@ -15,7 +15,8 @@ from engine.encoder import usable_cores
 from engine.errors import CheckpointError
 from engine.options import ModelOptions
 from engine.stt.runner import TranscribeRunner
-from engine.stt.transcription import BatchTranscriber, LiveTranscriber, Segment, TranscriptListener, Word, WordAssembler
+from engine.stt.transcription import BatchTranscriber, LiveTranscriber
+from engine.stt.words import Segment, TranscriptListener, Word, WordAssembler
 from transcribe_support import noise, published_words, reference_tokens, stt_folder
 
 pytest.importorskip("moshi.run_inference")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
+from engine.options import Mode
+
+from ..transcript_writers import CHOICES, CueLimits, TranscriptWriter, writers_for
 from .common import MODEL_PANEL, DeviceOption, DtypeOption, QuantizeOption, Seed, model_options, progress_to_stderr
 
 EPILOG = """\
@@ -28,15 +30,6 @@ Examples:
 
 OUTPUT_PANEL = "Output"
 STDIN = "-"
-
-
-class OutputFormat(str, Enum):
-    txt = "txt"
-    srt = "srt"
-    vtt = "vtt"
-    json = "json"
-    jsonl = "jsonl"
-    all = "all"
 
 
 def register(app: typer.Typer) -> None:
@@ -59,7 +52,7 @@ def transcribe(
         "--raw", help="Standard input is headerless 16-bit little-endian mono PCM (needs --rate).")] = False,
     rate: Annotated[Optional[int], typer.Option(
         "--rate", min=1, metavar="HZ", help="Sample rate of --raw input.")] = None,
-    output_format: Annotated[Optional[OutputFormat], typer.Option(
+    output_format: Annotated[Optional[Literal[CHOICES]], typer.Option(
         "--output-format", "-f", rich_help_panel=OUTPUT_PANEL, show_default=False,
         help="txt (a line per segment), srt, vtt, json, jsonl, or all of them. Without --output-dir, a single "
              "input's transcript goes to stdout [default: the words as they come; txt with --output-dir].")] = None,
@@ -100,28 +93,26 @@ def transcribe(
         raise typer.BadParameter("--raw needs --rate HZ, and --rate only goes with --raw", param_hint="--rate")
     if inputs.count(STDIN) > 1:
         raise typer.BadParameter("standard input (-) can be read only once", param_hint="INPUT")
-    formats = _formats(output_format, output_dir, max(len(inputs), 1))
+    writers = _writers(output_format, output_dir, max(len(inputs), 1))
+    limits = CueLimits(max_line_width, max_words_per_line)
     if not inputs:
-        _run_live(options, no_tui, formats, output_dir, max_line_width, max_words_per_line, pause, stats)
+        _run_live(options, no_tui, writers, output_dir, limits, pause, stats)
         return
-    _run_files(inputs, options, formats, output_dir, rate, max_line_width, max_words_per_line, pause, batch_size,
-               stats)
+    _run_files(inputs, options, writers, output_dir, rate, limits, pause, batch_size, stats)
 
 
-def _formats(output_format: OutputFormat | None, output_dir: Path | None, count: int) -> list[str]:
-    from ..transcript_writers import FORMATS
-
+def _writers(output_format: str | None, output_dir: Path | None, count: int) -> list[type[TranscriptWriter]]:
     if output_format is None:
-        return ["txt"] if output_dir is not None else []
-    formats = list(FORMATS) if output_format is OutputFormat.all else [output_format.value]
-    if output_dir is None and (len(formats) > 1 or count > 1):
+        return writers_for("txt") if output_dir is not None else []
+    writers = writers_for(output_format)
+    if output_dir is None and (len(writers) > 1 or count > 1):
         raise typer.BadParameter("several transcripts cannot share stdout: add --output-dir DIR",
                                  param_hint="--output-format")
-    return formats
+    return writers
 
 
-def _run_files(names: list[str], options, formats: list[str], output_dir: Path | None, rate: int | None,
-               max_line_width: int, max_words_per_line: int, pause: float, batch_size: int, stats: bool) -> None:
+def _run_files(names: list[str], options, writers: list[type[TranscriptWriter]], output_dir: Path | None,
+               rate: int | None, limits: CueLimits, pause: float, batch_size: int, stats: bool) -> None:
     from engine.stt.runner import TranscribeRunner
     from engine.stt.transcription import BatchTranscriber
 
@@ -129,14 +120,13 @@ def _run_files(names: list[str], options, formats: list[str], output_dir: Path |
 
     # Every input is checked, and every output path decided, before the model loads.
     inputs = [stdin_input(rate) if name == STDIN else file_input(name) for name in names]
-    targets = _output_paths([i.stem for i in inputs], formats, output_dir)
+    targets = _output_paths([i.stem for i in inputs], writers, output_dir)
     runner = TranscribeRunner.load(options, progress=progress_to_stderr, batch_size=min(batch_size, len(inputs)))
     info = _model_info(runner, pause)
 
     def jobs():
         for source, paths in zip(inputs, targets):
-            yield source.open(), _listeners(source.name, paths, formats, info, len(inputs), max_line_width,
-                                            max_words_per_line)
+            yield source.open(), _listeners(source.name, paths, info, len(inputs), limits)
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -155,11 +145,13 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _output_paths(stems: list[str], formats: list[str], output_dir: Path | None) -> list[dict[str, Path | None]]:
+def _output_paths(stems: list[str], writers: list[type[TranscriptWriter]],
+                  output_dir: Path | None) -> list[dict[type[TranscriptWriter], Path | None]]:
+    """Each input's writers, each with its file (None: stdout)."""
     from engine.errors import EngineError
 
     if output_dir is None:
-        return [{fmt: None for fmt in formats} for _ in stems]
+        return [{writer: None for writer in writers} for _ in stems]
     if output_dir.exists() and not output_dir.is_dir():
         raise EngineError(f"--output-dir {output_dir} is a file, not a folder")
     for stem in stems:
@@ -172,17 +164,16 @@ def _output_paths(stems: list[str], formats: list[str], output_dir: Path | None)
         raise EngineError(f"cannot create --output-dir {output_dir}: {exc.strerror}") from exc
     if not os.access(output_dir, os.W_OK):
         raise EngineError(f"cannot write in --output-dir {output_dir}: permission denied")
-    return [{fmt: output_dir / f"{stem}.{fmt}" for fmt in formats} for stem in stems]
+    return [{writer: output_dir / f"{stem}.{writer.extension}" for writer in writers} for stem in stems]
 
 
-def _listeners(name: str, paths: dict, formats: list[str], info: dict, count: int, max_line_width: int,
-               max_words_per_line: int):
-    from engine.stt.transcription import Listeners
+def _listeners(name: str, paths: dict[type[TranscriptWriter], Path | None], info: dict, count: int,
+               limits: CueLimits):
+    from engine.stt.words import Listeners
 
-    from ..transcript_writers import PiecePrinter, open_writer
+    from ..transcript_writers import PiecePrinter
 
-    listeners = [open_writer(fmt, paths[fmt], sys.stdout, {"source": name, **info}, max_line_width,
-                             max_words_per_line) for fmt in formats]
+    listeners = [writer.open(path, sys.stdout, {"source": name, **info}, limits) for writer, path in paths.items()]
     to_stdout = any(path is None for path in paths.values())
     if not to_stdout:
         listeners.append(PiecePrinter(sys.stdout, name if count > 1 else None))
@@ -190,7 +181,7 @@ def _listeners(name: str, paths: dict, formats: list[str], info: dict, count: in
 
 
 def _model_info(runner, pause: float) -> dict:
-    from engine.stt.transcription import END_OF_TURN_THRESHOLD
+    from engine.stt.words import END_OF_TURN_THRESHOLD
 
     models = runner.models
     return {
@@ -217,14 +208,14 @@ def _print_stats(run, runner) -> None:
           f"{run.steps} steps of batch {runner.batch_size}", file=sys.stderr)
 
 
-def _run_live(options, no_tui: bool, formats: list[str], output_dir: Path | None, max_line_width: int,
-              max_words_per_line: int, pause: float, stats: bool) -> None:
+def _run_live(options, no_tui: bool, writers: list[type[TranscriptWriter]], output_dir: Path | None,
+              limits: CueLimits, pause: float, stats: bool) -> None:
     """The microphone: the full-screen view, or with --no-tui the words on stdout (and in files)."""
     from ..session import SessionOptions, open_source, run
 
-    session = SessionOptions(mode="transcribe", model=options, tui=not no_tui)
+    session = SessionOptions(mode=Mode.TRANSCRIBE, model=options, tui=not no_tui)
     if not no_tui:
-        if formats:
+        if writers:
             raise typer.BadParameter("the full-screen view saves its own transcript; add --no-tui to write "
                                      "--output-format files from the microphone", param_hint="--output-format")
         run(session)
@@ -234,10 +225,9 @@ def _run_live(options, no_tui: bool, formats: list[str], output_dir: Path | None
 
     source = open_source(session)  # a missing or busy device fails here, before the model loads
     try:
-        paths = _output_paths(["microphone"], formats, output_dir)[0]
+        paths = _output_paths(["microphone"], writers, output_dir)[0]
         runner = TranscribeRunner.load(options, progress=progress_to_stderr)
-        live = LiveTranscriber(runner, _listeners("microphone", paths, formats, _model_info(runner, pause), 1,
-                                                  max_line_width, max_words_per_line), pause)
+        live = LiveTranscriber(runner, _listeners("microphone", paths, _model_info(runner, pause), 1, limits), pause)
         print("moshi: listening (Ctrl-C ends it)", file=sys.stderr, flush=True)
         try:
             transcribe_source(source, live)

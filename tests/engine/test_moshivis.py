@@ -25,7 +25,8 @@ from engine.moshivis.model import MoshiVis, MoshiVisConfig
 from engine.moshivis.runner import SeeRunner
 from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
 from engine.moshivis.vision import ImageError, SiglipTower, VisionConfig, open_image
-from engine.options import SeeOptions, gate_level
+from engine.options import SeeOptions
+from moshi_tui.widgets import gate_level
 from engine.quant import Int4Linear, Int8Linear
 from engine.tiny import write_tiny_checkpoint
 from engine.transformer import RMSNorm

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 
-from moshi_tui.messages import FRAME_S, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from audio import FRAME_S
+from audio.core import AudioStats
+from engine.options import Mode
+from moshi_tui.messages import SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
 
 MOSHI_WORDS = (
     "Hello, I'm Moshi. What would you like to talk about today? I can tell you about the weather, "
@@ -26,12 +29,12 @@ USER_WORDS = (
 
 
 class ScriptedConversation:
-    def __init__(self, mode: str = "chat") -> None:
-        self.mode = mode
+    def __init__(self, mode: Mode = Mode.CHAT) -> None:
+        self.mode = Mode(mode)
         self.deliver = None
         self.calls: list[tuple] = []
         self.frame = 0
-        self.words = {"chat": MOSHI_WORDS, "see": SEE_WORDS}.get(mode, USER_WORDS)
+        self.words = {Mode.CHAT: MOSHI_WORDS, Mode.SEE: SEE_WORDS, Mode.TRANSCRIBE: USER_WORDS}[self.mode]
         self.word = 0
         self.skipped = 0
         self.underruns = 0
@@ -82,17 +85,18 @@ class ScriptedConversation:
                     self.skipped += 1
                 if i % 7 == 0:
                     self.underruns += 1
-            self.deliver(Stats(
-                t=t, step_ms=step, lag_ms=(900.0 if slow else 310.0) + 2 * (i % 5),
-                buffered_ms=20.0 if slow else 160.0, skipped=self.skipped, underruns=self.underruns,
-                mic_db=-30.0 + 10 * math.sin(i / 4), out_db=-18.0 + 6 * math.cos(i / 5),
-                aec=self.mode != "transcribe", erle_db=21.5 if self.mode != "transcribe" else None,
-            ))
+            audio = AudioStats(
+                input_db=-30.0 + 10 * math.sin(i / 4), output_db=-18.0 + 6 * math.cos(i / 5),
+                aec=self.mode.talks, erle_db=21.5 if self.mode.talks else None,
+                lag_ms=(900.0 if slow else 310.0) + 2 * (i % 5), buffered_ms=20.0 if slow else 160.0,
+                underruns=self.underruns,
+            )
+            self.deliver(Stats(t, audio, step_ms=step, skipped=self.skipped))
             self.frame += 1
 
     def gate(self, word: int) -> float | None:
         """`see`: Moshi looks at the picture more and more, then less (levels 0..10 and back)."""
-        if self.mode != "see":
+        if self.mode is not Mode.SEE:
             return None
         return 0.005 + 0.0016 * (10 - abs(word % 20 - 10))
 

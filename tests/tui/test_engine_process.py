@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from engine.process import EngineProcess, Failed, Loading, Output, Ready, WarmingUp
+from engine.interface import Failed, Loading, Output, Ready, WarmingUp
+from engine.process import EngineProcess
 
 from .processes import engine_children, gone
 from .runners import PictureRunner, ScriptedRunner, ScriptOptions
@@ -172,7 +173,8 @@ def test_the_engine_leaves_when_its_parent_is_killed(tmp_path):
         [sys.executable, "-c", (
             "import sys, time\n"
             f"sys.path[:0] = {sys.path!r}\n"
-            "from engine.process import EngineProcess, Ready\n"
+            "from engine.interface import Ready\n"
+            "from engine.process import EngineProcess\n"
             f"from {ScriptedRunner.__module__} import ScriptOptions\n"
             f"e = EngineProcess({RUNNER!r}, ScriptOptions())\n"
             "while not any(isinstance(x, Ready) for x in e.poll(timeout=0.1)): pass\n"

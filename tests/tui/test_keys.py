@@ -1,9 +1,11 @@
-"""Pilot tests: every key binding, engine failure, and the coalesced redraw."""
+"""Pilot tests: every key binding, engine failure, and the coalesced figures."""
 
+import math
 import threading
 
 import pytest
 
+from audio.core import AudioStats
 from moshi_tui.app import HelpScreen, MoshiApp
 from moshi_tui.messages import Stats
 from moshi_tui.widgets import AudioPanel, LatencyPanel, StatusBar, TranscriptView
@@ -17,7 +19,6 @@ async def _live(pilot, conv: ScriptedConversation, frames: int = 40) -> None:
     conv.load()
     conv.go_live()
     conv.play(frames)
-    pilot.app.drain()
     await pilot.pause()
 
 
@@ -60,7 +61,7 @@ async def test_r_restarts_with_an_empty_transcript_and_fresh_figures():
         assert transcript.model.paragraphs == []
         assert app.query_one(LatencyPanel).stats is None
         conv.play(8)  # the script starts again at frame 0
-        app.drain()
+        await pilot.pause()
         assert transcript.model.paragraphs[0].t == pytest.approx(0.24)
         assert transcript.model.paragraphs[0].text == " ".join(MOSHI_WORDS[:2])
 
@@ -117,11 +118,13 @@ async def test_engine_failure_is_shown_then_exits_non_zero():
     assert conv.calls[-1] == ("stop",)
 
 
-async def test_a_flood_of_frames_is_drawn_at_the_refresh_rate(monkeypatch):
-    """3000 frames arrive from another thread at once; the panels redraw a few times, not 3000."""
-    renders = []
-    original = LatencyPanel.render
-    monkeypatch.setattr(LatencyPanel, "render", lambda self: renders.append(1) or original(self))
+async def test_a_flood_of_frames_is_coalesced_and_drawn_a_few_times(monkeypatch):
+    """3000 frames arrive from another thread at once: queued figures are replaced by newer ones
+    (their step times kept for the sparkline), and the panels redraw a few times, not 3000."""
+    renders, handled = [], []
+    original_render, original_handler = LatencyPanel.render, MoshiApp.on_frame_stats
+    monkeypatch.setattr(LatencyPanel, "render", lambda self: renders.append(1) or original_render(self))
+    monkeypatch.setattr(MoshiApp, "on_frame_stats", lambda self, m: handled.append(1) or original_handler(self, m))
     conv = ScriptedConversation()
     app = MoshiApp(conv)
     async with app.run_test(size=SIZE) as pilot:
@@ -131,8 +134,10 @@ async def test_a_flood_of_frames_is_drawn_at_the_refresh_rate(monkeypatch):
         feeder.start()
         feeder.join()
         await pilot.pause(0.5)
-        assert not app._inbox
-        assert app.query_one(LatencyPanel).stats.t == pytest.approx(2999 * 0.08)
+        panel = app.query_one(LatencyPanel)
+        assert panel.stats.t == pytest.approx(2999 * 0.08)
+        assert len(handled) < 3000
+        assert panel.steps == pytest.approx([40.0 + 12.0 * math.sin(i / 3) for i in range(2700, 3000)])  # 300 kept
         assert len(app.query_one(TranscriptView).model.paragraphs) == 1
     assert len(renders) < 20
 
@@ -144,11 +149,11 @@ async def test_lagging_comes_and_goes_with_the_figures():
         await _live(pilot, conv)
         assert app.state == "live"
         conv.play(10, slow=True)
-        app.drain()
+        await pilot.pause()
         assert app.state == "lagging"
         conv.play(30)  # more than a second without drops, steps under budget
-        app.drain()
+        await pilot.pause()
         assert app.state == "live"
-        conv.deliver(Stats(t=10.0, step_ms=30.0, lag_ms=1500.0))
-        app.drain()
+        conv.deliver(Stats(10.0, AudioStats(lag_ms=1500.0), step_ms=30.0))
+        await pilot.pause()
         assert app.state == "lagging"

@@ -1,4 +1,5 @@
-"""Session files: complete while the conversation runs, and after the process is killed."""
+"""Session files: complete while the conversation runs, and after the process is killed; the
+atomic replacement the JSON files are written with."""
 
 import json
 import subprocess
@@ -7,7 +8,9 @@ import sys
 import numpy as np
 import soundfile as sf
 
+from engine.options import Mode
 from moshi_tui.recording import SessionRecorder, new_session_folder
+from moshi_tui.transcript_writers import write_atomically
 
 SR = 24000
 
@@ -18,10 +21,10 @@ def _frames(n, seed):
 
 
 def test_files_are_complete_during_and_after_the_conversation(tmp_path):
-    folder = new_session_folder(tmp_path, "chat")
+    folder = new_session_folder(tmp_path, Mode.CHAT)
     assert folder.parent == tmp_path and folder.name.endswith("-chat")
-    assert new_session_folder(tmp_path, "chat") != folder  # a restart in the same second
-    rec = SessionRecorder(folder, "chat", {"model": "tiny", "device": "cpu"}, SR)
+    assert new_session_folder(tmp_path, Mode.CHAT) != folder  # a restart in the same second
+    rec = SessionRecorder(folder, Mode.CHAT, {"model": "tiny", "device": "cpu"})
     user, moshi = _frames(5, 0), _frames(5, 1)
     moshi[0] = None  # Moshi has not spoken yet
     for u, m in zip(user, moshi):
@@ -52,7 +55,7 @@ def test_files_are_complete_during_and_after_the_conversation(tmp_path):
 
 
 def test_transcribe_records_the_user_in_mono_without_speaker_labels(tmp_path):
-    rec = SessionRecorder(tmp_path, "transcribe", {}, SR)
+    rec = SessionRecorder(tmp_path, Mode.TRANSCRIBE, {})
     rec.frame(_frames(1, 0)[0])
     rec.text(0.1, " so this")
     rec.user_speech(2.0, True)
@@ -66,8 +69,9 @@ def test_a_killed_process_leaves_valid_files(tmp_path):
     script = f"""
 import os, signal, numpy as np
 from pathlib import Path
+from engine.options import Mode
 from moshi_tui.recording import SessionRecorder
-rec = SessionRecorder(Path({str(tmp_path)!r}), "chat", {{"model": "tiny"}}, {SR})
+rec = SessionRecorder(Path({str(tmp_path)!r}), Mode.CHAT, {{"model": "tiny"}})
 for i in range(25):
     rec.frame(np.full(1920, 0.1, np.float32), np.full(1920, -0.1, np.float32))
     rec.text(i * 0.08, f" w{{i}}")
@@ -83,3 +87,19 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert len(lines) == 26 and all(json.loads(line) for line in lines)
     doc = json.loads((tmp_path / "transcript.json").read_text())  # valid, maybe a second behind
     assert doc["model"] == "tiny"
+
+
+def test_the_json_is_replaced_whole_and_never_through_a_link(tmp_path):
+    target, victim = tmp_path / "transcript.json", tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "transcript.json.tmp").symlink_to(victim)  # planted where the temporary file goes
+    write_atomically(target, '{"a": 1}')
+    assert victim.read_text() == "keep me"
+    assert target.read_text() == '{"a": 1}' and not target.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transcript.json", "victim.txt"]
+
+
+def test_a_temporary_file_left_by_a_killed_run_is_replaced(tmp_path):
+    (tmp_path / "talk.json.tmp").write_text('{"half": ')
+    write_atomically(tmp_path / "talk.json", "{}\n")
+    assert (tmp_path / "talk.json").read_text() == "{}\n" and not (tmp_path / "talk.json.tmp").exists()

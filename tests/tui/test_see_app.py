@@ -5,8 +5,7 @@ import pytest
 
 from moshi_tui.app import MoshiApp, OpenImageScreen
 from moshi_tui.picture import PictureView
-from engine.options import gate_level
-from moshi_tui.widgets import GATE_STYLES, ParagraphView, TranscriptView
+from moshi_tui.widgets import GATE_STYLES, ParagraphView, TranscriptView, gate_level
 
 from .script import SEE_WORDS, ScriptedConversation
 
@@ -17,7 +16,6 @@ async def _live_see(pilot, conv, frames=40):
     conv.load()
     conv.go_live()
     conv.play(frames)
-    pilot.app.drain()
     await pilot.pause()
 
 
@@ -48,7 +46,7 @@ async def test_o_opens_another_picture_in_a_new_conversation(sun_picture, tmp_pa
         assert view.picture.getpixel((0, 0)) == (10, 10, 40)
         assert app.query_one(TranscriptView).model.paragraphs == []
         conv.play(8)  # the new conversation, from frame 0
-        app.drain()
+        await pilot.pause()
         assert app.query_one(TranscriptView).model.paragraphs[0].text == " ".join(SEE_WORDS[:2])
 
 

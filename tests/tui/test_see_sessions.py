@@ -12,12 +12,12 @@ import time
 import numpy as np
 import pytest
 
+from audio import FRAME_SIZE
 from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
 from engine.options import SeeOptions
 from moshi_tui.app import MoshiApp
-from moshi_tui.session import FRAME, FileSource, Session, SessionOptions
-from engine.options import gate_level
-from moshi_tui.widgets import GATE_STYLES, LatencyPanel, ParagraphView, TranscriptView
+from moshi_tui.session import FileSource, Session, SessionOptions
+from moshi_tui.widgets import GATE_STYLES, LatencyPanel, ParagraphView, TranscriptView, gate_level
 
 from .processes import engine_children
 from .test_session import _speech_file
@@ -63,10 +63,10 @@ async def test_see_a_recording_in_the_app_with_the_runners_words_and_gates(tiny_
     # The oracle: the same runner in this process, started as the engine process starts it.
     runner = SeeRunner.load(model)
     runner.warmup()
-    runner.step(np.zeros(FRAME, np.float32))
+    runner.step(np.zeros(FRAME_SIZE, np.float32))
     runner.reset()
     pieces = []
-    for i, out in enumerate(map(runner.step, FileSource(audio, realtime=False).pcm.reshape(-1, FRAME))):
+    for i, out in enumerate(map(runner.step, FileSource(audio, realtime=False).pcm.reshape(-1, FRAME_SIZE))):
         if out.text:
             pieces.append((round(i * 0.08, 3), out.text, out.gate))
     assert len(pieces) > 3 and len({gate_level(g) for _, _, g in pieces}) > 1

@@ -1,6 +1,6 @@
 """Sessions through the real engine process with the tiny random checkpoints: a file transcribed
 to stdout (compared with the runner in this process), a chat in the TUI, and an engine killed
-in the middle of a conversation."""
+in the middle of a conversation; a lost sound device ends a session with its own error."""
 
 import json
 import os
@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from audio import FRAME_SIZE
+from audio.errors import DeviceError
 from engine.options import ModelOptions
+from engine.interface import Ready
 from moshi_tui.app import MoshiApp
-from moshi_tui.session import FRAME, FileSource, Session, SessionOptions, run
+from moshi_tui.session import FileSource, Session, SessionOptions, run
 from moshi_tui.widgets import LatencyPanel, TranscriptView
 
 from .processes import engine_children
@@ -52,7 +55,7 @@ def test_transcribe_a_file_to_stdout_as_the_runner_does(tmp_path, tiny, capsys, 
     runner = TranscribeRunner.load(model)
     try:
         runner.warmup()
-        frames = FileSource(audio, realtime=False).pcm.reshape(-1, FRAME)
+        frames = FileSource(audio, realtime=False).pcm.reshape(-1, FRAME_SIZE)
         pieces = [(i * 0.08, out.text) for i, out in enumerate(map(runner.step, frames)) if out.text]
     finally:
         runner.close()
@@ -115,7 +118,7 @@ async def test_killing_the_engine_mid_conversation(tmp_path, tiny, one_thread_en
     assert engine_children() == []
     [folder] = session.folders
     wav, _ = sf.read(folder / "audio.wav", dtype="float32")
-    assert wav.shape[1] == 2 and len(wav) >= 15 * FRAME and len(wav) % FRAME == 0
+    assert wav.shape[1] == 2 and len(wav) >= 15 * FRAME_SIZE and len(wav) % FRAME_SIZE == 0
     json.loads((folder / "transcript.json").read_text())
     events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events[-2:]] == ["failed", "end"]
@@ -150,11 +153,56 @@ async def test_mute_and_restart_with_the_real_engine(tmp_path, tiny, one_thread_
     muted_at, unmuted_at = (next(e["t"] for e in events if e["event"] == kind) for kind in ("mute", "unmute"))
     file_pcm = FileSource(audio, realtime=True).pcm
     wav, _ = sf.read(first / "audio.wav", dtype="float32")
-    a, b = round(muted_at / 0.08) * FRAME, round(unmuted_at / 0.08) * FRAME
-    assert b - a >= 5 * FRAME
+    a, b = round(muted_at / 0.08) * FRAME_SIZE, round(unmuted_at / 0.08) * FRAME_SIZE
+    assert b - a >= 5 * FRAME_SIZE
     assert not wav[a:b, 0].any()  # the model heard silence while muted
     np.testing.assert_allclose(wav[:a, 0], file_pcm[:a], atol=1 / 32767)
     np.testing.assert_allclose(wav[b:, 0], file_pcm[b:len(wav)], atol=1 / 32767)
     restarted, _ = sf.read(second / "audio.wav", dtype="float32")
-    assert len(restarted) >= 10 * FRAME
+    assert len(restarted) >= 10 * FRAME_SIZE
     np.testing.assert_allclose(restarted[:, 0], file_pcm[:len(restarted)], atol=1 / 32767)  # from the start
+
+
+class _ReadyEngine:
+    """Stands for the engine process: ready at once, takes every frame."""
+
+    in_flight, max_in_flight, skipped = 0, 4, 0
+
+    def __init__(self, runner, options, log_path=None):
+        self.events = [Ready({"model": "fake", "device": "cpu", "dtype": "float32"})]
+
+    def poll(self, timeout: float = 0.0):
+        events, self.events = self.events, []
+        return events
+
+    def send_frame(self, pcm) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class _LostMicrophone:
+    realtime, finished, captured_at, records = True, False, None, False
+
+    def read(self, timeout: float):
+        raise DeviceError("the microphone went away")
+
+    def clear(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_a_lost_device_ends_the_session_with_an_audio_error(tmp_path, monkeypatch, capsys, debug):
+    """Not an engine error: the CLI prints either as one line; MOSHI_DEBUG=1 adds the traceback."""
+    import moshi_tui.session as session
+
+    monkeypatch.setattr(session, "EngineProcess", _ReadyEngine)
+    monkeypatch.setattr(session, "open_source", lambda options: _LostMicrophone())
+    monkeypatch.setenv("MOSHI_DEBUG", debug)
+    with pytest.raises(DeviceError, match="^the microphone went away$"):
+        run(SessionOptions("chat", record_dir=tmp_path, tui=False))
+    assert ("Traceback" in capsys.readouterr().err) == (debug == "1")

@@ -18,7 +18,6 @@ def _scene(conversation: ScriptedConversation, play):
     async def run_before(pilot) -> None:
         conversation.load()
         play(conversation)
-        pilot.app.drain()
         await pilot.pause()
 
     return run_before
@@ -79,7 +78,7 @@ def test_help(snap_compare):
     async def run_before(pilot) -> None:
         conv.load()
         conv.go_live()
-        pilot.app.drain()
+        await pilot.pause()
         await pilot.press("question_mark")
 
     assert snap_compare(_app(conv), terminal_size=SIZE, run_before=run_before)
