@@ -8,8 +8,9 @@ loading (it is the Moshi LM without a depth transformer).
 
 What the families share stays flat here: the building blocks (``transformer.py``, ``conv.py``,
 ``quant.py``, ``weights.py``, ``hub.py``, ...), what every runner shares (``runner.py``), the
-registry of the tiny writers (``tiny.py``) and the engine process (``process.py``).
+registry of the tiny writers (``tiny.py``), the ``Engine`` protocol a session drives
+(``interface.py``) and its implementation on this machine, the engine process (``process.py``).
 
-Nothing here imports Textual, and of the audio layer only the stream format (``audio/__init__.py``):
-the engine runs headless in its own process.
+Nothing here imports Textual, and of the audio layer only the stream format (``audio/__init__.py``)
+and the lag bounds (``audio/lag.py``): the engine runs headless in its own process.
 """
