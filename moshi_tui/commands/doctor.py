@@ -143,7 +143,7 @@ def _check_pipeline() -> int:
     from engine.tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="moshi-doctor-") as folder:
-        write_tiny_checkpoint(folder, Mode.CHAT.value)
+        write_tiny_checkpoint(folder, Mode.CHAT)
         engine = EngineProcess(Mode.CHAT, ModelOptions(hf_repo=folder, dtype="float32"))
         try:
             outputs = []

@@ -38,5 +38,5 @@ def tiny_model(
     """
     from engine.tiny import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(folder, kind.value, seed)
+    path = write_tiny_checkpoint(folder, kind, seed)
     typer.echo(f"wrote a tiny random {kind.value} model to {path} (it speaks noise, not words)")

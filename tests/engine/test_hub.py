@@ -35,7 +35,7 @@ Q8 = "kyutai/moshika-pytorch-q8"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 SPM_FILE = "tokenizer_spm_32k_3.model"
 
-# stt-1b-en_fr as described in stt.md §2 and §2.1 (architecture plus the checkpoint keys the loader pops)
+# kyutai/stt-1b-en_fr's config.json: the architecture plus the checkpoint keys the loader pops
 STT_CONFIG = {
     "dim": 2048, "text_card": 8000, "existing_text_padding_id": 3, "n_q": 32, "dep_q": 0, "card": 2048,
     "num_heads": 16, "num_layers": 16, "hidden_scale": 4.125, "causal": True, "layer_scale": None, "context": 750,
@@ -51,7 +51,7 @@ STT_CONFIG = {
     "tts_config": {},
     "lora_name": None,
 }
-# A q8 repo's config.json: its own LM file, Mimi and the tokenizer linked from the bf16 repo (moshi-lm.md §12).
+# A q8 repo's config.json: its own LM file, Mimi and the tokenizer linked from the bf16 repo (hf:// names).
 Q8_CONFIG = {
     "dim": 4096, "num_layers": 32, "quantize": True, "moshi_name": "model.q8.safetensors",
     "mimi_name": f"hf://{BF16}/{MIMI_FILE}", "tokenizer_name": f"hf://{BF16}/{SPM_FILE}",
@@ -269,7 +269,7 @@ def test_folder_hf_links_are_found_in_a_models_root_laid_out_like_the_hub(tmp_pa
 ])
 def test_bad_names_and_configs_give_one_line_errors(tmp_path, monkeypatch, name, message):
     monkeypatch.chdir(tmp_path)
-    # the published stt_1b_enfr.json misses a comma before "fuser" (stt.md §2.1)
+    # the stt_1b_enfr.json Kyutai publishes with its STT scripts misses a comma before "fuser"
     write_files(tmp_path / "bad-json", {"config.json": '{"delays": [0, 0], "model_type": "stt" "fuser": null}'})
     write_files(tmp_path / "model", {"config.json": json.dumps({"mimi_name": "hf://kyutai/only-repo"}),
                                      "model.safetensors": b"lm"})

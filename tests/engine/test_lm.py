@@ -141,7 +141,8 @@ def test_loader_accepts_split_attention_names(lm_checkpoints, tmp_path):
 
 
 def test_ffn_width_comes_from_the_weights(lm_checkpoints):
-    """A config whose hidden_scale rule gives the wrong width still loads (spec trap 4)."""
+    """A config whose hidden_scale rule gives the wrong width still loads: the gated FFN's width is
+    read from the weights (the reference's rule gives 5376 for STT-1B, whose weights are 5632 wide)."""
     cfg = LMConfig.tiny_moshi()
     wrong = LMConfig.from_dict({**cfg.to_dict(), "hidden_scale": 4.0})
     assert wrong.ffn_hidden != cfg.ffn_hidden
