@@ -29,6 +29,7 @@ from engine.options import Mode, ModelOptions
 from engine.interface import Engine, Failed, Loading, Output, Ready, WarmingUp
 
 from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
+from . import signals
 from .recording import SessionRecorder, new_session_folder
 from .settings import data_dir
 from .transcript import Transcript
@@ -450,21 +451,26 @@ def run(options: SessionOptions) -> None:
     engine = EngineProcess(options.runner or options.mode.runner, options.model,
                            log_path=str(record_base / "engine.log"))
     session = Session(options, engine, source, record_base)
+    interrupted: KeyboardInterrupt | None = None
     try:
         if options.tui:
             from .app import MoshiApp
 
             image = getattr(options.model, "image", None)  # `moshi see`: the picture beside the words
-            MoshiApp(session, mode=options.mode, save_dir=options.save_dir,
-                     image=None if image is None else Path(image)).run()
+            app = MoshiApp(session, mode=options.mode, save_dir=options.save_dir,
+                           image=None if image is None else Path(image))
+            app.run()
+            if app.return_code and app.return_code > 128:
+                interrupted = signals.Interrupted(app.return_code - 128)
         else:
             printer = PlainPrinter(options.mode)
-            session.start(printer)
-            try:
-                while not session.done.wait(0.1):
-                    pass
-            except KeyboardInterrupt:
-                pass
+            with signals.raising():
+                try:
+                    session.start(printer)
+                    while not session.done.wait(0.1):
+                        pass
+                except KeyboardInterrupt as exc:
+                    interrupted = exc
             printer.close()
     finally:
         session.stop()
@@ -473,3 +479,5 @@ def run(options: SessionOptions) -> None:
         if detail and env_flag("MOSHI_DEBUG"):
             print(detail, file=sys.stderr)
         raise error
+    if interrupted is not None:
+        sys.exit(signals.exit_status(interrupted))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -12,6 +11,7 @@ import typer
 
 from engine.options import Mode
 
+from .. import signals
 from ..transcript_writers import CHOICES, CueLimits, TranscriptWriter, writers_for
 from .common import MODEL_PANEL, DeviceOption, DtypeOption, QuantizeOption, Seed, model_options, progress_to_stderr
 
@@ -128,21 +128,16 @@ def _run_files(names: list[str], options, writers: list[type[TranscriptWriter]],
         for source, paths in zip(inputs, targets):
             yield source.open(), _listeners(source.name, paths, info, len(inputs), limits)
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        run = BatchTranscriber(runner, pause_seconds=pause).run(jobs())
-    except KeyboardInterrupt:
+        with signals.raising():
+            run = BatchTranscriber(runner, pause_seconds=pause).run(jobs())
+    except KeyboardInterrupt as exc:
         print("moshi: interrupted; the transcripts hold what was recognised so far", file=sys.stderr)
-        raise typer.Exit(130)
+        raise typer.Exit(signals.exit_status(exc))
     finally:
-        signal.signal(signal.SIGTERM, previous)
         runner.close()
     if stats:
         _print_stats(run, runner)
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _output_paths(stems: list[str], writers: list[type[TranscriptWriter]],
@@ -230,25 +225,28 @@ def _run_live(options, no_tui: bool, writers: list[type[TranscriptWriter]], outp
         live = LiveTranscriber(runner, _listeners("microphone", paths, _model_info(runner, pause), 1, limits), pause)
         print("moshi: listening (Ctrl-C ends it)", file=sys.stderr, flush=True)
         try:
-            transcribe_source(source, live)
+            interrupted = transcribe_source(source, live)
         finally:
             runner.close()
     finally:
         source.close()
     if stats:
         _print_stats(live.stats, runner)
+    if interrupted is not None:
+        raise typer.Exit(signals.exit_status(interrupted))
 
 
-def transcribe_source(source, live) -> None:
-    """Frames from a live source until it ends or Ctrl-C, then the words still in flight."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while not source.finished:
-            frame = source.read(timeout=0.1)
-            if frame is not None:
-                live.push(frame)
-    except KeyboardInterrupt:
-        pass  # the usual way to end a live transcription
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def transcribe_source(source, live) -> KeyboardInterrupt | None:
+    """Frames from a live source until it ends or Ctrl-C, then the words still in flight. Returns
+    the interruption that ended it (the command then exits 130, 143 or 129), or None."""
+    interrupted = None
+    with signals.raising():
+        try:
+            while not source.finished:
+                frame = source.read(timeout=0.1)
+                if frame is not None:
+                    live.push(frame)
+        except KeyboardInterrupt as exc:
+            interrupted = exc  # the usual way to end a live transcription
     live.finish()
+    return interrupted
