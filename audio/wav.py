@@ -1,7 +1,8 @@
 """A WAV writer whose file is valid at every moment: the header is rewritten after each block.
 
 Writes go straight to the file descriptor (no user-space buffer), so if the process dies the file
-holds every block whose write returned; at most the block being written is lost.
+holds every block whose write returned; at most the block being written is lost. The file is
+created new (`outputs.open_new`): a symlink at its name is replaced, never written through.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AudioFileError
+from .outputs import open_new
 
 _HEADER_SIZE = 44
 _MAX_DATA = 0xFFFFFFFF - (_HEADER_SIZE - 8)  # RIFF sizes are 32-bit
@@ -27,7 +29,7 @@ class WavWriter:
         self.frames_written = 0
         self._data_bytes = 0
         try:
-            self._file = open(self.path, "wb", buffering=0)
+            self._file = os.fdopen(open_new(self.path), "wb", buffering=0)
         except OSError as exc:
             raise self._error(exc) from exc
         try:

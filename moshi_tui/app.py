@@ -26,6 +26,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
+from audio.outputs import write_atomically
 from engine.options import Mode
 
 from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
@@ -316,7 +317,7 @@ class MoshiApp(App[None]):
         folder = self.save_dir or Path.cwd()
         path = folder / f"moshi-transcript-{datetime.now():%Y%m%d-%H%M%S}.txt"
         try:
-            path.write_text(self.query_one(TranscriptView).model.to_text(), encoding="utf-8")
+            write_atomically(path, self.query_one(TranscriptView).model.to_text())
         except OSError as exc:
             self.notify(f"Could not save the transcript: {exc}", severity="error")
         else:

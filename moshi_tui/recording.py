@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from audio import SAMPLE_RATE
+from audio.outputs import open_new_text, write_atomically
 from audio.wav import WavWriter
 from engine.options import Mode
 
 from .transcript import Change, Transcript
-from .transcript_writers import write_atomically
 
 JSON_EVERY_S = 1.0
 
@@ -53,8 +53,8 @@ class SessionRecorder:
         self.transcript = Transcript("moshi" if mode.talks else None)
         self.pieces: list[dict[str, Any]] = []
         self.wav = WavWriter(folder / "audio.wav", SAMPLE_RATE, channels=2 if mode.talks else 1) if wav else None
-        self._txt = open(folder / "transcript.txt", "w", encoding="utf-8")
-        self._events = open(folder / "events.jsonl", "w", encoding="utf-8")
+        self._txt = open_new_text(folder / "transcript.txt")
+        self._events = open_new_text(folder / "events.jsonl")
         self._json_dirty = True
         self._json_at = 0.0
         self.event("start", mode=mode.value, **info)

@@ -85,12 +85,13 @@ def run_headless_conversation(input: Path, output: Path | None, transcript: Path
     """Feed a recording to a conversation runner frame by frame; Moshi's voice to ``output``, words to stdout."""
     from audio import FRAME_SIZE, SAMPLE_RATE
     from audio.files import read_audio
+    from audio.outputs import open_new_text
     from audio.wav import WavWriter
 
     pcm = read_audio(input)  # a bad file fails before minutes of loading
     runner = load_runner()
     writer = WavWriter(output, SAMPLE_RATE, channels=1) if output else None
-    words = transcript.open("w", encoding="utf-8") if transcript else None
+    words = open_new_text(transcript) if transcript else None
     try:
         # Only whole frames, as Kyutai's `moshi-inference` does.
         for start in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE):

@@ -1,0 +1,68 @@
+"""Issue 13 through the real CLI and the tiny checkpoints: no output is written through a symlink,
+no input is overwritten, one bad file does not end a batch, and bad arguments, files and settings are
+one-line errors before the model loads."""
+
+import os
+
+import numpy as np
+import pytest
+import soundfile
+
+from engine.tiny import write_tiny_checkpoint
+from transcribe_support import moshi, noise
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: write_tiny_checkpoint(root / kind, kind, seed=0) for kind in ("chat", "transcribe")}
+
+
+@pytest.fixture
+def talk(tmp_path):
+    path = tmp_path / "talk.wav"
+    soundfile.write(path, noise(1.0, 24000, seed=1), 24000, subtype="PCM_16")
+    return path
+
+
+def _victim(path):
+    path.write_text("keep me")
+    return path
+
+
+def _one_line_error(result, *words):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and lines, result
+    assert lines[-1].startswith("moshi: error:") and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in lines[-1], result.stderr
+    return lines[-1]
+
+
+# -- no output is written through a symlink -----------------------------------------------------
+
+def test_transcript_files_replace_a_symlink_at_their_name(tiny, talk, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = _victim(tmp_path / "victim.txt")
+    for extension in ("txt", "srt", "vtt", "jsonl", "json"):
+        (out / f"talk.{extension}").symlink_to(victim)
+    result = moshi("transcribe", "--model", tiny["transcribe"], talk, "-f", "all", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert victim.read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == [f"talk.{e}" for e in ("json", "jsonl", "srt", "txt", "vtt")]
+    assert not any(p.is_symlink() for p in out.iterdir())
+
+
+def test_chat_output_and_transcript_replace_a_symlink_at_their_name(tiny, talk, tmp_path):
+    wav_victim, txt_victim = _victim(tmp_path / "a.txt"), _victim(tmp_path / "b.txt")
+    (tmp_path / "moshi.wav").symlink_to(wav_victim)
+    (tmp_path / "moshi.txt").symlink_to(txt_victim)
+    result = moshi("chat", "--hf-repo", tiny["chat"], "-i", talk, "-o", tmp_path / "moshi.wav",
+                   "--transcript", tmp_path / "moshi.txt")
+    assert result.returncode == 0, result.stderr
+    assert wav_victim.read_text() == "keep me" and txt_victim.read_text() == "keep me"
+    assert soundfile.info(tmp_path / "moshi.wav").samplerate == 24000
+    assert not (tmp_path / "moshi.wav").is_symlink() and not (tmp_path / "moshi.txt").is_symlink()
