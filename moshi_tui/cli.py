@@ -16,6 +16,7 @@ from engine.errors import EngineError
 
 from . import __version__, settings
 from .commands import chat, devices, doctor, see, tiny_model, transcribe
+from .commands.common import ArgumentError
 from .commands.download import download
 
 app = typer.Typer(
@@ -63,5 +64,10 @@ def main() -> None:
             raise
         print(f"moshi: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except ArgumentError as exc:
+        if env_flag("MOSHI_DEBUG"):
+            raise
+        print(f"moshi: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -33,8 +33,10 @@ def _victim(path):
 
 
 def _one_line_error(result, *words):
+    """The last line of stderr, a `moshi: error:` line naming `words`, written before any model loads."""
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and lines, result
+    assert "moshi: loading" not in result.stderr, result.stderr
     assert lines[-1].startswith("moshi: error:") and "Traceback" not in result.stderr, result.stderr
     for word in words:
         assert word in lines[-1], result.stderr
@@ -66,3 +68,35 @@ def test_chat_output_and_transcript_replace_a_symlink_at_their_name(tiny, talk, 
     assert wav_victim.read_text() == "keep me" and txt_victim.read_text() == "keep me"
     assert soundfile.info(tmp_path / "moshi.wav").samplerate == 24000
     assert not (tmp_path / "moshi.wav").is_symlink() and not (tmp_path / "moshi.txt").is_symlink()
+
+
+# -- no input is overwritten --------------------------------------------------------------------
+
+def test_tiny_model_refuses_a_folder_with_files_unless_forced(tmp_path):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"mine")
+    _one_line_error(moshi("tiny-model", folder), "--force")
+    assert (folder / "model.safetensors").read_bytes() == b"mine"
+    assert moshi("tiny-model", folder, "--force").returncode == 0
+    assert (folder / "model.safetensors").read_bytes() != b"mine"
+
+
+def test_chat_refuses_to_write_over_its_input(tiny, talk):
+    before = talk.read_bytes()
+    _one_line_error(moshi("chat", "--hf-repo", tiny["chat"], "-i", talk, "-o", talk), "--output")
+    assert talk.read_bytes() == before
+    hard_link = talk.with_name("same.wav")
+    os.link(talk, hard_link)
+    _one_line_error(moshi("chat", "--hf-repo", tiny["chat"], "-i", talk, "--transcript", hard_link), "--transcript")
+    assert talk.read_bytes() == before
+
+
+def test_transcribe_refuses_to_write_over_an_input(tiny, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    talk = folder / "talk.txt"  # any name: the format is read from the content
+    soundfile.write(talk, noise(1.0, 24000), 24000, format="WAV", subtype="PCM_16")
+    before = talk.read_bytes()
+    _one_line_error(moshi("transcribe", "--model", tiny["transcribe"], talk, "-f", "txt", "-o", folder), str(talk))
+    assert talk.read_bytes() == before

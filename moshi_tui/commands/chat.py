@@ -11,7 +11,7 @@ import typer
 
 from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoTui, OutputDevice,
                      OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText, TranscriptFile,
-                     model_options, progress_to_stderr, reject_without_input)
+                     check_output, model_options, progress_to_stderr, reject_without_input)
 
 EPILOG = """\
 Examples:
@@ -88,6 +88,9 @@ def run_headless_conversation(input: Path, output: Path | None, transcript: Path
     from audio.outputs import open_new_text
     from audio.wav import WavWriter
 
+    for path, option in ((output, "--output"), (transcript, "--transcript")):
+        if path is not None:
+            check_output(path, option, [input])
     pcm = read_audio(input)  # a bad file fails before minutes of loading
     runner = load_runner()
     writer = WavWriter(output, SAMPLE_RATE, channels=1) if output else None

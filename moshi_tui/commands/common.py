@@ -5,7 +5,9 @@ them, one line each; their names, help and types are declared here once."""
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +15,25 @@ from typing import Annotated, Optional
 import typer
 
 from engine.options import ModelOptions
+
+class ArgumentError(Exception):
+    """A bad argument, found before anything loads: one line on stderr, exit status 2 (`cli.main`)."""
+
+
+def check_output(path: Path, option: str, inputs: Iterable[Path] = ()) -> None:
+    """Before anything loads: `path` can be written as a new file, and it is none of `inputs` (by
+    inode: a hard link or another spelling of an input is the same file)."""
+    if path.is_dir():
+        raise ArgumentError(f"{option} {path} is a folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ArgumentError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArgumentError(f"{option} {path}: cannot write in {folder}: permission denied")
+    for source in inputs:
+        if path.exists() and source.exists() and os.path.samefile(path, source):
+            raise ArgumentError(f"{option} {path} is the input {source}: writing it would destroy it")
+
 
 MODEL_PANEL = "Model"
 SAMPLING_PANEL = "Sampling"

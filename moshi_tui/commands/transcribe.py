@@ -13,7 +13,8 @@ from engine.options import Mode
 
 from .. import signals
 from ..transcript_writers import CHOICES, CueLimits, TranscriptWriter, writers_for
-from .common import MODEL_PANEL, DeviceOption, DtypeOption, QuantizeOption, Seed, model_options, progress_to_stderr
+from .common import (MODEL_PANEL, DeviceOption, DtypeOption, QuantizeOption, Seed, check_output, model_options,
+                     progress_to_stderr)
 
 EPILOG = """\
 Examples:
@@ -121,6 +122,11 @@ def _run_files(names: list[str], options, writers: list[type[TranscriptWriter]],
     # Every input is checked, and every output path decided, before the model loads.
     inputs = [stdin_input(rate) if name == STDIN else file_input(name) for name in names]
     targets = _output_paths([i.stem for i in inputs], writers, output_dir)
+    files = [Path(name) for name in names if name != STDIN]
+    for paths in targets:
+        for path in paths.values():
+            if path is not None:
+                check_output(path, "--output-dir", files)
     runner = TranscribeRunner.load(options, progress=progress_to_stderr, batch_size=min(batch_size, len(inputs)))
     info = _model_info(runner, pause)
 
