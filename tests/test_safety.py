@@ -2,6 +2,7 @@
 no input is overwritten, one bad file does not end a batch, and bad arguments, files and settings are
 one-line errors before the model loads."""
 
+import json
 import os
 
 import numpy as np
@@ -100,3 +101,25 @@ def test_transcribe_refuses_to_write_over_an_input(tiny, tmp_path):
     before = talk.read_bytes()
     _one_line_error(moshi("transcribe", "--model", tiny["transcribe"], talk, "-f", "txt", "-o", folder), str(talk))
     assert talk.read_bytes() == before
+
+
+# -- one bad file does not end a batch -------------------------------------------------------
+
+def test_a_file_that_fails_to_decode_is_reported_and_the_batch_goes_on(tiny, tmp_path):
+    good = tmp_path / "b_good.flac"
+    soundfile.write(good, noise(3.0, 48000, seed=2), 48000)
+    data = bytearray(good.read_bytes())
+    for i in range(2000, len(data), 7):  # the header stays valid: the damage shows while decoding
+        data[i] ^= 0x5A
+    bad = tmp_path / "a_corrupt.flac"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "o"
+    result = moshi("transcribe", "--model", tiny["transcribe"], bad, good, "-f", "json", "-o", out,
+                   "--batch-size", 1)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("moshi: error:")]
+    assert len(errors) == 2 and "a_corrupt.flac" in errors[0] and "going on" in errors[0], result.stderr
+    assert "1 of 2" in errors[1] and "a_corrupt.flac" in errors[1] and "b_good" not in errors[1]
+    assert "Traceback" not in result.stderr
+    assert json.loads((out / "b_good.json").read_text())["complete"] is True
+    assert json.loads((out / "a_corrupt.json").read_text())["complete"] is False

@@ -117,6 +117,7 @@ def _run_files(names: list[str], options, writers: list[type[TranscriptWriter]],
     from engine.stt.runner import TranscribeRunner
     from engine.stt.transcription import BatchTranscriber
 
+    from audio.errors import AudioError
     from audio.inputs import file_input, stdin_input
 
     # Every input is checked, and every output path decided, before the model loads.
@@ -132,11 +133,16 @@ def _run_files(names: list[str], options, writers: list[type[TranscriptWriter]],
 
     def jobs():
         for source, paths in zip(inputs, targets):
-            yield source.open(), _listeners(source.name, paths, info, len(inputs), limits)
+            yield _opened_late(source), _listeners(source.name, paths, info, len(inputs), limits)
 
+    def report(index: int, error: Exception) -> None:
+        more = "; going on with the others" if len(inputs) > 1 else ""
+        print(f"moshi: error: {error}{more}", file=sys.stderr, flush=True)
+
+    transcriber = BatchTranscriber(runner, pause_seconds=pause, input_errors=(AudioError,), on_failure=report)
     try:
         with signals.raising():
-            run = BatchTranscriber(runner, pause_seconds=pause).run(jobs())
+            run = transcriber.run(jobs())
     except KeyboardInterrupt as exc:
         print("moshi: interrupted; the transcripts hold what was recognised so far", file=sys.stderr)
         raise typer.Exit(signals.exit_status(exc))
@@ -144,6 +150,18 @@ def _run_files(names: list[str], options, writers: list[type[TranscriptWriter]],
         runner.close()
     if stats:
         _print_stats(run, runner)
+    if run.failed:
+        if len(inputs) > 1:
+            names = ", ".join(inputs[index].name for index, _ in sorted(run.failed, key=lambda f: f[0]))
+            print(f"moshi: error: {len(run.failed)} of {len(inputs)} inputs could not be read to the end "
+                  f"(their transcripts are incomplete): {names}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _opened_late(source):
+    """The input's blocks, opened when its slot reads the first: an error in opening is then the
+    input's own failure, like an error in decoding."""
+    yield from source.open()
 
 
 def _output_paths(stems: list[str], writers: list[type[TranscriptWriter]],
