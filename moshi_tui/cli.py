@@ -16,8 +16,8 @@ from engine.errors import EngineError
 
 from . import __version__, settings
 from .commands import chat, devices, doctor, see, tiny_model, transcribe
-from .commands.common import ArgumentError
 from .commands.download import download
+from .errors import ArgumentError
 
 app = typer.Typer(
     name="moshi",

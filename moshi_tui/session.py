@@ -8,6 +8,7 @@ printer) only receives `messages` events; it never waits on the model.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -30,6 +31,7 @@ from engine.interface import Engine, Failed, Loading, Output, Ready, WarmingUp
 
 from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
 from . import signals
+from .errors import ArgumentError
 from .recording import SessionRecorder, new_session_folder
 from .settings import data_dir
 from .transcript import Transcript
@@ -440,11 +442,21 @@ def open_source(options: SessionOptions) -> Source:
     return MicSource(options)
 
 
+def _record_base(path: Path) -> Path:
+    """The folder of the session folders and of engine.log, checked before anything starts."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # As the engine process opens its log: a symlink at its name fails here, not in that process.
+        os.close(os.open(path / "engine.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600))
+    except OSError as exc:
+        raise ArgumentError(f"cannot record sessions in {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def run(options: SessionOptions) -> None:
     """Run one session to its end. A failed engine raises EngineError, a failed device AudioError
     (both one line; MOSHI_DEBUG=1 prints the traceback behind it first)."""
-    record_base = options.record_dir or data_dir() / "sessions"
-    record_base.mkdir(parents=True, exist_ok=True)
+    record_base = _record_base(options.record_dir or data_dir() / "sessions")
     from engine.process import EngineProcess
 
     source = open_source(options)  # a bad device or file fails here, before anything starts

@@ -61,6 +61,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise SettingsError(f"cannot read the config file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path}: {exc}") from exc
+    except UnicodeDecodeError:
+        raise SettingsError(f"config file {path} is not UTF-8 text") from None
 
 
 def _name(key: str) -> str:

@@ -4,13 +4,15 @@ one-line errors before the model loads."""
 
 import json
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import soundfile
 
 from engine.tiny import write_tiny_checkpoint
-from transcribe_support import moshi, noise
+from transcribe_support import ENV, moshi, moshi_command, noise
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -123,3 +125,69 @@ def test_a_file_that_fails_to_decode_is_reported_and_the_batch_goes_on(tiny, tmp
     assert "Traceback" not in result.stderr
     assert json.loads((out / "b_good.json").read_text())["complete"] is True
     assert json.loads((out / "a_corrupt.json").read_text())["complete"] is False
+
+
+# -- bad arguments, files and settings: one line, before the model loads ---------------------
+
+def test_outputs_into_a_missing_folder_are_refused_before_loading(tiny, talk, tmp_path):
+    wav = tmp_path / "moshi.wav"
+    _one_line_error(moshi("chat", "--hf-repo", tiny["chat"], "-i", talk, "-o", wav,
+                          "--transcript", tmp_path / "nowhere" / "x.txt"), "--transcript", "does not exist")
+    assert not wav.exists()
+    _one_line_error(moshi("chat", "--hf-repo", tiny["chat"], "-i", talk, "-o", tmp_path / "nowhere" / "m.wav"),
+                    "--output")
+
+
+def test_a_record_folder_that_cannot_be_made_is_one_line(tiny, tmp_path):
+    a_file = _victim(tmp_path / "file")
+    result = moshi("chat", "--no-tui", "--hf-repo", tiny["chat"], "--record", a_file)
+    _one_line_error(result, str(a_file))
+    assert a_file.read_text() == "keep me"
+
+
+def test_tiny_model_refuses_a_file_and_a_dangling_link(tmp_path):
+    a_file = _victim(tmp_path / "file")
+    _one_line_error(moshi("tiny-model", a_file), "is a file")
+    (tmp_path / "link").symlink_to(tmp_path / "nothing")
+    _one_line_error(moshi("tiny-model", tmp_path / "link"), "symlink to nothing")
+    assert a_file.read_text() == "keep me" and not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("key, value", [("dim", "sixty-four"), ("delays", "0,1"), ("context", 1e9),
+                                        ("num_layers", 10**6), ("dim", True)])
+def test_a_config_json_of_wrong_types_or_sizes_is_one_line(tiny, talk, tmp_path, key, value):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny["chat"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    _one_line_error(moshi("chat", "--hf-repo", folder, "-i", talk), f"config.json: {key} must be")
+
+
+def test_a_corrupt_tokenizer_is_one_line(tiny, talk, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny["chat"], folder)
+    (folder / "tokenizer.model").write_bytes(bytes(range(256)) * 8)
+    _one_line_error(moshi("chat", "--hf-repo", folder, "-i", talk), "tokenizer")
+
+
+def test_a_config_json_naming_a_file_outside_its_folder_is_refused(tiny, talk, tmp_path):
+    folder = tmp_path / "a" / "b" / "model"
+    shutil.copytree(tiny["chat"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    for name in ("../../../../../../../../etc/passwd", "file:///etc/passwd"):
+        (folder / "config.json").write_text(json.dumps({**config, "tokenizer_name": name}))
+        _one_line_error(moshi("chat", "--hf-repo", folder, "-i", talk), "tokenizer_name", "in its folder")
+
+
+@pytest.mark.parametrize("seed", ["1e23", str(10**23), "-1"])
+def test_a_seed_out_of_range_is_a_usage_error(tiny, talk, seed):
+    result = moshi("chat", "--hf-repo", tiny["chat"], "-i", talk, "--seed", seed)
+    assert result.returncode == 2 and "--seed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tiny, talk, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_bytes(b'voice = "\xff\xfe"\n')
+    result = subprocess.run(moshi_command("chat", "--hf-repo", tiny["chat"], "-i", talk), capture_output=True,
+                            text=True, env={**ENV, "MOSHI_CONFIG": str(config)}, timeout=120)
+    _one_line_error(result, str(config), "UTF-8")

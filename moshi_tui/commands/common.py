@@ -16,9 +16,7 @@ import typer
 
 from engine.options import ModelOptions
 
-class ArgumentError(Exception):
-    """A bad argument, found before anything loads: one line on stderr, exit status 2 (`cli.main`)."""
-
+from ..errors import ArgumentError
 
 def check_output(path: Path, option: str, inputs: Iterable[Path] = ()) -> None:
     """Before anything loads: `path` can be written as a new file, and it is none of `inputs` (by
@@ -67,7 +65,7 @@ QuantizeOption = Annotated[Optional[Quantize], typer.Option(
     help="Quantize the language model's weights while loading: int8 (half the memory of bfloat16 and, on CPU, "
          "about 3x faster) or int4 (a quarter of the memory, with a larger error). Official q8 checkpoints are "
          "int8 without it.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", rich_help_panel=SAMPLING_PANEL,
+Seed = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, rich_help_panel=SAMPLING_PANEL,
                                              help="Random seed for sampling [default: 4242].")]
 Temp = Annotated[Optional[float], typer.Option(
     "--temp", rich_help_panel=SAMPLING_PANEL, help="Audio sampling temperature; 0 = greedy [default: from the model].")]

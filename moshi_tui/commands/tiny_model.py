@@ -9,7 +9,7 @@ import typer
 
 from engine.options import Mode
 
-from .common import ArgumentError
+from ..errors import ArgumentError
 
 EPILOG = """\
 Examples:
