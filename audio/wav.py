@@ -23,13 +23,14 @@ _MAX_DATA = 0xFFFFFFFF - (_HEADER_SIZE - 8)  # RIFF sizes are 32-bit
 class WavWriter:
     """16-bit PCM, interleaved channels. ``write(ch0, ch1, ...)`` takes one float array per channel."""
 
-    def __init__(self, path: str | Path, sample_rate: int, channels: int = 2):
+    def __init__(self, path: str | Path, sample_rate: int, channels: int = 2, mode: int = 0o666):
+        """`mode`: the new file's permissions, filtered by the umask (0o600: private)."""
         self.path = Path(path)
         self.sample_rate, self.channels = sample_rate, channels
         self.frames_written = 0
         self._data_bytes = 0
         try:
-            self._file = os.fdopen(open_new(self.path), "wb", buffering=0)
+            self._file = os.fdopen(open_new(self.path, mode), "wb", buffering=0)
         except OSError as exc:
             raise self._error(exc) from exc
         try:

@@ -32,7 +32,7 @@ from engine.interface import Engine, Failed, Loading, Output, Ready, WarmingUp
 from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
 from . import signals
 from .errors import ArgumentError
-from .recording import SessionRecorder, new_session_folder
+from .recording import NoRecorder, SessionRecorder, new_session_folder
 from .settings import data_dir
 from .transcript import Transcript
 
@@ -53,6 +53,7 @@ class SessionOptions:
     output_device: str | None = None
     aec: bool = True
     record_dir: Path | None = None  # parent of the session folders; default <XDG data>/moshi/sessions
+    record: bool = True  # False: no session files, no engine.log
     tui: bool = True  # False: words to stdout, states to stderr
     save_dir: Path | None = None  # where `s` writes the transcript; default the current folder
 
@@ -176,7 +177,8 @@ class FileSource:
 class Session:
     """The app's `Conversation`: runs the pump thread, and everything it owns dies with it."""
 
-    def __init__(self, options: SessionOptions, engine: Engine, source: Source, record_base: Path) -> None:
+    def __init__(self, options: SessionOptions, engine: Engine, source: Source, record_base: Path | None) -> None:
+        """`record_base`: where the session folders go; None: nothing is recorded."""
         self.options = options
         self.mode = options.mode
         self.engine = engine
@@ -193,7 +195,7 @@ class Session:
         self._image: tuple[bytes, str] | None = None  # a new picture for the next conversation
         self._muted = False
         self._live = False
-        self._recorder: SessionRecorder | None = None
+        self._recorder: SessionRecorder | NoRecorder | None = None
         self._info: dict[str, str] = {}
         self._reset_counters()
 
@@ -320,12 +322,15 @@ class Session:
     # -- conversations ---------------------------------------------------------------------
 
     def _start_conversation(self) -> None:
-        folder = new_session_folder(self.record_base, self.mode)
-        self.folders.append(folder)
-        self._recorder = SessionRecorder(folder, self.mode, self._info, wav=not self.source.records)
         self.source.clear()
-        if self.source.records:
-            self.source.start_recording(folder / "audio.wav")
+        if self.record_base is None:
+            self._recorder = NoRecorder()
+        else:
+            folder = new_session_folder(self.record_base, self.mode)
+            self.folders.append(folder)
+            self._recorder = SessionRecorder(folder, self.mode, self._info, wav=not self.source.records)
+            if self.source.records:
+                self.source.start_recording(folder / "audio.wav")
         self._reset_counters()
         self._live = True
         self._deliver(StateChanged("live"))
@@ -453,15 +458,23 @@ def _record_base(path: Path) -> Path:
     return path
 
 
+def _say_where_it_went(folders: list[Path]) -> None:
+    if len(folders) == 1:
+        print(f"moshi: the session is recorded in {folders[0]}", file=sys.stderr)
+    elif folders:
+        print(f"moshi: the {len(folders)} conversations are recorded in {folders[0].parent} "
+              f"({folders[0].name} to {folders[-1].name})", file=sys.stderr)
+
+
 def run(options: SessionOptions) -> None:
     """Run one session to its end. A failed engine raises EngineError, a failed device AudioError
     (both one line; MOSHI_DEBUG=1 prints the traceback behind it first)."""
-    record_base = _record_base(options.record_dir or data_dir() / "sessions")
+    record_base = _record_base(options.record_dir or data_dir() / "sessions") if options.record else None
     from engine.process import EngineProcess
 
     source = open_source(options)  # a bad device or file fails here, before anything starts
     engine = EngineProcess(options.runner or options.mode.runner, options.model,
-                           log_path=str(record_base / "engine.log"))
+                           log_path=None if record_base is None else str(record_base / "engine.log"))
     session = Session(options, engine, source, record_base)
     interrupted: KeyboardInterrupt | None = None
     try:
@@ -486,6 +499,7 @@ def run(options: SessionOptions) -> None:
             printer.close()
     finally:
         session.stop()
+        _say_where_it_went(session.folders)
     if session.failure is not None:
         error, detail = session.failure
         if detail and env_flag("MOSHI_DEBUG"):

@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoTui, OutputDevice,
-                     OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText, TranscriptFile,
-                     check_output, model_options, progress_to_stderr, reject_without_input)
+from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoRecord, NoTui,
+                     OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText,
+                     TranscriptFile, check_output, model_options, progress_to_stderr, record_place, reject_without_input)
 
 EPILOG = """\
 Examples:
@@ -40,6 +40,7 @@ def chat(
     voice: Annotated[Voice, typer.Option("--voice", help="Moshika (female) or Moshiko (male).")] = Voice.moshika,
     no_tui: NoTui = False,
     record: Record = None,
+    no_record: NoRecord = False,
     input_device: InputDevice = None,
     output_device: OutputDevice = None,
     no_aec: NoAec = False,
@@ -72,7 +73,8 @@ def chat(
     from ..session import SessionOptions, run
 
     run(SessionOptions(mode=Mode.CHAT, model=options, input_device=input_device, output_device=output_device,
-                       aec=not no_aec, record_dir=record, tui=not no_tui))
+                       aec=not no_aec, record_dir=record_place(record, no_record), record=not no_record,
+                       tui=not no_tui))
 
 
 def run_headless_chat(input: Path, output: Path | None, transcript: Path | None, options) -> None:

@@ -102,6 +102,9 @@ NoTui = Annotated[bool, typer.Option(
 Record = Annotated[Optional[Path], typer.Option(
     "--record", metavar="DIR", rich_help_panel=LIVE_PANEL, help="Where each conversation's folder goes (stereo "
     "WAV, transcript, event log) [default: the XDG data dir, moshi/sessions].")]
+NoRecord = Annotated[bool, typer.Option(
+    "--no-record", rich_help_panel=LIVE_PANEL, help="Keep no files of the conversation (by default each one "
+    "is recorded, readable by you only, and where it went is printed at the end).")]
 InputDevice = Annotated[Optional[str], typer.Option(
     "--input-device", metavar="INDEX_OR_NAME", rich_help_panel=LIVE_PANEL,
     help="Microphone: an index or part of a name from `moshi devices` [default: the system's].")]
@@ -110,6 +113,13 @@ OutputDevice = Annotated[Optional[str], typer.Option(
     help="Speakers: an index or part of a name from `moshi devices` [default: the system's].")]
 NoAec = Annotated[bool, typer.Option(
     "--no-aec", rich_help_panel=LIVE_PANEL, help="Turn echo cancellation off (with headphones, it is not needed).")]
+
+
+def record_place(record: Path | None, no_record: bool) -> Path | None:
+    """--record DIR, or the default place (None); --no-record goes with neither."""
+    if no_record and record is not None:
+        raise typer.BadParameter("--record and --no-record contradict each other", param_hint="--no-record")
+    return record
 
 
 def model_options(hf_repo: str | None, device: Device, dtype: Dtype, seed: int | None, temp: float | None,

@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (MODEL_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoTui,
-                     OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText,
-                     TranscriptFile, model_options, progress_to_stderr, reject_without_input)
+from .common import (MODEL_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec,
+                     NoRecord, NoTui, OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK,
+                     TopKText, TranscriptFile, model_options, progress_to_stderr, record_place, reject_without_input)
 
 EPILOG = """\
 Examples:
@@ -45,6 +45,7 @@ def see(
         "the Rust and MLX backends) or variance (the official PyTorch backend) [default: from the model].")] = None,
     no_tui: NoTui = False,
     record: Record = None,
+    no_record: NoRecord = False,
     input_device: InputDevice = None,
     output_device: OutputDevice = None,
     no_aec: NoAec = False,
@@ -84,7 +85,8 @@ def see(
     except PictureError as exc:
         raise typer.BadParameter(str(exc), param_hint="IMAGE") from None
     run(SessionOptions(mode=Mode.SEE, model=options, input_device=input_device, output_device=output_device,
-                       aec=not no_aec, record_dir=record, tui=not no_tui))
+                       aec=not no_aec, record_dir=record_place(record, no_record), record=not no_record,
+                       tui=not no_tui))
 
 
 def run_headless_see(input: Path, output: Path | None, transcript: Path | None, options) -> None:

@@ -49,6 +49,9 @@ def transcribe(
              "[default: stt-1b-en_fr].")] = None,
     no_tui: Annotated[bool, typer.Option(
         "--no-tui", help="Microphone: the words on stdout as they are recognised, not the full-screen view.")] = False,
+    no_record: Annotated[bool, typer.Option(
+        "--no-record", help="Microphone, full-screen view: keep no session files (by default the session is "
+        "recorded, readable by you only, and where it went is printed at the end).")] = False,
     raw: Annotated[bool, typer.Option(
         "--raw", help="Standard input is headerless 16-bit little-endian mono PCM (needs --rate).")] = False,
     rate: Annotated[Optional[int], typer.Option(
@@ -97,7 +100,7 @@ def transcribe(
     writers = _writers(output_format, output_dir, max(len(inputs), 1))
     limits = CueLimits(max_line_width, max_words_per_line)
     if not inputs:
-        _run_live(options, no_tui, writers, output_dir, limits, pause, stats)
+        _run_live(options, no_tui, no_record, writers, output_dir, limits, pause, stats)
         return
     _run_files(inputs, options, writers, output_dir, rate, limits, pause, batch_size, stats)
 
@@ -227,12 +230,12 @@ def _print_stats(run, runner) -> None:
           f"{run.steps} steps of batch {runner.batch_size}", file=sys.stderr)
 
 
-def _run_live(options, no_tui: bool, writers: list[type[TranscriptWriter]], output_dir: Path | None,
+def _run_live(options, no_tui: bool, no_record: bool, writers: list[type[TranscriptWriter]], output_dir: Path | None,
               limits: CueLimits, pause: float, stats: bool) -> None:
     """The microphone: the full-screen view, or with --no-tui the words on stdout (and in files)."""
     from ..session import SessionOptions, open_source, run
 
-    session = SessionOptions(mode=Mode.TRANSCRIBE, model=options, tui=not no_tui)
+    session = SessionOptions(mode=Mode.TRANSCRIBE, model=options, tui=not no_tui, record=not no_record)
     if not no_tui:
         if writers:
             raise typer.BadParameter("the full-screen view saves its own transcript; add --no-tui to write "

@@ -5,6 +5,7 @@ in the middle of a conversation; a lost sound device ends a session with its own
 import json
 import os
 import signal
+import stat
 import time
 
 import numpy as np
@@ -200,9 +201,30 @@ def test_a_lost_device_ends_the_session_with_an_audio_error(tmp_path, monkeypatc
     """Not an engine error: the CLI prints either as one line; MOSHI_DEBUG=1 adds the traceback."""
     import moshi_tui.session as session
 
-    monkeypatch.setattr(session, "EngineProcess", _ReadyEngine)
+    monkeypatch.setattr("engine.process.EngineProcess", _ReadyEngine)  # run() imports it from there
     monkeypatch.setattr(session, "open_source", lambda options: _LostMicrophone())
     monkeypatch.setenv("MOSHI_DEBUG", debug)
     with pytest.raises(DeviceError, match="^the microphone went away$"):
         run(SessionOptions("chat", record_dir=tmp_path, tui=False))
     assert ("Traceback" in capsys.readouterr().err) == (debug == "1")
+
+
+def test_a_recorded_session_is_private_and_says_where_it_went(tmp_path, tiny, capsys, one_thread_engine):
+    audio = _speech_file(tmp_path / "talk.wav", 1.0)
+    model = ModelOptions(hf_repo=str(tiny["transcribe"]), dtype="float32")
+    run(SessionOptions("transcribe", model, input_file=audio, record_dir=tmp_path / "rec", tui=False))
+    [folder] = (tmp_path / "rec").glob("*-transcribe")
+    assert f"moshi: the session is recorded in {folder}\n" in capsys.readouterr().err
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "rec").stat().st_mode) == 0o700
+    files = [*folder.iterdir(), tmp_path / "rec" / "engine.log"]
+    assert {p.name for p in files} == {"audio.wav", "transcript.txt", "transcript.json", "events.jsonl", "engine.log"}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+
+
+def test_no_record_keeps_no_files(tmp_path, tiny, capsys, monkeypatch, one_thread_engine):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    audio = _speech_file(tmp_path / "talk.wav", 1.0)
+    model = ModelOptions(hf_repo=str(tiny["transcribe"]), dtype="float32")
+    run(SessionOptions("transcribe", model, input_file=audio, record=False, tui=False))
+    assert not (tmp_path / "data").exists() and "recorded" not in capsys.readouterr().err
