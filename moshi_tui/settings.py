@@ -99,8 +99,9 @@ def default_map(config: Mapping[str, Any], environ: Mapping[str, str], options: 
     env = {
         _name(k[len(ENV_PREFIX):]): v
         for k, v in environ.items()
-        if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):] not in NOT_OPTIONS and _name(k[len(ENV_PREFIX):]) not in PER_RUN
+        if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):] not in NOT_OPTIONS
     }
+    env = {k: v for k, v in env.items() if k not in PER_RUN}
     result = {}
     for command, names in options.items():
         merged = {**shared, **sections.get(command, {}), **env}
@@ -138,7 +139,8 @@ def _check_values(ctx: Any, command: Any, config: Mapping[str, Any], environ: Ma
         try:
             params[key].process_value(ctx, value)
         except BadParameter as exc:
-            raise SettingsError(f"{_origin(command.name, key, value, config, environ, source)}: {exc.message}") from None
+            origin = _origin(command.name, key, value, config, environ, source)
+            raise SettingsError(f"{origin}: {exc.message}") from None
 
 
 def _origin(command: str, key: str, value: Any, config: Mapping[str, Any], environ: Mapping[str, str],

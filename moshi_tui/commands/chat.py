@@ -11,7 +11,8 @@ import typer
 
 from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoRecord, NoTui,
                      OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText,
-                     TranscriptFile, check_output, model_options, progress_to_stderr, record_place, reject_without_input)
+                     TranscriptFile, check_output, model_options, progress_to_stderr, record_place,
+                     reject_without_input)
 
 EPILOG = """\
 Examples:
