@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,31 @@ def check_audio_path(path: Path) -> None:
         raise AudioFileError(f"audio file is empty (0 bytes): {path}")
 
 
+def warn_if_cut(path: Path) -> None:
+    """One line on stderr when ``path`` is a WAV file whose audio data ends before the size its
+    header declares (a copy or a recording cut short): what is there is still read."""
+    if _wav_cut_short(path):
+        print(f"moshi: warning: {path} is cut short: its audio data ends before the length its header "
+              "declares; reading what is there", file=sys.stderr, flush=True)
+
+
+def _wav_cut_short(path: Path) -> bool:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"WAVE":
+            return False
+        position = 12
+        while position + 8 <= size:
+            f.seek(position)
+            tag, length = struct.unpack("<4sI", f.read(8))
+            if tag == b"data":
+                # 0 and 0xFFFFFFFF: a stream's writer that never knew the length
+                return length not in (0, 0xFFFFFFFF) and position + 8 + length > size
+            position += 8 + length + (length & 1)
+    return False
+
+
 def decode_error(exc: Exception, name: str) -> AudioFileError:
     """The error for an input soundfile cannot open; ``name`` is what the message calls it
     ("audio file PATH", "standard input")."""
@@ -44,6 +72,7 @@ def read_audio(path: str | Path) -> np.ndarray:
     """The whole file, channels averaged, resampled to 24 kHz, as a float32 array in [-1, 1]."""
     path = Path(path)
     check_audio_path(path)
+    warn_if_cut(path)
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError

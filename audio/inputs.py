@@ -24,7 +24,7 @@ import soundfile as sf
 
 from . import SAMPLE_RATE
 from .errors import AudioFileError
-from .files import check_audio_path, decode_error
+from .files import check_audio_path, decode_error, warn_if_cut
 from .resample import Resampler
 
 BLOCK_SECONDS = 1.0
@@ -61,6 +61,7 @@ def stdin_input(raw_rate: int | None = None, stream: BinaryIO | None = None) -> 
 
 def _check_file(path: Path) -> None:
     check_audio_path(path)
+    warn_if_cut(path)
     with _open_soundfile(path, f"audio file {path}") as f:
         if f.frames == 0:
             raise AudioFileError(f"audio file has no samples: {path}")

@@ -6,6 +6,7 @@ the engine inside their function bodies.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -57,6 +58,10 @@ devices.register(app)
 
 def main() -> None:
     """Entry point: known failures become one line on stderr (``MOSHI_DEBUG=1`` shows the traceback)."""
+    # torch makes its compile cache folder when it loads, even where it compiles nothing (on CPU):
+    # in moshi's cache folder, not as an empty torchinductor_<user> in $TMPDIR. The engine's
+    # processes inherit it.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir() / "torchinductor"))
     try:
         app()
     except (EngineError, AudioError) as exc:

@@ -259,6 +259,8 @@ class Session:
             self._take_engine_events(self.engine.poll(timeout=0.05))
             return
         self._take_engine_events(self.engine.poll())
+        if self.failure is not None:
+            return  # the session ends: no frame after the engine's failure is taken or recorded
         if self._restart.is_set():
             self._restart.clear()
             self._new_conversation()

@@ -52,6 +52,11 @@ def data_dir(environ: Mapping[str, str] = os.environ) -> Path:
     return _xdg(environ, "XDG_DATA_HOME", ".local/share") / "moshi"
 
 
+def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where torch keeps what it compiles (instead of a folder it would leave in $TMPDIR)."""
+    return _xdg(environ, "XDG_CACHE_HOME", ".cache") / "moshi"
+
+
 def _xdg(environ: Mapping[str, str], name: str, fallback: str) -> Path:
     value = environ.get(name, "")
     # The XDG spec: relative paths are invalid and must be ignored.

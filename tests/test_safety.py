@@ -191,3 +191,20 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tiny, talk, tmp_path):
     result = subprocess.run(moshi_command("chat", "--hf-repo", tiny["chat"], "-i", talk), capture_output=True,
                             text=True, env={**ENV, "MOSHI_CONFIG": str(config)}, timeout=120)
     _one_line_error(result, str(config), "UTF-8")
+
+
+@pytest.mark.parametrize("flag, value", [("--temp", "nan"), ("--temp", "-1"), ("--temp-text", "inf"),
+                                         ("--top-k", "-5"), ("--top-k-text", "-1")])
+def test_sampling_values_out_of_range_are_refused(tiny, talk, flag, value):
+    _one_line_error(moshi("chat", "--hf-repo", tiny["chat"], "-i", talk, flag, value), flag)
+
+
+def test_nothing_is_left_in_tmpdir(tiny, talk, tmp_path):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {**ENV, "TMPDIR": str(tmpdir), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    result = subprocess.run(moshi_command("chat", "--hf-repo", tiny["chat"], "-i", talk), capture_output=True,
+                            text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert list(tmpdir.iterdir()) == []

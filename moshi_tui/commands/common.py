@@ -5,6 +5,7 @@ them, one line each; their names, help and types are declared here once."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -125,6 +126,12 @@ def record_place(record: Path | None, no_record: bool) -> Path | None:
 def model_options(hf_repo: str | None, device: Device, dtype: Dtype, seed: int | None, temp: float | None,
                   temp_text: float | None, top_k: int | None, top_k_text: int | None,
                   quantize: Quantize | None = None) -> ModelOptions:
+    for name, value in (("--temp", temp), ("--temp-text", temp_text)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ArgumentError(f"{name} must be a number from 0 (greedy) up, not {value}")
+    for name, value in (("--top-k", top_k), ("--top-k-text", top_k_text)):
+        if value is not None and value < 0:
+            raise ArgumentError(f"{name} must be 0 (every token) or more, not {value}")
     return ModelOptions(hf_repo=hf_repo, device=device.value, dtype=dtype.value, seed=seed, temp=temp,
                         temp_text=temp_text, top_k=top_k, top_k_text=top_k_text,
                         quantize=None if quantize is None else quantize.value)

@@ -13,9 +13,10 @@ import pytest
 import soundfile as sf
 
 from audio import FRAME_SIZE
+from audio.core import AudioStats
 from audio.errors import DeviceError
 from engine.options import ModelOptions
-from engine.interface import Ready
+from engine.interface import Failed, Ready
 from moshi_tui.app import MoshiApp
 from moshi_tui.session import FileSource, Session, SessionOptions, run
 from moshi_tui.widgets import LatencyPanel, TranscriptView
@@ -228,3 +229,51 @@ def test_no_record_keeps_no_files(tmp_path, tiny, capsys, monkeypatch, one_threa
     model = ModelOptions(hf_repo=str(tiny["transcribe"]), dtype="float32")
     run(SessionOptions("transcribe", model, input_file=audio, record=False, tui=False))
     assert not (tmp_path / "data").exists() and "recorded" not in capsys.readouterr().err
+
+
+class _FailingEngine(_ReadyEngine):
+    """Ready, then fails once it has taken five frames."""
+
+    def __init__(self, runner=None, options=None, log_path=None):
+        super().__init__(runner, options)
+        self.frames = 0
+
+    def send_frame(self, pcm) -> bool:
+        self.frames += 1
+        if self.frames == 5:
+            self.events.append(Failed("the model ran out of memory"))
+        return True
+
+
+class _Talker:
+    """A microphone whose voice detector flips at every frame."""
+
+    realtime, finished, captured_at, records = False, False, None, False
+
+    def __init__(self) -> None:
+        self.voice = False
+
+    def read(self, timeout: float):
+        self.voice = not self.voice
+        return np.zeros(FRAME_SIZE, np.float32)
+
+    def stats(self) -> AudioStats:
+        return AudioStats(voice=self.voice)
+
+    def play(self, pcm, captured_at=None) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_nothing_is_recorded_after_the_engine_failed(tmp_path):
+    session = Session(SessionOptions("chat"), _FailingEngine(), _Talker(), tmp_path)
+    session.start(lambda event: None)
+    assert session.done.wait(10)
+    [folder] = session.folders
+    kinds = [json.loads(line)["event"] for line in (folder / "events.jsonl").read_text().splitlines()]
+    assert "speech" in kinds and kinds[-2:] == ["failed", "end"], kinds
