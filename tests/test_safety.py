@@ -208,3 +208,12 @@ def test_nothing_is_left_in_tmpdir(tiny, talk, tmp_path):
                             text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stderr
     assert list(tmpdir.iterdir()) == []
+
+
+def test_a_huge_picture_is_one_line_before_loading(tiny, talk, tmp_path):
+    from tui.test_see_app import huge_png
+
+    picture = tmp_path / "huge.png"
+    picture.write_bytes(huge_png())
+    for extra in (["-i", talk], ["--no-tui"]):
+        _one_line_error(moshi("see", picture, "--hf-repo", tiny["chat"], *extra), "too large", "12000×12000")

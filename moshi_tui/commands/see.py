@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import ArgumentError
 from .common import (MODEL_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec,
                      NoRecord, NoTui, OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK,
                      TopKText, TranscriptFile, model_options, progress_to_stderr, record_place, reject_without_input)
@@ -73,17 +74,18 @@ def see(
     base = model_options(hf_repo or Mode.SEE.default_model, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
     options = SeeOptions(**vars(base), image=str(image), xa_start=xa_start,
                          rms_norm=None if rms_norm is None else rms_norm.name)
-    if input is not None:
-        run_headless_see(input, output, transcript, options)
-        return
-    reject_without_input(output, transcript)
     from ..picture import PictureError, load_picture
-    from ..session import SessionOptions, run
 
     try:
         load_picture(image)  # a bad file fails now, not in the engine after the model has loaded
     except PictureError as exc:
-        raise typer.BadParameter(str(exc), param_hint="IMAGE") from None
+        raise ArgumentError(str(exc)) from None
+    if input is not None:
+        run_headless_see(input, output, transcript, options)
+        return
+    reject_without_input(output, transcript)
+    from ..session import SessionOptions, run
+
     run(SessionOptions(mode=Mode.SEE, model=options, input_device=input_device, output_device=output_device,
                        aec=not no_aec, record_dir=record_place(record, no_record), record=not no_record,
                        tui=not no_tui))
