@@ -15,6 +15,8 @@ from .errors import AudioFileError
 from .resample import resample
 
 FORMATS = "wav, flac, ogg (vorbis or opus) or mp3"
+# The sample rates of sound: resampling a file that declares 8 Hz to 24 kHz would ask for 3000 times its size.
+MIN_RATE, MAX_RATE = 1_000, 768_000
 
 
 # libsndfile's codes for "unknown format", and for an MP3 it cannot sync to, which it words as a
@@ -30,6 +32,13 @@ def check_audio_path(path: Path) -> None:
         raise AudioFileError(f"{path} is a directory, not an audio file")
     if path.stat().st_size == 0:
         raise AudioFileError(f"audio file is empty (0 bytes): {path}")
+
+
+def check_rate(rate: int, name: str) -> None:
+    """A named error unless ``rate`` is the sample rate of sound; ``name`` is what the message calls the input."""
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioFileError(f"{name} declares a sample rate of {rate} Hz: moshi reads {MIN_RATE // 1000} kHz "
+                             f"to {MAX_RATE // 1000} kHz")
 
 
 def warn_if_cut(path: Path) -> None:
@@ -74,7 +83,10 @@ def read_audio(path: str | Path) -> np.ndarray:
     check_audio_path(path)
     warn_if_cut(path)
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            rate = f.samplerate
+            check_rate(rate, f"audio file {path}")  # before anything is read
+            data = f.read(dtype="float32", always_2d=True)
     except (RuntimeError, ValueError, TypeError) as exc:  # sf.LibsndfileError is a RuntimeError
         raise decode_error(exc, f"audio file {path}") from exc
     if len(data) == 0:

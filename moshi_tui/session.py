@@ -7,13 +7,12 @@ printer) only receives `messages` events; it never waits on the model.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -121,26 +120,30 @@ def _device(spec: str | None) -> str | int | None:
 
 
 class FileSource:
-    """The user's side read from a file, then `FILE_TAIL_S` of silence."""
+    """The user's side read from a file, then `FILE_TAIL_S` of silence (the last frame completed
+    with it). The file is read and resampled block by block as the frames are taken, so memory
+    stays flat however long the file."""
 
     captured_at = None
     records = False
 
     def __init__(self, path: Path, realtime: bool) -> None:
-        from audio.files import read_audio
+        from audio.inputs import file_input
 
-        pcm = read_audio(path)
-        frames = math.ceil((len(pcm) + FILE_TAIL_S * SAMPLE_RATE) / FRAME_SIZE)
-        self.pcm = np.zeros(frames * FRAME_SIZE, np.float32)
-        self.pcm[:len(pcm)] = pcm
+        self._input = file_input(path)  # checked now: a bad file fails before the model loads
         self.realtime = realtime
-        self.position = 0
-        self._next_at = time.monotonic()
         self._in_db = self._out_db = SILENCE_DB
+        self.clear()
+
+    def _frames(self) -> Iterator[np.ndarray]:
+        from engine.stt.transcription import padded_frames
+
+        # Whole frames only: FRAME_SIZE - 1 more zeros complete the last frame of the file.
+        return padded_frames(self._input.open(), 0, round(FILE_TAIL_S * SAMPLE_RATE) + FRAME_SIZE - 1)
 
     @property
     def finished(self) -> bool:
-        return self.position >= len(self.pcm)
+        return self._next is None
 
     def read(self, timeout: float) -> np.ndarray | None:
         if self.finished:
@@ -152,8 +155,7 @@ class FileSource:
                 return None
             time.sleep(max(0.0, wait))
             self._next_at = max(self._next_at + FRAME_S, time.monotonic() - FRAME_S)
-        frame = self.pcm[self.position:self.position + FRAME_SIZE]
-        self.position += FRAME_SIZE
+        frame, self._next = self._next, next(self._frames_left, None)
         self._in_db = level_db(frame)
         return frame
 
@@ -161,7 +163,9 @@ class FileSource:
         self._out_db = level_db(pcm)  # nothing is played; the meter still shows Moshi's voice
 
     def clear(self) -> None:
-        self.position = 0  # a restarted conversation hears the file again
+        """From the start of the file: a restarted conversation hears it again."""
+        self._frames_left = self._frames()
+        self._next = next(self._frames_left, None)
         self._next_at = time.monotonic()
 
     def stats(self) -> AudioStats:

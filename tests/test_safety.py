@@ -217,3 +217,9 @@ def test_a_huge_picture_is_one_line_before_loading(tiny, talk, tmp_path):
     picture.write_bytes(huge_png())
     for extra in (["-i", talk], ["--no-tui"]):
         _one_line_error(moshi("see", picture, "--hf-repo", tiny["chat"], *extra), "too large", "12000×12000")
+
+
+def test_a_recording_of_an_absurd_rate_is_one_line_before_loading(tiny, tmp_path):
+    path = tmp_path / "8hz.wav"
+    soundfile.write(path, np.zeros(1000, np.int16), 8, subtype="PCM_16")
+    _one_line_error(moshi("chat", "--hf-repo", tiny["chat"], "-i", path), "8 Hz")

@@ -85,23 +85,24 @@ def run_headless_chat(input: Path, output: Path | None, transcript: Path | None,
 
 
 def run_headless_conversation(input: Path, output: Path | None, transcript: Path | None, load_runner) -> None:
-    """Feed a recording to a conversation runner frame by frame; Moshi's voice to ``output``, words to stdout."""
-    from audio import FRAME_SIZE, SAMPLE_RATE
-    from audio.files import read_audio
+    """Feed a recording to a conversation runner frame by frame; Moshi's voice to ``output``, words to stdout.
+    The recording is read and resampled block by block as the frames go."""
+    from audio import SAMPLE_RATE
+    from audio.inputs import file_input
     from audio.outputs import open_new_text
     from audio.wav import WavWriter
+    from engine.stt.transcription import padded_frames
 
     for path, option in ((output, "--output"), (transcript, "--transcript")):
         if path is not None:
             check_output(path, option, [input])
-    pcm = read_audio(input)  # a bad file fails before minutes of loading
+    recording = file_input(input)  # checked now: a bad file fails before minutes of loading
     runner = load_runner()
     writer = WavWriter(output, SAMPLE_RATE, channels=1) if output else None
     words = open_new_text(transcript) if transcript else None
     try:
-        # Only whole frames, as Kyutai's `moshi-inference` does.
-        for start in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE):
-            out = runner.step(pcm[start:start + FRAME_SIZE])
+        for frame in padded_frames(recording.open(), 0, 0):  # whole frames only, as Kyutai's `moshi-inference`
+            out = runner.step(frame)
             if writer is not None and out.pcm is not None:
                 writer.write(out.pcm)
             if out.text:

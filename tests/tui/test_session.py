@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import soundfile as sf
 
 from audio import FRAME_SIZE
 from audio.core import AudioStats
-from audio.errors import DeviceError
+from audio.errors import AudioError, DeviceError
 from engine.options import ModelOptions
 from engine.interface import Failed, Ready
 from moshi_tui.app import MoshiApp
@@ -25,6 +26,14 @@ from .processes import engine_children
 
 pytestmark = pytest.mark.timeout(120)
 SR = 24000
+
+
+def _file_pcm(path) -> np.ndarray:
+    """Every frame a `FileSource` gives for `path`, end to end: what the model hears."""
+    source, frames = FileSource(path, realtime=False), []
+    while not source.finished:
+        frames.append(source.read(0.0))
+    return np.concatenate(frames)
 
 
 def _speech_file(path, seconds: float, seed: int = 0):
@@ -57,7 +66,7 @@ def test_transcribe_a_file_to_stdout_as_the_runner_does(tmp_path, tiny, capsys, 
     runner = TranscribeRunner.load(model)
     try:
         runner.warmup()
-        frames = FileSource(audio, realtime=False).pcm.reshape(-1, FRAME_SIZE)
+        frames = _file_pcm(audio).reshape(-1, FRAME_SIZE)
         pieces = [(i * 0.08, out.text) for i, out in enumerate(map(runner.step, frames)) if out.text]
     finally:
         runner.close()
@@ -93,7 +102,7 @@ async def test_chat_with_a_recording_in_the_tui(tmp_path, tiny, one_thread_engin
     [folder] = session.folders
     assert (folder / "transcript.txt").read_text() == shown and shown
     wav, _ = sf.read(folder / "audio.wav", dtype="float32")
-    frames = FileSource(audio, realtime=True).pcm
+    frames = _file_pcm(audio)
     assert wav.shape == (len(frames), 2)  # every frame, answered or skipped, in time order
     np.testing.assert_allclose(wav[:, 0], frames, atol=1 / 32767)
     assert np.abs(wav[:, 1]).max() > 0.01  # Moshi's side: the tiny model's noise
@@ -153,7 +162,7 @@ async def test_mute_and_restart_with_the_real_engine(tmp_path, tiny, one_thread_
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-2:] == ["restart", "end"]
     muted_at, unmuted_at = (next(e["t"] for e in events if e["event"] == kind) for kind in ("mute", "unmute"))
-    file_pcm = FileSource(audio, realtime=True).pcm
+    file_pcm = _file_pcm(audio)
     wav, _ = sf.read(first / "audio.wav", dtype="float32")
     a, b = round(muted_at / 0.08) * FRAME_SIZE, round(unmuted_at / 0.08) * FRAME_SIZE
     assert b - a >= 5 * FRAME_SIZE
@@ -277,3 +286,26 @@ def test_nothing_is_recorded_after_the_engine_failed(tmp_path):
     [folder] = session.folders
     kinds = [json.loads(line)["event"] for line in (folder / "events.jsonl").read_text().splitlines()]
     assert "speech" in kinds and kinds[-2:] == ["failed", "end"], kinds
+
+
+def test_a_file_source_reads_its_file_block_by_block(tmp_path):
+    path = tmp_path / "long.wav"
+    sf.write(path, np.zeros(120 * 48000, np.int16), 48000, subtype="PCM_16")  # 2 minutes: 46 MB as float32 at 48 kHz
+    tracemalloc.start()
+    try:
+        source = FileSource(path, realtime=False)
+        for _ in range(100):
+            source.read(0.0)
+        source.clear()
+        source.read(0.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000
+
+
+def test_a_file_of_an_absurd_sample_rate_is_refused(tmp_path):
+    path = tmp_path / "8hz.wav"
+    sf.write(path, np.zeros(1000, np.int16), 8, subtype="PCM_16")
+    with pytest.raises(AudioError, match="declares a sample rate of 8 Hz: moshi reads 1 kHz to 768 kHz"):
+        FileSource(path, realtime=True)
