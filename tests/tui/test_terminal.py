@@ -138,7 +138,7 @@ def test_a_killed_engine_is_reported_and_the_exit_status_is_1(terminal, tiny, tm
     term.wait_for("● live")
     app = term.app_pid()
     engine = _engine_pid(app)
-    time.sleep(1.0)
+    term.wait_for(r"step +\d+\.\d / 80 ms")  # the conversation is under way
     os.kill(engine, signal.SIGKILL)
     term.wait_for("the engine process was killed by SIGKILL", timeout=5)  # in the error panel
     assert term.exit_status() == 1
