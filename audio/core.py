@@ -239,8 +239,9 @@ class DuplexCore:
     # Recording and stats -----------------------------------------------------------------------
 
     def start_recording(self, path: str | Path) -> None:
-        """Stereo WAV: left what the user said (after echo cancellation), right what was playing."""
-        writer = WavWriter(path, SAMPLE_RATE, channels=2)
+        """Stereo WAV: left what the user said (after echo cancellation), right what was playing.
+        A recording of a conversation is private: the file is readable by its owner only."""
+        writer = WavWriter(path, SAMPLE_RATE, channels=2, mode=0o600)
         with self.condition:
             self.stop_recording()
             self._recorder, self.recording_error = writer, None

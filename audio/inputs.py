@@ -24,7 +24,7 @@ import soundfile as sf
 
 from . import SAMPLE_RATE
 from .errors import AudioFileError
-from .files import check_audio_path, decode_error
+from .files import check_audio_path, check_rate, decode_error, warn_if_cut
 from .resample import Resampler
 
 BLOCK_SECONDS = 1.0
@@ -53,17 +53,18 @@ def stdin_input(raw_rate: int | None = None, stream: BinaryIO | None = None) -> 
     """Standard input: 16-bit little-endian mono PCM at ``raw_rate``, or any readable format."""
     source = stream or sys.stdin.buffer
     if raw_rate is not None:
-        if raw_rate <= 0:
-            raise AudioFileError(f"--rate must be a positive sample rate in Hz, not {raw_rate}")
+        check_rate(raw_rate, "--rate")
         return AudioInput(STDIN, lambda: _to_24k(_raw_blocks(source, raw_rate), raw_rate))
     return AudioInput(STDIN, lambda: _stream_blocks(source))
 
 
 def _check_file(path: Path) -> None:
     check_audio_path(path)
+    warn_if_cut(path)
     with _open_soundfile(path, f"audio file {path}") as f:
         if f.frames == 0:
             raise AudioFileError(f"audio file has no samples: {path}")
+        check_rate(f.samplerate, f"audio file {path}")
 
 
 def _open_soundfile(file, name: str) -> sf.SoundFile:

@@ -1,7 +1,8 @@
 """A WAV writer whose file is valid at every moment: the header is rewritten after each block.
 
 Writes go straight to the file descriptor (no user-space buffer), so if the process dies the file
-holds every block whose write returned; at most the block being written is lost.
+holds every block whose write returned; at most the block being written is lost. The file is
+created new (`outputs.open_new`): a symlink at its name is replaced, never written through.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AudioFileError
+from .outputs import open_new
 
 _HEADER_SIZE = 44
 _MAX_DATA = 0xFFFFFFFF - (_HEADER_SIZE - 8)  # RIFF sizes are 32-bit
@@ -21,13 +23,14 @@ _MAX_DATA = 0xFFFFFFFF - (_HEADER_SIZE - 8)  # RIFF sizes are 32-bit
 class WavWriter:
     """16-bit PCM, interleaved channels. ``write(ch0, ch1, ...)`` takes one float array per channel."""
 
-    def __init__(self, path: str | Path, sample_rate: int, channels: int = 2):
+    def __init__(self, path: str | Path, sample_rate: int, channels: int = 2, mode: int = 0o666):
+        """`mode`: the new file's permissions, filtered by the umask (0o600: private)."""
         self.path = Path(path)
         self.sample_rate, self.channels = sample_rate, channels
         self.frames_written = 0
         self._data_bytes = 0
         try:
-            self._file = open(self.path, "wb", buffering=0)
+            self._file = os.fdopen(open_new(self.path, mode), "wb", buffering=0)
         except OSError as exc:
             raise self._error(exc) from exc
         try:

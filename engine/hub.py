@@ -187,12 +187,16 @@ class _Source:
     repo: str | Path
 
     def resolve(self, name: str, named_by: str) -> Path:
-        """A file name from config.json (or its default)."""
+        """A file name from config.json (or its default): a file of this repo or folder, or an
+        hf:// link. Nothing a checkpoint names may reach outside them: not a ``file://`` path, not
+        an absolute path, not a ``..``."""
         target = _parse_name(name)
         if isinstance(target, tuple):
             return self._link(*target, named_by)
         if target is not None:
-            return _existing(target, named_by)
+            raise CheckpointError(f"{named_by} names {name!r}: a checkpoint's files must be in its folder or "
+                                  "hf:// links")
+        _check_relative(name, named_by)
         return self._plain(name, named_by)
 
     def override(self, value: str | Path, role: str) -> Path:
@@ -262,9 +266,16 @@ def _parse_name(name: str) -> tuple[str, str] | Path | None:
     if not name.startswith("hf://"):
         return None
     parts = name.removeprefix("hf://").split("/")
-    if len(parts) < 3 or not all(parts):
+    if len(parts) < 3 or not all(parts) or any(part in (".", "..") for part in parts):
         raise CheckpointError(f"malformed link {name!r}: expected hf://owner/repo/path/in/repo")
     return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def _check_relative(name: str, named_by: str) -> None:
+    """A plain name stays inside its folder or repo: relative, and without ``..``."""
+    if not name or os.path.isabs(name) or ".." in re.split(r"[/\\]", name):
+        raise CheckpointError(f"{named_by} names {name!r}: a checkpoint's files must be in its folder or "
+                              "hf:// links")
 
 
 def _existing(path: Path, named_by: str) -> Path:

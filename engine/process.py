@@ -281,7 +281,8 @@ def _heartbeat(link: _Link, parent_pid: int) -> None:
 
 
 def _redirect_output(log_path: str | None) -> None:
-    fd = os.open(log_path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    # O_NOFOLLOW: a symlink planted at the log's name fails the open rather than take the writes.
+    fd = os.open(log_path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)

@@ -134,11 +134,15 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
     report(f"resolving {repo}")
     info = CheckpointInfo.resolve(repo)
 
+    lm_config = LMConfig.from_dict(info.lm_config)  # checked before anything is allocated
     tokenizer = sentencepiece.SentencePieceProcessor()
-    if not tokenizer.Load(str(info.tokenizer)):
+    try:
+        loaded = tokenizer.Load(str(info.tokenizer))
+    except (OSError, RuntimeError) as exc:  # a file that is not a sentencepiece model
+        raise EngineError(f"cannot read the text tokenizer {info.tokenizer}: {str(exc).splitlines()[0]}") from None
+    if not loaded:
         raise EngineError(f"cannot read the text tokenizer {info.tokenizer}")
     report("loading Mimi")
-    lm_config = LMConfig.from_dict(info.lm_config)
     mimi = load_codec(info, max(lm_config.dep_q, lm_config.n_q - lm_config.dep_q), device)
     report("loading the language model" + (f" ({options.quantize})" if options.quantize else ""))
     try:

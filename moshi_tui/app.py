@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import signal
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
@@ -25,6 +26,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
+from audio.outputs import write_atomically
 from engine.options import Mode
 
 from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
@@ -122,7 +124,7 @@ class MoshiApp(App[None]):
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
         Binding("q", "quit", "Quit"),
-        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("ctrl+c", "quit(130)", "Quit", show=False, priority=True),
         Binding("space", "toggle_mute", "Mute"),
         Binding("r", "restart", "Restart"),
         Binding("s", "save", "Save"),
@@ -181,7 +183,14 @@ class MoshiApp(App[None]):
         self.query_one(LatencyPanel).border_title = "Latency"
         self.query_one(AudioPanel).border_title = "Audio"
         self._set_state("loading")
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, self._end_on_signal, signum)
         self.conversation.start(self.deliver)
+
+    def _end_on_signal(self, signum: int) -> None:
+        """SIGTERM and SIGHUP end the conversation as q does; the exit status is 128 + the signal's number."""
+        self.run_worker(self.action_quit(128 + signum))
 
     # -- events ------------------------------------------------------------------------------
 
@@ -249,11 +258,12 @@ class MoshiApp(App[None]):
 
     # -- keys --------------------------------------------------------------------------------
 
-    async def action_quit(self) -> None:
+    async def action_quit(self, return_code: int = 0) -> None:
+        """q quits with 0, Ctrl-C with 130, a signal with 128 + its number; a failed session with 1."""
         if self.failure is None:
             self._set_state("ended")
         await self._stop_conversation()
-        self.exit(return_code=1 if self.failure else 0)
+        self.exit(return_code=1 if self.failure else return_code)
 
     def action_toggle_mute(self) -> None:
         self.muted = not self.muted
@@ -307,7 +317,7 @@ class MoshiApp(App[None]):
         folder = self.save_dir or Path.cwd()
         path = folder / f"moshi-transcript-{datetime.now():%Y%m%d-%H%M%S}.txt"
         try:
-            path.write_text(self.query_one(TranscriptView).model.to_text(), encoding="utf-8")
+            write_atomically(path, self.query_one(TranscriptView).model.to_text())
         except OSError as exc:
             self.notify(f"Could not save the transcript: {exc}", severity="error")
         else:

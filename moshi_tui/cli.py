@@ -6,6 +6,7 @@ the engine inside their function bodies.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -17,6 +18,7 @@ from engine.errors import EngineError
 from . import __version__, settings
 from .commands import chat, devices, doctor, see, tiny_model, transcribe
 from .commands.download import download
+from .errors import ArgumentError
 
 app = typer.Typer(
     name="moshi",
@@ -56,6 +58,10 @@ devices.register(app)
 
 def main() -> None:
     """Entry point: known failures become one line on stderr (``MOSHI_DEBUG=1`` shows the traceback)."""
+    # torch makes its compile cache folder when it loads, even where it compiles nothing (on CPU):
+    # in moshi's cache folder, not as an empty torchinductor_<user> in $TMPDIR. The engine's
+    # processes inherit it.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir() / "torchinductor"))
     try:
         app()
     except (EngineError, AudioError) as exc:
@@ -63,5 +69,10 @@ def main() -> None:
             raise
         print(f"moshi: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except ArgumentError as exc:
+        if env_flag("MOSHI_DEBUG"):
+            raise
+        print(f"moshi: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

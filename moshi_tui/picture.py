@@ -8,6 +8,7 @@ NO_COLOR Textual turns the colours into greys, which still shows the picture.
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 from rich.style import Style
@@ -15,6 +16,9 @@ from rich.text import Text
 from textual.widget import Widget
 
 HALF_BLOCK = "▀"
+# The largest picture shown or sent to the engine: engine/moshivis/vision.py's MAX_PIXELS (that
+# module loads torch, which the app's process never does; a test keeps the two equal).
+MAX_PIXELS = 100_000_000
 
 
 class PictureError(ValueError):
@@ -33,14 +37,22 @@ def load_picture(path: Path):
         raise PictureError(f"{path} is a folder, not a picture") from None
     except OSError as exc:
         raise PictureError(f"cannot read {path}: {exc.strerror or exc}") from None
+    not_a_picture = PictureError(f"{path} is not a picture (or not in a format Pillow reads)")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit follows
+            image = Image.open(io.BytesIO(data))  # reads the header only: the size comes before any decoding
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError):
+        raise not_a_picture from None
+    with image:
+        if image.width * image.height > MAX_PIXELS:
+            raise PictureError(f"{path} is too large: {image.width}×{image.height}, over "
+                               f"{MAX_PIXELS // 1_000_000} megapixels")
+        try:
             image.load()
             return data, ImageOps.exif_transpose(image).convert("RGB")
-    except Image.DecompressionBombError:
-        raise PictureError(f"{path} is too large") from None
-    except (OSError, SyntaxError, ValueError, EOFError):
-        raise PictureError(f"{path} is not a picture (or not in a format Pillow reads)") from None
+        except (OSError, SyntaxError, ValueError, EOFError):
+            raise not_a_picture from None
 
 
 def half_blocks(picture, width: int, height: int) -> Text:

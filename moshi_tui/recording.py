@@ -10,6 +10,9 @@ In its own folder (``<data dir>/sessions/<time>-<mode>/`` or ``--record DIR/<tim
 - ``transcript.json``: every text piece with its conversation time, and the paragraphs; replaced
   atomically at most once a second, so it is always complete JSON.
 - ``events.jsonl``: one JSON object per line (start, states, speech, mute, stats, errors, end).
+
+A conversation is private: its folder is readable by its owner only (700), and so are its files
+(600).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from typing import Any
 import numpy as np
 
 from audio import SAMPLE_RATE
+from audio.outputs import open_new_text, write_atomically
 from audio.wav import WavWriter
 from engine.options import Mode
 
 from .transcript import Change, Transcript
-from .transcript_writers import write_atomically
 
 JSON_EVERY_S = 1.0
+PRIVATE = 0o600  # the session files' permissions
 
 
 def new_session_folder(base: Path, mode: Mode) -> Path:
@@ -39,7 +43,7 @@ def new_session_folder(base: Path, mode: Mode) -> Path:
     while folder.exists():  # a restart within the same second
         folder = base / f"{stamp}-{mode.value}-{n}"
         n += 1
-    folder.mkdir(parents=True)
+    folder.mkdir(mode=0o700, parents=True)
     return folder
 
 
@@ -52,9 +56,10 @@ class SessionRecorder:
         self.info = info
         self.transcript = Transcript("moshi" if mode.talks else None)
         self.pieces: list[dict[str, Any]] = []
-        self.wav = WavWriter(folder / "audio.wav", SAMPLE_RATE, channels=2 if mode.talks else 1) if wav else None
-        self._txt = open(folder / "transcript.txt", "w", encoding="utf-8")
-        self._events = open(folder / "events.jsonl", "w", encoding="utf-8")
+        channels = 2 if mode.talks else 1
+        self.wav = WavWriter(folder / "audio.wav", SAMPLE_RATE, channels, mode=PRIVATE) if wav else None
+        self._txt = open_new_text(folder / "transcript.txt", PRIVATE)
+        self._events = open_new_text(folder / "events.jsonl", PRIVATE)
         self._json_dirty = True
         self._json_at = 0.0
         self.event("start", mode=mode.value, **info)
@@ -121,7 +126,7 @@ class SessionRecorder:
             "paragraphs": [{"t": round(p.t, 3), "speaker": p.speaker, "text": p.text}
                            for p in self.transcript.paragraphs],
         }
-        write_atomically(self.folder / "transcript.json", json.dumps(doc, ensure_ascii=False, indent=1))
+        write_atomically(self.folder / "transcript.json", json.dumps(doc, ensure_ascii=False, indent=1), PRIVATE)
         self._json_dirty = False
         self._json_at = time.monotonic()
 
@@ -131,3 +136,22 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return str(value)
+
+
+class NoRecorder:
+    """`--no-record`: a `SessionRecorder` that keeps nothing."""
+
+    def frame(self, user: np.ndarray, moshi: np.ndarray | None = None) -> None:
+        pass
+
+    def text(self, t: float, piece: str) -> None:
+        pass
+
+    def user_speech(self, t: float, speaking: bool) -> None:
+        pass
+
+    def event(self, kind: str, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -7,12 +7,12 @@ printer) only receives `messages` events; it never waits on the model.
 
 from __future__ import annotations
 
-import math
+import os
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -29,7 +29,9 @@ from engine.options import Mode, ModelOptions
 from engine.interface import Engine, Failed, Loading, Output, Ready, WarmingUp
 
 from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
-from .recording import SessionRecorder, new_session_folder
+from . import signals
+from .errors import ArgumentError
+from .recording import NoRecorder, SessionRecorder, new_session_folder
 from .settings import data_dir
 from .transcript import Transcript
 
@@ -50,6 +52,7 @@ class SessionOptions:
     output_device: str | None = None
     aec: bool = True
     record_dir: Path | None = None  # parent of the session folders; default <XDG data>/moshi/sessions
+    record: bool = True  # False: no session files, no engine.log
     tui: bool = True  # False: words to stdout, states to stderr
     save_dir: Path | None = None  # where `s` writes the transcript; default the current folder
 
@@ -117,26 +120,30 @@ def _device(spec: str | None) -> str | int | None:
 
 
 class FileSource:
-    """The user's side read from a file, then `FILE_TAIL_S` of silence."""
+    """The user's side read from a file, then `FILE_TAIL_S` of silence (the last frame completed
+    with it). The file is read and resampled block by block as the frames are taken, so memory
+    stays flat however long the file."""
 
     captured_at = None
     records = False
 
     def __init__(self, path: Path, realtime: bool) -> None:
-        from audio.files import read_audio
+        from audio.inputs import file_input
 
-        pcm = read_audio(path)
-        frames = math.ceil((len(pcm) + FILE_TAIL_S * SAMPLE_RATE) / FRAME_SIZE)
-        self.pcm = np.zeros(frames * FRAME_SIZE, np.float32)
-        self.pcm[:len(pcm)] = pcm
+        self._input = file_input(path)  # checked now: a bad file fails before the model loads
         self.realtime = realtime
-        self.position = 0
-        self._next_at = time.monotonic()
         self._in_db = self._out_db = SILENCE_DB
+        self.clear()
+
+    def _frames(self) -> Iterator[np.ndarray]:
+        from engine.stt.transcription import padded_frames
+
+        # Whole frames only: FRAME_SIZE - 1 more zeros complete the last frame of the file.
+        return padded_frames(self._input.open(), 0, round(FILE_TAIL_S * SAMPLE_RATE) + FRAME_SIZE - 1)
 
     @property
     def finished(self) -> bool:
-        return self.position >= len(self.pcm)
+        return self._next is None
 
     def read(self, timeout: float) -> np.ndarray | None:
         if self.finished:
@@ -148,8 +155,7 @@ class FileSource:
                 return None
             time.sleep(max(0.0, wait))
             self._next_at = max(self._next_at + FRAME_S, time.monotonic() - FRAME_S)
-        frame = self.pcm[self.position:self.position + FRAME_SIZE]
-        self.position += FRAME_SIZE
+        frame, self._next = self._next, next(self._frames_left, None)
         self._in_db = level_db(frame)
         return frame
 
@@ -157,7 +163,9 @@ class FileSource:
         self._out_db = level_db(pcm)  # nothing is played; the meter still shows Moshi's voice
 
     def clear(self) -> None:
-        self.position = 0  # a restarted conversation hears the file again
+        """From the start of the file: a restarted conversation hears it again."""
+        self._frames_left = self._frames()
+        self._next = next(self._frames_left, None)
         self._next_at = time.monotonic()
 
     def stats(self) -> AudioStats:
@@ -173,7 +181,8 @@ class FileSource:
 class Session:
     """The app's `Conversation`: runs the pump thread, and everything it owns dies with it."""
 
-    def __init__(self, options: SessionOptions, engine: Engine, source: Source, record_base: Path) -> None:
+    def __init__(self, options: SessionOptions, engine: Engine, source: Source, record_base: Path | None) -> None:
+        """`record_base`: where the session folders go; None: nothing is recorded."""
         self.options = options
         self.mode = options.mode
         self.engine = engine
@@ -190,7 +199,7 @@ class Session:
         self._image: tuple[bytes, str] | None = None  # a new picture for the next conversation
         self._muted = False
         self._live = False
-        self._recorder: SessionRecorder | None = None
+        self._recorder: SessionRecorder | NoRecorder | None = None
         self._info: dict[str, str] = {}
         self._reset_counters()
 
@@ -254,6 +263,8 @@ class Session:
             self._take_engine_events(self.engine.poll(timeout=0.05))
             return
         self._take_engine_events(self.engine.poll())
+        if self.failure is not None:
+            return  # the session ends: no frame after the engine's failure is taken or recorded
         if self._restart.is_set():
             self._restart.clear()
             self._new_conversation()
@@ -317,12 +328,15 @@ class Session:
     # -- conversations ---------------------------------------------------------------------
 
     def _start_conversation(self) -> None:
-        folder = new_session_folder(self.record_base, self.mode)
-        self.folders.append(folder)
-        self._recorder = SessionRecorder(folder, self.mode, self._info, wav=not self.source.records)
         self.source.clear()
-        if self.source.records:
-            self.source.start_recording(folder / "audio.wav")
+        if self.record_base is None:
+            self._recorder = NoRecorder()
+        else:
+            folder = new_session_folder(self.record_base, self.mode)
+            self.folders.append(folder)
+            self._recorder = SessionRecorder(folder, self.mode, self._info, wav=not self.source.records)
+            if self.source.records:
+                self.source.start_recording(folder / "audio.wav")
         self._reset_counters()
         self._live = True
         self._deliver(StateChanged("live"))
@@ -439,37 +453,63 @@ def open_source(options: SessionOptions) -> Source:
     return MicSource(options)
 
 
+def _record_base(path: Path) -> Path:
+    """The folder of the session folders and of engine.log, checked before anything starts."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # As the engine process opens its log: a symlink at its name fails here, not in that process.
+        os.close(os.open(path / "engine.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600))
+    except OSError as exc:
+        raise ArgumentError(f"cannot record sessions in {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _say_where_it_went(folders: list[Path]) -> None:
+    if len(folders) == 1:
+        print(f"moshi: the session is recorded in {folders[0]}", file=sys.stderr)
+    elif folders:
+        print(f"moshi: the {len(folders)} conversations are recorded in {folders[0].parent} "
+              f"({folders[0].name} to {folders[-1].name})", file=sys.stderr)
+
+
 def run(options: SessionOptions) -> None:
     """Run one session to its end. A failed engine raises EngineError, a failed device AudioError
     (both one line; MOSHI_DEBUG=1 prints the traceback behind it first)."""
-    record_base = options.record_dir or data_dir() / "sessions"
-    record_base.mkdir(parents=True, exist_ok=True)
+    record_base = _record_base(options.record_dir or data_dir() / "sessions") if options.record else None
     from engine.process import EngineProcess
 
     source = open_source(options)  # a bad device or file fails here, before anything starts
     engine = EngineProcess(options.runner or options.mode.runner, options.model,
-                           log_path=str(record_base / "engine.log"))
+                           log_path=None if record_base is None else str(record_base / "engine.log"))
     session = Session(options, engine, source, record_base)
+    interrupted: KeyboardInterrupt | None = None
     try:
         if options.tui:
             from .app import MoshiApp
 
             image = getattr(options.model, "image", None)  # `moshi see`: the picture beside the words
-            MoshiApp(session, mode=options.mode, save_dir=options.save_dir,
-                     image=None if image is None else Path(image)).run()
+            app = MoshiApp(session, mode=options.mode, save_dir=options.save_dir,
+                           image=None if image is None else Path(image))
+            app.run()
+            if app.return_code and app.return_code > 128:
+                interrupted = signals.Interrupted(app.return_code - 128)
         else:
             printer = PlainPrinter(options.mode)
-            session.start(printer)
-            try:
-                while not session.done.wait(0.1):
-                    pass
-            except KeyboardInterrupt:
-                pass
+            with signals.raising():
+                try:
+                    session.start(printer)
+                    while not session.done.wait(0.1):
+                        pass
+                except KeyboardInterrupt as exc:
+                    interrupted = exc
             printer.close()
     finally:
         session.stop()
+        _say_where_it_went(session.folders)
     if session.failure is not None:
         error, detail = session.failure
         if detail and env_flag("MOSHI_DEBUG"):
             print(detail, file=sys.stderr)
         raise error
+    if interrupted is not None:
+        sys.exit(signals.exit_status(interrupted))

@@ -11,6 +11,11 @@ For every option of every command, the first of these that is set wins:
 The config file is TOML at ``$MOSHI_CONFIG``, else ``$XDG_CONFIG_HOME/moshi/config.toml``
 (``~/.config/moshi/config.toml``). Keys are option names with dashes or underscores.
 Steps 2-4 become Click's ``default_map``, which Click ranks below the command line.
+
+Only settings come from the environment and the config file, never the files of one run
+(`PER_RUN`: ``--input``, ``--output``, ``-o``, ``--record``…): a ``MOSHI_INPUT`` is left alone, and a
+config file that names one is an error. A bad value is reported with where it came from
+(``MOSHI_DTYPE=float64: …``), before the command runs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ else:  # pragma: no cover
 
 ENV_PREFIX = "MOSHI_"
 NOT_OPTIONS = {"DEBUG", "CONFIG"}  # MOSHI_* variables with a meaning of their own
+# Options that name what one run reads or writes, or how it treats them: the command line's alone.
+PER_RUN = {"input", "output", "transcript", "record", "output_dir", "raw", "rate", "force"}
 
 
 class SettingsError(Exception):
@@ -43,6 +50,11 @@ def config_path(environ: Mapping[str, str] = os.environ) -> Path:
 def data_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """Where conversations are recorded when no --record folder is given."""
     return _xdg(environ, "XDG_DATA_HOME", ".local/share") / "moshi"
+
+
+def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where torch keeps what it compiles (instead of a folder it would leave in $TMPDIR)."""
+    return _xdg(environ, "XDG_CACHE_HOME", ".cache") / "moshi"
 
 
 def _xdg(environ: Mapping[str, str], name: str, fallback: str) -> Path:
@@ -61,6 +73,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise SettingsError(f"cannot read the config file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path}: {exc}") from exc
+    except UnicodeDecodeError:
+        raise SettingsError(f"config file {path} is not UTF-8 text") from None
 
 
 def _name(key: str) -> str:
@@ -75,6 +89,9 @@ def default_map(config: Mapping[str, Any], environ: Mapping[str, str], options: 
     shared = {_name(k): v for k, v in config.items() if not isinstance(v, dict)}
     sections = {k: {_name(n): x for n, x in v.items()} for k, v in config.items() if isinstance(v, dict)}
     everywhere = set().union(*options.values()) if options else set()
+    for key in [*shared, *(k for table in sections.values() for k in table)]:
+        if key in PER_RUN:
+            raise SettingsError(f"{source}: --{key.replace('_', '-')} belongs to one run: give it on the command line")
     for key in shared:
         if key not in everywhere:
             raise SettingsError(f"{source}: no command has an option --{key.replace('_', '-')}")
@@ -89,6 +106,7 @@ def default_map(config: Mapping[str, Any], environ: Mapping[str, str], options: 
         for k, v in environ.items()
         if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):] not in NOT_OPTIONS
     }
+    env = {k: v for k, v in env.items() if k not in PER_RUN}
     result = {}
     for command, names in options.items():
         merged = {**shared, **sections.get(command, {}), **env}
@@ -106,7 +124,34 @@ def apply(ctx: Any, environ: Mapping[str, str] = os.environ) -> None:
     }
     path = config_path(environ)
     try:
-        ctx.default_map = default_map(read_config(path), environ, options, source=str(path))
+        config = read_config(path)
+        ctx.default_map = default_map(config, environ, options, source=str(path))
+        command = ctx.invoked_subcommand
+        if command in group.commands:
+            _check_values(ctx, group.commands[command], config, environ, str(path))
     except SettingsError as exc:
         print(f"moshi: error: {exc}", file=sys.stderr)
         ctx.exit(2)
+
+
+def _check_values(ctx: Any, command: Any, config: Mapping[str, Any], environ: Mapping[str, str], source: str) -> None:
+    """Each default the command takes from the environment or the config file converts as its flag
+    would; a bad one is a `SettingsError` that names where it came from."""
+    from typer import BadParameter
+
+    params = {p.name: p for p in command.params}
+    for key, value in ctx.default_map.get(command.name, {}).items():
+        try:
+            params[key].process_value(ctx, value)
+        except BadParameter as exc:
+            origin = _origin(command.name, key, value, config, environ, source)
+            raise SettingsError(f"{origin}: {exc.message}") from None
+
+
+def _origin(command: str, key: str, value: Any, config: Mapping[str, Any], environ: Mapping[str, str],
+            source: str) -> str:
+    variable = ENV_PREFIX + key.upper()
+    if variable in environ:
+        return f"{variable}={value}"
+    table = {_name(k) for k in config.get(command, {})} if isinstance(config.get(command), dict) else set()
+    return f"{source}: [{command}] {key} = {value!r}" if key in table else f"{source}: {key} = {value!r}"

@@ -5,45 +5,24 @@ name, and `moshi transcribe -f` offers its keys. The line formats (txt, srt, vtt
 flush each line or cue as soon as it is complete, so a run that stops early, even a killed one,
 leaves a valid file with everything recognised so far. A JSON document cannot grow by appending: it is
 rewritten whole (a temporary file renamed over it) as words arrive, at most once a second and at
-most a tenth of the time, and at the end.
+most a tenth of the time, and at the end. Every file is created new (`audio.outputs`): a symlink at
+its name is replaced, never written through.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TextIO
 
+from audio.outputs import open_new_text, write_atomically
 from engine.stt.words import Segment, TranscriptListener, Word
 
 SCHEMA_VERSION = 1
 JSON_REWRITE_S = 1.0
 ALL = "all"  # every format at once
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace the file at `path` with `text` in one step, so that a reader, or a crash, never meets
-    half a file. The text goes first to `<name>.tmp` in the same folder (a rename stays within one
-    file system), a file this call creates: O_EXCL and O_NOFOLLOW fail rather than open whatever is
-    at that name, so a symlink planted there cannot send the write elsewhere. Such a link, or the
-    temporary file of a run that was killed, is removed (the link itself, not what it points to)."""
-    tmp = path.with_name(path.name + ".tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    try:
-        fd = os.open(tmp, flags, 0o666)
-    except FileExistsError:
-        os.unlink(tmp)
-        fd = os.open(tmp, flags, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _seconds(t: float) -> float:
@@ -82,7 +61,7 @@ class _LineWriter(TranscriptWriter):
 
     @classmethod
     def open(cls, path: Path | None, stdout: TextIO, info: dict, limits: CueLimits) -> TranscriptWriter:
-        out = stdout if path is None else path.open("w", encoding="utf-8")
+        out = stdout if path is None else open_new_text(path)
         return cls(out, info, limits, owned=path is not None)
 
     def _write(self, text: str) -> None:

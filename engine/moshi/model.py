@@ -94,7 +94,9 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, kwargs: dict[str, Any]) -> LMConfig:
-        """Read the LM keys of an official ``config.json`` (the reference's ``LMModel`` kwargs)."""
+        """Read the LM keys of an official ``config.json`` (the reference's ``LMModel`` kwargs).
+        Their types and sizes are checked first, before anything is allocated."""
+        _check_sizes(kwargs)
         unsupported = [k for k in ("conditioners", "fuser", "cross_attention", "demux_second_stream",
                                    "demux_second_text_stream", "depformer_low_rank_embeddings", "norm_emb",
                                    "bias_proj", "lora") if kwargs.get(k)]
@@ -228,3 +230,35 @@ class LMModel(StreamingModule):
         """STT's semantic VAD heads on a temporal output [B, 1, dim]: one softmax [B, 1, extra_heads_dim]
         per head, whose element 0 is the probability of a pause over the head's horizon (0.5, 1, 2, 3 s)."""
         return [torch.softmax(head(hidden), dim=-1) for head in self.extra_heads]
+
+
+# The integer keys of config.json and their bounds: far above every released model, far below what
+# would exhaust memory before the weights are even read.
+_INT_BOUNDS = {
+    "dim": (1, 16384), "num_heads": (1, 256), "num_layers": (1, 256), "context": (1, 65536),
+    "text_card": (1, 1 << 20), "card": (1, 1 << 16), "n_q": (0, 64), "dep_q": (0, 64),
+    "depformer_dim": (1, 16384), "depformer_num_heads": (1, 256), "depformer_num_layers": (1, 256),
+    "depformer_dim_feedforward": (1, 1 << 17), "existing_text_padding_id": (0, 1 << 20),
+    "extra_heads_num_heads": (0, 64), "extra_heads_dim": (1, 1024),
+}
+_FLOAT_BOUNDS = {"hidden_scale": (0.01, 64.0), "max_period": (1.0, 1e12)}
+MAX_DELAY = 1000  # frames (80 s)
+
+
+def _check_sizes(kwargs: dict[str, Any]) -> None:
+    """A `CheckpointError` naming the first key of ``config.json`` of a wrong type or out of bounds."""
+    def fail(key: str, what: str) -> None:
+        raise CheckpointError(f"config.json: {key} must be {what}, not {kwargs[key]!r}")
+
+    for key, (low, high) in _INT_BOUNDS.items():
+        value = kwargs.get(key)
+        if value is not None and (type(value) is not int or not low <= value <= high):
+            fail(key, f"a whole number from {low} to {high}")
+    for key, (low, high) in _FLOAT_BOUNDS.items():
+        value = kwargs.get(key)
+        if value is not None and (type(value) not in (int, float) or not low <= value <= high):
+            fail(key, f"a number from {low:g} to {high:g}")
+    delays = kwargs.get("delays")
+    if delays is not None and (not isinstance(delays, list) or len(delays) > 65 or
+                               any(type(d) is not int or not 0 <= d <= MAX_DELAY for d in delays)):
+        fail("delays", f"a list of at most 65 whole numbers from 0 to {MAX_DELAY}")

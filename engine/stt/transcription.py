@@ -10,7 +10,8 @@ the initial tokens), so each stream's first step is thrown away and frame k is r
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -54,6 +55,7 @@ class RunStats:
     frames: int = 0  # frames that belonged to an input, padding included
     audio_seconds: float = 0.0  # of input, padding excluded
     wall_seconds: float = 0.0
+    failed: list[tuple[int, Exception]] = field(default_factory=list)  # (input's index, why it could not be read)
 
     @property
     def real_time_factor(self) -> float:
@@ -63,24 +65,33 @@ class RunStats:
 
 @dataclass
 class _Slot:
+    index: int  # of its input, in the order they were given
     frames: Iterator[np.ndarray]
     words: WordAssembler
     audio_samples: int = 0
     codes: object = None  # torch.Tensor: the codes of the frame read last step, which the LM reads this step
     fresh: bool = True  # its first LM step reads only initial tokens; the output is dropped
     draining: bool = False  # input exhausted: one more step gives the last frame's token
+    error: Exception | None = None  # why its input could not be read to the end
 
 
 class BatchTranscriber:
     """Transcribes many inputs on one batched model; a slot whose input ends takes the next one.
 
     Each input is an iterable of 24 kHz mono float32 blocks of any length, read as the model goes,
-    so an hour of audio costs no more memory than a minute.
+    so an hour of audio costs no more memory than a minute. An input whose blocks raise one of
+    `input_errors` (a file that cannot be decoded) ends there, incomplete: `on_failure` hears of it
+    at once, `RunStats.failed` at the end, and the other inputs go on.
     """
 
-    def __init__(self, runner, pause_seconds: float = DEFAULT_PAUSE_SECONDS):
+    def __init__(self, runner, pause_seconds: float = DEFAULT_PAUSE_SECONDS,
+                 input_errors: tuple[type[Exception], ...] = (),
+                 on_failure: Callable[[int, Exception], None] = lambda index, error: None):
         self.runner = runner  # engine.stt.runner.TranscribeRunner
         self.pause_seconds = pause_seconds
+        self.input_errors = input_errors
+        self.on_failure = on_failure
+        self._taken = 0
         self.offset = runner.silence_prefix_seconds + runner.delay_seconds
         self.prefix, self.suffix = padding_samples(runner.silence_prefix_seconds, runner.delay_seconds)
 
@@ -97,7 +108,7 @@ class BatchTranscriber:
                 for i, slot in enumerate(slots):
                     if slot is not None and slot.draining and not slot.fresh:
                         slots[i] = None
-                        self._finish(slot, True, stats)
+                        self._finish(slot, slot.error is None, stats)
                         slots[i] = self._take(queue)
                         if slots[i] is not None:
                             runner.reset_slots([i])
@@ -116,7 +127,8 @@ class BatchTranscriber:
             return None
         blocks, listener = item
         words = WordAssembler(self.runner.models.tokenizer, self.offset, listener, self.pause_seconds)
-        slot = _Slot(iter(()), words)
+        slot = _Slot(self._taken, iter(()), words)
+        self._taken += 1
         slot.frames = padded_frames(self._counted(blocks, slot), self.prefix, self.suffix)
         return slot
 
@@ -133,7 +145,12 @@ class BatchTranscriber:
         pcm = np.zeros((runner.batch_size, FRAME_SIZE), np.float32)
         for i, slot in enumerate(slots):
             if slot is not None and not slot.draining:
-                frame = next(slot.frames, None)
+                try:
+                    frame = next(slot.frames, None)
+                except self.input_errors as exc:
+                    frame, slot.error = None, exc
+                    stats.failed.append((slot.index, exc))
+                    self.on_failure(slot.index, exc)
                 if frame is None:
                     slot.draining = True
                 else:

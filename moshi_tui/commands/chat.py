@@ -9,9 +9,10 @@ from typing import Annotated
 
 import typer
 
-from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoTui, OutputDevice,
-                     OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText, TranscriptFile,
-                     model_options, progress_to_stderr, reject_without_input)
+from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoRecord, NoTui,
+                     OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText,
+                     TranscriptFile, check_output, model_options, progress_to_stderr, record_place,
+                     reject_without_input)
 
 EPILOG = """\
 Examples:
@@ -40,6 +41,7 @@ def chat(
     voice: Annotated[Voice, typer.Option("--voice", help="Moshika (female) or Moshiko (male).")] = Voice.moshika,
     no_tui: NoTui = False,
     record: Record = None,
+    no_record: NoRecord = False,
     input_device: InputDevice = None,
     output_device: OutputDevice = None,
     no_aec: NoAec = False,
@@ -72,7 +74,8 @@ def chat(
     from ..session import SessionOptions, run
 
     run(SessionOptions(mode=Mode.CHAT, model=options, input_device=input_device, output_device=output_device,
-                       aec=not no_aec, record_dir=record, tui=not no_tui))
+                       aec=not no_aec, record_dir=record_place(record, no_record), record=not no_record,
+                       tui=not no_tui))
 
 
 def run_headless_chat(input: Path, output: Path | None, transcript: Path | None, options) -> None:
@@ -82,19 +85,24 @@ def run_headless_chat(input: Path, output: Path | None, transcript: Path | None,
 
 
 def run_headless_conversation(input: Path, output: Path | None, transcript: Path | None, load_runner) -> None:
-    """Feed a recording to a conversation runner frame by frame; Moshi's voice to ``output``, words to stdout."""
-    from audio import FRAME_SIZE, SAMPLE_RATE
-    from audio.files import read_audio
+    """Feed a recording to a conversation runner frame by frame; Moshi's voice to ``output``, words to stdout.
+    The recording is read and resampled block by block as the frames go."""
+    from audio import SAMPLE_RATE
+    from audio.inputs import file_input
+    from audio.outputs import open_new_text
     from audio.wav import WavWriter
+    from engine.stt.transcription import padded_frames
 
-    pcm = read_audio(input)  # a bad file fails before minutes of loading
+    for path, option in ((output, "--output"), (transcript, "--transcript")):
+        if path is not None:
+            check_output(path, option, [input])
+    recording = file_input(input)  # checked now: a bad file fails before minutes of loading
     runner = load_runner()
     writer = WavWriter(output, SAMPLE_RATE, channels=1) if output else None
-    words = transcript.open("w", encoding="utf-8") if transcript else None
+    words = open_new_text(transcript) if transcript else None
     try:
-        # Only whole frames, as Kyutai's `moshi-inference` does.
-        for start in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE):
-            out = runner.step(pcm[start:start + FRAME_SIZE])
+        for frame in padded_frames(recording.open(), 0, 0):  # whole frames only, as Kyutai's `moshi-inference`
+            out = runner.step(frame)
             if writer is not None and out.pcm is not None:
                 writer.write(out.pcm)
             if out.text:

@@ -5,7 +5,10 @@ them, one line each; their names, help and types are declared here once."""
 
 from __future__ import annotations
 
+import math
+import os
 import sys
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +16,23 @@ from typing import Annotated, Optional
 import typer
 
 from engine.options import ModelOptions
+
+from ..errors import ArgumentError
+
+def check_output(path: Path, option: str, inputs: Iterable[Path] = ()) -> None:
+    """Before anything loads: `path` can be written as a new file, and it is none of `inputs` (by
+    inode: a hard link or another spelling of an input is the same file)."""
+    if path.is_dir():
+        raise ArgumentError(f"{option} {path} is a folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ArgumentError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArgumentError(f"{option} {path}: cannot write in {folder}: permission denied")
+    for source in inputs:
+        if path.exists() and source.exists() and os.path.samefile(path, source):
+            raise ArgumentError(f"{option} {path} is the input {source}: writing it would destroy it")
+
 
 MODEL_PANEL = "Model"
 SAMPLING_PANEL = "Sampling"
@@ -46,7 +66,7 @@ QuantizeOption = Annotated[Optional[Quantize], typer.Option(
     help="Quantize the language model's weights while loading: int8 (half the memory of bfloat16 and, on CPU, "
          "about 3x faster) or int4 (a quarter of the memory, with a larger error). Official q8 checkpoints are "
          "int8 without it.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", rich_help_panel=SAMPLING_PANEL,
+Seed = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, rich_help_panel=SAMPLING_PANEL,
                                              help="Random seed for sampling [default: 4242].")]
 Temp = Annotated[Optional[float], typer.Option(
     "--temp", rich_help_panel=SAMPLING_PANEL, help="Audio sampling temperature; 0 = greedy [default: from the model].")]
@@ -83,6 +103,9 @@ NoTui = Annotated[bool, typer.Option(
 Record = Annotated[Optional[Path], typer.Option(
     "--record", metavar="DIR", rich_help_panel=LIVE_PANEL, help="Where each conversation's folder goes (stereo "
     "WAV, transcript, event log) [default: the XDG data dir, moshi/sessions].")]
+NoRecord = Annotated[bool, typer.Option(
+    "--no-record", rich_help_panel=LIVE_PANEL, help="Keep no files of the conversation (by default each one "
+    "is recorded, readable by you only, and where it went is printed at the end).")]
 InputDevice = Annotated[Optional[str], typer.Option(
     "--input-device", metavar="INDEX_OR_NAME", rich_help_panel=LIVE_PANEL,
     help="Microphone: an index or part of a name from `moshi devices` [default: the system's].")]
@@ -93,9 +116,22 @@ NoAec = Annotated[bool, typer.Option(
     "--no-aec", rich_help_panel=LIVE_PANEL, help="Turn echo cancellation off (with headphones, it is not needed).")]
 
 
+def record_place(record: Path | None, no_record: bool) -> Path | None:
+    """--record DIR, or the default place (None); --no-record goes with neither."""
+    if no_record and record is not None:
+        raise typer.BadParameter("--record and --no-record contradict each other", param_hint="--no-record")
+    return record
+
+
 def model_options(hf_repo: str | None, device: Device, dtype: Dtype, seed: int | None, temp: float | None,
                   temp_text: float | None, top_k: int | None, top_k_text: int | None,
                   quantize: Quantize | None = None) -> ModelOptions:
+    for name, value in (("--temp", temp), ("--temp-text", temp_text)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ArgumentError(f"{name} must be a number from 0 (greedy) up, not {value}")
+    for name, value in (("--top-k", top_k), ("--top-k-text", top_k_text)):
+        if value is not None and value < 0:
+            raise ArgumentError(f"{name} must be 0 (every token) or more, not {value}")
     return ModelOptions(hf_repo=hf_repo, device=device.value, dtype=dtype.value, seed=seed, temp=temp,
                         temp_text=temp_text, top_k=top_k, top_k_text=top_k_text,
                         quantize=None if quantize is None else quantize.value)

@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (MODEL_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoTui,
-                     OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText,
-                     TranscriptFile, model_options, progress_to_stderr, reject_without_input)
+from ..errors import ArgumentError
+from .common import (MODEL_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec,
+                     NoRecord, NoTui, OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK,
+                     TopKText, TranscriptFile, model_options, progress_to_stderr, record_place, reject_without_input)
 
 EPILOG = """\
 Examples:
@@ -45,6 +46,7 @@ def see(
         "the Rust and MLX backends) or variance (the official PyTorch backend) [default: from the model].")] = None,
     no_tui: NoTui = False,
     record: Record = None,
+    no_record: NoRecord = False,
     input_device: InputDevice = None,
     output_device: OutputDevice = None,
     no_aec: NoAec = False,
@@ -72,19 +74,21 @@ def see(
     base = model_options(hf_repo or Mode.SEE.default_model, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
     options = SeeOptions(**vars(base), image=str(image), xa_start=xa_start,
                          rms_norm=None if rms_norm is None else rms_norm.name)
-    if input is not None:
-        run_headless_see(input, output, transcript, options)
-        return
-    reject_without_input(output, transcript)
     from ..picture import PictureError, load_picture
-    from ..session import SessionOptions, run
 
     try:
         load_picture(image)  # a bad file fails now, not in the engine after the model has loaded
     except PictureError as exc:
-        raise typer.BadParameter(str(exc), param_hint="IMAGE") from None
+        raise ArgumentError(str(exc)) from None
+    if input is not None:
+        run_headless_see(input, output, transcript, options)
+        return
+    reject_without_input(output, transcript)
+    from ..session import SessionOptions, run
+
     run(SessionOptions(mode=Mode.SEE, model=options, input_device=input_device, output_device=output_device,
-                       aec=not no_aec, record_dir=record, tui=not no_tui))
+                       aec=not no_aec, record_dir=record_place(record, no_record), record=not no_record,
+                       tui=not no_tui))
 
 
 def run_headless_see(input: Path, output: Path | None, transcript: Path | None, options) -> None:

@@ -9,6 +9,8 @@ import typer
 
 from engine.options import Mode
 
+from ..errors import ArgumentError
+
 EPILOG = """\
 Examples:
 
@@ -30,6 +32,8 @@ def tiny_model(
     kind: Annotated[Mode, typer.Option(
         "--kind", help="A model for `moshi chat` (Moshi), `moshi see` (MoshiVis) or `moshi transcribe` (STT).")] = Mode.CHAT,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Write into a folder that already holds files, "
+                                        "replacing the checkpoint's.")] = False,
 ) -> None:
     """Write a tiny checkpoint folder in the official layout, with random weights.
 
@@ -38,5 +42,16 @@ def tiny_model(
     """
     from engine.tiny import write_tiny_checkpoint
 
+    _check_folder(folder, force)
     path = write_tiny_checkpoint(folder, kind, seed)
     typer.echo(f"wrote a tiny random {kind.value} model to {path} (it speaks noise, not words)")
+
+
+def _check_folder(folder: Path, force: bool) -> None:
+    """A new folder, an empty one, or with --force one that holds files; nothing else."""
+    if folder.is_symlink() and not folder.exists():
+        raise ArgumentError(f"{folder} is a symlink to nothing")
+    if folder.exists() and not folder.is_dir():
+        raise ArgumentError(f"{folder} is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise ArgumentError(f"{folder} already holds files; add --force to write the checkpoint's over them")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -12,8 +11,10 @@ import typer
 
 from engine.options import Mode
 
+from .. import signals
 from ..transcript_writers import CHOICES, CueLimits, TranscriptWriter, writers_for
-from .common import MODEL_PANEL, DeviceOption, DtypeOption, QuantizeOption, Seed, model_options, progress_to_stderr
+from .common import (MODEL_PANEL, DeviceOption, DtypeOption, QuantizeOption, Seed, check_output, model_options,
+                     progress_to_stderr)
 
 EPILOG = """\
 Examples:
@@ -48,6 +49,9 @@ def transcribe(
              "[default: stt-1b-en_fr].")] = None,
     no_tui: Annotated[bool, typer.Option(
         "--no-tui", help="Microphone: the words on stdout as they are recognised, not the full-screen view.")] = False,
+    no_record: Annotated[bool, typer.Option(
+        "--no-record", help="Microphone, full-screen view: keep no session files (by default the session is "
+        "recorded, readable by you only, and where it went is printed at the end).")] = False,
     raw: Annotated[bool, typer.Option(
         "--raw", help="Standard input is headerless 16-bit little-endian mono PCM (needs --rate).")] = False,
     rate: Annotated[Optional[int], typer.Option(
@@ -96,7 +100,7 @@ def transcribe(
     writers = _writers(output_format, output_dir, max(len(inputs), 1))
     limits = CueLimits(max_line_width, max_words_per_line)
     if not inputs:
-        _run_live(options, no_tui, writers, output_dir, limits, pause, stats)
+        _run_live(options, no_tui, no_record, writers, output_dir, limits, pause, stats)
         return
     _run_files(inputs, options, writers, output_dir, rate, limits, pause, batch_size, stats)
 
@@ -116,33 +120,51 @@ def _run_files(names: list[str], options, writers: list[type[TranscriptWriter]],
     from engine.stt.runner import TranscribeRunner
     from engine.stt.transcription import BatchTranscriber
 
+    from audio.errors import AudioError
     from audio.inputs import file_input, stdin_input
 
     # Every input is checked, and every output path decided, before the model loads.
     inputs = [stdin_input(rate) if name == STDIN else file_input(name) for name in names]
     targets = _output_paths([i.stem for i in inputs], writers, output_dir)
+    files = [Path(name) for name in names if name != STDIN]
+    for paths in targets:
+        for path in paths.values():
+            if path is not None:
+                check_output(path, "--output-dir", files)
     runner = TranscribeRunner.load(options, progress=progress_to_stderr, batch_size=min(batch_size, len(inputs)))
     info = _model_info(runner, pause)
 
     def jobs():
         for source, paths in zip(inputs, targets):
-            yield source.open(), _listeners(source.name, paths, info, len(inputs), limits)
+            yield _opened_late(source), _listeners(source.name, paths, info, len(inputs), limits)
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    def report(index: int, error: Exception) -> None:
+        more = "; going on with the others" if len(inputs) > 1 else ""
+        print(f"moshi: error: {error}{more}", file=sys.stderr, flush=True)
+
+    transcriber = BatchTranscriber(runner, pause_seconds=pause, input_errors=(AudioError,), on_failure=report)
     try:
-        run = BatchTranscriber(runner, pause_seconds=pause).run(jobs())
-    except KeyboardInterrupt:
+        with signals.raising():
+            run = transcriber.run(jobs())
+    except KeyboardInterrupt as exc:
         print("moshi: interrupted; the transcripts hold what was recognised so far", file=sys.stderr)
-        raise typer.Exit(130)
+        raise typer.Exit(signals.exit_status(exc))
     finally:
-        signal.signal(signal.SIGTERM, previous)
         runner.close()
     if stats:
         _print_stats(run, runner)
+    if run.failed:
+        if len(inputs) > 1:
+            names = ", ".join(inputs[index].name for index, _ in sorted(run.failed, key=lambda f: f[0]))
+            print(f"moshi: error: {len(run.failed)} of {len(inputs)} inputs could not be read to the end "
+                  f"(their transcripts are incomplete): {names}", file=sys.stderr)
+        raise typer.Exit(1)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _opened_late(source):
+    """The input's blocks, opened when its slot reads the first: an error in opening is then the
+    input's own failure, like an error in decoding."""
+    yield from source.open()
 
 
 def _output_paths(stems: list[str], writers: list[type[TranscriptWriter]],
@@ -208,12 +230,12 @@ def _print_stats(run, runner) -> None:
           f"{run.steps} steps of batch {runner.batch_size}", file=sys.stderr)
 
 
-def _run_live(options, no_tui: bool, writers: list[type[TranscriptWriter]], output_dir: Path | None,
+def _run_live(options, no_tui: bool, no_record: bool, writers: list[type[TranscriptWriter]], output_dir: Path | None,
               limits: CueLimits, pause: float, stats: bool) -> None:
     """The microphone: the full-screen view, or with --no-tui the words on stdout (and in files)."""
     from ..session import SessionOptions, open_source, run
 
-    session = SessionOptions(mode=Mode.TRANSCRIBE, model=options, tui=not no_tui)
+    session = SessionOptions(mode=Mode.TRANSCRIBE, model=options, tui=not no_tui, record=not no_record)
     if not no_tui:
         if writers:
             raise typer.BadParameter("the full-screen view saves its own transcript; add --no-tui to write "
@@ -230,25 +252,28 @@ def _run_live(options, no_tui: bool, writers: list[type[TranscriptWriter]], outp
         live = LiveTranscriber(runner, _listeners("microphone", paths, _model_info(runner, pause), 1, limits), pause)
         print("moshi: listening (Ctrl-C ends it)", file=sys.stderr, flush=True)
         try:
-            transcribe_source(source, live)
+            interrupted = transcribe_source(source, live)
         finally:
             runner.close()
     finally:
         source.close()
     if stats:
         _print_stats(live.stats, runner)
+    if interrupted is not None:
+        raise typer.Exit(signals.exit_status(interrupted))
 
 
-def transcribe_source(source, live) -> None:
-    """Frames from a live source until it ends or Ctrl-C, then the words still in flight."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while not source.finished:
-            frame = source.read(timeout=0.1)
-            if frame is not None:
-                live.push(frame)
-    except KeyboardInterrupt:
-        pass  # the usual way to end a live transcription
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def transcribe_source(source, live) -> KeyboardInterrupt | None:
+    """Frames from a live source until it ends or Ctrl-C, then the words still in flight. Returns
+    the interruption that ended it (the command then exits 130, 143 or 129), or None."""
+    interrupted = None
+    with signals.raising():
+        try:
+            while not source.finished:
+                frame = source.read(timeout=0.1)
+                if frame is not None:
+                    live.push(frame)
+        except KeyboardInterrupt as exc:
+            interrupted = exc  # the usual way to end a live transcription
     live.finish()
+    return interrupted

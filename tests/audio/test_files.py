@@ -85,3 +85,17 @@ def test_truncated_flac(tmp_path):
 def test_directory(tmp_path):
     with pytest.raises(AudioFileError, match="directory"):
         read_audio(tmp_path)
+
+
+def test_a_wav_cut_short_is_read_with_one_warning(tmp_path, capsys):
+    path = tmp_path / "cut.wav"
+    sf.write(path, np.full(SAMPLE_RATE, 0.25, np.float32), SAMPLE_RATE, subtype="PCM_16")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    pcm = read_audio(path)
+    assert 0.45 * SAMPLE_RATE < len(pcm) < 0.55 * SAMPLE_RATE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"moshi: warning: {path} is cut short" in err
+    path.write_bytes(whole)
+    read_audio(path)
+    assert capsys.readouterr().err == ""

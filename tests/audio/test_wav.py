@@ -82,3 +82,13 @@ def test_unwritable_path(tmp_path):
 def test_full_disk_is_a_clear_error():
     with pytest.raises(AudioFileError, match="cannot write recording /dev/full: No space left"):
         WavWriter("/dev/full", 24000)
+
+
+def test_a_symlink_at_the_name_is_replaced_not_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "r.wav").symlink_to(victim)
+    with WavWriter(tmp_path / "r.wav", 24000, channels=1) as w:
+        w.write(np.zeros(10))
+    assert victim.read_text() == "keep me"
+    assert not (tmp_path / "r.wav").is_symlink() and sf.info(tmp_path / "r.wav").frames == 10

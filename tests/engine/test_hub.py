@@ -224,9 +224,8 @@ def test_missing_file_in_a_folder_names_the_file_and_the_folder(tmp_path):
 def test_explicit_paths_and_file_links_replace_the_folder_files(tmp_path):
     elsewhere = write_files(tmp_path / "elsewhere", {
         "lm.safetensors": b"my lm", "mimi.safetensors": b"my mimi", "spm.model": b"my spm",
-        "other.json": json.dumps({**STT_CONFIG, "mimi_config_name": None, "mimi_name": f"file://{tmp_path}/m.sft"}),
+        "other.json": json.dumps({**STT_CONFIG, "mimi_config_name": None}),
     })
-    write_files(tmp_path, {"m.sft": b"linked mimi"})
     folder = write_files(tmp_path / "model", {"config.json": json.dumps(Q8_CONFIG)})  # none of its files exist
 
     info = CheckpointInfo.resolve(
@@ -237,10 +236,11 @@ def test_explicit_paths_and_file_links_replace_the_folder_files(tmp_path):
         b"my lm", b"my mimi", b"my spm"]
     assert info.lm_config["quantize"] is True
 
-    write_files(folder, {"model.safetensors": b"lm", STT_CONFIG["tokenizer_name"]: b"spm"})
+    write_files(folder, {"model.safetensors": b"lm", STT_CONFIG["tokenizer_name"]: b"spm",
+                         STT_CONFIG["mimi_name"]: b"folder mimi"})
     info = CheckpointInfo.resolve(folder, config=str(elsewhere / "other.json"))
     assert info.model_type == "stt" and info.stt_config == STT_CONFIG["stt_config"]
-    assert info.mimi_weights.read_bytes() == b"linked mimi"
+    assert info.mimi_weights.read_bytes() == b"folder mimi"
     assert info.config_path == elsewhere / "other.json"
 
 
@@ -445,3 +445,14 @@ def test_download_of_a_legacy_repo_records_that_it_has_no_config(tmp_path, hub):
     assert "has no config.json: assuming a Moshi 7B" in done.stderr
     info = resolve_in_process("moshika-vis", hf_env(tmp_path, f"http://127.0.0.1:{closed_port()}", HF_HUB_OFFLINE="1"))
     assert Path(info["mimi_weights"]).read_bytes() == BF16_FILES[MIMI_FILE] and info["raw_config"] is None
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "file:///etc/passwd", "sub/../../x",
+                                  "hf://../../etc/passwd", "hf://kyutai/../../../x"])
+def test_names_in_config_json_stay_inside_the_folder(tmp_path, name):
+    write_files(tmp_path, {"secret": b"not a tokenizer"})
+    folder = write_files(tmp_path / "a" / "b" / "model", {
+        "config.json": json.dumps({**STT_CONFIG, "mimi_config_name": None, "tokenizer_name": name}),
+        "model.safetensors": b"lm", STT_CONFIG["mimi_name"]: b"mimi"})
+    with pytest.raises(CheckpointError, match="tokenizer_name|malformed link"):
+        CheckpointInfo.resolve(folder)

@@ -20,7 +20,7 @@ def _closed_port() -> int:
 
 def _doctor(env):
     env = {**env, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
-    return subprocess.run([MOSHI, "doctor"], capture_output=True, text=True, env=env, timeout=240)
+    return subprocess.run([*MOSHI, "doctor"], capture_output=True, text=True, env=env, timeout=240)
 
 
 def test_doctor_passes_with_a_sound_server(pulse):

@@ -22,8 +22,8 @@ async def _live(pilot, conv: ScriptedConversation, frames: int = 40) -> None:
     await pilot.pause()
 
 
-@pytest.mark.parametrize("key", ["q", "ctrl+c"])
-async def test_quit_keys_stop_the_conversation(key):
+@pytest.mark.parametrize("key, status", [("q", 0), ("ctrl+c", 130)])
+async def test_quit_keys_stop_the_conversation(key, status):
     conv = ScriptedConversation()
     app = MoshiApp(conv)
     async with app.run_test(size=SIZE) as pilot:
@@ -31,7 +31,7 @@ async def test_quit_keys_stop_the_conversation(key):
         await pilot.press(key)
         await pilot.pause()
     assert conv.calls[-1] == ("stop",)
-    assert app.return_code == 0
+    assert app.return_code == status
     assert app.state == "ended"
 
 

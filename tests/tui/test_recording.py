@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import soundfile as sf
 
+from audio.outputs import write_atomically
 from engine.options import Mode
 from moshi_tui.recording import SessionRecorder, new_session_folder
-from moshi_tui.transcript_writers import write_atomically
 
 SR = 24000
 
@@ -103,3 +103,18 @@ def test_a_temporary_file_left_by_a_killed_run_is_replaced(tmp_path):
     (tmp_path / "talk.json.tmp").write_text('{"half": ')
     write_atomically(tmp_path / "talk.json", "{}\n")
     assert (tmp_path / "talk.json").read_text() == "{}\n" and not (tmp_path / "talk.json.tmp").exists()
+
+
+def test_session_files_replace_a_symlink_at_their_name(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    folder = tmp_path / "session"
+    folder.mkdir()
+    for name in ("audio.wav", "transcript.txt", "events.jsonl", "transcript.json"):
+        (folder / name).symlink_to(victim)
+    recorder = SessionRecorder(folder, Mode.CHAT, {"model": "tiny"})
+    recorder.text(0.0, "hello")
+    recorder.close()
+    assert victim.read_text() == "keep me"
+    assert not any(p.is_symlink() for p in folder.iterdir())
+    assert "hello" in (folder / "transcript.txt").read_text()

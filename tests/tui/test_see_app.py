@@ -1,10 +1,14 @@
 """The `moshi see` screen: `o` opens another picture (a new conversation), a bad file is one line
 in the app, and the words take the colour of their gate level."""
 
+import struct
+import warnings
+import zlib
+
 import pytest
 
 from moshi_tui.app import MoshiApp, OpenImageScreen
-from moshi_tui.picture import PictureView
+from moshi_tui.picture import MAX_PIXELS, PictureError, PictureView, load_picture
 from moshi_tui.widgets import GATE_STYLES, ParagraphView, TranscriptView, gate_level
 
 from .script import SEE_WORDS, ScriptedConversation
@@ -50,9 +54,34 @@ async def test_o_opens_another_picture_in_a_new_conversation(sun_picture, tmp_pa
         assert app.query_one(TranscriptView).model.paragraphs[0].text == " ".join(SEE_WORDS[:2])
 
 
+def huge_png(width: int = 12000, height: int = 12000) -> bytes:
+    """A PNG whose header declares `width`×`height` pixels: a decoder would need 432 MB for them, and
+    finds no pixel data."""
+    header = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    ihdr = struct.pack(">I", 13) + header + struct.pack(">I", zlib.crc32(header))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + end
+
+
+def test_a_huge_picture_is_refused_from_its_header_without_a_warning(tmp_path):
+    path = tmp_path / "huge.png"
+    path.write_bytes(huge_png())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning would fail here
+        with pytest.raises(PictureError, match=r"huge.png is too large: 12000×12000, over 100 megapixels"):
+            load_picture(path)
+
+
+def test_the_app_and_the_engine_refuse_the_same_pictures():
+    from engine.moshivis.vision import MAX_PIXELS as ENGINE_MAX_PIXELS
+
+    assert MAX_PIXELS == ENGINE_MAX_PIXELS
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("missing.jpg", None, "picture not found"),
     ("notes.jpg", b"these are words, not pixels", "is not a picture"),
+    ("huge.png", huge_png(), "is too large"),
 ])
 async def test_a_bad_file_is_one_line_in_the_app_and_the_conversation_goes_on(sun_picture, tmp_path, name,
                                                                               content, message):

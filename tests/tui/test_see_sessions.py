@@ -20,7 +20,8 @@ from moshi_tui.session import FileSource, Session, SessionOptions
 from moshi_tui.widgets import GATE_STYLES, LatencyPanel, ParagraphView, TranscriptView, gate_level
 
 from .processes import engine_children
-from .test_session import _speech_file
+from .test_chat_command import wait_until_recorded
+from .test_session import _file_pcm, _speech_file
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -66,7 +67,7 @@ async def test_see_a_recording_in_the_app_with_the_runners_words_and_gates(tiny_
     runner.step(np.zeros(FRAME_SIZE, np.float32))
     runner.reset()
     pieces = []
-    for i, out in enumerate(map(runner.step, FileSource(audio, realtime=False).pcm.reshape(-1, FRAME_SIZE))):
+    for i, out in enumerate(map(runner.step, _file_pcm(audio).reshape(-1, FRAME_SIZE))):
         if out.text:
             pieces.append((round(i * 0.08, 3), out.text, out.gate))
     assert len(pieces) > 3 and len({gate_level(g) for _, _, g in pieces}) > 1
@@ -121,16 +122,19 @@ def test_moshi_see_live_without_the_tui(pulse, tiny_vis, sun_picture, tmp_path):
     """The real command on the microphone and speakers (the private PulseAudio server), until Ctrl-C."""
     moshi = _moshi("see", sun_picture, "--no-tui", "--hf-repo", tiny_vis, "--dtype", "float32", "--record",
                    tmp_path / "rec", "--input-device", "pulse", "--output-device", "pulse", env=pulse.env)
-    seen = []
-    for line in moshi.stderr:  # the states, one a line, until the conversation is live
-        seen.append(line)
-        if line.startswith("moshi: live"):
-            break
-    assert seen and seen[-1].startswith("moshi: live"), "".join(seen)
-    time.sleep(3.0)
-    moshi.send_signal(signal.SIGINT)
-    out, err = moshi.communicate(timeout=30)
-    assert moshi.returncode == 0, err
+    try:
+        seen = []
+        for line in moshi.stderr:  # the states, one a line, until the conversation is live
+            seen.append(line)
+            if line.startswith("moshi: live"):
+                break
+        assert seen and seen[-1].startswith("moshi: live"), "".join(seen)
+        wait_until_recorded(tmp_path / "rec", 2.0)
+        moshi.send_signal(signal.SIGINT)
+        out, err = moshi.communicate(timeout=30)
+    finally:
+        moshi.kill()  # whatever happened, nothing is left running
+    assert moshi.returncode == 130, err  # ended by Ctrl-C
     [folder] = (tmp_path / "rec").glob("*-see")
     events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "start" and events[0]["image"] == "sun.jpg" and events[-1]["event"] == "end"

@@ -5,16 +5,19 @@ in the middle of a conversation; a lost sound device ends a session with its own
 import json
 import os
 import signal
+import stat
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from audio import FRAME_SIZE
-from audio.errors import DeviceError
+from audio.core import AudioStats
+from audio.errors import AudioError, DeviceError
 from engine.options import ModelOptions
-from engine.interface import Ready
+from engine.interface import Failed, Ready
 from moshi_tui.app import MoshiApp
 from moshi_tui.session import FileSource, Session, SessionOptions, run
 from moshi_tui.widgets import LatencyPanel, TranscriptView
@@ -23,6 +26,14 @@ from .processes import engine_children
 
 pytestmark = pytest.mark.timeout(120)
 SR = 24000
+
+
+def _file_pcm(path) -> np.ndarray:
+    """Every frame a `FileSource` gives for `path`, end to end: what the model hears."""
+    source, frames = FileSource(path, realtime=False), []
+    while not source.finished:
+        frames.append(source.read(0.0))
+    return np.concatenate(frames)
 
 
 def _speech_file(path, seconds: float, seed: int = 0):
@@ -55,7 +66,7 @@ def test_transcribe_a_file_to_stdout_as_the_runner_does(tmp_path, tiny, capsys, 
     runner = TranscribeRunner.load(model)
     try:
         runner.warmup()
-        frames = FileSource(audio, realtime=False).pcm.reshape(-1, FRAME_SIZE)
+        frames = _file_pcm(audio).reshape(-1, FRAME_SIZE)
         pieces = [(i * 0.08, out.text) for i, out in enumerate(map(runner.step, frames)) if out.text]
     finally:
         runner.close()
@@ -91,7 +102,7 @@ async def test_chat_with_a_recording_in_the_tui(tmp_path, tiny, one_thread_engin
     [folder] = session.folders
     assert (folder / "transcript.txt").read_text() == shown and shown
     wav, _ = sf.read(folder / "audio.wav", dtype="float32")
-    frames = FileSource(audio, realtime=True).pcm
+    frames = _file_pcm(audio)
     assert wav.shape == (len(frames), 2)  # every frame, answered or skipped, in time order
     np.testing.assert_allclose(wav[:, 0], frames, atol=1 / 32767)
     assert np.abs(wav[:, 1]).max() > 0.01  # Moshi's side: the tiny model's noise
@@ -151,7 +162,7 @@ async def test_mute_and_restart_with_the_real_engine(tmp_path, tiny, one_thread_
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-2:] == ["restart", "end"]
     muted_at, unmuted_at = (next(e["t"] for e in events if e["event"] == kind) for kind in ("mute", "unmute"))
-    file_pcm = FileSource(audio, realtime=True).pcm
+    file_pcm = _file_pcm(audio)
     wav, _ = sf.read(first / "audio.wav", dtype="float32")
     a, b = round(muted_at / 0.08) * FRAME_SIZE, round(unmuted_at / 0.08) * FRAME_SIZE
     assert b - a >= 5 * FRAME_SIZE
@@ -200,9 +211,101 @@ def test_a_lost_device_ends_the_session_with_an_audio_error(tmp_path, monkeypatc
     """Not an engine error: the CLI prints either as one line; MOSHI_DEBUG=1 adds the traceback."""
     import moshi_tui.session as session
 
-    monkeypatch.setattr(session, "EngineProcess", _ReadyEngine)
+    monkeypatch.setattr("engine.process.EngineProcess", _ReadyEngine)  # run() imports it from there
     monkeypatch.setattr(session, "open_source", lambda options: _LostMicrophone())
     monkeypatch.setenv("MOSHI_DEBUG", debug)
     with pytest.raises(DeviceError, match="^the microphone went away$"):
         run(SessionOptions("chat", record_dir=tmp_path, tui=False))
     assert ("Traceback" in capsys.readouterr().err) == (debug == "1")
+
+
+def test_a_recorded_session_is_private_and_says_where_it_went(tmp_path, tiny, capsys, one_thread_engine):
+    audio = _speech_file(tmp_path / "talk.wav", 1.0)
+    model = ModelOptions(hf_repo=str(tiny["transcribe"]), dtype="float32")
+    run(SessionOptions("transcribe", model, input_file=audio, record_dir=tmp_path / "rec", tui=False))
+    [folder] = (tmp_path / "rec").glob("*-transcribe")
+    assert f"moshi: the session is recorded in {folder}\n" in capsys.readouterr().err
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "rec").stat().st_mode) == 0o700
+    files = [*folder.iterdir(), tmp_path / "rec" / "engine.log"]
+    assert {p.name for p in files} == {"audio.wav", "transcript.txt", "transcript.json", "events.jsonl", "engine.log"}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+
+
+def test_no_record_keeps_no_files(tmp_path, tiny, capsys, monkeypatch, one_thread_engine):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    audio = _speech_file(tmp_path / "talk.wav", 1.0)
+    model = ModelOptions(hf_repo=str(tiny["transcribe"]), dtype="float32")
+    run(SessionOptions("transcribe", model, input_file=audio, record=False, tui=False))
+    assert not (tmp_path / "data").exists() and "recorded" not in capsys.readouterr().err
+
+
+class _FailingEngine(_ReadyEngine):
+    """Ready, then fails once it has taken five frames."""
+
+    def __init__(self, runner=None, options=None, log_path=None):
+        super().__init__(runner, options)
+        self.frames = 0
+
+    def send_frame(self, pcm) -> bool:
+        self.frames += 1
+        if self.frames == 5:
+            self.events.append(Failed("the model ran out of memory"))
+        return True
+
+
+class _Talker:
+    """A microphone whose voice detector flips at every frame."""
+
+    realtime, finished, captured_at, records = False, False, None, False
+
+    def __init__(self) -> None:
+        self.voice = False
+
+    def read(self, timeout: float):
+        self.voice = not self.voice
+        return np.zeros(FRAME_SIZE, np.float32)
+
+    def stats(self) -> AudioStats:
+        return AudioStats(voice=self.voice)
+
+    def play(self, pcm, captured_at=None) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_nothing_is_recorded_after_the_engine_failed(tmp_path):
+    session = Session(SessionOptions("chat"), _FailingEngine(), _Talker(), tmp_path)
+    session.start(lambda event: None)
+    assert session.done.wait(10)
+    [folder] = session.folders
+    kinds = [json.loads(line)["event"] for line in (folder / "events.jsonl").read_text().splitlines()]
+    assert "speech" in kinds and kinds[-2:] == ["failed", "end"], kinds
+
+
+def test_a_file_source_reads_its_file_block_by_block(tmp_path):
+    path = tmp_path / "long.wav"
+    sf.write(path, np.zeros(120 * 48000, np.int16), 48000, subtype="PCM_16")  # 2 minutes: 46 MB as float32 at 48 kHz
+    tracemalloc.start()
+    try:
+        source = FileSource(path, realtime=False)
+        for _ in range(100):
+            source.read(0.0)
+        source.clear()
+        source.read(0.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000
+
+
+def test_a_file_of_an_absurd_sample_rate_is_refused(tmp_path):
+    path = tmp_path / "8hz.wav"
+    sf.write(path, np.zeros(1000, np.int16), 8, subtype="PCM_16")
+    with pytest.raises(AudioError, match="declares a sample rate of 8 Hz: moshi reads 1 kHz to 768 kHz"):
+        FileSource(path, realtime=True)

@@ -87,3 +87,24 @@ def test_flag_beats_variable_beats_config(tmp_path, monkeypatch):
     assert "tiny random chat model" in result.output
     result = runner.invoke(app, ["tiny-model", str(tmp_path / "c"), "--kind", "transcribe"], env={"MOSHI_KIND": "chat"})
     assert "tiny random transcribe model" in result.output
+
+
+def test_the_files_of_a_run_never_come_from_the_environment_or_the_config_file():
+    options = {"chat": {"device", "input", "output", "transcript", "record"}, "transcribe": {"output_dir"}}
+    env = {"MOSHI_INPUT": "/etc/passwd", "MOSHI_OUTPUT": "x.wav", "MOSHI_RECORD": "/tmp", "MOSHI_OUTPUT_DIR": "o",
+           "MOSHI_DEVICE": "cuda"}
+    assert default_map({}, env, options) == {"chat": {"device": "cuda"}, "transcribe": {}}
+    for config in ({"input": "a.wav"}, {"chat": {"transcript": "t.txt"}}, {"transcribe": {"output-dir": "o"}}):
+        with pytest.raises(SettingsError, match="belongs to one run: give it on the command line"):
+            default_map(config, {}, options)
+
+
+def test_a_bad_value_is_reported_with_where_it_came_from(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[chat]\ntemp = "hot"\n')
+    result = _moshi("chat", "--no-tui", env={"MOSHI_CONFIG": str(tmp_path / "none.toml"), "MOSHI_DTYPE": "float64"})
+    assert result.returncode == 2 and result.stderr.startswith("moshi: error: MOSHI_DTYPE=float64: ")
+    assert len(result.stderr.splitlines()) == 1 and "--dtype" not in result.stderr
+    result = _moshi("chat", "--no-tui", env={"MOSHI_CONFIG": str(config)})
+    assert result.returncode == 2 and result.stderr.startswith(f"moshi: error: {config}: [chat] temp = 'hot': ")
+    assert _moshi("devices", "--help", env={"MOSHI_CONFIG": str(config)}).returncode == 0  # not its option
