@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
 from engine.transformer import RMSNorm
@@ -79,9 +80,10 @@ def pictures(tmp_path_factory):
 
 
 def _reference_pixels(path, size=SIZE):
-    """A plain reading of the official recipe (the MLX server: Pillow RGB, bicubic square resize,
-    /255, (x − 0.5) / 0.5), plus what `moshi see` documents on top: upright, alpha over white,
-    16-bit scaled to 8."""
+    """A plain reading of the official recipe (the PyTorch server: RGB, torchvision's bicubic square
+    resize of the uint8 tensor, which is torch's antialiased one, /255, (x − 0.5) / 0.5), plus what
+    `moshi see` documents on top: upright, alpha over white, 16-bit scaled to 8. That the resize
+    gives torchvision's pixels is checked in test_moshivis_kyuteye.py."""
     image = ImageOps.exif_transpose(Image.open(path))
     if image.mode == "I;16":
         image = Image.fromarray(np.round(np.asarray(image) / 257).astype(np.uint8))
@@ -90,8 +92,9 @@ def _reference_pixels(path, size=SIZE):
         alpha = rgba[..., 3:] / 255
         rgb = rgba[..., :3] * alpha + 255 * (1 - alpha)
         image = Image.fromarray(np.round(rgb).astype(np.uint8))
-    array = np.asarray(image.convert("RGB").resize((size, size), resample=3), dtype=np.float64)
-    return ((array / 255 - 0.5) / 0.5).transpose(2, 0, 1)
+    rgb = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]
+    array = F.interpolate(rgb, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return (array[0].double().numpy() / 255 - 0.5) / 0.5
 
 
 ALPHA_OR_16BIT = {"palette_transparent.png", "rgba.png", "la.png", "gray16.png"}
