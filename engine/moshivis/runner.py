@@ -13,7 +13,7 @@ from ..errors import EngineError
 from ..moshi.generate import Sampling
 from ..moshi.runner import ChatRunner
 from ..options import Mode, SeeOptions
-from ..runner import Models, Progress, StepOutput, load_models
+from ..runner import FirstFrame, Models, Progress, StepOutput, load_models
 from .loading import load_moshivis
 from .model import MoshiVis, MoshiVisConfig
 from .vision import open_image
@@ -29,7 +29,7 @@ class SeeRunner(ChatRunner):
     """A conversation about a picture: ChatRunner, plus the picture and how much Moshi looks at it."""
 
     def __init__(self, models: Models, picture: Image.Image, xa_start: int, image_name: str = ""):
-        super().__init__(models)
+        super().__init__(models, FirstFrame.KYUTEYE_SERVER)
         self.model: MoshiVis = models.model
         self.gen.xa_start = xa_start
         self._gate: torch.Tensor | None = None

@@ -77,12 +77,16 @@ def chat(
 
 def run_headless_chat(input: Path, output: Path | None, transcript: Path | None, options) -> None:
     from engine.moshi.runner import ChatRunner
+    from engine.runner import FirstFrame
 
-    run_headless_conversation(input, output, transcript, lambda: ChatRunner.load(options, progress_to_stderr))
+    run_headless_conversation(input, output, transcript,
+                              lambda: ChatRunner.load(options, progress_to_stderr, FirstFrame.RUN_INFERENCE))
 
 
 def run_headless_conversation(input: Path, output: Path | None, transcript: Path | None, load_runner) -> None:
     """Feed a recording to a conversation runner frame by frame; Moshi's voice to ``output``, words to stdout."""
+    import numpy as np
+
     from audio import FRAME_SIZE, SAMPLE_RATE
     from audio.files import read_audio
     from audio.wav import WavWriter
@@ -95,8 +99,9 @@ def run_headless_conversation(input: Path, output: Path | None, transcript: Path
         # Only whole frames, as Kyutai's `moshi-inference` does.
         for start in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE):
             out = runner.step(pcm[start:start + FRAME_SIZE])
-            if writer is not None and out.pcm is not None:
-                writer.write(out.pcm)
+            if writer is not None:
+                # A frame answered with no voice (MoshiVis's first) is silence: the reply keeps the input's timeline.
+                writer.write(np.zeros(FRAME_SIZE, np.float32) if out.pcm is None else out.pcm)
             if out.text:
                 sys.stdout.write(out.text)
                 sys.stdout.flush()

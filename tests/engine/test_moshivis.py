@@ -415,15 +415,37 @@ def test_see_runner(folders, pictures):
         return [runner.step(frame) for frame in frames]
 
     first = run()
-    assert all(out.pcm is not None and out.pcm.shape == (1920,) for out in first)
-    # xa_start is 16 LM steps; the runner feeds its first frame twice, so frame 15 is LM step 16.
-    assert [out.gate > 0 for out in first] == [False] * 15 + [True] * 7
+    assert first[0].pcm is None and all(out.pcm.shape == (1920,) for out in first[1:])
+    # xa_start is 16 LM steps, and frame 16 is LM step 16.
+    assert [out.gate > 0 for out in first] == [False] * 16 + [True] * 6
     runner.reset()
     again = run()
     assert [o.token for o in again] == [o.token for o in first] and [o.gate for o in again] == [o.gate for o in first]
     runner.set_image(open_image(pictures["noise.png"]), "noise.png")
     other = run()
     assert other[-1].gate != first[-1].gate
+
+
+def test_see_runner_steps_as_kyuteyes_server(folders, pictures):
+    """Kyutai's MoshiVis server encodes every frame once, Mimi going on, and steps the LM once on
+    its codes: no double feed of frame 0, no restart of Mimi after it."""
+    options = SeeOptions(hf_repo=str(folders["vis"]), image=str(pictures["stripes.jpg"]), xa_start=3, temp=0,
+                         temp_text=0)
+    runner = SeeRunner.load(options)
+    rng = np.random.default_rng(2)
+    frames = [(0.1 * rng.standard_normal(1920)).astype(np.float32) for _ in range(12)]
+    outs = [runner.step(frame) for frame in frames]
+    runner.reset()
+    mimi = runner.models.mimi
+    with torch.no_grad():
+        for frame, out in zip(frames, outs):
+            tokens = runner.gen.step(mimi.encode(torch.from_numpy(frame).view(1, 1, -1)))
+            if tokens is None:
+                assert out.pcm is None and out.token is None
+                continue
+            assert out.token == int(tokens[0, 0, 0])
+            np.testing.assert_array_equal(out.pcm, mimi.decode(tokens[:, 1:])[0, 0].float().numpy())
+    assert sum(out.pcm is None for out in outs) == 1
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -436,9 +458,8 @@ def test_see_runner_loads_quantized(folders, pictures, mode):
     assert isinstance(linear, Int8Linear if mode == "int8" else Int4Linear)
     rng = np.random.default_rng(1)
     outs = [runner.step((0.1 * rng.standard_normal(1920)).astype(np.float32)) for _ in range(5)]
-    assert all(out.pcm.shape == (1920,) for out in outs)
-    # The runner feeds its first frame twice: frame 1 is LM step 2, the first to look at the picture.
-    assert [out.gate > 0 for out in outs] == [False, True, True, True, True]
+    assert all(out.pcm.shape == (1920,) for out in outs[1:])
+    assert [out.gate > 0 for out in outs] == [False, False, True, True, True]
 
 
 def test_see_runner_checks_the_picture_before_loading(folders, tmp_path):
