@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,8 +69,6 @@ class SeeRunner(ChatRunner):
 def _load_models(options: SeeOptions, progress: Progress | None) -> Models:
     def load_vision_model(info, device: torch.device, dtype: torch.dtype, quantize: str | None) -> MoshiVis:
         cfg = MoshiVisConfig.from_checkpoint(info)
-        if options.rms_norm is not None:
-            cfg = replace(cfg, rms_norm=options.rms_norm)
         return load_moshivis(info.lm_weights, cfg, device=device, dtype=dtype, quantize=quantize)
 
     return load_models(options, Mode.SEE.default_model, progress, load_vision_model, SAMPLING)

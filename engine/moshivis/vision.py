@@ -158,17 +158,14 @@ class SiglipTower(nn.Module):
 
 
 class ImagePrefix(nn.Module):
-    """The picture as the LM attends to it: SigLIP tokens projected to the LM width, then normed.
+    """The picture as the LM attends to it: SigLIP tokens projected to the LM width, then normed by
+    the unbiased variance with eps 1e-5, as Kyutai's PyTorch MoshiVis code builds ``norm_xa``."""
 
-    ``variance`` selects the RMSNorm of the official PyTorch code (unbiased variance, eps 1e-5);
-    otherwise mean(x²) with eps 1e-8, as the MLX and Rust backends compute it.
-    """
-
-    def __init__(self, cfg: VisionConfig, dim: int, variance: bool = False):
+    def __init__(self, cfg: VisionConfig, dim: int):
         super().__init__()
         self.tower = SiglipTower(cfg)
         self.proj_xa = nn.Linear(cfg.hidden, dim)
-        self.norm_xa = RMSNorm(dim, eps=1e-5, variance=True) if variance else RMSNorm(dim, eps=1e-8)
+        self.norm_xa = RMSNorm(dim, eps=1e-5, variance=True)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.norm_xa(self.proj_xa(self.tower(pixels)))

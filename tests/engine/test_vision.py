@@ -251,11 +251,10 @@ def test_tower_matches_transformers(pictures):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("variance", [False, True])
-def test_projection_and_norm(variance):
-    """proj_xa (with bias) then the RMSNorm variant, against a float64 reading of the formulas."""
+def test_projection_and_norm():
+    """proj_xa (with bias) then norm_xa, against a float64 reading of the formulas."""
     cfg = VisionConfig.tiny()
-    prefix = ImagePrefix(cfg, dim=64, variance=variance).eval()
+    prefix = ImagePrefix(cfg, dim=64).eval()
     prefix.load_state_dict(random_image_prefix_state(cfg, dim=64, seed=2))
     pixels = torch.rand(1, 3, cfg.image_size, cfg.image_size) * 2 - 1
     with torch.no_grad():
@@ -264,10 +263,8 @@ def test_projection_and_norm(variance):
         weight, bias = prefix.proj_xa.weight.double().numpy(), prefix.proj_xa.bias.double().numpy()
         alpha = prefix.norm_xa.alpha.double().numpy()
     projected = tokens @ weight.T + bias
-    if variance:  # the official PyTorch `rms_norm`: unbiased variance, eps 1e-5
-        scale = 1 / np.sqrt(1e-5 + projected.var(axis=-1, ddof=1, keepdims=True))
-    else:  # mean(x²), eps 1e-8 (MLX, Rust)
-        scale = 1 / np.sqrt(1e-8 + (projected**2).mean(axis=-1, keepdims=True))
+    # kyuteye's `rms_norm`: the unbiased variance, eps 1e-5
+    scale = 1 / np.sqrt(1e-5 + projected.var(axis=-1, ddof=1, keepdims=True))
     np.testing.assert_allclose(got, projected * scale * alpha, rtol=0, atol=1e-5)
     assert got.shape == (1, cfg.num_patches, 64)
 
