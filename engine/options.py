@@ -66,4 +66,3 @@ class SeeOptions(ModelOptions):
 
     image: str | None = None  # the picture's path
     xa_start: int | None = None  # steps before Moshi looks at the picture; None: the checkpoint's (16)
-    rms_norm: str | None = None  # None: the checkpoint's

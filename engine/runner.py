@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -85,6 +86,24 @@ class PictureRunner(Runner, Protocol):
 
     def set_image(self, picture: Image.Image, name: str = "") -> None:
         """Look at this RGB picture from now on, in a new conversation."""
+
+
+class FirstFrame(Enum):
+    """What a conversation runner does about the user's first frame. The LM's first step reads only
+    its initial tokens, whatever codes it is given, so frame 0 is never heard as it is; each of
+    Kyutai's tools makes up for it in its own way, and whoever builds a runner picks the tool it
+    stands beside."""
+
+    # moshi's run_inference.py, for file runs (`moshi chat --input`, `moshi transcribe`): frame 0's
+    # codes are fed to the LM twice, so that step 1 hears frame 0, and N frames in give N answers.
+    RUN_INFERENCE = "run_inference"
+    # moshi's server.py, for live sessions (what the engine process loads): frame 0 is encoded and
+    # stepped once, then Mimi starts over, so that frame 1 is encoded with fresh left padding, as if
+    # it were the first; step 1 hears frame 1.
+    SERVER = "server"
+    # MoshiVis's server (kyuteye/server.py), for `moshi see`: every frame is encoded once and
+    # stepped once, Mimi going on; step 1 hears frame 1.
+    KYUTEYE_SERVER = "kyuteye_server"
 
 
 @dataclass
@@ -188,15 +207,16 @@ class BaseRunner:
 
     frame_size = FRAME_SIZE
 
-    def __init__(self, models: Models, batch_size: int = 1):
+    def __init__(self, models: Models, first_frame: FirstFrame, batch_size: int = 1):
         self.models = models
+        self.first_frame = first_frame
         self.gen = LMGen(models.lm, models.sampling)
         self.device = models.lm.device
         self.batch_size = batch_size
         mimi = models.mimi
         self.encoder = mimi if isinstance(mimi, EncoderProcess) else InlineEncoder(mimi, self.device, batch_size)
         self.gen.start_streaming(batch_size)
-        self._first_frame = True
+        self._at_first_frame = True
 
     def describe(self) -> dict[str, str]:
         return {"model": self.models.name, "device": str(self.device), "dtype": str(self.models.lm.dtype).split(".")[-1],
@@ -205,7 +225,7 @@ class BaseRunner:
     def reset(self) -> None:
         self.encoder.reset()
         self.gen.reset_streaming()
-        self._first_frame = True
+        self._at_first_frame = True
 
     def close(self) -> None:
         """End the encoder process, if Mimi runs in one."""
@@ -228,9 +248,11 @@ class BaseRunner:
         self.encoder.submit(pcm.reshape(self.batch_size, FRAME_SIZE))
 
     def _lm_step(self, codes: torch.Tensor):
-        # `moshi-inference`'s convention: the model never sees its first input frame, so the first
-        # frame's codes are fed twice.
-        if self._first_frame:
-            self._first_frame = False
-            self.gen.step_full(codes)
+        """One LM step on the codes of the frame just encoded, after what ``first_frame`` asks for."""
+        if self._at_first_frame:
+            self._at_first_frame = False
+            if self.first_frame is FirstFrame.RUN_INFERENCE:
+                self.gen.step_full(codes)
+            elif self.first_frame is FirstFrame.SERVER:
+                self.encoder.reset()
         return self.gen.step_full(codes)

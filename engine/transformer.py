@@ -82,7 +82,8 @@ class RMSNorm(nn.Module):
     """``x * alpha * rsqrt(eps + mean(x²))`` computed in fp32, whatever the weights' dtype.
 
     With ``variance``, the unbiased variance of x replaces mean(x²) (x itself is not centred):
-    the definition of the official PyTorch MoshiVis code.
+    the form Kyutai's PyTorch MoshiVis code uses in its depth transformer and after the image
+    projection.
     """
 
     def __init__(self, dim: int, eps: float = 1e-8, variance: bool = False):

@@ -1,5 +1,6 @@
 """`moshi chat --input` and `moshi transcribe FILE` end to end, through the real CLI and the tiny
-checkpoint folders, against Kyutai's `moshi-inference` engine on the same folder and input."""
+checkpoint folders, against Kyutai's `moshi-inference` engine on the same folder and input; and the
+runner of live chat sessions against the reference models stepped as Kyutai's server.py steps them."""
 
 import os
 import subprocess
@@ -10,10 +11,15 @@ import pytest
 import soundfile
 import torch
 
+from audio import FRAME_SIZE
+from engine.moshi.runner import ChatRunner
+from engine.options import ModelOptions
+from engine.runner import FirstFrame
 from engine.tiny import write_tiny_checkpoint
 
 ref_loaders = pytest.importorskip("moshi.models.loaders")
 ref_inference = pytest.importorskip("moshi.run_inference")
+ref_lm = pytest.importorskip("moshi.models.lm")
 
 GREEDY = {"temp": 0.0, "temp_text": 0.0, "top_k": 250, "top_k_text": 25}
 
@@ -37,13 +43,16 @@ def speechlike(tmp_path_factory):
     return path, pcm
 
 
-def _reference(folder, pcm, extra_gen_config):
+def _reference_models(folder):
     info = ref_loaders.CheckpointInfo.from_hf_repo(
         str(folder), moshi_weights=folder / "model.safetensors", mimi_weights=folder / "mimi.safetensors",
         tokenizer=folder / "tokenizer.model", config_path=folder / "config.json",
         mimi_config_path=folder / "mimi_config.json")
-    mimi = info.get_mimi(device="cpu")
-    lm = info.get_moshi(device="cpu", dtype=torch.bfloat16)
+    return info, info.get_mimi(device="cpu"), info.get_moshi(device="cpu", dtype=torch.bfloat16)
+
+
+def _reference(folder, pcm, extra_gen_config):
+    info, mimi, lm = _reference_models(folder)
     tokens = []
     gen_config = {**info.lm_gen_config, **extra_gen_config}
     state = ref_inference.InferenceState(info, mimi, info.get_text_tokenizer(), lm, batch_size=1, cfg_coef=1.0,
@@ -78,6 +87,37 @@ def test_headless_chat_matches_reference(folders, speechlike, tmp_path):
     assert ours.shape == (ref_pcm.shape[-1],), "one 1920-sample frame out per frame in"
     # The file is 16-bit: half a step of rounding on top of the 1e-4 the models may differ by.
     np.testing.assert_allclose(ours, np.clip(ref_pcm[0].numpy(), -1, 1), rtol=0, atol=1e-4 + 0.5 / 32767)
+
+
+def test_live_chat_runner_steps_as_server_py(folders, speechlike):
+    """The runner of live sessions (``ChatRunner.load`` as the engine process calls it) against the
+    reference models driven as Kyutai's server.py drives them: Mimi starts over after encoding frame
+    0, whose codes the LM's first step does not hear, and every frame is stepped once. Greedy."""
+    _, pcm = speechlike
+    starts = range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)
+    _, mimi, lm = _reference_models(folders["chat"])
+    gen = ref_lm.LMGen(lm, use_sampling=False)
+    expected = []
+    with torch.no_grad(), mimi.streaming(1), gen.streaming(1):
+        for start in starts:
+            codes = mimi.encode(torch.from_numpy(pcm[start:start + FRAME_SIZE])[None, None])
+            if start == 0:
+                mimi.reset_streaming()
+            tokens = gen.step(codes)
+            expected.append(None if tokens is None else (int(tokens[0, 0, 0]), mimi.decode(tokens[:, 1:])[0, 0]))
+
+    def run(runner):
+        return [runner.step(pcm[start:start + FRAME_SIZE]) for start in starts]
+
+    options = ModelOptions(hf_repo=str(folders["chat"]), temp=0, temp_text=0)
+    outs = run(ChatRunner.load(options))
+    assert [out.token for out in outs] == [None if e is None else e[0] for e in expected]
+    assert len({out.token for out in outs}) > 5
+    ours = np.concatenate([out.pcm for out in outs if out.pcm is not None])
+    np.testing.assert_allclose(ours, torch.cat([e[1] for e in expected if e]).numpy(), rtol=0, atol=1e-4)
+    # The file runs' convention hears other frames, so the comparison tells the two apart.
+    file_run = run(ChatRunner.load(options, None, FirstFrame.RUN_INFERENCE))
+    assert [out.token for out in file_run] != [out.token for out in outs]
 
 
 def test_headless_transcribe_matches_reference(folders, speechlike):

@@ -1,17 +1,25 @@
 """`moshi see IMAGE --input` end to end, through the real CLI, the tiny MoshiVis folder and real
-JPEG/PNG files. With the gate kept closed it must say exactly what `moshi chat` says on the tiny chat
-folder of the same seed (same LM weights), itself checked against Kyutai's `moshi-inference`."""
+JPEG/PNG files. With the gate kept closed it must say exactly what the plain Moshi LM of the same
+weights says, stepped as Kyutai's MoshiVis server steps it."""
 
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import soundfile
 from PIL import Image, ImageDraw
 
+from engine.moshi.model import LMModel
+from engine.moshi.runner import ChatRunner
+from engine.moshivis.loading import load_moshivis
+from engine.moshivis.model import MoshiVisConfig
+from engine.moshivis.runner import SAMPLING
 from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
+from engine.options import ModelOptions
+from engine.runner import FirstFrame, load_models
 from engine.tiny import write_tiny_checkpoint
 
 SEED = 4
@@ -89,15 +97,29 @@ def test_reply_files_need_input(folders, pictures, tmp_path, option):
     assert not (tmp_path / "reply").exists()
 
 
-def test_gate_closed_says_what_chat_says(folders, pictures, speech, tmp_path):
+def test_gate_closed_says_what_the_plain_lm_says(folders, pictures, speech, tmp_path):
+    """With the gate kept closed, `moshi see --input` says what the plain Moshi LM of the same
+    weights and depth-transformer norms says, stepped as Kyutai's MoshiVis server steps it.
+    Sampled: the random draws must line up too."""
     path, _ = speech
-    sampling = ("--temp", 0.8, "--temp-text", 0.7, "--seed", 11)  # sampled: the random draws must line up too
     seen = _moshi("see", pictures["jpeg"], "--hf-repo", folders["vis"], "--input", path, "--output",
-                  tmp_path / "see.wav", "--xa-start", 100000, *sampling)
-    chat = _moshi("chat", "--hf-repo", folders["chat"], "--input", path, "--output", tmp_path / "chat.wav", *sampling)
-    assert seen.returncode == 0 and chat.returncode == 0, seen.stderr + chat.stderr
-    assert len(chat.stdout.strip()) > 5 and seen.stdout == chat.stdout
-    assert (tmp_path / "see.wav").read_bytes() == (tmp_path / "chat.wav").read_bytes()
+                  tmp_path / "see.wav", "--xa-start", 100000, "--temp", 0.8, "--temp-text", 0.7, "--seed", 11)
+    assert seen.returncode == 0, seen.stderr
+
+    def plain_lm(info, device, dtype, quantize):
+        vis = load_moshivis(info.lm_weights, MoshiVisConfig.from_checkpoint(info), device=device, dtype=dtype)
+        lm = LMModel(replace(vis.lm.cfg, cross_attention=False)).to(dtype)
+        lm.load_state_dict({k: v for k, v in vis.lm.state_dict().items() if "cross" not in k})
+        return lm.eval()
+
+    options = ModelOptions(hf_repo=str(folders["vis"]), temp=0.8, temp_text=0.7, seed=11)
+    runner = ChatRunner(load_models(options, "", None, plain_lm, SAMPLING), FirstFrame.KYUTEYE_SERVER)
+    pcm, _ = soundfile.read(path, dtype="float32")
+    outs = [runner.step(pcm[start:start + 1920]) for start in range(0, len(pcm) - 1919, 1920)]
+    assert len(seen.stdout.strip()) > 5 and seen.stdout == "".join(out.text or "" for out in outs) + "\n"
+    reply, _ = soundfile.read(tmp_path / "see.wav", dtype="int16")
+    expected = np.concatenate([np.zeros(1920, np.float32) if out.pcm is None else out.pcm for out in outs])
+    np.testing.assert_array_equal(reply, (np.clip(expected, -1, 1) * 32767).round())
 
 
 @pytest.mark.parametrize("case", ["missing", "not a picture", "plain model"])

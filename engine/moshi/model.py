@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..hub import MOSHI_7B_LM_CONFIG
 from ..streaming import StreamingModule
-from ..transformer import Transformer, TransformerConfig, make_norm
+from ..transformer import RMSNorm, Transformer, TransformerConfig
 from .tokens import TEXT_PAD
 
 ZERO_TOKEN = -1  # embeds to exact zeros
@@ -47,7 +47,7 @@ class LMConfig:
     depformer_ffn_hidden: int
     extra_heads_num_heads: int
     extra_heads_dim: int
-    norm: str = "rms_norm_f32"  # every RMSNorm of the model; MoshiVis may use "rms_norm_f32_variance"
+    depformer_norm: str = "rms_norm_f32"  # the depth transformer's RMSNorms; MoshiVis's: "rms_norm_f32_variance"
     cross_attention: bool = False  # MoshiVis: the temporal layers also attend to image tokens
 
     @classmethod
@@ -84,12 +84,12 @@ class LMConfig:
 
     def temporal(self) -> TransformerConfig:
         return TransformerConfig(self.dim, self.num_heads, self.num_layers, self.ffn_hidden, self.context,
-                                 norm=self.norm, max_period=self.max_period, cross_attention=self.cross_attention)
+                                 max_period=self.max_period, cross_attention=self.cross_attention)
 
     def depth(self) -> TransformerConfig:
         # The depth transformer has no positional encoding; its cache holds the dep_q steps of one frame.
         return TransformerConfig(self.depformer_dim, self.depformer_num_heads, self.depformer_num_layers,
-                                 self.depformer_ffn_hidden, None, norm=self.norm, max_period=None,
+                                 self.depformer_ffn_hidden, None, norm=self.depformer_norm, max_period=None,
                                  weights_per_step=self.dep_q)
 
     @classmethod
@@ -175,7 +175,7 @@ class LMModel(StreamingModule):
         self.emb = nn.ModuleList(TokenEmbedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q))
         self.text_emb = TokenEmbedding(cfg.text_card + 1, cfg.dim)
         self.transformer = Transformer(cfg.temporal())
-        self.out_norm = make_norm(cfg.norm, cfg.dim)
+        self.out_norm = RMSNorm(cfg.dim)
         self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
         self.extra_heads = nn.ModuleList(
             nn.Linear(cfg.dim, cfg.extra_heads_dim, bias=False) for _ in range(cfg.extra_heads_num_heads))

@@ -3,12 +3,17 @@
 The model is our Moshi LM with cross-attention switched on in its temporal layers (one attention
 module shared by all of them, a gate per layer) plus an ``ImagePrefix`` that turns the picture into
 the tokens it attends to. With no image, or before ``xa_start`` steps, it computes exactly what the
-plain LM computes.
+plain LM computes with the same depth transformer.
 
-RMSNorm variant: the official PyTorch code normalises by the unbiased variance (``rms_norm_f32``
-there), while Moshi's own training definition, the Rust backend that runs the public demo and MLX
-use mean(x²). The backbone is Moshika, frozen and trained with mean(x²), so mean(x²) is the default
-(``rms_norm="mean_square"``); ``"variance"`` reproduces the PyTorch backend instead.
+The RMSNorms are those of Kyutai's PyTorch MoshiVis code, which trained the released weights; it
+builds two kinds, in three places:
+
+- the temporal layers (``norm1``, ``norm2``, ``norm_cross``) and ``out_norm``: mean(x²), eps 1e-8,
+  as in the plain Moshi LM;
+- the depth transformer's layers: the unbiased variance of x instead of mean(x²), eps 1e-8;
+- ``norm_xa``, after the image projection: the variance form, eps 1e-5 (``vision.ImagePrefix``).
+
+Kyutai's Rust and MLX MoshiVis backends use mean(x²) with eps 1e-8 in all three places instead.
 """
 
 from __future__ import annotations
@@ -23,31 +28,24 @@ from ..moshi.generate import DEFAULT_XA_START
 from ..moshi.model import LMConfig, LMModel
 from .vision import ImagePrefix, VisionConfig, image_pixels
 
-RMS_NORMS = {"mean_square": "rms_norm_f32", "variance": "rms_norm_f32_variance"}
-
 
 @dataclass
 class MoshiVisConfig:
     lm: LMConfig = field(default_factory=LMConfig.moshi_7b)
     vision: VisionConfig = field(default_factory=VisionConfig.siglip_so400m_448)
-    rms_norm: str = "mean_square"  # or "variance": see the module docstring
     xa_start: int = DEFAULT_XA_START
-
-    def __post_init__(self) -> None:
-        if self.rms_norm not in RMS_NORMS:
-            raise ValueError(f"rms_norm must be one of {', '.join(RMS_NORMS)}, not {self.rms_norm!r}")
 
     @classmethod
     def moshika_vis(cls) -> MoshiVisConfig:
         return cls()
 
     def model_lm(self) -> LMConfig:
-        """The LM as MoshiVis builds it: cross-attention on, and the chosen RMSNorm everywhere."""
-        return replace(self.lm, cross_attention=True, norm=RMS_NORMS[self.rms_norm])
+        """The LM as MoshiVis builds it: cross-attention on, the depth transformer's norms in the variance form."""
+        return replace(self.lm, cross_attention=True, depformer_norm="rms_norm_f32_variance")
 
     def section(self) -> dict:
         """What our config.json keeps under "moshivis" (the LM keys stay where Moshi's are)."""
-        return {"vision": self.vision.to_dict(), "rms_norm": self.rms_norm, "xa_start": self.xa_start}
+        return {"vision": self.vision.to_dict(), "xa_start": self.xa_start}
 
     @classmethod
     def from_checkpoint(cls, info) -> MoshiVisConfig:
@@ -60,7 +58,6 @@ class MoshiVisConfig:
                                   "section); use `moshi chat`")
         try:
             return cls(lm=LMConfig.from_dict(info.lm_config), vision=VisionConfig.from_dict(section["vision"]),
-                       rms_norm=section.get("rms_norm", "mean_square"),
                        xa_start=int(section.get("xa_start", DEFAULT_XA_START)))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"bad \"moshivis\" section in {info.config_path}: {exc}") from None
@@ -71,7 +68,7 @@ class MoshiVis(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lm = LMModel(cfg.model_lm())
-        self.image_prefix = ImagePrefix(cfg.vision, cfg.lm.dim, variance=cfg.rms_norm == "variance")
+        self.image_prefix = ImagePrefix(cfg.vision, cfg.lm.dim)
 
     @torch.no_grad()
     def embed_image(self, picture) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +12,7 @@ from ..errors import EngineError
 from ..moshi.generate import Sampling
 from ..moshi.runner import ChatRunner
 from ..options import Mode, SeeOptions
-from ..runner import Models, Progress, StepOutput, load_models
+from ..runner import FirstFrame, Models, Progress, StepOutput, load_models
 from .loading import load_moshivis
 from .model import MoshiVis, MoshiVisConfig
 from .vision import open_image
@@ -29,7 +28,7 @@ class SeeRunner(ChatRunner):
     """A conversation about a picture: ChatRunner, plus the picture and how much Moshi looks at it."""
 
     def __init__(self, models: Models, picture: Image.Image, xa_start: int, image_name: str = ""):
-        super().__init__(models)
+        super().__init__(models, FirstFrame.KYUTEYE_SERVER)
         self.model: MoshiVis = models.model
         self.gen.xa_start = xa_start
         self._gate: torch.Tensor | None = None
@@ -70,8 +69,6 @@ class SeeRunner(ChatRunner):
 def _load_models(options: SeeOptions, progress: Progress | None) -> Models:
     def load_vision_model(info, device: torch.device, dtype: torch.dtype, quantize: str | None) -> MoshiVis:
         cfg = MoshiVisConfig.from_checkpoint(info)
-        if options.rms_norm is not None:
-            cfg = replace(cfg, rms_norm=options.rms_norm)
         return load_moshivis(info.lm_weights, cfg, device=device, dtype=dtype, quantize=quantize)
 
     return load_models(options, Mode.SEE.default_model, progress, load_vision_model, SAMPLING)

@@ -12,7 +12,7 @@ from ..encoder import EncoderProcess, pipeline_wanted, usable_cores
 from ..errors import EngineError
 from ..mimi.loading import checkpoint_mimi_config, load_checkpoint_mimi
 from ..options import Mode, ModelOptions
-from ..runner import BaseRunner, Models, Progress, StepOutput, Stopwatch, load_models
+from ..runner import BaseRunner, FirstFrame, Models, Progress, StepOutput, Stopwatch, load_models
 
 
 @dataclass
@@ -54,7 +54,7 @@ class TranscribeRunner(BaseRunner):
         return cls(models, batch_size)
 
     def __init__(self, models: Models, batch_size: int = 1):
-        super().__init__(models, batch_size)
+        super().__init__(models, FirstFrame.RUN_INFERENCE, batch_size)
         self._codes: torch.Tensor | None = None  # pipelined: the last frame's, for the next LM step
 
     @property

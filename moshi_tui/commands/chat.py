@@ -80,14 +80,18 @@ def chat(
 
 def run_headless_chat(input: Path, output: Path | None, transcript: Path | None, options) -> None:
     from engine.moshi.runner import ChatRunner
+    from engine.runner import FirstFrame
 
-    run_headless_conversation(input, output, transcript, lambda: ChatRunner.load(options, progress_to_stderr))
+    run_headless_conversation(input, output, transcript,
+                              lambda: ChatRunner.load(options, progress_to_stderr, FirstFrame.RUN_INFERENCE))
 
 
 def run_headless_conversation(input: Path, output: Path | None, transcript: Path | None, load_runner) -> None:
     """Feed a recording to a conversation runner frame by frame; Moshi's voice to ``output``, words to stdout.
     The recording is read and resampled block by block as the frames go."""
-    from audio import SAMPLE_RATE
+    import numpy as np
+
+    from audio import FRAME_SIZE, SAMPLE_RATE
     from audio.inputs import file_input
     from audio.outputs import open_new_text
     from audio.wav import WavWriter
@@ -103,8 +107,9 @@ def run_headless_conversation(input: Path, output: Path | None, transcript: Path
     try:
         for frame in padded_frames(recording.open(), 0, 0):  # whole frames only, as Kyutai's `moshi-inference`
             out = runner.step(frame)
-            if writer is not None and out.pcm is not None:
-                writer.write(out.pcm)
+            if writer is not None:
+                # A frame answered with no voice (MoshiVis's first) is silence: the reply keeps the input's timeline.
+                writer.write(np.zeros(FRAME_SIZE, np.float32) if out.pcm is None else out.pcm)
             if out.text:
                 sys.stdout.write(out.text)
                 sys.stdout.flush()

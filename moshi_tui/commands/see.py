@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import ArgumentError
-from .common import (MODEL_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec,
+from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec,
                      NoRecord, NoTui, OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK,
                      TopKText, TranscriptFile, model_options, progress_to_stderr, record_place, reject_without_input)
 
@@ -24,11 +23,6 @@ Examples:
 """
 
 
-class RmsNorm(str, Enum):
-    mean_square = "mean-square"
-    variance = "variance"
-
-
 def register(app: typer.Typer) -> None:
     app.command(short_help="Talk with Moshi about a picture.", epilog=EPILOG)(see)
 
@@ -41,9 +35,6 @@ def see(
     xa_start: Annotated[Optional[int], typer.Option(
         "--xa-start", min=0, metavar="FRAMES", help="Frames of 80 ms before Moshi starts looking at the "
         "picture [default: from the model, 16].")] = None,
-    rms_norm: Annotated[Optional[RmsNorm], typer.Option(
-        "--rms-norm", rich_help_panel=MODEL_PANEL, help="RMSNorm of the model: mean-square (Moshi's training, "
-        "the Rust and MLX backends) or variance (the official PyTorch backend) [default: from the model].")] = None,
     no_tui: NoTui = False,
     record: Record = None,
     no_record: NoRecord = False,
@@ -72,8 +63,7 @@ def see(
     from engine.options import Mode, SeeOptions
 
     base = model_options(hf_repo or Mode.SEE.default_model, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
-    options = SeeOptions(**vars(base), image=str(image), xa_start=xa_start,
-                         rms_norm=None if rms_norm is None else rms_norm.name)
+    options = SeeOptions(**vars(base), image=str(image), xa_start=xa_start)
     from ..picture import PictureError, load_picture
 
     try:
