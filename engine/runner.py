@@ -99,7 +99,7 @@ class Models:
     quantize: str | None = None  # "int8" (a q8 checkpoint, or --quantize) or "int4"
 
     def piece(self, token: int) -> str | None:
-        """The text of a token as the reference prints it, or None for padding."""
+        """The text of a token as the reference prints it, or None for a special token."""
         return text_piece(self.tokenizer, token)
 
 
