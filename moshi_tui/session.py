@@ -57,6 +57,17 @@ class SessionOptions:
         self.mode = Mode(self.mode)  # the commands may give its name, "chat"
 
 
+@dataclass
+class Pending:
+    """A frame taken from the source and not answered yet."""
+
+    n: int  # its index in the conversation: its time is n × 80 ms
+    pcm: np.ndarray
+    sent: bool  # False: the engine refused it (it was behind)
+    captured_at: float | None
+    speaking: bool | None  # the user started (True) or stopped (False) speaking at this frame
+
+
 class Source(Protocol):
     realtime: bool  # frames come at the pace of audio (else: as fast as the engine takes them)
     finished: bool  # a file that has been read to its end
@@ -196,8 +207,7 @@ class Session:
 
     def _reset_counters(self) -> None:
         self._frame = 0  # frames of this conversation taken from the source
-        # (frame, pcm, sent, captured_at) of frames awaiting an answer, oldest first
-        self._pending: deque[tuple[int, np.ndarray, bool, float | None]] = deque()
+        self._pending: deque[Pending] = deque()  # frames awaiting an answer, oldest first
         self._speaking = False
         self._logged_muted = False
         self._steps: list[float] = []
@@ -295,16 +305,18 @@ class Session:
 
     def on_output(self, out: Output) -> None:
         """The answer to the oldest frame still waiting for one."""
-        while self._pending and not self._pending[0][2]:
-            n, user, _, _ = self._pending.popleft()  # skipped: the model never heard it
-            self._recorder.frame(user, None)
+        while self._pending and not self._pending[0].sent:
+            skipped = self._pending.popleft()  # the model never heard it
+            self._user_speech(skipped)
+            self._recorder.frame(skipped.pcm, None)
         if not self._pending:
             return  # answers a frame of a conversation since restarted
-        n, user, _, captured_at = self._pending.popleft()
-        t = n * FRAME_S
+        frame = self._pending.popleft()
+        t = frame.n * FRAME_S
+        self._user_speech(frame)
         if out.pcm is not None and self.mode.talks:
-            self.source.play(out.pcm, captured_at)
-        self._recorder.frame(user, out.pcm)
+            self.source.play(out.pcm, frame.captured_at)
+        self._recorder.frame(frame.pcm, out.pcm)
         if out.text:
             self._deliver(TextPiece(t, out.text, out.gate))
             self._recorder.text(t, out.text)
@@ -359,12 +371,18 @@ class Session:
         n = self._frame
         self._frame += 1
         sent = self.engine.send_frame(pcm)
-        self._pending.append((n, pcm, sent, self.source.captured_at))
         speaking = self.source.stats().voice
+        change = None
         if speaking is not None and speaking != self._speaking and not muted:
-            self._speaking = speaking
-            self._deliver(UserSpeech(n * FRAME_S, speaking))
-            self._recorder.user_speech(n * FRAME_S, speaking)
+            self._speaking = change = speaking
+        self._pending.append(Pending(n, pcm, sent, self.source.captured_at, change))
+
+    def _user_speech(self, frame: Pending) -> None:
+        """Told with the answer to its frame, so that every line of the conversation comes in the
+        order of one clock: the frames'."""
+        if frame.speaking is not None:
+            self._deliver(UserSpeech(frame.n * FRAME_S, frame.speaking))
+            self._recorder.user_speech(frame.n * FRAME_S, frame.speaking)
 
     def _log_stats(self, stats: Stats) -> None:
         if stats.step_ms is not None:
@@ -383,8 +401,8 @@ class Session:
     def _flush_pending(self) -> None:
         """Frames sent but never answered still go into the recording (the user's side)."""
         if self._recorder is not None:
-            for _, user, _, _ in self._pending:
-                self._recorder.frame(user, None)
+            for frame in self._pending:
+                self._recorder.frame(frame.pcm, None)
         self._pending.clear()
 
     def _close(self) -> None:
