@@ -158,6 +158,11 @@ class CheckpointInfo:
         )
 
 
+def check_model_name(name: str) -> None:
+    """Raise CheckpointError unless ``name`` is a known model, a model folder or a repo id (nothing is fetched)."""
+    _open_source(name, None)
+
+
 def _open_source(name_or_path: str | Path, revision: str | None) -> _Source:
     if isinstance(name_or_path, str) and name_or_path in MODELS:
         return _HubRepo(MODELS[name_or_path], revision, hint=name_or_path)
