@@ -49,6 +49,9 @@ class Conversation(Protocol):
     def set_image(self, data: bytes, name: str) -> None: ...  # `moshi see`: a new picture, a new conversation
     def stop(self) -> None: ...  # idempotent: ends the engine, flushes the session files
 
+    @property
+    def folder(self) -> Path | None: ...  # the current conversation's files; None before it starts
+
 
 class SessionEvent(Message):
     """A `messages` event from the conversation's thread; `on_session_event` hands it on to the
@@ -135,7 +138,6 @@ class MoshiApp(App[None]):
         conversation: Conversation,
         *,
         mode: Mode | str = Mode.CHAT,
-        save_dir: Path | None = None,
         thresholds: Thresholds = Thresholds(),
         error_linger_s: float | None = 2.0,
         image: Path | None = None,
@@ -144,7 +146,6 @@ class MoshiApp(App[None]):
         super().__init__()
         self.conversation = conversation
         self.mode = Mode(mode)
-        self.save_dir = save_dir
         self.thresholds = thresholds
         self.error_linger_s = error_linger_s  # None: stay on the error screen (snapshots)
         self.image = image
@@ -304,14 +305,19 @@ class MoshiApp(App[None]):
         return data
 
     def action_save(self) -> None:
-        folder = self.save_dir or Path.cwd()
-        path = folder / f"moshi-transcript-{datetime.now():%Y%m%d-%H%M%S}.txt"
+        """The transcript so far, into the conversation's folder beside its recording."""
+        folder = self.conversation.folder
+        if folder is None:
+            self.notify("Nothing to save yet: the conversation has not started")
+            return
+        path = folder.resolve() / f"transcript-saved-{datetime.now():%H%M%S}.txt"
         try:
             path.write_text(self.query_one(TranscriptView).model.to_text(), encoding="utf-8")
         except OSError as exc:
             self.notify(f"Could not save the transcript: {exc}", severity="error")
         else:
-            self.notify(f"Transcript saved to {path}", timeout=4)
+            # The folder and the name each on a line of their own: a toast wraps long lines anywhere.
+            self.notify(f"Transcript saved in\n{path.parent}/\n{path.name}", timeout=6)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(see=self.mode is Mode.SEE))

@@ -51,7 +51,6 @@ class SessionOptions:
     aec: bool = True
     record_dir: Path | None = None  # parent of the session folders; default <XDG data>/moshi/sessions
     tui: bool = True  # False: words to stdout, states to stderr
-    save_dir: Path | None = None  # where `s` writes the transcript; default the current folder
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)  # the commands may give its name, "chat"
@@ -222,6 +221,10 @@ class Session:
 
     def set_muted(self, muted: bool) -> None:
         self._muted = muted
+
+    @property
+    def folder(self) -> Path | None:
+        return self.folders[-1] if self.folders else None
 
     def restart(self) -> None:
         self._restart.set()
@@ -473,8 +476,7 @@ def run(options: SessionOptions) -> None:
             from .app import MoshiApp
 
             image = getattr(options.model, "image", None)  # `moshi see`: the picture beside the words
-            MoshiApp(session, mode=options.mode, save_dir=options.save_dir,
-                     image=None if image is None else Path(image)).run()
+            MoshiApp(session, mode=options.mode, image=None if image is None else Path(image)).run()
         else:
             printer = PlainPrinter(options.mode)
             session.start(printer)

@@ -38,6 +38,7 @@ class ScriptedConversation:
         self.word = 0
         self.skipped = 0
         self.underruns = 0
+        self.folder = None  # where `s` saves the transcript (a test's tmp_path)
 
     # the app's side
     def start(self, deliver) -> None:
