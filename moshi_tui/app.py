@@ -171,7 +171,7 @@ class MoshiApp(App[None]):
             with Vertical(id="side"):
                 if self.mode is Mode.SEE:
                     yield PictureView(id="picture")
-                yield LatencyPanel(self.thresholds, id="latency")
+                yield LatencyPanel(self.thresholds, playback=talks, id="latency")
                 yield AudioPanel(output=talks, id="audio")
         yield Footer()
 
