@@ -171,13 +171,13 @@ def _listeners(name: str, paths: dict[type[TranscriptWriter], Path | None], info
                limits: CueLimits):
     from engine.stt.words import Listeners
 
-    from ..transcript_writers import PiecePrinter
+    from ..transcript_writers import UntimedWarning, WordPrinter
 
     listeners = [writer.open(path, sys.stdout, {"source": name, **info}, limits) for writer, path in paths.items()]
     to_stdout = any(path is None for path in paths.values())
     if not to_stdout:
-        listeners.append(PiecePrinter(sys.stdout, name if count > 1 else None))
-    return Listeners(listeners)
+        listeners.append(WordPrinter(sys.stdout, name if count > 1 else None))
+    return Listeners([*listeners, UntimedWarning(sys.stderr, name)])
 
 
 def _model_info(runner, pause: float) -> dict:
