@@ -15,7 +15,7 @@ from engine.env import env_flag
 from engine.errors import EngineError
 
 from . import __version__, settings
-from .commands import chat, devices, doctor, see, tiny_model, transcribe
+from .commands import chat, devices, doctor, models, see, tiny_model, transcribe
 from .commands.download import download
 
 app = typer.Typer(
@@ -46,6 +46,7 @@ def _root(
 
 
 app.command()(download)
+models.register(app)
 chat.register(app)
 see.register(app)
 transcribe.register(app)
