@@ -16,6 +16,7 @@ from engine.errors import EngineError
 
 from . import __version__, settings
 from .commands import chat, devices, doctor, models, see, tiny_model, transcribe
+from .commands.common import Command
 from .commands.download import download
 
 app = typer.Typer(
@@ -53,6 +54,8 @@ transcribe.register(app)
 tiny_model.register(app)
 doctor.register(app)
 devices.register(app)
+for registered in app.registered_commands:
+    registered.cls = Command  # arguments shown as IMAGE, [MODEL], [FILE]...
 
 
 def main() -> None:

@@ -10,9 +10,49 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+from typer.core import TyperCommand
 
 from engine.options import ModelOptions
+
+
+
+class Command(TyperCommand):
+    """A command whose arguments read as its options' values do: by their metavar, `IMAGE` when
+    required, `[MODEL]` when not, `[FILE]...` for several (Typer writes `{IMAGE}` in the usage and
+    adds the type in the list: `INPUT <list[str]>`). cli.py gives it to every command."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = _argument_name(param)
+                pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        for kind, title in (("argument", "Arguments"), ("option", "Options")):
+            rows = [help_record(p, ctx) for p in self.get_params(ctx) if p.param_type_name == kind]
+            rows = [row for row in rows if row is not None]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def help_record(param: click.Parameter, ctx: click.Context) -> tuple[str, str] | None:
+    """A parameter's name and help as `--help` and the man pages list them; None when hidden."""
+    record = param.get_help_record(ctx)
+    if record is None or param.param_type_name != "argument":
+        return record
+    return _argument_name(param) + ("..." if param.nargs != 1 else ""), record[1]
+
+
+def _argument_name(param: click.Parameter) -> str:
+    return param.metavar or param.name.upper()
+
 
 MODEL_PANEL = "Model"
 SAMPLING_PANEL = "Sampling"
@@ -46,15 +86,15 @@ QuantizeOption = Annotated[Optional[Quantize], typer.Option(
     help="Quantize the language model's weights while loading: int8 (half the memory of bfloat16 and, on CPU, "
          "about 3x faster) or int4 (a quarter of the memory, with a larger error). Official q8 checkpoints are "
          "int8 without it.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", rich_help_panel=SAMPLING_PANEL,
+Seed = Annotated[Optional[int], typer.Option("--seed", metavar="N", rich_help_panel=SAMPLING_PANEL,
                                              help="Random seed for sampling [default: 4242].")]
 Temp = Annotated[Optional[float], typer.Option(
-    "--temp", rich_help_panel=SAMPLING_PANEL, help="Audio sampling temperature; 0 = greedy [default: from the model].")]
+    "--temp", metavar="T", rich_help_panel=SAMPLING_PANEL, help="Audio sampling temperature; 0 = greedy [default: from the model].")]
 TempText = Annotated[Optional[float], typer.Option(
-    "--temp-text", rich_help_panel=SAMPLING_PANEL, help="Text sampling temperature; 0 = greedy.")]
-TopK = Annotated[Optional[int], typer.Option("--top-k", rich_help_panel=SAMPLING_PANEL,
+    "--temp-text", metavar="T", rich_help_panel=SAMPLING_PANEL, help="Text sampling temperature; 0 = greedy.")]
+TopK = Annotated[Optional[int], typer.Option("--top-k", metavar="K", rich_help_panel=SAMPLING_PANEL,
                                              help="Sample audio among the k likeliest tokens.")]
-TopKText = Annotated[Optional[int], typer.Option("--top-k-text", rich_help_panel=SAMPLING_PANEL,
+TopKText = Annotated[Optional[int], typer.Option("--top-k-text", metavar="K", rich_help_panel=SAMPLING_PANEL,
                                                  help="Sample text among the k likeliest tokens.")]
 
 

@@ -41,7 +41,8 @@ def _line(ok: bool | None, text: str) -> None:
 
 
 def doctor(
-    model: Annotated[str, typer.Option("--model", "-m", help="The model to check memory and cache for.")] = "moshika",
+    model: Annotated[str, typer.Option(
+        "--model", "-m", metavar="MODEL", help="The model to check memory and cache for.")] = "moshika",
 ) -> None:
     """Check PyTorch and the accelerators, the memory the model needs, the audio devices, the
     Hugging Face Hub and cache, then run the whole pipeline for two seconds on a tiny random model.

@@ -26,10 +26,10 @@ def register(app: typer.Typer) -> None:
 
 
 def tiny_model(
-    folder: Annotated[Path, typer.Argument(help="Where to write the checkpoint folder.")],
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Where to write the checkpoint folder.")],
     kind: Annotated[Mode, typer.Option(
         "--kind", help="A model for `moshi chat` (Moshi), `moshi see` (MoshiVis) or `moshi transcribe` (STT).")] = Mode.CHAT,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights.")] = 0,
 ) -> None:
     """Write a tiny checkpoint folder in the official layout, with random weights.
 

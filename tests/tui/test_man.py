@@ -9,6 +9,7 @@ import pytest
 import typer.main
 
 from moshi_tui.cli import app
+from moshi_tui.commands.common import help_record
 
 REPO = Path(__file__).resolve().parents[2]
 MAN = REPO / "man"
@@ -39,7 +40,7 @@ def test_every_command_and_option_is_in_its_page():
         ctx = command.context_class(command, info_name=name)
         for param in command.params:
             if param.param_type_name == "argument":
-                shown = param.get_help_record(ctx)[0].split(" ")[0]  # as `moshi NAME --help` shows it
+                shown = help_record(param, ctx)[0]  # as `moshi NAME --help` shows it
                 assert f"\\fI{shown}\\fR" in text, f"{page.name} lacks the argument {shown}"
             else:
                 for opt in param.opts + param.secondary_opts:
