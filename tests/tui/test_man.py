@@ -59,3 +59,11 @@ def test_groff_has_nothing_to_say():
     result = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", *sorted(map(str, MAN.glob("*.1")))],
                             capture_output=True, text=True)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_the_package_installs_every_page_into_man1():
+    import tomllib
+
+    data_files = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    installed = {path.name for pattern in data_files["share/man/man1"] for path in REPO.glob(pattern)}
+    assert installed == {p.name for p in MAN.glob("*.1")} and "moshi.1" in installed
