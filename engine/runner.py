@@ -51,6 +51,7 @@ class StepOutput:
     token: int | None = None  # the raw text token (None before the first frame)
     vad: list[float] | None = None  # STT with VAD heads: P(pause) over 0.5, 1, 2, 3 s
     gate: float | None = None  # MoshiVis: how much Moshi looked at the picture (mean gate, ~0.02 to ~0.1)
+    user_text: str | None = None  # chat with a user STT: the user's text piece of this frame
 
 
 class Runner(Protocol):

@@ -27,7 +27,8 @@ from textual.widgets import Footer, Input, Static
 
 from engine.options import Mode
 
-from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
+from .messages import (Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, UserWords,
+                       dispatch)
 from .picture import PictureError, PictureView, load_picture
 from .widgets import AudioPanel, LatencyPanel, StatusBar, Thresholds, TranscriptView
 
@@ -195,6 +196,9 @@ class MoshiApp(App[None]):
 
     def on_text_piece(self, event: TextPiece) -> None:
         self.query_one(TranscriptView).add_text(event.t, event.text, event.gate)
+
+    def on_user_words(self, event: UserWords) -> None:
+        self.query_one(TranscriptView).add_user_text(event.t, event.text)
 
     def on_user_speech(self, event: UserSpeech) -> None:
         if event.speaking:

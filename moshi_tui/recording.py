@@ -7,9 +7,11 @@ In its own folder (``<data dir>/sessions/<time>-<mode>/`` or ``--record DIR/<tim
   audio layer records it in real time (what was heard after echo cancellation, and what played).
   Valid at every moment (the audio layer's writer).
 - ``transcript.txt``: the paragraphs, appended piece by piece and flushed.
-- ``transcript.json``: every text piece with its conversation time, and the paragraphs; replaced
-  atomically at most once a second, so it is always complete JSON.
-- ``events.jsonl``: one JSON object per line (start, states, speech, mute, stats, errors, end).
+- ``transcript.json``: every text piece with its conversation time (the user's, recognised beside
+  a chat, with ``"speaker": "you"``), and the paragraphs; replaced atomically at most once a
+  second, so it is always complete JSON.
+- ``events.jsonl``: one JSON object per line (start, states, speech, the user's words, mute,
+  stats, errors, end).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from audio import SAMPLE_RATE
 from audio.wav import WavWriter
 from engine.options import Mode
 
-from .transcript import Change, Transcript
+from engine.interface import USER_WORDS
+
+from .transcript import USER, Change, Transcript
 from .transcript_writers import write_atomically
 
 JSON_EVERY_S = 1.0
@@ -50,6 +54,8 @@ class SessionRecorder:
         self.mode = mode
         self.started = datetime.now().astimezone().isoformat(timespec="seconds")
         self.info = info
+        # The engine recognises the user's words: they make the user's paragraphs, not "(you spoke)".
+        self.user_words = info.get(USER_WORDS, "off") != "off"
         self.transcript = Transcript("moshi" if mode.talks else None)
         self.pieces: list[dict[str, Any]] = []
         self.wav = WavWriter(folder / "audio.wav", SAMPLE_RATE, channels=2 if mode.talks else 1) if wav else None
@@ -75,9 +81,15 @@ class SessionRecorder:
         self._json_dirty = True
         self._maybe_write_json()
 
+    def user_text(self, t: float, piece: str) -> None:
+        self.pieces.append({"t": round(t, 3), "text": piece, "speaker": USER})
+        self.event("user words", t=round(t, 3), text=piece)
+        self._write_change(self.transcript.add_user_text(t, piece))
+        self._json_dirty = True
+
     def user_speech(self, t: float, speaking: bool) -> None:
         self.event("speech", t=t, speaking=speaking)
-        if speaking:
+        if speaking and not self.user_words:
             self._write_change(self.transcript.mark_user(t))
 
     def event(self, kind: str, **fields: Any) -> None:

@@ -28,10 +28,11 @@ from engine.errors import EngineError
 from engine.options import Mode, ModelOptions
 from engine.interface import Engine, Failed, Loading, Output, Ready, WarmingUp
 
-from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
+from .messages import (Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, UserWords,
+                       dispatch)
 from .recording import SessionRecorder, new_session_folder
 from .settings import data_dir
-from .transcript import Transcript
+from .transcript import Change, Transcript
 
 # Silence after the end of a file so the words still in flight come out (the STT text lags its
 # audio by up to 2.5 s for stt-2.6b-en; Moshi needs a moment to finish its sentence).
@@ -320,6 +321,9 @@ class Session:
         if out.pcm is not None and self.mode.talks:
             self.source.play(out.pcm, frame.captured_at)
         self._recorder.frame(frame.pcm, out.pcm)
+        if out.user_text:
+            self._deliver(UserWords(t, out.user_text))
+            self._recorder.user_text(t, out.user_text)
         if out.text:
             self._deliver(TextPiece(t, out.text, out.gate))
             self._recorder.text(t, out.text)
@@ -384,7 +388,8 @@ class Session:
         """Told with the answer to its frame, so that every line of the conversation comes in the
         order of one clock: the frames'."""
         if frame.speaking is not None:
-            self._deliver(UserSpeech(frame.n * FRAME_S, frame.speaking))
+            if not self._recorder.user_words:  # else the user's words make their paragraphs
+                self._deliver(UserSpeech(frame.n * FRAME_S, frame.speaking))
             self._recorder.user_speech(frame.n * FRAME_S, frame.speaking)
 
     def _log_stats(self, stats: Stats) -> None:
@@ -422,24 +427,36 @@ class Session:
 
 
 class PlainPrinter:
-    """`--no-tui`: the words on stdout (a new line per paragraph), the rest on stderr."""
+    """`--no-tui`: the words on stdout, the rest on stderr. A conversation's lines are those of
+    transcript.txt, each with its time and speaker (`[00:03] you: hello`); a transcription's are
+    the words alone, a line per paragraph."""
 
     def __init__(self, mode: Mode, out=None, err=None) -> None:
         self.transcript = Transcript("moshi" if mode.talks else None)
+        self.labels = mode.talks
         self.out, self.err = out or sys.stdout, err or sys.stderr
 
     def __call__(self, event: Event) -> None:
         dispatch(self, event)
 
     def on_text_piece(self, event: TextPiece) -> None:
-        change = self.transcript.add_text(event.t, event.text)
-        if change is not None:
-            self.out.write(("\n" if change.new and change.index else "") + change.text)
-            self.out.flush()
+        self._write(self.transcript.add_text(event.t, event.text))
+
+    def on_user_words(self, event: UserWords) -> None:
+        self._write(self.transcript.add_user_text(event.t, event.text))
 
     def on_user_speech(self, event: UserSpeech) -> None:
         if event.speaking:
-            self.transcript.mark_user(event.t)  # the next words begin a line
+            change = self.transcript.mark_user(event.t)  # a transcription: the next words begin a line
+            if self.labels:
+                self._write(change)
+
+    def _write(self, change: Change | None) -> None:
+        if change is None:
+            return
+        text = change.paragraph.line() if change.new and self.labels else change.text
+        self.out.write(("\n" if change.new and change.index else "") + text)
+        self.out.flush()
 
     def on_state_changed(self, event: StateChanged) -> None:
         detail = f": {event.detail}" if event.detail else ""

@@ -224,7 +224,10 @@ class ParagraphView(Static):
         grid.add_column(ratio=1, overflow="fold")
         if p.speaker == USER:
             self.add_class("-user")
-            grid.add_row(clock(p.t), Text("▸ you spoke", "italic cyan"))
+            if p.text:  # recognised beside the conversation
+                grid.add_row(clock(p.t), Text.assemble(("you ", "bold cyan"), (self.text.plain, "cyan")))
+            else:
+                grid.add_row(clock(p.t), Text("▸ you spoke", "italic cyan"))
         else:
             grid.add_row(clock(p.t), self.text)
         self.update(grid)
@@ -252,6 +255,9 @@ class TranscriptView(VerticalScroll):
     def add_text(self, t: float, text: str, gate: float | None = None) -> None:
         """`gate` (`moshi see`): colour the piece by how much Moshi looked at the picture."""
         self._draw(self.model.add_text(t, text), gate)
+
+    def add_user_text(self, t: float, text: str) -> None:
+        self._draw(self.model.add_user_text(t, text), None)
 
     def mark_user(self, t: float) -> None:
         self._draw(self.model.mark_user(t), None)
