@@ -13,6 +13,7 @@ import torch
 
 from audio import FRAME_S
 
+from ..errors import EngineError
 from ..hub import MODELS
 from ..moshi.generate import LMGen
 from ..options import Mode, ModelOptions
@@ -38,6 +39,9 @@ class UserSTT:
         Mimi of its own."""
         stt = ModelOptions(hf_repo=name, device=options.device, dtype=options.dtype, quantize=options.quantize)
         models = load_models(stt, DEFAULT_USER_STT, progress, load_codec=_no_codec)
+        if models.lm.cfg.dep_q != 0:
+            raise EngineError(f"--user-stt {name} is a conversation model; give a speech-recognition one "
+                              f"({DEFAULT_USER_STT}, say) or off")
         return cls(models)
 
     @property

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoTui, OutputDevice,
+from .common import (LIVE_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoTui, OutputDevice,
                      OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText, TranscriptFile,
                      model_options, progress_to_stderr, reject_without_input)
 
@@ -22,6 +22,14 @@ Examples:
   moshi chat --input me.wav --output moshi.wav  # answer a recording, words to stdout
   moshi chat --hf-repo ./tiny --input me.wav    # a local folder (see moshi tiny-model)
 """
+
+
+UserStt = Annotated[str, typer.Option(
+    "--user-stt", metavar="MODEL", rich_help_panel=LIVE_PANEL,
+    help="Show your words too, recognised by this Kyutai STT model beside Moshi (stt-1b-en_fr, a repo id or a "
+         "folder), or off. auto: stt-1b-en_fr where it is in the Hugging Face cache (moshi download "
+         "stt-1b-en_fr) and the warm step with it stays within the 80 ms budget. It reads Mimi's codes for Moshi "
+         "and adds only its 1B language model to each step: COST.")]
 
 
 class Voice(str, Enum):
@@ -44,6 +52,7 @@ def chat(
     input_device: InputDevice = None,
     output_device: OutputDevice = None,
     no_aec: NoAec = False,
+    user_stt: UserStt = "auto",
     hf_repo: HfRepo = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
@@ -66,7 +75,9 @@ def chat(
     if voice is not None and hf_repo is not None:
         raise typer.BadParameter("--hf-repo names the model, and with it the voice: give one of the two",
                                  param_hint="--voice")
-    options = model_options(hf_repo or (voice or Voice.moshika).value, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
+    options = model_options(hf_repo or (voice or Voice.moshika).value, device, dtype, seed, temp, temp_text, top_k,
+                            top_k_text, quantize)
+    options.user_stt = user_stt
     if input is not None:
         run_headless_chat(input, output, transcript, options)
         return
