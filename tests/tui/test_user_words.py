@@ -46,3 +46,33 @@ def test_the_users_words_are_what_transcribe_finds_in_the_same_frames(tmp_path, 
     assert [(e["t"], e["text"]) for e in events_logged if e["event"] == "user words"] == expected
     assert events_logged[0]["user words"] == str(tiny["transcribe"])
     assert "you: " in (folder / "transcript.txt").read_text()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_keeps_the_stt_only_where_the_warm_step_keeps_to_the_budget(tiny, monkeypatch, fast):
+    from engine.moshi import runner as chat_runner
+    from engine.moshi.runner import ChatRunner
+    from engine.stt.user import AUTO
+
+    monkeypatch.setattr(chat_runner, "wanted", lambda choice: str(tiny["transcribe"]))  # as if it were cached
+    monkeypatch.setattr(chat_runner, "keeps_to_budget", lambda steps: fast)
+    runner = ChatRunner.load(ModelOptions(hf_repo=str(tiny["chat"]), dtype="float32", user_stt=AUTO))
+    try:
+        runner.warmup()
+        info = runner.describe()
+        out = runner.step(_speech_frame())
+    finally:
+        runner.close()
+    if fast:
+        assert info["user words"] == str(tiny["transcribe"]) and "user stt" in out.timings_ms
+    else:
+        assert info["user words"] == "off" and info["user words dropped"].startswith("the step with")
+        assert out.user_text is None and "user stt" not in out.timings_ms
+        assert runner.models.mimi.num_codebooks == 8  # Moshi's own again
+
+
+def _speech_frame():
+    import numpy as np
+
+    t = np.arange(FRAME_SIZE) / 24000
+    return (0.3 * np.sin(2 * np.pi * 140 * t)).astype(np.float32)
