@@ -135,7 +135,8 @@ class LatencyPanel(Widget):
             figures = {
                 "lag": _figure("lag", "   --" if a.lag_ms is None else f"{a.lag_ms:5.0f} ms",
                                "dim" if a.lag_ms is None else th.lag(a.lag_ms)),
-                "buffer": _figure("buffer", f"{a.buffered_ms:5.0f} ms", WARN if a.buffered_ms < th.buffer_low_ms else OK),
+                "buffer": _figure("buffer", f"{a.buffered_ms:5.0f} ms",
+                                  WARN if a.buffered_ms < th.buffer_low_ms else OK),
                 "skipped": _figure("skipped", f"{s.skipped:5d}", WARN if s.skipped else OK),
                 "underruns": _figure("underruns", f"{a.underruns:5d}", WARN if a.underruns else OK),
             }

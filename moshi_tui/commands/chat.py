@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (LIVE_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoTui, OutputDevice,
-                     OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText, TranscriptFile,
-                     model_options, progress_to_stderr, reject_without_input)
+from .common import (LIVE_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoTui,
+                     OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText,
+                     TranscriptFile, model_options, progress_to_stderr, reject_without_input)
 
 EPILOG = """\
 Examples:

@@ -89,7 +89,8 @@ QuantizeOption = Annotated[Optional[Quantize], typer.Option(
 Seed = Annotated[Optional[int], typer.Option("--seed", metavar="N", rich_help_panel=SAMPLING_PANEL,
                                              help="Random seed for sampling [default: 4242].")]
 Temp = Annotated[Optional[float], typer.Option(
-    "--temp", metavar="T", rich_help_panel=SAMPLING_PANEL, help="Audio sampling temperature; 0 = greedy [default: from the model].")]
+    "--temp", metavar="T", rich_help_panel=SAMPLING_PANEL,
+    help="Audio sampling temperature; 0 = greedy [default: from the model].")]
 TempText = Annotated[Optional[float], typer.Option(
     "--temp-text", metavar="T", rich_help_panel=SAMPLING_PANEL, help="Text sampling temperature; 0 = greedy.")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", metavar="K", rich_help_panel=SAMPLING_PANEL,

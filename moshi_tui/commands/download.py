@@ -15,7 +15,8 @@ def download(
         help=f"A model name ({', '.join(MODELS)}), a Hugging Face repo id (owner/name) or a local folder.",
         show_default=True,
     ),
-    revision: Optional[str] = typer.Option(None, "--revision", metavar="REVISION", help="Branch, tag or commit of the Hugging Face repo."),
+    revision: Optional[str] = typer.Option(None, "--revision", metavar="REVISION",
+                                           help="Branch, tag or commit of the Hugging Face repo."),
 ) -> None:
     """Download a model's files into the Hugging Face cache, for use offline.
 

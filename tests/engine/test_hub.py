@@ -364,9 +364,9 @@ def test_unreachable_hub_fails_in_seconds_saying_how_to_go_offline(tmp_path):
         f"moshi: error: cannot reach the Hugging Face Hub at {endpoint} to get {BF16}"
         "/config.json: ConnectError")
     assert "on a connected machine" not in done.stderr  # the command that just failed
-    assert (f"use a local folder (--hf-repo /path/to/folder), or copy the Hugging Face cache folder ({tmp_path / 'hub'}) "
-            "from a machine where `moshi download moshika` worked to the same place here and set HF_HUB_OFFLINE=1"
-            ) in done.stderr
+    assert ("use a local folder (--hf-repo /path/to/folder), or copy the Hugging Face cache folder "
+            f"({tmp_path / 'hub'}) from a machine where `moshi download moshika` worked to the same place here and "
+            "set HF_HUB_OFFLINE=1") in done.stderr
     assert done.stderr.count("\n") == 1
 
 
