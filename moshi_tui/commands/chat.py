@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -44,11 +44,11 @@ def register(app: typer.Typer) -> None:
 
 
 def chat(
+    ctx: typer.Context,
     input: InputRecording = None,
     output: OutputWav = None,
     transcript: TranscriptFile = None,
-    voice: Annotated[Optional[Voice], typer.Option(
-        "--voice", show_default=False, help="Moshika (female, the default) or Moshiko (male).")] = None,
+    voice: Annotated[Voice, typer.Option("--voice", help="Moshika (female) or Moshiko (male).")] = Voice.moshika,
     no_tui: NoTui = False,
     record: Record = None,
     input_device: InputDevice = None,
@@ -74,10 +74,10 @@ def chat(
     With --input, the conversation runs headless on a recording: the user's side comes from the
     file, frame by frame exactly as live audio would, and Moshi's side goes to --output and stdout.
     """
-    if voice is not None and hf_repo is not None:
+    if hf_repo is not None and ctx.get_parameter_source("voice").name == "COMMANDLINE":
         raise typer.BadParameter("--hf-repo names the model, and with it the voice: give one of the two",
                                  param_hint="--voice")
-    options = model_options(hf_repo or (voice or Voice.moshika).value, device, dtype, seed, temp, temp_text, top_k,
+    options = model_options(hf_repo or voice.value, device, dtype, seed, temp, temp_text, top_k,
                             top_k_text, quantize)
     options.user_stt = user_stt
     if input is not None:

@@ -10,9 +10,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from engine.options import ModelOptions
 
@@ -23,7 +22,7 @@ class Command(TyperCommand):
     required, `[MODEL]` when not, `[FILE]...` for several (Typer writes `{IMAGE}` in the usage and
     adds the type in the list: `INPUT <list[str]>`). cli.py gives it to every command."""
 
-    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):
             if param.param_type_name == "argument":
@@ -33,7 +32,7 @@ class Command(TyperCommand):
                 pieces.extend(param.get_usage_pieces(ctx))
         return pieces
 
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_options(self, ctx: typer.Context, formatter) -> None:
         for kind, title in (("argument", "Arguments"), ("option", "Options")):
             rows = [help_record(p, ctx) for p in self.get_params(ctx) if p.param_type_name == kind]
             rows = [row for row in rows if row is not None]
@@ -42,7 +41,7 @@ class Command(TyperCommand):
                     formatter.write_dl(rows)
 
 
-def help_record(param: click.Parameter, ctx: click.Context) -> tuple[str, str] | None:
+def help_record(param: TyperArgument | TyperOption, ctx: typer.Context) -> tuple[str, str] | None:
     """A parameter's name and help as `--help` and the man pages list them; None when hidden."""
     record = param.get_help_record(ctx)
     if record is None or param.param_type_name != "argument":
@@ -50,7 +49,7 @@ def help_record(param: click.Parameter, ctx: click.Context) -> tuple[str, str] |
     return _argument_name(param) + ("..." if param.nargs != 1 else ""), record[1]
 
 
-def _argument_name(param: click.Parameter) -> str:
+def _argument_name(param: TyperArgument) -> str:
     return param.metavar or param.name.upper()
 
 
