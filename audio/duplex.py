@@ -38,6 +38,20 @@ STARTUP_S = 10.0  # the first callback may take a while (1.6 s through PulseAudi
 GONE = ": was a device unplugged, or did the sound server stop?"
 
 
+def device_failure(now: float, started: float, last_callback: float | None, first_read: float | None) -> str | None:
+    """Why the device counts as gone at ``now`` (monotonic seconds), or None.
+
+    Silence counts from the later of the last callback and the reader's first read: a stream opened
+    early (while a model loads) may get a first callback at once, then none for seconds while the
+    sound server starts on a busy machine, and that is no reason to fail the first read.
+    """
+    if last_callback is None:
+        return f"did not start within {STARTUP_S:.0f} s" if now - started > STARTUP_S else None
+    if now - max(last_callback, first_read if first_read is not None else last_callback) > SILENT_DEVICE_S:
+        return f"sent no audio for {SILENT_DEVICE_S:.0f} s"
+    return None
+
+
 class DuplexAudio:
     def __init__(self, input: str | int | None = None, output: str | int | None = None,
                  config: DuplexConfig | None = None, latency_s: float = LATENCY_S):
@@ -50,6 +64,7 @@ class DuplexAudio:
         self._last_read: MicFrame | None = None
         self._failure: str | None = None
         self._last_callback: float | None = None  # monotonic time of the latest callback
+        self._first_read: float | None = None  # monotonic time of the reader's first `read`
         self._stream_time_at_callback = 0.0  # the stream's clock then (see now())
         self._started_at = time.monotonic()
         self.glitches = 0  # PortAudio input overflows and output underflows
@@ -172,6 +187,8 @@ class DuplexAudio:
         """The next microphone frame (None after ``timeout`` seconds). Raises DeviceError when the
         device has stopped: unplugged, or its sound server went away."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._first_read is None:
+            self._first_read = time.monotonic()
         with self.core.condition:
             while True:
                 self._check_alive()
@@ -216,12 +233,9 @@ class DuplexAudio:
             raise DeviceError(self._failure)
         if self._closed.is_set():
             raise DeviceError("the audio stream is closed")
-        if self._last_callback is None:
-            if time.monotonic() - self._started_at > STARTUP_S:
-                self._failure = f"{self._device_names()} did not start within {STARTUP_S:.0f} s{GONE}"
-                self._check_alive()
-        elif time.monotonic() - self._last_callback > SILENT_DEVICE_S:
-            self._failure = f"no audio from {self._device_names()} for {SILENT_DEVICE_S:.0f} s{GONE}"
+        failure = device_failure(time.monotonic(), self._started_at, self._last_callback, self._first_read)
+        if failure is not None:
+            self._failure = f"{self._device_names()} {failure}{GONE}"
             self._check_alive()
 
     def _device_names(self) -> str:

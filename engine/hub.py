@@ -158,6 +158,11 @@ class CheckpointInfo:
         )
 
 
+def check_model_name(name: str) -> None:
+    """Raise CheckpointError unless ``name`` is a known model, a model folder or a repo id (nothing is fetched)."""
+    _open_source(name, None)
+
+
 def _open_source(name_or_path: str | Path, revision: str | None) -> _Source:
     if isinstance(name_or_path, str) and name_or_path in MODELS:
         return _HubRepo(MODELS[name_or_path], revision, hint=name_or_path)
@@ -340,8 +345,8 @@ class _Hub:
         if self.offline:
             raise CheckpointError(
                 f"HF_HUB_OFFLINE is set and {where} is not in the Hugging Face cache ({_cache_dir()}); "
-                f"run `moshi download {self.hint or repo}` on a connected machine first, or use a local folder "
-                "(--hf-repo /path/to/folder)"
+                f"copy that folder from a machine where `moshi download {self.hint or repo}` worked, or use a local "
+                "folder (--hf-repo /path/to/folder)"
             )
         raise CheckpointError(
             f"cannot reach the Hugging Face Hub at {_endpoint()} to get {where}: {_reason(self.unreachable)}; "
@@ -383,9 +388,9 @@ class _Hub:
 
     def _offline_howto(self, repo: str) -> str:
         return (
-            "to run without the network, use a local folder (--hf-repo /path/to/folder) or set HF_HUB_OFFLINE=1 "
-            f"with the files already in the Hugging Face cache (run `moshi download {self.hint or repo}` on a "
-            "connected machine)"
+            "to run without the network, use a local folder (--hf-repo /path/to/folder), or copy the Hugging Face "
+            f"cache folder ({_cache_dir()}) from a machine where `moshi download {self.hint or repo}` worked to the "
+            "same place here and set HF_HUB_OFFLINE=1"
         )
 
     def _http_error(self, exc, repo: str, filename: str, revision: str | None, where: str) -> str:

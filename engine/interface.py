@@ -29,9 +29,13 @@ class WarmingUp:
     pass
 
 
+# The key of `Ready.info` that names the model recognising the user's words, or says "off".
+USER_WORDS = "user words"
+
+
 @dataclass(frozen=True)
 class Ready:
-    info: dict[str, str]  # the runner's describe(): model, device, dtype, ...
+    info: dict[str, str]  # the runner's describe(): model, device, dtype, USER_WORDS, ...
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Output:
     text: str | None  # the text piece of that frame, None for padding
     timings_ms: dict[str, float]  # the runner's own, plus "roundtrip": send to receive
     gate: float | None = None  # MoshiVis: how much it looked at the picture this step
+    user_text: str | None = None  # the user's words of that frame, from a speech recogniser beside the model
 
 
 @dataclass(frozen=True)

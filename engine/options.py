@@ -58,6 +58,9 @@ class ModelOptions:
     temp_text: float | None = None
     top_k: int | None = None
     top_k_text: int | None = None
+    # chat: the STT model that writes the user's words ("off", or "auto": stt-1b-en_fr where the
+    # warm step allows it and it is cached; engine/stt/user.py)
+    user_stt: str | None = None
 
 
 @dataclass

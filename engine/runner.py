@@ -52,6 +52,7 @@ class StepOutput:
     token: int | None = None  # the raw text token (None before the first frame)
     vad: list[float] | None = None  # STT with VAD heads: P(pause) over 0.5, 1, 2, 3 s
     gate: float | None = None  # MoshiVis: how much Moshi looked at the picture (mean gate, ~0.02 to ~0.1)
+    user_text: str | None = None  # chat with a user STT: the user's text piece of this frame
 
 
 class Runner(Protocol):
@@ -118,7 +119,7 @@ class Models:
     quantize: str | None = None  # "int8" (a q8 checkpoint, or --quantize) or "int4"
 
     def piece(self, token: int) -> str | None:
-        """The text of a token as the reference prints it, or None for padding."""
+        """The text of a token as the reference prints it, or None for a special token."""
         return text_piece(self.tokenizer, token)
 
 

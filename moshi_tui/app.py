@@ -29,7 +29,8 @@ from textual.widgets import Footer, Input, Static
 from audio.outputs import write_atomically
 from engine.options import Mode
 
-from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
+from .messages import (Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, UserWords,
+                       dispatch)
 from .picture import PictureError, PictureView, load_picture
 from .widgets import AudioPanel, LatencyPanel, StatusBar, Thresholds, TranscriptView
 
@@ -50,6 +51,9 @@ class Conversation(Protocol):
     def restart(self) -> None: ...
     def set_image(self, data: bytes, name: str) -> None: ...  # `moshi see`: a new picture, a new conversation
     def stop(self) -> None: ...  # idempotent: ends the engine, flushes the session files
+
+    @property
+    def folder(self) -> Path | None: ...  # the current conversation's files; None before it starts
 
 
 class SessionEvent(Message):
@@ -137,7 +141,6 @@ class MoshiApp(App[None]):
         conversation: Conversation,
         *,
         mode: Mode | str = Mode.CHAT,
-        save_dir: Path | None = None,
         thresholds: Thresholds = Thresholds(),
         error_linger_s: float | None = 2.0,
         image: Path | None = None,
@@ -146,7 +149,6 @@ class MoshiApp(App[None]):
         super().__init__()
         self.conversation = conversation
         self.mode = Mode(mode)
-        self.save_dir = save_dir
         self.thresholds = thresholds
         self.error_linger_s = error_linger_s  # None: stay on the error screen (snapshots)
         self.image = image
@@ -172,7 +174,7 @@ class MoshiApp(App[None]):
             with Vertical(id="side"):
                 if self.mode is Mode.SEE:
                     yield PictureView(id="picture")
-                yield LatencyPanel(self.thresholds, id="latency")
+                yield LatencyPanel(self.thresholds, playback=talks, id="latency")
                 yield AudioPanel(output=talks, id="audio")
         yield Footer()
 
@@ -203,6 +205,9 @@ class MoshiApp(App[None]):
 
     def on_text_piece(self, event: TextPiece) -> None:
         self.query_one(TranscriptView).add_text(event.t, event.text, event.gate)
+
+    def on_user_words(self, event: UserWords) -> None:
+        self.query_one(TranscriptView).add_user_text(event.t, event.text)
 
     def on_user_speech(self, event: UserSpeech) -> None:
         if event.speaking:
@@ -314,14 +319,19 @@ class MoshiApp(App[None]):
         return data
 
     def action_save(self) -> None:
-        folder = self.save_dir or Path.cwd()
-        path = folder / f"moshi-transcript-{datetime.now():%Y%m%d-%H%M%S}.txt"
+        """The transcript so far, into the conversation's folder beside its recording."""
+        folder = self.conversation.folder
+        if folder is None:
+            self.notify("Nothing to save yet: the conversation has not started")
+            return
+        path = folder.resolve() / f"transcript-saved-{datetime.now():%H%M%S}.txt"
         try:
             write_atomically(path, self.query_one(TranscriptView).model.to_text())
         except OSError as exc:
             self.notify(f"Could not save the transcript: {exc}", severity="error")
         else:
-            self.notify(f"Transcript saved to {path}", timeout=4)
+            # The folder and the name each on a line of their own: a toast wraps long lines anywhere.
+            self.notify(f"Transcript saved in\n{path.parent}/\n{path.name}", timeout=6)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(see=self.mode is Mode.SEE))

@@ -16,7 +16,8 @@ from engine.env import env_flag
 from engine.errors import EngineError
 
 from . import __version__, settings
-from .commands import chat, devices, doctor, see, tiny_model, transcribe
+from .commands import chat, devices, doctor, models, see, tiny_model, transcribe
+from .commands.common import Command
 from .commands.download import download
 from .errors import ArgumentError
 
@@ -48,12 +49,15 @@ def _root(
 
 
 app.command()(download)
+models.register(app)
 chat.register(app)
 see.register(app)
 transcribe.register(app)
 tiny_model.register(app)
 doctor.register(app)
 devices.register(app)
+for registered in app.registered_commands:
+    registered.cls = Command  # arguments shown as IMAGE, [MODEL], [FILE]...
 
 
 def main() -> None:

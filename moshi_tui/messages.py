@@ -43,6 +43,14 @@ class TextPiece:
 
 
 @dataclass(frozen=True)
+class UserWords:
+    """A piece of the user's words, recognised beside the conversation (`--user-stt`)."""
+
+    t: float
+    text: str  # spaces included, as the recogniser wrote it
+
+
+@dataclass(frozen=True)
 class UserSpeech:
     """The user started or stopped speaking (voice activity from the mic level)."""
 
@@ -68,7 +76,7 @@ class SessionFailed:
     reason: str  # one line, e.g. "the engine process was killed by SIGKILL"
 
 
-Event = Union[SessionInfo, StateChanged, TextPiece, UserSpeech, Stats, SessionFailed]
+Event = Union[SessionInfo, StateChanged, TextPiece, UserWords, UserSpeech, Stats, SessionFailed]
 
 
 def dispatch(target: object, event: object) -> None:

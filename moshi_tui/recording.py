@@ -7,9 +7,11 @@ In its own folder (``<data dir>/sessions/<time>-<mode>/`` or ``--record DIR/<tim
   audio layer records it in real time (what was heard after echo cancellation, and what played).
   Valid at every moment (the audio layer's writer).
 - ``transcript.txt``: the paragraphs, appended piece by piece and flushed.
-- ``transcript.json``: every text piece with its conversation time, and the paragraphs; replaced
-  atomically at most once a second, so it is always complete JSON.
-- ``events.jsonl``: one JSON object per line (start, states, speech, mute, stats, errors, end).
+- ``transcript.json``: every text piece with its conversation time (the user's, recognised beside
+  a chat, with ``"speaker": "you"``), and the paragraphs; replaced atomically at most once a
+  second, so it is always complete JSON.
+- ``events.jsonl``: one JSON object per line (start, states, speech, the user's words, mute,
+  stats, errors, end).
 
 A conversation is private: its folder is readable by its owner only (700), and so are its files
 (600).
@@ -30,7 +32,10 @@ from audio.outputs import open_new_text, write_atomically
 from audio.wav import WavWriter
 from engine.options import Mode
 
-from .transcript import Change, Transcript
+from engine.interface import USER_WORDS
+
+from .transcript import USER, Change, Transcript
+from .transcript_writers import write_atomically
 
 JSON_EVERY_S = 1.0
 PRIVATE = 0o600  # the session files' permissions
@@ -54,6 +59,8 @@ class SessionRecorder:
         self.mode = mode
         self.started = datetime.now().astimezone().isoformat(timespec="seconds")
         self.info = info
+        # The engine recognises the user's words: they make the user's paragraphs, not "(you spoke)".
+        self.user_words = info.get(USER_WORDS, "off") != "off"
         self.transcript = Transcript("moshi" if mode.talks else None)
         self.pieces: list[dict[str, Any]] = []
         channels = 2 if mode.talks else 1
@@ -80,9 +87,15 @@ class SessionRecorder:
         self._json_dirty = True
         self._maybe_write_json()
 
+    def user_text(self, t: float, piece: str) -> None:
+        self.pieces.append({"t": round(t, 3), "text": piece, "speaker": USER})
+        self.event("user words", t=round(t, 3), text=piece)
+        self._write_change(self.transcript.add_user_text(t, piece))
+        self._json_dirty = True
+
     def user_speech(self, t: float, speaking: bool) -> None:
         self.event("speech", t=t, speaking=speaking)
-        if speaking:
+        if speaking and not self.user_words:
             self._write_change(self.transcript.mark_user(t))
 
     def event(self, kind: str, **fields: Any) -> None:

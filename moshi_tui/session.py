@@ -28,12 +28,13 @@ from engine.errors import EngineError
 from engine.options import Mode, ModelOptions
 from engine.interface import Engine, Failed, Loading, Output, Ready, WarmingUp
 
-from .messages import Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, dispatch
 from . import signals
 from .errors import ArgumentError
+from .messages import (Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, UserWords,
+                       dispatch)
 from .recording import NoRecorder, SessionRecorder, new_session_folder
 from .settings import data_dir
-from .transcript import Transcript
+from .transcript import Change, Transcript
 
 # Silence after the end of a file so the words still in flight come out (the STT text lags its
 # audio by up to 2.5 s for stt-2.6b-en; Moshi needs a moment to finish its sentence).
@@ -54,10 +55,20 @@ class SessionOptions:
     record_dir: Path | None = None  # parent of the session folders; default <XDG data>/moshi/sessions
     record: bool = True  # False: no session files, no engine.log
     tui: bool = True  # False: words to stdout, states to stderr
-    save_dir: Path | None = None  # where `s` writes the transcript; default the current folder
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)  # the commands may give its name, "chat"
+
+
+@dataclass
+class Pending:
+    """A frame taken from the source and not answered yet."""
+
+    n: int  # its index in the conversation: its time is n × 80 ms
+    pcm: np.ndarray
+    sent: bool  # False: the engine refused it (it was behind)
+    captured_at: float | None
+    speaking: bool | None  # the user started (True) or stopped (False) speaking at this frame
 
 
 class Source(Protocol):
@@ -205,8 +216,7 @@ class Session:
 
     def _reset_counters(self) -> None:
         self._frame = 0  # frames of this conversation taken from the source
-        # (frame, pcm, sent, captured_at) of frames awaiting an answer, oldest first
-        self._pending: deque[tuple[int, np.ndarray, bool, float | None]] = deque()
+        self._pending: deque[Pending] = deque()  # frames awaiting an answer, oldest first
         self._speaking = False
         self._logged_muted = False
         self._steps: list[float] = []
@@ -221,6 +231,10 @@ class Session:
 
     def set_muted(self, muted: bool) -> None:
         self._muted = muted
+
+    @property
+    def folder(self) -> Path | None:
+        return self.folders[-1] if self.folders else None
 
     def restart(self) -> None:
         self._restart.set()
@@ -306,16 +320,21 @@ class Session:
 
     def on_output(self, out: Output) -> None:
         """The answer to the oldest frame still waiting for one."""
-        while self._pending and not self._pending[0][2]:
-            n, user, _, _ = self._pending.popleft()  # skipped: the model never heard it
-            self._recorder.frame(user, None)
+        while self._pending and not self._pending[0].sent:
+            skipped = self._pending.popleft()  # the model never heard it
+            self._user_speech(skipped)
+            self._recorder.frame(skipped.pcm, None)
         if not self._pending:
             return  # answers a frame of a conversation since restarted
-        n, user, _, captured_at = self._pending.popleft()
-        t = n * FRAME_S
+        frame = self._pending.popleft()
+        t = frame.n * FRAME_S
+        self._user_speech(frame)
         if out.pcm is not None and self.mode.talks:
-            self.source.play(out.pcm, captured_at)
-        self._recorder.frame(user, out.pcm)
+            self.source.play(out.pcm, frame.captured_at)
+        self._recorder.frame(frame.pcm, out.pcm)
+        if out.user_text:
+            self._deliver(UserWords(t, out.user_text))
+            self._recorder.user_text(t, out.user_text)
         if out.text:
             self._deliver(TextPiece(t, out.text, out.gate))
             self._recorder.text(t, out.text)
@@ -373,12 +392,19 @@ class Session:
         n = self._frame
         self._frame += 1
         sent = self.engine.send_frame(pcm)
-        self._pending.append((n, pcm, sent, self.source.captured_at))
         speaking = self.source.stats().voice
+        change = None
         if speaking is not None and speaking != self._speaking and not muted:
-            self._speaking = speaking
-            self._deliver(UserSpeech(n * FRAME_S, speaking))
-            self._recorder.user_speech(n * FRAME_S, speaking)
+            self._speaking = change = speaking
+        self._pending.append(Pending(n, pcm, sent, self.source.captured_at, change))
+
+    def _user_speech(self, frame: Pending) -> None:
+        """Told with the answer to its frame, so that every line of the conversation comes in the
+        order of one clock: the frames'."""
+        if frame.speaking is not None:
+            if not self._recorder.user_words:  # else the user's words make their paragraphs
+                self._deliver(UserSpeech(frame.n * FRAME_S, frame.speaking))
+            self._recorder.user_speech(frame.n * FRAME_S, frame.speaking)
 
     def _log_stats(self, stats: Stats) -> None:
         if stats.step_ms is not None:
@@ -397,8 +423,8 @@ class Session:
     def _flush_pending(self) -> None:
         """Frames sent but never answered still go into the recording (the user's side)."""
         if self._recorder is not None:
-            for _, user, _, _ in self._pending:
-                self._recorder.frame(user, None)
+            for frame in self._pending:
+                self._recorder.frame(frame.pcm, None)
         self._pending.clear()
 
     def _close(self) -> None:
@@ -415,24 +441,36 @@ class Session:
 
 
 class PlainPrinter:
-    """`--no-tui`: the words on stdout (a new line per paragraph), the rest on stderr."""
+    """`--no-tui`: the words on stdout, the rest on stderr. A conversation's lines are those of
+    transcript.txt, each with its time and speaker (`[00:03] you: hello`); a transcription's are
+    the words alone, a line per paragraph."""
 
     def __init__(self, mode: Mode, out=None, err=None) -> None:
         self.transcript = Transcript("moshi" if mode.talks else None)
+        self.labels = mode.talks
         self.out, self.err = out or sys.stdout, err or sys.stderr
 
     def __call__(self, event: Event) -> None:
         dispatch(self, event)
 
     def on_text_piece(self, event: TextPiece) -> None:
-        change = self.transcript.add_text(event.t, event.text)
-        if change is not None:
-            self.out.write(("\n" if change.new and change.index else "") + change.text)
-            self.out.flush()
+        self._write(self.transcript.add_text(event.t, event.text))
+
+    def on_user_words(self, event: UserWords) -> None:
+        self._write(self.transcript.add_user_text(event.t, event.text))
 
     def on_user_speech(self, event: UserSpeech) -> None:
         if event.speaking:
-            self.transcript.mark_user(event.t)  # the next words begin a line
+            change = self.transcript.mark_user(event.t)  # a transcription: the next words begin a line
+            if self.labels:
+                self._write(change)
+
+    def _write(self, change: Change | None) -> None:
+        if change is None:
+            return
+        text = change.paragraph.line() if change.new and self.labels else change.text
+        self.out.write(("\n" if change.new and change.index else "") + text)
+        self.out.flush()
 
     def on_state_changed(self, event: StateChanged) -> None:
         detail = f": {event.detail}" if event.detail else ""
@@ -488,7 +526,7 @@ def run(options: SessionOptions) -> None:
             from .app import MoshiApp
 
             image = getattr(options.model, "image", None)  # `moshi see`: the picture beside the words
-            app = MoshiApp(session, mode=options.mode, save_dir=options.save_dir,
+            app = MoshiApp(session, mode=options.mode,
                            image=None if image is None else Path(image))
             app.run()
             if app.return_code and app.return_code > 128:

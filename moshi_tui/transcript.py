@@ -1,5 +1,5 @@
 """The conversation as paragraphs: what the transcript panel shows and what `s` and the session
-recorder write. A paragraph ends when the user speaks or the model pauses."""
+recorder write. A paragraph ends when the other side speaks or its speaker pauses."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ class Paragraph:
     text: str = ""
 
     def line(self) -> str:
-        if self.speaker == USER:
-            return f"[{clock(self.t)}] ({USER} spoke)"
+        if self.speaker == USER and not self.text:
+            return f"[{clock(self.t)}] ({USER} spoke)"  # no speech recogniser: only that the user spoke
         label = f" {self.speaker}:" if self.speaker else ""
         return f"[{clock(self.t)}]{label} {self.text}"
 
@@ -48,16 +48,24 @@ class Transcript:
         self._break = False
 
     def add_text(self, t: float, text: str) -> Change | None:
-        """Append a piece of text; None when that changed nothing (an empty piece, or only spaces
-        where a paragraph would begin)."""
+        """Append a piece of the model's text; None when that changed nothing (an empty piece, or
+        only spaces where a paragraph would begin)."""
+        return self._add(t, text, self.speaker)
+
+    def add_user_text(self, t: float, text: str) -> Change | None:
+        """Append a piece of the user's words, recognised beside a conversation."""
+        return self._add(t, text, USER)
+
+    def _add(self, t: float, text: str, speaker: str | None) -> Change | None:
         current = self.paragraphs[-1] if self.paragraphs else None
-        if current is None or current.speaker == USER or self._break or t - self._last_t > self.pause_s:
+        if (current is None or current.speaker != speaker or not current.text or self._break
+                or t - self._last_t > self.pause_s):
             text = text.lstrip()
             if not text:
                 return None
             self._last_t = t
             self._break = False
-            return self._begin(Paragraph(t, self.speaker, text))
+            return self._begin(Paragraph(t, speaker, text))
         self._last_t = t
         if not text:
             return None

@@ -241,27 +241,48 @@ class JsonWriter(TranscriptWriter):
         self._next_save = now + max(JSON_REWRITE_S, 10 * (now - started))
 
 
-class PiecePrinter(TranscriptListener):
-    """The text on a terminal as the model writes it, piece by piece. With a ``name`` (one of several
-    inputs, whose pieces arrive interleaved) the text is held and printed as one named line at the end."""
+class WordPrinter(TranscriptListener):
+    """The words on a terminal as they are recognised, the same words the files get. With a ``name``
+    (one of several inputs, whose words arrive interleaved) they are held and printed as one named
+    line at the end."""
 
     def __init__(self, out: TextIO, name: str | None = None):
         self.out = out
         self.name = name
-        self._pieces: list[str] = []
+        self._words: list[str] = []
 
-    def on_token(self, token: int, piece: str | None, time: float) -> None:
-        if piece is None:
-            return
+    def on_word(self, word: Word) -> None:
         if self.name is None:
-            self.out.write(piece)
+            self.out.write((" " if self._words else "") + word.text)
             self.out.flush()
-        else:
-            self._pieces.append(piece)
+        self._words.append(word.text)
 
     def on_end(self, complete: bool, duration: float) -> None:
-        self.out.write("\n" if self.name is None else f"{self.name}:{''.join(self._pieces)}\n")
+        self.out.write("\n" if self.name is None else f"{self.name}: {' '.join(self._words)}\n")
         self.out.flush()
+
+
+class UntimedWarning(TranscriptListener):
+    """Says so when the model wrote text but no word could be timed: a model that never writes its
+    end-of-padding token marks no word boundary, and every output stays empty."""
+
+    def __init__(self, err: TextIO, name: str):
+        self.err = err
+        self.name = name
+        self.pieces = 0
+        self.words = 0
+
+    def on_token(self, token: int, piece: str | None, time: float) -> None:
+        self.pieces += piece is not None
+
+    def on_word(self, word: Word) -> None:
+        self.words += 1
+
+    def on_end(self, complete: bool, duration: float) -> None:
+        if self.pieces and not self.words:
+            print(f"moshi: warning: {self.name}: the model wrote {self.pieces} text pieces but never marked where a "
+                  "word starts (its end-of-padding token), so no word could be timed and the transcript is empty",
+                  file=self.err, flush=True)
 
 
 WRITERS: dict[str, type[TranscriptWriter]] = {

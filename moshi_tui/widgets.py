@@ -29,7 +29,7 @@ STATE_STYLES = {
     "error": "bold red",
 }
 BARS = " ▁▂▃▄▅▆▇█"
-LATENCY_FIGURES = ("lag", "buffer", "skipped", "underruns")
+LATENCY_FIGURES = ("lag", "buffer", "skipped", "underruns")  # all but skipped are of the playback
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,13 @@ class StatusBar(Widget):
 
 
 class LatencyPanel(Widget):
-    """Model step time against the frame budget (figure and sparkline), lag, buffer, drops."""
+    """Model step time against the frame budget (figure and sparkline), dropped frames and, when
+    Moshi talks, the playback: lag, buffer, underruns."""
 
-    def __init__(self, thresholds: Thresholds, **kwargs) -> None:
+    def __init__(self, thresholds: Thresholds, playback: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self.th = thresholds
+        self.playback = playback
         self.stats: Stats | None = None
         self.steps: list[float] = []
 
@@ -127,14 +129,19 @@ class LatencyPanel(Widget):
             step = _figure("step", f"{s.step_ms:5.1f} / {th.budget_ms:.0f} ms", th.step(s.step_ms))
         spark = spark_rows(self.steps, self.content_size.width, 2, 1.5 * th.budget_ms, th)
         if s is None:
-            return Group(step, *spark, *(_figure(label, "   --", "dim") for label in LATENCY_FIGURES))
-        a = s.audio
-        lag = _figure("lag", "   --" if a.lag_ms is None else f"{a.lag_ms:5.0f} ms",
-                      "dim" if a.lag_ms is None else th.lag(a.lag_ms))
-        buf = _figure("buffer", f"{a.buffered_ms:5.0f} ms", WARN if a.buffered_ms < th.buffer_low_ms else OK)
-        skipped = _figure("skipped", f"{s.skipped:5d}", WARN if s.skipped else OK)
-        under = _figure("underruns", f"{a.underruns:5d}", WARN if a.underruns else OK)
-        return Group(step, *spark, lag, buf, skipped, under)
+            figures = {label: _figure(label, "   --", "dim") for label in LATENCY_FIGURES}
+        else:
+            a = s.audio
+            figures = {
+                "lag": _figure("lag", "   --" if a.lag_ms is None else f"{a.lag_ms:5.0f} ms",
+                               "dim" if a.lag_ms is None else th.lag(a.lag_ms)),
+                "buffer": _figure("buffer", f"{a.buffered_ms:5.0f} ms",
+                                  WARN if a.buffered_ms < th.buffer_low_ms else OK),
+                "skipped": _figure("skipped", f"{s.skipped:5d}", WARN if s.skipped else OK),
+                "underruns": _figure("underruns", f"{a.underruns:5d}", WARN if a.underruns else OK),
+            }
+        shown = LATENCY_FIGURES if self.playback else ("skipped",)
+        return Group(step, *spark, *(figures[label] for label in shown))
 
 
 def level_bar(label: str, db: float, width: int) -> Text:
@@ -218,7 +225,10 @@ class ParagraphView(Static):
         grid.add_column(ratio=1, overflow="fold")
         if p.speaker == USER:
             self.add_class("-user")
-            grid.add_row(clock(p.t), Text("▸ you spoke", "italic cyan"))
+            if p.text:  # recognised beside the conversation
+                grid.add_row(clock(p.t), Text.assemble(("you ", "bold cyan"), (self.text.plain, "cyan")))
+            else:
+                grid.add_row(clock(p.t), Text("▸ you spoke", "italic cyan"))
         else:
             grid.add_row(clock(p.t), self.text)
         self.update(grid)
@@ -246,6 +256,9 @@ class TranscriptView(VerticalScroll):
     def add_text(self, t: float, text: str, gate: float | None = None) -> None:
         """`gate` (`moshi see`): colour the piece by how much Moshi looked at the picture."""
         self._draw(self.model.add_text(t, text), gate)
+
+    def add_user_text(self, t: float, text: str) -> None:
+        self._draw(self.model.add_user_text(t, text), None)
 
     def mark_user(self, t: float) -> None:
         self._draw(self.model.mark_user(t), None)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from moshi_tui import __version__  # noqa: E402
 from moshi_tui.cli import app  # noqa: E402
+from moshi_tui.commands.common import help_record  # noqa: E402
 
 SETTINGS = """\
 Every option of every command can also be set in the config file or the environment. The first of
@@ -107,7 +108,7 @@ def _section(title: str, blocks: list[str]) -> list[str]:
 def _options(command, ctx) -> list[str]:
     lines = [".SH OPTIONS"]
     for param in command.get_params(ctx):
-        record = param.get_help_record(ctx)
+        record = help_record(param, ctx)
         if record is None:
             continue
         lines += [".TP", term(record[0]), esc(record[1] or "")]

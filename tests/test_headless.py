@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import sentencepiece
 import soundfile
 import torch
 
@@ -16,6 +17,7 @@ from engine.moshi.runner import ChatRunner
 from engine.options import ModelOptions
 from engine.runner import FirstFrame
 from engine.tiny import write_tiny_checkpoint
+from transcribe_support import published_words, stt_folder
 
 ref_loaders = pytest.importorskip("moshi.models.loaders")
 ref_inference = pytest.importorskip("moshi.run_inference")
@@ -120,22 +122,32 @@ def test_live_chat_runner_steps_as_server_py(folders, speechlike):
     assert [out.token for out in file_run] != [out.token for out in outs]
 
 
-def test_headless_transcribe_matches_reference(folders, speechlike):
+def test_headless_transcribe_matches_reference(speechlike, tmp_path):
     path, pcm = speechlike
-    result = _moshi("transcribe", "--hf-repo", folders["transcribe"], path)
+    folder = stt_folder(tmp_path / "stt")  # a tiny model that marks where words start, as real ones do
+    result = _moshi("transcribe", "--hf-repo", folder, path)
     assert result.returncode == 0, result.stderr
-    _, sampled = _reference(folders["transcribe"], pcm, {})
+    _, sampled = _reference(folder, pcm, {})
     # The first frame is fed twice and the first step's output dropped, as `moshi-inference` does.
-    expected = _pieces(folders["transcribe"], sampled[1:])
+    # stdout has the words the transcript files get: the published formula's, from those tokens.
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    expected = " ".join(text for text, _, _ in published_words(sampled[1:], tokenizer, 0.0))
     assert len(expected) > 10
     assert result.stdout.strip("\n") == expected
 
 
-def _pieces(folder, tokens):
-    import sentencepiece
+def test_headless_transcribe_says_when_no_word_could_be_timed(folders, speechlike):
+    # The plain tiny model writes text but never its end-of-padding token: no word boundary at all.
+    result = _moshi("transcribe", "--hf-repo", folders["transcribe"], speechlike[0])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "\n"
+    assert "no word could be timed and the transcript is empty" in result.stderr
 
+
+def _pieces(folder, tokens):
+    """The text a person reads: no special token (ids 0 to 3: end of padding, <unk>, <s>, </s>, padding)."""
     sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    return "".join(sp.id_to_piece(t).replace("▁", " ") for t in tokens if t not in (0, 3))
+    return "".join(sp.id_to_piece(t).replace("▁", " ") for t in tokens if t > 3)
 
 
 @pytest.mark.parametrize("content", [None, b"", b"this is not audio at all"])

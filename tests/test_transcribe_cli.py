@@ -297,7 +297,7 @@ def test_raw_pcm_trickling_through_a_pipe(folder, files, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["-", "--raw"], "--raw needs --rate"),
-    (["{wav}", "--raw", "--rate", "16000"], "give - as the only INPUT"),
+    (["{wav}", "--raw", "--rate", "16000"], "give - as the only FILE"),
     (["-", "-"], "standard input (-) can be read only once"),
     (["{wav}", "{flac}", "-f", "srt"], "add --output-dir"),
     (["{wav}", "-f", "all"], "add --output-dir"),

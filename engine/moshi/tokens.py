@@ -20,7 +20,8 @@ class Tokenizer(Protocol):  # sentencepiece.SentencePieceProcessor
 
 
 def text_piece(tokenizer: Tokenizer, token: int) -> str | None:
-    """The text of a token as the reference prints it ("▁" as a space), or None for padding."""
-    if token in (TEXT_EPAD, TEXT_PAD):
+    """The text of a token as the reference prints it ("▁" as a space), or None for a special
+    token (padding, <unk>, <s>, </s>): those are never shown to a person."""
+    if token <= TEXT_PAD:
         return None
     return tokenizer.id_to_piece(token).replace("▁", " ")

@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoRecord, NoTui,
-                     OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText,
+from .common import (LIVE_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoRecord,
+                     NoTui, OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText,
                      TranscriptFile, check_output, model_options, progress_to_stderr, record_place,
                      reject_without_input)
 
@@ -25,6 +25,16 @@ Examples:
 """
 
 
+UserStt = Annotated[str, typer.Option(
+    "--user-stt", metavar="MODEL", rich_help_panel=LIVE_PANEL,
+    help="Show your words too, recognised by this Kyutai STT model beside Moshi (stt-1b-en_fr, a repo id or a "
+         "folder), or off. auto: stt-1b-en_fr where it is in the Hugging Face cache (moshi download "
+         "stt-1b-en_fr) and the warm step with it stays within the 80 ms budget. It reads Mimi's codes for Moshi "
+         "and adds only its language model to each step. On a CPU that step is dear: measured on 2 busy shared "
+         "cores, one thread, the STT-1B shapes took about 0.8 s per 80 ms frame in int8 and 0.6-1 s in bfloat16 "
+         "(the tiny test model: 15 ms), so auto leaves it off there.")]
+
+
 class Voice(str, Enum):
     moshika = "moshika"
     moshiko = "moshiko"
@@ -35,6 +45,7 @@ def register(app: typer.Typer) -> None:
 
 
 def chat(
+    ctx: typer.Context,
     input: InputRecording = None,
     output: OutputWav = None,
     transcript: TranscriptFile = None,
@@ -45,6 +56,7 @@ def chat(
     input_device: InputDevice = None,
     output_device: OutputDevice = None,
     no_aec: NoAec = False,
+    user_stt: UserStt = "auto",
     hf_repo: HfRepo = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
@@ -64,7 +76,12 @@ def chat(
     With --input, the conversation runs headless on a recording: the user's side comes from the
     file, frame by frame exactly as live audio would, and Moshi's side goes to --output and stdout.
     """
-    options = model_options(hf_repo or voice.value, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
+    if hf_repo is not None and ctx.get_parameter_source("voice").name == "COMMANDLINE":
+        raise typer.BadParameter("--hf-repo names the model, and with it the voice: give one of the two",
+                                 param_hint="--voice")
+    options = model_options(hf_repo or voice.value, device, dtype, seed, temp, temp_text, top_k,
+                            top_k_text, quantize)
+    options.user_stt = user_stt
     if input is not None:
         run_headless_chat(input, output, transcript, options)
         return

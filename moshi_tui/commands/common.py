@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from engine.options import ModelOptions
 
 from ..errors import ArgumentError
+
 
 def check_output(path: Path, option: str, inputs: Iterable[Path] = ()) -> None:
     """Before anything loads: `path` can be written as a new file, and it is none of `inputs` (by
@@ -32,6 +34,42 @@ def check_output(path: Path, option: str, inputs: Iterable[Path] = ()) -> None:
     for source in inputs:
         if path.exists() and source.exists() and os.path.samefile(path, source):
             raise ArgumentError(f"{option} {path} is the input {source}: writing it would destroy it")
+
+
+class Command(TyperCommand):
+    """A command whose arguments read as its options' values do: by their metavar, `IMAGE` when
+    required, `[MODEL]` when not, `[FILE]...` for several (Typer writes `{IMAGE}` in the usage and
+    adds the type in the list: `INPUT <list[str]>`). cli.py gives it to every command."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = _argument_name(param)
+                pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+    def format_options(self, ctx: typer.Context, formatter) -> None:
+        for kind, title in (("argument", "Arguments"), ("option", "Options")):
+            rows = [help_record(p, ctx) for p in self.get_params(ctx) if p.param_type_name == kind]
+            rows = [row for row in rows if row is not None]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def help_record(param: TyperArgument | TyperOption, ctx: typer.Context) -> tuple[str, str] | None:
+    """A parameter's name and help as `--help` and the man pages list them; None when hidden."""
+    record = param.get_help_record(ctx)
+    if record is None or param.param_type_name != "argument":
+        return record
+    return _argument_name(param) + ("..." if param.nargs != 1 else ""), record[1]
+
+
+def _argument_name(param: TyperArgument) -> str:
+    return param.metavar or param.name.upper()
 
 
 MODEL_PANEL = "Model"
@@ -66,15 +104,17 @@ QuantizeOption = Annotated[Optional[Quantize], typer.Option(
     help="Quantize the language model's weights while loading: int8 (half the memory of bfloat16 and, on CPU, "
          "about 3x faster) or int4 (a quarter of the memory, with a larger error). Official q8 checkpoints are "
          "int8 without it.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, rich_help_panel=SAMPLING_PANEL,
+Seed = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, metavar="N",
+                                             rich_help_panel=SAMPLING_PANEL,
                                              help="Random seed for sampling [default: 4242].")]
 Temp = Annotated[Optional[float], typer.Option(
-    "--temp", rich_help_panel=SAMPLING_PANEL, help="Audio sampling temperature; 0 = greedy [default: from the model].")]
+    "--temp", metavar="T", rich_help_panel=SAMPLING_PANEL,
+    help="Audio sampling temperature; 0 = greedy [default: from the model].")]
 TempText = Annotated[Optional[float], typer.Option(
-    "--temp-text", rich_help_panel=SAMPLING_PANEL, help="Text sampling temperature; 0 = greedy.")]
-TopK = Annotated[Optional[int], typer.Option("--top-k", rich_help_panel=SAMPLING_PANEL,
+    "--temp-text", metavar="T", rich_help_panel=SAMPLING_PANEL, help="Text sampling temperature; 0 = greedy.")]
+TopK = Annotated[Optional[int], typer.Option("--top-k", metavar="K", rich_help_panel=SAMPLING_PANEL,
                                              help="Sample audio among the k likeliest tokens.")]
-TopKText = Annotated[Optional[int], typer.Option("--top-k-text", rich_help_panel=SAMPLING_PANEL,
+TopKText = Annotated[Optional[int], typer.Option("--top-k-text", metavar="K", rich_help_panel=SAMPLING_PANEL,
                                                  help="Sample text among the k likeliest tokens.")]
 
 

@@ -11,11 +11,12 @@ from engine.hub import MODELS  # a plain table: engine.hub imports huggingface_h
 
 def download(
     model: str = typer.Argument(
-        "moshika",
+        "moshika", metavar="MODEL",
         help=f"A model name ({', '.join(MODELS)}), a Hugging Face repo id (owner/name) or a local folder.",
         show_default=True,
     ),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit of the Hugging Face repo."),
+    revision: Optional[str] = typer.Option(None, "--revision", metavar="REVISION",
+                                           help="Branch, tag or commit of the Hugging Face repo."),
 ) -> None:
     """Download a model's files into the Hugging Face cache, for use offline.
 

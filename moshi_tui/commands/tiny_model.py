@@ -28,10 +28,10 @@ def register(app: typer.Typer) -> None:
 
 
 def tiny_model(
-    folder: Annotated[Path, typer.Argument(help="Where to write the checkpoint folder.")],
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Where to write the checkpoint folder.")],
     kind: Annotated[Mode, typer.Option(
         "--kind", help="A model for `moshi chat` (Moshi), `moshi see` (MoshiVis) or `moshi transcribe` (STT).")] = Mode.CHAT,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Write into a folder that already holds files, "
                                         "replacing the checkpoint's.")] = False,
 ) -> None:

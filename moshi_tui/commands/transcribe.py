@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
 
 def transcribe(
     inputs: Annotated[Optional[list[str]], typer.Argument(
-        metavar="INPUT", show_default=False,
+        metavar="FILE", show_default=False,
         help="Audio files (wav, flac, ogg or mp3, any rate, any length), or - for standard input. "
              "Several files are transcribed together, as one batch. None: the microphone.")] = None,
     model: Annotated[Optional[str], typer.Option(
@@ -62,7 +62,7 @@ def transcribe(
              "input's transcript goes to stdout [default: the words as they come; txt with --output-dir].")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(
         "--output-dir", "-o", metavar="DIR", rich_help_panel=OUTPUT_PANEL,
-        help="Write one file per input and format here (INPUT-NAME.FORMAT), as the words arrive.")] = None,
+        help="Write one file per input and format here (FILE-NAME.FORMAT), as the words arrive.")] = None,
     max_line_width: Annotated[int, typer.Option(
         "--max-line-width", min=1, metavar="CHARS", rich_help_panel=OUTPUT_PANEL,
         help="SRT/VTT: longest subtitle line (a longer word gets a line of its own).")] = 42,
@@ -92,11 +92,11 @@ def transcribe(
     options = model_options(model, device, dtype, seed, None, None, None, None, quantize)
     inputs = inputs or []
     if (raw or rate is not None) and inputs != [STDIN]:
-        raise typer.BadParameter("--raw and --rate read standard input: give - as the only INPUT", param_hint="--raw")
+        raise typer.BadParameter("--raw and --rate read standard input: give - as the only FILE", param_hint="--raw")
     if raw != (rate is not None):
         raise typer.BadParameter("--raw needs --rate HZ, and --rate only goes with --raw", param_hint="--rate")
     if inputs.count(STDIN) > 1:
-        raise typer.BadParameter("standard input (-) can be read only once", param_hint="INPUT")
+        raise typer.BadParameter("standard input (-) can be read only once", param_hint="FILE")
     writers = _writers(output_format, output_dir, max(len(inputs), 1))
     limits = CueLimits(max_line_width, max_words_per_line)
     if not inputs:
@@ -193,13 +193,13 @@ def _listeners(name: str, paths: dict[type[TranscriptWriter], Path | None], info
                limits: CueLimits):
     from engine.stt.words import Listeners
 
-    from ..transcript_writers import PiecePrinter
+    from ..transcript_writers import UntimedWarning, WordPrinter
 
     listeners = [writer.open(path, sys.stdout, {"source": name, **info}, limits) for writer, path in paths.items()]
     to_stdout = any(path is None for path in paths.values())
     if not to_stdout:
-        listeners.append(PiecePrinter(sys.stdout, name if count > 1 else None))
-    return Listeners(listeners)
+        listeners.append(WordPrinter(sys.stdout, name if count > 1 else None))
+    return Listeners([*listeners, UntimedWarning(sys.stderr, name)])
 
 
 def _model_info(runner, pause: float) -> dict:

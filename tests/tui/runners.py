@@ -32,6 +32,7 @@ class Step:  # the fields of engine.runner.StepOutput the engine process sends
     text: str | None
     timings_ms: dict
     gate: float | None = None
+    user_text: str | None = None
 
 
 class ScriptedRunner:

@@ -11,7 +11,7 @@ import math
 from audio import FRAME_S
 from audio.core import AudioStats
 from engine.options import Mode
-from moshi_tui.messages import SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech
+from moshi_tui.messages import SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, UserWords
 
 MOSHI_WORDS = (
     "Hello, I'm Moshi. What would you like to talk about today? I can tell you about the weather, "
@@ -38,6 +38,7 @@ class ScriptedConversation:
         self.word = 0
         self.skipped = 0
         self.underruns = 0
+        self.folder = None  # where `s` saves the transcript (a test's tmp_path)
 
     # the app's side
     def start(self, deliver) -> None:
@@ -67,15 +68,23 @@ class ScriptedConversation:
         self.deliver(StateChanged("warming up"))
         self.deliver(StateChanged("live"))
 
-    def play(self, frames: int, *, slow: bool = False, user_speaks_at: int | None = None) -> None:
+    def play(self, frames: int, *, slow: bool = False, user_speaks_at: int | None = None,
+             user_says: tuple[int, str] | None = None) -> None:
         """`frames` frames of conversation: a word every 4 frames, step times under budget
-        (over budget with a dropped frame every 5 when `slow`)."""
+        (over budget with a dropped frame every 5 when `slow`). `user_says` (frame, words): the
+        user's words, recognised, one every 3 frames from that frame; Moshi waits for the last."""
+        user_words = user_says[1].split(" ") if user_says else []
         for _ in range(frames):
             i = self.frame
             t = i * FRAME_S
             if i == user_speaks_at:
                 self.deliver(UserSpeech(t, True))
-            if i % 4 == 3 and self.word < len(self.words):
+            heard = (i - user_says[0]) // 3 if user_says and i >= user_says[0] else -1
+            if 0 <= heard < len(user_words) and (i - user_says[0]) % 3 == 0:
+                self.deliver(UserWords(t, " " + user_words[heard]))
+            elif 0 <= heard < len(user_words):
+                pass  # Moshi listens
+            elif i % 4 == 3 and self.word < len(self.words):
                 self.deliver(TextPiece(t, " " + self.words[self.word], self.gate(self.word)))
                 self.word += 1
             step = 40.0 + 12.0 * math.sin(i / 3)

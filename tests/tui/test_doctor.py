@@ -42,3 +42,38 @@ def test_doctor_fails_without_audio_devices(tmp_path):
     result = _doctor(env)
     assert result.returncode == 1
     assert "[FAIL] microphone: no device" in result.stdout
+
+
+def _run_check(check, *args):
+    from moshi_tui.commands import doctor
+
+    return getattr(doctor, check)(*args)
+
+
+def test_too_little_memory_is_a_failure(monkeypatch, capsys):
+    from moshi_tui.commands import doctor
+
+    monkeypatch.setattr(doctor, "_available_memory_gb", lambda: 3.0)
+    assert _run_check("_check_torch", "moshika") == 1
+    assert "[FAIL] moshika needs about 18 GB of memory, 3.0 GB is available" in capsys.readouterr().out
+
+
+def test_available_memory_is_memavailable():
+    from moshi_tui.commands.doctor import _available_memory_gb
+
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":") for line in meminfo)
+    assert _available_memory_gb() == int(fields["MemAvailable"].split()[0]) * 1024 / 1e9
+
+
+def test_a_pipeline_slower_than_real_time_fails_saying_what_to_do(capsys):
+    assert _run_check("_pipeline_line", 95.0, 25) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("[FAIL] pipeline:") and "slower than real time" in out and "--quantize int8" in out
+    assert _run_check("_pipeline_line", 12.0, 25) == 0
+
+
+def test_an_unknown_model_name_fails(capsys):
+    assert _run_check("_check_model", "moshikaa") == 1
+    assert capsys.readouterr().out.startswith("[FAIL] unknown model 'moshikaa'")
+    assert _run_check("_check_model", "stt-1b-en_fr") == 0

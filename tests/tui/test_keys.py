@@ -66,20 +66,24 @@ async def test_r_restarts_with_an_empty_transcript_and_fresh_figures():
         assert transcript.model.paragraphs[0].text == " ".join(MOSHI_WORDS[:2])
 
 
-async def test_s_saves_the_transcript(tmp_path):
+async def test_s_saves_the_transcript_in_the_conversation_folder(tmp_path):
     conv = ScriptedConversation()
-    app = MoshiApp(conv, save_dir=tmp_path)
+    conv.folder = tmp_path
+    app = MoshiApp(conv)
     async with app.run_test(size=SIZE) as pilot:
         await _live(pilot, conv, frames=40)  # 10 words, one every 4 frames from frame 3
         await pilot.press("s")
         await pilot.pause()
-    [saved] = tmp_path.glob("moshi-transcript-*.txt")
+        [note] = app._notifications
+    [saved] = tmp_path.glob("transcript-saved-*.txt")
     assert saved.read_text() == "[00:00] moshi: " + " ".join(MOSHI_WORDS[:10]) + "\n"
+    assert note.message.splitlines() == ["Transcript saved in", f"{tmp_path.resolve()}/", saved.name]
 
 
 async def test_s_reports_a_folder_it_cannot_write(tmp_path):
     conv = ScriptedConversation()
-    app = MoshiApp(conv, save_dir=tmp_path / "missing")
+    conv.folder = tmp_path / "missing"
+    app = MoshiApp(conv)
     async with app.run_test(size=SIZE) as pilot:
         await _live(pilot, conv)
         await pilot.press("s")

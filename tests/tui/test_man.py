@@ -9,6 +9,7 @@ import pytest
 import typer.main
 
 from moshi_tui.cli import app
+from moshi_tui.commands.common import help_record
 
 REPO = Path(__file__).resolve().parents[2]
 MAN = REPO / "man"
@@ -39,7 +40,7 @@ def test_every_command_and_option_is_in_its_page():
         ctx = command.context_class(command, info_name=name)
         for param in command.params:
             if param.param_type_name == "argument":
-                shown = param.get_help_record(ctx)[0].split(" ")[0]  # as `moshi NAME --help` shows it
+                shown = help_record(param, ctx)[0]  # as `moshi NAME --help` shows it
                 assert f"\\fI{shown}\\fR" in text, f"{page.name} lacks the argument {shown}"
             else:
                 for opt in param.opts + param.secondary_opts:
@@ -58,3 +59,11 @@ def test_groff_has_nothing_to_say():
     result = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", *sorted(map(str, MAN.glob("*.1")))],
                             capture_output=True, text=True)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_the_package_installs_every_page_into_man1():
+    import tomllib
+
+    data_files = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    installed = {path.name for pattern in data_files["share/man/man1"] for path in REPO.glob(pattern)}
+    assert installed == {p.name for p in MAN.glob("*.1")} and "moshi.1" in installed

@@ -209,6 +209,7 @@ class _LostMicrophone:
 @pytest.mark.parametrize("debug", ["0", "1"])
 def test_a_lost_device_ends_the_session_with_an_audio_error(tmp_path, monkeypatch, capsys, debug):
     """Not an engine error: the CLI prints either as one line; MOSHI_DEBUG=1 adds the traceback."""
+    import engine.process
     import moshi_tui.session as session
 
     monkeypatch.setattr("engine.process.EngineProcess", _ReadyEngine)  # run() imports it from there

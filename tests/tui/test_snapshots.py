@@ -39,6 +39,17 @@ def test_live_chat(snap_compare):
     assert snap_compare(_app(conv), terminal_size=SIZE, run_before=_scene(conv, play))
 
 
+def test_chat_with_both_sides_words(snap_compare):
+    conv = ScriptedConversation()
+
+    def play(c):
+        c.go_live()
+        c.play(60)
+        c.play(100, user_says=(75, "Sure, tell me about the weather please."))
+
+    assert snap_compare(_app(conv), terminal_size=SIZE, run_before=_scene(conv, play))
+
+
 def test_lagging(snap_compare):
     conv = ScriptedConversation()
 
