@@ -35,7 +35,11 @@ def test_the_users_words_are_what_transcribe_finds_in_the_same_frames(tmp_path, 
     monkeypatch.setenv("MOSHI_NO_PIPELINE", "1")  # a step answers its own frame, as the chat's does
     runner = TranscribeRunner.load(ModelOptions(hf_repo=str(tiny["transcribe"]), dtype="float32"))
     try:
-        frames = FileSource(audio, realtime=False).pcm.reshape(-1, FRAME_SIZE)[1:]
+        file = FileSource(audio, realtime=False)  # the frames the session sent, as it read them
+        frames = []
+        while not file.finished:
+            frames.append(file.read(timeout=1.0))
+        frames = frames[1:]
         expected = [(round((i + 1) * 0.08, 2), out.text) for i, out in enumerate(map(runner.step, frames))
                     if out.text]
     finally:
@@ -63,6 +67,7 @@ def test_auto_keeps_the_stt_only_where_the_warm_step_keeps_to_the_budget(tiny, m
     try:
         runner.warmup()
         info = runner.describe()
+        runner.step(_speech_frame())  # frame 0: a live chat's conversation, and its STT, start at frame 1
         out = runner.step(_speech_frame())
     finally:
         runner.close()
