@@ -186,12 +186,13 @@ class MoshiApp(App[None]):
         self.query_one(AudioPanel).border_title = "Audio"
         self._set_state("loading")
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGHUP):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, self._end_on_signal, signum)
         self.conversation.start(self.deliver)
 
     def _end_on_signal(self, signum: int) -> None:
-        """SIGTERM and SIGHUP end the conversation as q does; the exit status is 128 + the signal's number."""
+        """SIGINT (`kill -INT`: Ctrl-C itself is a key here), SIGTERM and SIGHUP end the conversation as q
+        does; the exit status is 128 + the signal's number."""
         self.run_worker(self.action_quit(128 + signum))
 
     # -- events ------------------------------------------------------------------------------

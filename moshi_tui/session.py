@@ -520,7 +520,7 @@ def run(options: SessionOptions) -> None:
     engine = EngineProcess(options.runner or options.mode.runner, options.model,
                            log_path=None if record_base is None else str(record_base / "engine.log"))
     session = Session(options, engine, source, record_base)
-    interrupted: KeyboardInterrupt | None = None
+    signalled = 0  # the exit status of a run ended by Ctrl-C or a signal (`signals`)
     try:
         if options.tui:
             from .app import MoshiApp
@@ -530,7 +530,7 @@ def run(options: SessionOptions) -> None:
                            image=None if image is None else Path(image))
             app.run()
             if app.return_code and app.return_code > 128:
-                interrupted = signals.Interrupted(app.return_code - 128)
+                signalled = app.return_code
         else:
             printer = PlainPrinter(options.mode)
             with signals.raising():
@@ -539,7 +539,7 @@ def run(options: SessionOptions) -> None:
                     while not session.done.wait(0.1):
                         pass
                 except KeyboardInterrupt as exc:
-                    interrupted = exc
+                    signalled = signals.exit_status(exc)
             printer.close()
     finally:
         session.stop()
@@ -549,5 +549,5 @@ def run(options: SessionOptions) -> None:
         if detail and env_flag("MOSHI_DEBUG"):
             print(detail, file=sys.stderr)
         raise error
-    if interrupted is not None:
-        sys.exit(signals.exit_status(interrupted))
+    if signalled:
+        sys.exit(signalled)

@@ -110,7 +110,8 @@ def _sessions(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "data" / "moshi" / "sessions").glob("*-transcribe"))
 
 
-@pytest.mark.parametrize("end, status", [("q", 0), ("C-c", 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+@pytest.mark.parametrize("end, status", [("q", 0), ("C-c", 130), (signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                         (signal.SIGHUP, 129)])
 def test_live_view_in_80x24_then_a_clean_exit(terminal, tiny, tmp_path, end, status):
     term = terminal("transcribe", "--hf-repo", str(tiny["transcribe"]))
     screen = term.wait_for("● live")
