@@ -30,9 +30,13 @@ def test_doctor_passes_with_a_sound_server(pulse):
     assert any(line.startswith("[ok  ] microphone:") for line in lines)
     assert any(line.startswith("[ok  ] speakers:") for line in lines)
     assert any("Hub not reachable at http://127.0.0.1:" in line for line in lines)
-    assert any(line.startswith("[ok  ] CPU kernels: ") and "--quantize int8 runs oneDNN" in line for line in lines)
+    # Which int8 kernel runs depends on the CPU; each names its library.
+    [kernels] = [line for line in lines if line.startswith("[ok  ] CPU kernels: ")]
+    assert "--quantize int8 runs oneDNN" in kernels or "--quantize int8 runs weight-only int8" in kernels
     [pipeline] = [line for line in lines if "pipeline:" in line]
-    assert pipeline.startswith("[ok  ] pipeline: 25 frames") and "25 answered with audio" in pipeline
+    # A live chat steps frame 0 as Kyutai's server does and answers it with silence: every later
+    # frame has a voice.
+    assert pipeline.startswith("[ok  ] pipeline: 25 frames") and "24 answered with audio" in pipeline
 
 
 def test_doctor_fails_without_audio_devices(tmp_path):

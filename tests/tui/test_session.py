@@ -17,7 +17,7 @@ from audio import FRAME_SIZE
 from audio.core import AudioStats
 from audio.errors import AudioError, DeviceError
 from engine.options import ModelOptions
-from engine.interface import Failed, Ready
+from engine.interface import Failed, Output, Ready
 from moshi_tui.app import MoshiApp
 from moshi_tui.session import FileSource, Session, SessionOptions, run
 from moshi_tui.widgets import LatencyPanel, TranscriptView
@@ -242,7 +242,8 @@ def test_no_record_keeps_no_files(tmp_path, tiny, capsys, monkeypatch, one_threa
 
 
 class _FailingEngine(_ReadyEngine):
-    """Ready, then fails once it has taken five frames."""
+    """Ready, answers its first four frames (the user's speech is told with its frame's answer),
+    then fails on the fifth."""
 
     def __init__(self, runner=None, options=None, log_path=None):
         super().__init__(runner, options)
@@ -250,7 +251,9 @@ class _FailingEngine(_ReadyEngine):
 
     def send_frame(self, pcm) -> bool:
         self.frames += 1
-        if self.frames == 5:
+        if self.frames < 5:
+            self.events.append(Output(self.frames - 1, None, None, {"total": 1.0}))
+        elif self.frames == 5:
             self.events.append(Failed("the model ran out of memory"))
         return True
 
