@@ -16,6 +16,8 @@ from textual.containers import VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Static
 
+from engine.wire import COLOURS, gate_colour
+
 from .messages import SessionInfo, Stats
 from .transcript import USER, Change, Transcript, clock
 
@@ -191,12 +193,6 @@ class AudioPanel(Widget):
         return Group(mic, level_bar("out", a.output_db, width), aec)
 
 
-def gate_level(gate: float) -> int:
-    """How much Moshi looked at the picture, on 0..10: 0 at a gate of 0.005 or less, 10 at 0.021 or
-    more, linear between; the scale Kyutai's MoshiVis server colours its words by."""
-    return round(min(max((gate - 0.005) / 0.016, 0.0), 1.0) * 10)
-
-
 def _gate_style(level: int) -> Style:
     # Dim grey (not looking) to a bright accent (looking hard): brightness rises with the level, so
     # the ramp survives NO_COLOR, where Textual turns colours into greys.
@@ -204,7 +200,7 @@ def _gate_style(level: int) -> Style:
     return Style(color=Color.from_triplet(rgb), bold=level >= 8)
 
 
-GATE_STYLES = tuple(_gate_style(level) for level in range(11))
+GATE_STYLES = tuple(_gate_style(level) for level in range(COLOURS + 1))
 
 
 class ParagraphView(Static):
@@ -215,7 +211,7 @@ class ParagraphView(Static):
         self.append(paragraph.text, gate)
 
     def append(self, piece: str, gate: float | None) -> None:
-        self.text.append(piece, None if gate is None else GATE_STYLES[gate_level(gate)])
+        self.text.append(piece, None if gate is None else GATE_STYLES[gate_colour(gate)])
         self.redraw()
 
     def redraw(self) -> None:

@@ -23,9 +23,9 @@ from engine.moshivis.runner import SeeRunner
 from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
 from engine.moshivis.vision import ImageError, SiglipTower, VisionConfig, open_image
 from engine.options import SeeOptions
-from moshi_tui.widgets import gate_level
 from engine.quant import Int4Linear, Int8Linear
 from engine.tiny import write_tiny_checkpoint
+from engine.wire import gate_colour
 
 SEED = 3
 
@@ -306,7 +306,7 @@ def test_gate_strength_is_the_mean_of_the_last_layers_gates(folders, pictures):
             assert gen.lm.transformer.state.keys is keys
     for hook in hooks:
         hook.remove()
-    assert gate_level(0.0) == 0 and gate_level(0.013) == 5 and gate_level(0.5) == 10
+    assert gate_colour(0.0) == 0 and gate_colour(0.013) == 5 and gate_colour(0.5) == 10
 
 
 def test_reset_keeps_the_image_and_a_slot_reset_restarts_its_xa_start(folders, pictures):

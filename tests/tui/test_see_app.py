@@ -7,9 +7,10 @@ import zlib
 
 import pytest
 
+from engine.wire import colour_gate, gate_colour
 from moshi_tui.app import MoshiApp, OpenImageScreen
 from moshi_tui.picture import MAX_PIXELS, PictureError, PictureView, load_picture
-from moshi_tui.widgets import GATE_STYLES, ParagraphView, TranscriptView, gate_level
+from moshi_tui.widgets import GATE_STYLES, ParagraphView, TranscriptView
 
 from .script import SEE_WORDS, ScriptedConversation
 
@@ -136,9 +137,11 @@ async def test_words_take_the_colour_of_their_gate(sun_picture):
         for i, word in enumerate(SEE_WORDS[:15]):
             start = text.plain.index(word, sum(len(w) + 1 for w in SEE_WORDS[:i]))
             styles = {span.style for span in text.spans if span.start <= start < span.end}
-            assert styles == {GATE_STYLES[gate_level(conv.gate(i))]}, word
+            assert styles == {GATE_STYLES[gate_colour(conv.gate(i))]}, word
 
 
 def test_gate_levels_follow_the_official_scale():
-    assert [gate_level(0.005 + 0.0016 * k) for k in range(11)] == list(range(11))
-    assert gate_level(-1.0) == 0 and gate_level(1.0) == 10
+    assert [gate_colour(0.005 + 0.0016 * k) for k in range(11)] == list(range(11))
+    assert gate_colour(-1.0) == 0 and gate_colour(1.0) == 10
+    # A remote client gets the colour, not the gate: the gate it shows must colour the same.
+    assert [gate_colour(colour_gate(k)) for k in range(11)] == list(range(11))

@@ -15,9 +15,10 @@ import pytest
 from audio import FRAME_SIZE
 from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
 from engine.options import SeeOptions
+from engine.wire import gate_colour
 from moshi_tui.app import MoshiApp
 from moshi_tui.session import FileSource, Session, SessionOptions
-from moshi_tui.widgets import GATE_STYLES, LatencyPanel, ParagraphView, TranscriptView, gate_level
+from moshi_tui.widgets import GATE_STYLES, LatencyPanel, ParagraphView, TranscriptView
 
 from .processes import engine_children
 from .test_chat_command import wait_until_recorded
@@ -70,7 +71,7 @@ async def test_see_a_recording_in_the_app_with_the_runners_words_and_gates(tiny_
     for i, out in enumerate(map(runner.step, _file_pcm(audio).reshape(-1, FRAME_SIZE))):
         if out.text:
             pieces.append((round(i * 0.08, 3), out.text, out.gate))
-    assert len(pieces) > 3 and len({gate_level(g) for _, _, g in pieces}) > 1
+    assert len(pieces) > 3 and len({gate_colour(g) for _, _, g in pieces}) > 1
     [folder] = session.folders
     doc = json.loads((folder / "transcript.json").read_text())
     assert [(p["t"], p["text"]) for p in doc["pieces"]] == [(t, text) for t, text, _ in pieces]
@@ -79,7 +80,7 @@ async def test_see_a_recording_in_the_app_with_the_runners_words_and_gates(tiny_
     # Each piece on screen in the colour of its gate (a paragraph's first piece loses its spaces).
     on_screen = [(view.text.plain[span.start:span.end].strip(), span.style) for view in views
                  for span in view.text.spans]
-    expected = [(text.strip(), GATE_STYLES[gate_level(gate)]) for _, text, gate in pieces]
+    expected = [(text.strip(), GATE_STYLES[gate_colour(gate)]) for _, text, gate in pieces]
     assert [p for p in on_screen if p[0]] == [p for p in expected if p[0]]
 
 
