@@ -23,7 +23,7 @@ import json
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,6 +52,22 @@ def new_session_folder(base: Path, mode: Mode) -> Path:
     return folder
 
 
+class Recorder(Protocol):
+    """What a session writes as it goes; `SessionRecorder` keeps it, `NoRecorder` does not."""
+
+    def frame(self, user: np.ndarray, moshi: np.ndarray | None = None) -> None: ...
+    def text(self, t: float, piece: str) -> None: ...
+    def user_text(self, t: float, piece: str) -> None: ...
+    def user_speech(self, t: float, speaking: bool) -> None: ...
+    def event(self, kind: str, **fields: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def recognises_user_words(info: dict[str, Any]) -> bool:
+    """The engine recognises the user's words: they make the user's paragraphs, not "(you spoke)"."""
+    return info.get(USER_WORDS, "off") != "off"
+
+
 class SessionRecorder:
     def __init__(self, folder: Path, mode: Mode, info: dict[str, Any], wav: bool = True) -> None:
         """`wav=False`: the audio layer records the WAV itself (live audio, in real time)."""
@@ -59,8 +75,7 @@ class SessionRecorder:
         self.mode = mode
         self.started = datetime.now().astimezone().isoformat(timespec="seconds")
         self.info = info
-        # The engine recognises the user's words: they make the user's paragraphs, not "(you spoke)".
-        self.user_words = info.get(USER_WORDS, "off") != "off"
+        self.user_words = recognises_user_words(info)
         self.transcript = Transcript("moshi" if mode.talks else None)
         self.pieces: list[dict[str, Any]] = []
         channels = 2 if mode.talks else 1
@@ -158,6 +173,9 @@ class NoRecorder:
         pass
 
     def text(self, t: float, piece: str) -> None:
+        pass
+
+    def user_text(self, t: float, piece: str) -> None:
         pass
 
     def user_speech(self, t: float, speaking: bool) -> None:

@@ -32,7 +32,7 @@ from . import signals
 from .errors import ArgumentError
 from .messages import (Event, SessionFailed, SessionInfo, StateChanged, Stats, TextPiece, UserSpeech, UserWords,
                        dispatch)
-from .recording import NoRecorder, SessionRecorder, new_session_folder
+from .recording import NoRecorder, Recorder, SessionRecorder, new_session_folder, recognises_user_words
 from .settings import data_dir
 from .transcript import Change, Transcript
 
@@ -210,7 +210,7 @@ class Session:
         self._image: tuple[bytes, str] | None = None  # a new picture for the next conversation
         self._muted = False
         self._live = False
-        self._recorder: SessionRecorder | NoRecorder | None = None
+        self._recorder: Recorder | None = None
         self._info: dict[str, str] = {}
         self._reset_counters()
 
@@ -402,7 +402,7 @@ class Session:
         """Told with the answer to its frame, so that every line of the conversation comes in the
         order of one clock: the frames'."""
         if frame.speaking is not None:
-            if not self._recorder.user_words:  # else the user's words make their paragraphs
+            if not recognises_user_words(self._info):  # else the user's words make their paragraphs
                 self._deliver(UserSpeech(frame.n * FRAME_S, frame.speaking))
             self._recorder.user_speech(frame.n * FRAME_S, frame.speaking)
 

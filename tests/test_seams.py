@@ -58,3 +58,25 @@ def test_the_session_uses_only_the_engine_protocol():
     used = _engine_uses(ROOT / "moshi_tui" / "session.py")
     assert "send_frame" in used and "poll" in used  # the walk finds the session's calls
     assert used <= _members(Engine), sorted(used - _members(Engine))
+
+
+def _recorder_uses(path: Path) -> set[str]:
+    used = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "_recorder":
+            used.add(node.attr)
+    return used
+
+
+def test_both_recorders_implement_what_the_session_writes():
+    """`--no-record` runs the same session with a recorder that keeps nothing: whatever the session
+    writes must exist there too, or a no-record session fails on its first such write."""
+    from moshi_tui.recording import NoRecorder, Recorder, SessionRecorder
+
+    members = _members(Recorder)
+    used = _recorder_uses(ROOT / "moshi_tui" / "session.py")
+    assert {"frame", "text", "event"} <= used  # the walk finds the session's writes
+    assert used <= members, sorted(used - members)
+    for recorder in (SessionRecorder, NoRecorder):
+        for name in members:
+            assert _callable_as(getattr(recorder, name), getattr(Recorder, name)), (recorder.__name__, name)
