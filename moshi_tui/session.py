@@ -34,6 +34,7 @@ from .messages import (Event, SessionFailed, SessionInfo, StateChanged, Stats, T
                        dispatch)
 from .recording import NoRecorder, Recorder, SessionRecorder, new_session_folder, recognises_user_words
 from .settings import data_dir
+from .terminal import c_libraries_kept_off_the_screen
 from .transcript import Change, Transcript
 
 # Silence after the end of a file so the words still in flight come out (the STT text lags its
@@ -526,9 +527,10 @@ def run(options: SessionOptions) -> None:
             from .app import MoshiApp
 
             image = getattr(options.model, "image", None)  # `moshi see`: the picture beside the words
-            app = MoshiApp(session, mode=options.mode,
-                           image=None if image is None else Path(image))
-            app.run()
+            with c_libraries_kept_off_the_screen(None if record_base is None else record_base / "engine.log"):
+                app = MoshiApp(session, mode=options.mode,
+                               image=None if image is None else Path(image))
+                app.run()
             if app.return_code and app.return_code > 128:
                 signalled = app.return_code
         else:
