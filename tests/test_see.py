@@ -17,20 +17,8 @@ from engine.moshi.runner import ChatRunner
 from engine.moshivis.loading import load_moshivis
 from engine.moshivis.model import MoshiVisConfig
 from engine.moshivis.runner import SAMPLING
-from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
 from engine.options import ModelOptions
 from engine.runner import FirstFrame, load_models
-from engine.tiny import write_tiny_checkpoint
-
-SEED = 4
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {"vis": write_tiny_moshivis_checkpoint(root / "vis", seed=SEED),
-            "chat": write_tiny_checkpoint(root / "chat", "chat", seed=SEED)}
-
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
@@ -64,9 +52,9 @@ def _moshi(*args):
 
 
 @pytest.mark.parametrize("kind", ["jpeg", "png"])
-def test_headless_see_end_to_end(folders, pictures, speech, tmp_path, kind):
+def test_headless_see_end_to_end(vis_folders, pictures, speech, tmp_path, kind):
     path, samples = speech
-    result = _moshi("see", pictures[kind], "--hf-repo", folders["vis"], "--input", path, "--output",
+    result = _moshi("see", pictures[kind], "--hf-repo", vis_folders["vis"], "--input", path, "--output",
                     tmp_path / "reply.wav", "--transcript", tmp_path / "words.txt", "--xa-start", 4)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip()) > 5
@@ -77,9 +65,9 @@ def test_headless_see_end_to_end(folders, pictures, speech, tmp_path, kind):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_headless_see_quantized(folders, pictures, speech, tmp_path, mode):
+def test_headless_see_quantized(vis_folders, pictures, speech, tmp_path, mode):
     path, samples = speech
-    result = _moshi("see", pictures["jpeg"], "--hf-repo", folders["vis"], "--input", path, "--output",
+    result = _moshi("see", pictures["jpeg"], "--hf-repo", vis_folders["vis"], "--input", path, "--output",
                     tmp_path / "reply.wav", "--xa-start", 4, "--quantize", mode)
     assert result.returncode == 0, result.stderr
     assert f"loading the language model ({mode})" in result.stderr
@@ -90,19 +78,19 @@ def test_headless_see_quantized(folders, pictures, speech, tmp_path, mode):
 
 
 @pytest.mark.parametrize("option", ["--output", "--transcript"])
-def test_reply_files_need_input(folders, pictures, tmp_path, option):
-    result = _moshi("see", pictures["jpeg"], "--hf-repo", folders["vis"], option, tmp_path / "reply")
+def test_reply_files_need_input(vis_folders, pictures, tmp_path, option):
+    result = _moshi("see", pictures["jpeg"], "--hf-repo", vis_folders["vis"], option, tmp_path / "reply")
     assert result.returncode == 2
     assert "goes with --input" in result.stderr and option in result.stderr
     assert not (tmp_path / "reply").exists()
 
 
-def test_gate_closed_says_what_the_plain_lm_says(folders, pictures, speech, tmp_path):
+def test_gate_closed_says_what_the_plain_lm_says(vis_folders, pictures, speech, tmp_path):
     """With the gate kept closed, `moshi see --input` says what the plain Moshi LM of the same
     weights and depth-transformer norms says, stepped as Kyutai's MoshiVis server steps it.
     Sampled: the random draws must line up too."""
     path, _ = speech
-    seen = _moshi("see", pictures["jpeg"], "--hf-repo", folders["vis"], "--input", path, "--output",
+    seen = _moshi("see", pictures["jpeg"], "--hf-repo", vis_folders["vis"], "--input", path, "--output",
                   tmp_path / "see.wav", "--xa-start", 100000, "--temp", 0.8, "--temp-text", 0.7, "--seed", 11)
     assert seen.returncode == 0, seen.stderr
 
@@ -112,7 +100,7 @@ def test_gate_closed_says_what_the_plain_lm_says(folders, pictures, speech, tmp_
         lm.load_state_dict({k: v for k, v in vis.lm.state_dict().items() if "cross" not in k})
         return lm.eval()
 
-    options = ModelOptions(hf_repo=str(folders["vis"]), temp=0.8, temp_text=0.7, seed=11)
+    options = ModelOptions(hf_repo=str(vis_folders["vis"]), temp=0.8, temp_text=0.7, seed=11)
     runner = ChatRunner(load_models(options, "", None, plain_lm, SAMPLING), FirstFrame.KYUTEYE_SERVER)
     pcm, _ = soundfile.read(path, dtype="float32")
     outs = [runner.step(pcm[start:start + 1920]) for start in range(0, len(pcm) - 1919, 1920)]
@@ -123,16 +111,16 @@ def test_gate_closed_says_what_the_plain_lm_says(folders, pictures, speech, tmp_
 
 
 @pytest.mark.parametrize("case", ["missing", "not a picture", "plain model"])
-def test_one_line_errors(folders, pictures, speech, tmp_path, case):
+def test_one_line_errors(vis_folders, pictures, speech, tmp_path, case):
     path, _ = speech
-    picture, model = pictures["png"], folders["vis"]
+    picture, model = pictures["png"], vis_folders["vis"]
     if case == "missing":
         picture = tmp_path / "nowhere.jpg"
     elif case == "not a picture":
         picture = tmp_path / "notes.jpg"
         picture.write_text("shopping list: eggs, milk")
     else:
-        model = folders["chat"]
+        model = vis_folders["chat"]
     result = _moshi("see", picture, "--hf-repo", model, "--input", path)
     assert result.returncode == (1 if case == "plain model" else 2)  # 2: a bad argument
     lines = result.stderr.strip().splitlines()

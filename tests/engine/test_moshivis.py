@@ -20,22 +20,10 @@ from engine.moshi.model import LMConfig, LMModel
 from engine.moshivis.loading import load_moshivis, to_official_layout
 from engine.moshivis.model import MoshiVis, MoshiVisConfig
 from engine.moshivis.runner import SeeRunner
-from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
 from engine.moshivis.vision import ImageError, SiglipTower, VisionConfig, open_image
 from engine.options import SeeOptions
 from engine.quant import Int4Linear, Int8Linear
-from engine.tiny import write_tiny_checkpoint
 from engine.wire import gate_colour
-
-SEED = 3
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moshivis")
-    return {"vis": write_tiny_moshivis_checkpoint(root / "vis", seed=SEED),
-            "chat": write_tiny_checkpoint(root / "chat", "chat", seed=SEED)}
-
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
@@ -112,9 +100,9 @@ def _official_shapes(lm: LMConfig, vision: VisionConfig) -> dict[str, tuple]:
     return shapes
 
 
-def test_tiny_checkpoint_has_the_official_layout(folders):
-    cfg = _config(folders["vis"])
-    with safe_open(str(folders["vis"] / "model.safetensors"), "pt") as f:
+def test_tiny_checkpoint_has_the_official_layout(vis_folders):
+    cfg = _config(vis_folders["vis"])
+    with safe_open(str(vis_folders["vis"] / "model.safetensors"), "pt") as f:
         stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         dtypes = {key: f.get_tensor(key).dtype for key in f.keys()}
     assert stored == _official_shapes(cfg.lm, cfg.vision)
@@ -123,9 +111,9 @@ def test_tiny_checkpoint_has_the_official_layout(folders):
     assert {dtypes[k] for k in dtypes if not k.startswith("image_prefix.enc.")} == {torch.bfloat16}
 
 
-def test_a_repo_without_config_json_is_moshika_vis(folders):
+def test_a_repo_without_config_json_is_moshika_vis(vis_folders):
     """The official repo has no config.json: the architecture is Moshi 7B's plus SigLIP-448."""
-    info = CheckpointInfo.resolve(folders["vis"])
+    info = CheckpointInfo.resolve(vis_folders["vis"])
     info.raw_config = None
     cfg = MoshiVisConfig.from_checkpoint(info)
     assert (cfg.lm.dim, cfg.lm.num_layers, cfg.lm.num_heads, cfg.lm.ffn_hidden, cfg.lm.text_card) == (
@@ -152,10 +140,10 @@ def test_full_size_layout_and_adapter_size():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loads_with_the_shared_cross_attention_tied(folders, dtype):
-    path = folders["vis"] / "model.safetensors"
+def test_loads_with_the_shared_cross_attention_tied(vis_folders, dtype):
+    path = vis_folders["vis"] / "model.safetensors"
     stored = load_file(path)
-    model = load_moshivis(path, _config(folders["vis"]), dtype=dtype)
+    model = load_moshivis(path, _config(vis_folders["vis"]), dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}
     pairs = {"audio_emb.3.weight": model.lm.emb[3].weight, "audio_linears.5.weight": model.lm.linears[5].weight,
              "llm.text_emb.weight": model.lm.text_emb.weight,
@@ -173,8 +161,8 @@ def test_loads_with_the_shared_cross_attention_tied(folders, dtype):
     assert shared == ["lm.transformer.shared_cross_attention.in_proj_weight"], "one cross-attention for all layers"
 
 
-def _broken(folders, tmp_path, change):
-    state = load_file(folders["vis"] / "model.safetensors")
+def _broken(vis_folders, tmp_path, change):
+    state = load_file(vis_folders["vis"] / "model.safetensors")
     change(state)
     path = tmp_path / "model.safetensors"
     save_file(state, path)
@@ -184,52 +172,52 @@ def _broken(folders, tmp_path, change):
 XA = "llm.transformer.layers.{}.cross_attention.mha.{}"
 
 
-def test_missing_shared_cross_attention_is_named(folders, tmp_path):
-    path = _broken(folders, tmp_path, lambda s: s.pop(XA.format(0, "in_proj_weight")))
+def test_missing_shared_cross_attention_is_named(vis_folders, tmp_path):
+    path = _broken(vis_folders, tmp_path, lambda s: s.pop(XA.format(0, "in_proj_weight")))
     with pytest.raises(CheckpointError, match="lacks the shared cross-attention weight "
                        r"llm\.transformer\.layers\.0\.cross_attention\.mha\.in_proj_weight"):
-        load_moshivis(path, _config(folders["vis"]))
+        load_moshivis(path, _config(vis_folders["vis"]))
 
 
-def test_cross_attention_without_mha_is_named(folders, tmp_path):
+def test_cross_attention_without_mha_is_named(vis_folders, tmp_path):
     """The candle layout stores the shared weights without `.mha`."""
     def to_candle_names(state):
         for name in ("in_proj_weight", "out_proj.weight"):
             state[f"llm.transformer.layers.0.cross_attention.{name}"] = state.pop(XA.format(0, name))
 
     with pytest.raises(CheckpointError) as err:
-        load_moshivis(_broken(folders, tmp_path, to_candle_names), _config(folders["vis"]))
+        load_moshivis(_broken(vis_folders, tmp_path, to_candle_names), _config(vis_folders["vis"]))
     assert "mha.in_proj_weight" in str(err.value)
     assert "found instead: llm.transformer.layers.0.cross_attention.in_proj_weight" in str(err.value)
 
 
-def test_repeated_shared_weights_must_be_identical(folders, tmp_path):
-    cfg = _config(folders["vis"])
+def test_repeated_shared_weights_must_be_identical(vis_folders, tmp_path):
+    cfg = _config(vis_folders["vis"])
 
     def repeat(state, change):
         state[XA.format(1, "out_proj.weight")] = state[XA.format(0, "out_proj.weight")] * change
 
-    model = load_moshivis(_broken(folders, tmp_path, lambda s: repeat(s, 1)), cfg)
+    model = load_moshivis(_broken(vis_folders, tmp_path, lambda s: repeat(s, 1)), cfg)
     assert model.lm.transformer.shared_cross_attention.out_proj.weight.shape == (cfg.lm.dim, cfg.lm.dim)
     with pytest.raises(CheckpointError, match=r"layers\.1\.cross_attention\.mha\.out_proj\.weight differs"):
-        load_moshivis(_broken(folders, tmp_path, lambda s: repeat(s, 2)), cfg)
+        load_moshivis(_broken(vis_folders, tmp_path, lambda s: repeat(s, 2)), cfg)
 
 
-def test_missing_gate_and_plain_checkpoint_are_named(folders, tmp_path):
-    path = _broken(folders, tmp_path, lambda s: s.pop("llm.transformer.layers.1.cross_attention.gate.alpha.2.weight"))
+def test_missing_gate_and_plain_checkpoint_are_named(vis_folders, tmp_path):
+    path = _broken(vis_folders, tmp_path, lambda s: s.pop("llm.transformer.layers.1.cross_attention.gate.alpha.2.weight"))
     with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): .*layers\.1\.cross_attention\.gate\.alpha\.2"):
-        load_moshivis(path, _config(folders["vis"]))
+        load_moshivis(path, _config(vis_folders["vis"]))
     with pytest.raises(CheckpointError, match="not a MoshiVis checkpoint"):
-        load_moshivis(folders["chat"] / "model.safetensors", _config(folders["vis"]))
+        load_moshivis(vis_folders["chat"] / "model.safetensors", _config(vis_folders["vis"]))
     with pytest.raises(CheckpointError, match="not a MoshiVis model"):
-        _config(folders["chat"])
+        _config(vis_folders["chat"])
 
 
 # -- gate closed, gate open ------------------------------------------------------------------------
 
 
-def _vis_gen(folders, dtype, xa_start, picture=None):
-    model = load_moshivis(folders["vis"] / "model.safetensors", _config(folders["vis"]), dtype=dtype)
+def _vis_gen(vis_folders, dtype, xa_start, picture=None):
+    model = load_moshivis(vis_folders["vis"] / "model.safetensors", _config(vis_folders["vis"]), dtype=dtype)
     gen = LMGen(model.lm, Sampling.greedy(), xa_start=xa_start)
     source = None if picture is None else model.embed_image(open_image(picture))
     return gen, source
@@ -237,9 +225,9 @@ def _vis_gen(folders, dtype, xa_start, picture=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("closed_by", ["no image", "before xa_start"])
-def test_gate_closed_gives_the_plain_lm_tokens(folders, pictures, dtype, closed_by):
+def test_gate_closed_gives_the_plain_lm_tokens(vis_folders, pictures, dtype, closed_by):
     picture = None if closed_by == "no image" else pictures["noise.png"]
-    vis, source = _vis_gen(folders, dtype, xa_start=1000, picture=picture)
+    vis, source = _vis_gen(vis_folders, dtype, xa_start=1000, picture=picture)
     assert vis.lm.cfg.depformer_norm == "rms_norm_f32_variance"
     # The plain LM of the same weights, without the cross-attention's.
     lm = LMModel(replace(vis.lm.cfg, cross_attention=False)).to(dtype)
@@ -264,11 +252,11 @@ def _logits(gen, out):
     return gen.lm.text_linear(out.hidden).float()
 
 
-def test_gate_open_changes_the_logits_from_xa_start_on(folders, pictures):
+def test_gate_open_changes_the_logits_from_xa_start_on(vis_folders, pictures):
     xa_start = 5
     runs = {}
     for name in (None, "noise.png", "stripes.jpg"):
-        gen, source = _vis_gen(folders, torch.float32, xa_start, None if name is None else pictures[name])
+        gen, source = _vis_gen(vis_folders, torch.float32, xa_start, None if name is None else pictures[name])
         codes = _user_codes(12)
         with gen.streaming(1):
             if source is not None:
@@ -282,8 +270,8 @@ def test_gate_open_changes_the_logits_from_xa_start_on(folders, pictures):
         assert (runs["noise.png"][t] - runs["stripes.jpg"][t]).abs().max() > 1e-4, f"step {t}: two pictures"
 
 
-def test_gate_strength_is_the_mean_of_the_last_layers_gates(folders, pictures):
-    gen, source = _vis_gen(folders, torch.float32, xa_start=3, picture=pictures["stripes.jpg"])
+def test_gate_strength_is_the_mean_of_the_last_layers_gates(vis_folders, pictures):
+    gen, source = _vis_gen(vis_folders, torch.float32, xa_start=3, picture=pictures["stripes.jpg"])
     seen = []
     hooks = [layer.cross_attention.gate.register_forward_hook(lambda m, i, out: seen.append(out.mean()))
              for layer in gen.lm.transformer.layers]
@@ -309,8 +297,8 @@ def test_gate_strength_is_the_mean_of_the_last_layers_gates(folders, pictures):
     assert gate_colour(0.0) == 0 and gate_colour(0.013) == 5 and gate_colour(0.5) == 10
 
 
-def test_reset_keeps_the_image_and_a_slot_reset_restarts_its_xa_start(folders, pictures):
-    gen, source = _vis_gen(folders, torch.float32, xa_start=2, picture=pictures["noise.png"])
+def test_reset_keeps_the_image_and_a_slot_reset_restarts_its_xa_start(vis_folders, pictures):
+    gen, source = _vis_gen(vis_folders, torch.float32, xa_start=2, picture=pictures["noise.png"])
     codes = _user_codes(6)
     with gen.streaming(2):
         gen.set_cross_source(source)
@@ -351,8 +339,8 @@ def _teacher_forced(model, picture, steps=20):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_moshivis_within_tolerance_of_bf16(folders, pictures, mode):
-    path, cfg = folders["vis"] / "model.safetensors", _config(folders["vis"])
+def test_quantized_moshivis_within_tolerance_of_bf16(vis_folders, pictures, mode):
+    path, cfg = vis_folders["vis"] / "model.safetensors", _config(vis_folders["vis"])
     plain, quantized = load_moshivis(path, cfg), load_moshivis(path, cfg, quantize=mode)
     quantized_types = (Int8Linear, Int4Linear) if mode == "int4" else (Int8Linear,)
     linears = {name: type(m) for name, m in quantized.named_modules()
@@ -377,16 +365,16 @@ def test_quantized_moshivis_within_tolerance_of_bf16(folders, pictures, mode):
     assert gate_error < GATE_TOLERANCE[mode]
 
 
-def test_unknown_quantization_is_named(folders):
+def test_unknown_quantization_is_named(vis_folders):
     with pytest.raises(CheckpointError, match="unknown quantization 'int3'"):
-        load_moshivis(folders["vis"] / "model.safetensors", _config(folders["vis"]), quantize="int3")
+        load_moshivis(vis_folders["vis"] / "model.safetensors", _config(vis_folders["vis"]), quantize="int3")
 
 
 # -- the runner ------------------------------------------------------------------------------------
 
 
-def test_see_runner(folders, pictures):
-    options = SeeOptions(hf_repo=str(folders["vis"]), image=str(pictures["stripes.jpg"]), temp=0, temp_text=0)
+def test_see_runner(vis_folders, pictures):
+    options = SeeOptions(hf_repo=str(vis_folders["vis"]), image=str(pictures["stripes.jpg"]), temp=0, temp_text=0)
     runner = SeeRunner.load(options)
     assert runner.describe()["image"] == "stripes.jpg"
     rng = np.random.default_rng(1)
@@ -407,10 +395,10 @@ def test_see_runner(folders, pictures):
     assert other[-1].gate != first[-1].gate
 
 
-def test_see_runner_steps_as_kyuteyes_server(folders, pictures):
+def test_see_runner_steps_as_kyuteyes_server(vis_folders, pictures):
     """Kyutai's MoshiVis server encodes every frame once, Mimi going on, and steps the LM once on
     its codes: no double feed of frame 0, no restart of Mimi after it."""
-    options = SeeOptions(hf_repo=str(folders["vis"]), image=str(pictures["stripes.jpg"]), xa_start=3, temp=0,
+    options = SeeOptions(hf_repo=str(vis_folders["vis"]), image=str(pictures["stripes.jpg"]), xa_start=3, temp=0,
                          temp_text=0)
     runner = SeeRunner.load(options)
     rng = np.random.default_rng(2)
@@ -430,8 +418,8 @@ def test_see_runner_steps_as_kyuteyes_server(folders, pictures):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_see_runner_loads_quantized(folders, pictures, mode):
-    options = SeeOptions(hf_repo=str(folders["vis"]), image=str(pictures["stripes.jpg"]), quantize=mode, xa_start=2,
+def test_see_runner_loads_quantized(vis_folders, pictures, mode):
+    options = SeeOptions(hf_repo=str(vis_folders["vis"]), image=str(pictures["stripes.jpg"]), quantize=mode, xa_start=2,
                          temp=0, temp_text=0)
     runner = SeeRunner.load(options)
     assert runner.describe()["quantize"] == mode
@@ -443,7 +431,7 @@ def test_see_runner_loads_quantized(folders, pictures, mode):
     assert [out.gate > 0 for out in outs] == [False, False, True, True, True]
 
 
-def test_see_runner_checks_the_picture_before_loading(folders, tmp_path):
+def test_see_runner_checks_the_picture_before_loading(vis_folders, tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not a picture")
     with pytest.raises(ImageError, match="notes.txt"):
