@@ -28,7 +28,7 @@ from engine.mimi.model import MimiConfig
 from engine.moshi.generate import LMGen, Sampling
 from engine.moshi.loading import load_checkpoint_lm
 from engine.moshi.tiny import _train_tokenizer
-from transcribe_support import noise, published_words, reference_tokens
+from transcribe_support import noise, published_words, reference_run, reference_tokens
 
 hf = pytest.importorskip("transformers")
 from transformers.convert_slow_tokenizer import MoshiConverter  # noqa: E402
@@ -51,14 +51,10 @@ def _randomize(model, seed):
                 continue
             shape = tensor.shape
             if name.endswith("cluster_usage"):
-                usage = torch.rand(shape, generator=generator) * 2 + 0.5
-                tensor.copy_(usage)
-                continue
-            if name.endswith("embed_sum"):
-                usage = model.state_dict()[name.replace("embed_sum", "cluster_usage")]
-                tensor.copy_(torch.randn(shape, generator=generator) * 0.3)  # times usage below
-                continue
-            if name.endswith("initialized"):
+                tensor.copy_(torch.rand(shape, generator=generator) * 2 + 0.5)
+            elif name.endswith("embed_sum"):
+                tensor.copy_(torch.randn(shape, generator=generator) * 0.3)  # times the usage, below
+            elif name.endswith("initialized"):
                 tensor.fill_(1)
             elif "norm" in name and name.endswith("weight"):
                 tensor.copy_(1 + 0.1 * torch.randn(shape, generator=generator))
@@ -272,8 +268,6 @@ def _official_folder(hf_folder, folder, spm):
 def test_moshi_chat_on_a_transformers_folder(moshi_folder, spm, tmp_path):
     """`moshi chat --hf-repo` on the transformers folder says and writes what Kyutai's
     `moshi-inference` does on the same weights in the official layout (greedy)."""
-    from moshi.run_inference import InferenceState
-
     folder, _ = moshi_folder
     pcm = noise(3.0, seed=4)
     soundfile.write(tmp_path / "in.wav", pcm, 24000, subtype="FLOAT")
@@ -281,23 +275,12 @@ def test_moshi_chat_on_a_transformers_folder(moshi_folder, spm, tmp_path):
                     "--temp", 0, "--temp-text", 0)
     assert result.returncode == 0, result.stderr
     official = _official_folder(folder, tmp_path / "official", spm)
-    from moshi.models import loaders
-
-    info = loaders.CheckpointInfo.from_hf_repo(
-        str(official), moshi_weights=official / "model.safetensors", mimi_weights=official / "mimi.safetensors",
-        tokenizer=official / "tokenizer.model", config_path=official / "config.json",
-        mimi_config_path=official / "mimi_config.json")
-    sampled = []
-    state = InferenceState(info, info.get_mimi(device="cpu"), info.get_text_tokenizer(),
-                           info.get_moshi(device="cpu", dtype=torch.bfloat16), batch_size=1, cfg_coef=1.0,
-                           device="cpu", on_text_hook=lambda t: sampled.append(int(t[0])),
-                           temp=0.0, temp_text=0.0, top_k=250, top_k_text=25)
-    with torch.no_grad():
-        (_, ref_pcm), = state.run(torch.from_numpy(pcm)[None, None])
+    out, sampled = reference_run(official, pcm, temp=0.0, temp_text=0.0, top_k=250, top_k_text=25)
+    (_, ref_pcm), = out
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(spm))
     expected = "".join(tokenizer.id_to_piece(t).replace("▁", " ") for t in sampled[:-1] if t > 3)
     assert len(expected) > 10
-    assert result.stdout.strip("\n") == expected.strip()
+    assert result.stdout.strip("\n") == expected
     ours, _ = soundfile.read(tmp_path / "out.wav", dtype="float32")
     assert ours.shape == (ref_pcm.shape[-1],)
     np.testing.assert_allclose(ours, np.clip(ref_pcm[0].numpy(), -1, 1), rtol=0, atol=1e-4 + 0.5 / 32767)
