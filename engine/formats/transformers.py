@@ -264,18 +264,21 @@ def is_transformers_mimi(path: Path) -> bool:
     return any(prefix + _MIMI_KEY in keys for prefix in MIMI_PREFIXES.values())
 
 
-def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """transformers stores q and k rows ordered for rotate-half RoPE; ours rotate interleaved pairs."""
-    rows, cols = weight.shape
-    return weight.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def _attention(get: Callable[[str], torch.Tensor], prefix: str, heads: int, suffix: str = ".weight"
                ) -> torch.Tensor:
+    """The fused ``in_proj_weight`` [q; k; v]. transformers stores the rows of q and k of each head
+    as (both halves of the pairs) for rotate-half RoPE; ours are (pair, element) for interleaved
+    RoPE. Each is copied once, straight into place."""
     import torch
 
     q, k, v = (get(f"{prefix}.{name}_proj{suffix}") for name in "qkv")
-    return torch.cat([_unpermute(q, heads), _unpermute(k, heads), v])
+    rows, cols = q.shape
+    fused = torch.empty((3 * rows, cols), dtype=q.dtype)
+    for i, weight in enumerate((q, k)):
+        fused[i * rows:(i + 1) * rows].view(heads, rows // heads // 2, 2, cols).copy_(
+            weight.view(heads, 2, rows // heads // 2, cols).transpose(1, 2))
+    fused[2 * rows:] = v
+    return fused
 
 
 def _taker(state: dict[str, torch.Tensor], source: str) -> Callable[[str], torch.Tensor]:
