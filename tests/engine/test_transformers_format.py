@@ -112,7 +112,8 @@ def stt_folder(tmp_path_factory, spm):
     vocab = text_card + 1
     config = hf.KyutaiSpeechToTextConfig(
         vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=352,
-        max_position_embeddings=100, sliding_window=100, rope_parameters={"rope_theta": 100_000.0, "rope_type": "default"},
+        max_position_embeddings=100, sliding_window=100,
+        rope_parameters={"rope_theta": 100_000.0, "rope_type": "default"},  # STT's RoPE period
         audio_pad_token_id=vocab + 32 * 2049, bos_token_id=text_card, codec_config={"model_type": "mimi", **MIMI})
     model = _randomize(hf.KyutaiSpeechToTextForConditionalGeneration(config), seed=3)
     with torch.no_grad():
