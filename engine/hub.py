@@ -162,7 +162,6 @@ class CheckpointInfo:
             revision=revision,
         )
 
-
     @classmethod
     def _transformers(cls, source: _Source, raw: dict, config_path: Path, revision: str | None,
                       *overrides: str | Path | None) -> CheckpointInfo:
