@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,8 @@ from engine.mimi.model import MimiConfig
 from engine.moshi.generate import LMGen, Sampling
 from engine.moshi.loading import load_checkpoint_lm
 from engine.moshi.tiny import _train_tokenizer
+from test_hub import closed_port, hf_env, hub, resolve_in_process  # noqa: F401 (hub: a fixture)
+from test_hub import moshi as hub_moshi
 from transcribe_support import noise, published_words, reference_run, reference_tokens
 
 hf = pytest.importorskip("transformers")
@@ -340,3 +343,21 @@ def test_grouped_query_attention_is_refused_before_loading():
     raw = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
     with pytest.raises(CheckpointError, match="num_key_value_heads"):
         trfs.lm_config({**raw, "model_type": "moshi"}, "moshi", "x")
+
+
+def test_download_of_a_sharded_transformers_repo_then_offline(moshi_folder, tmp_path, hub):
+    """`moshi download` fetches config.json, the shard index, every shard and tokenizer.json; the
+    cache then serves the checkpoint without the network, shards beside their index."""
+    folder, _ = moshi_folder
+    repo = "kmhf/hf-moshiko"
+    hub.repos[repo] = {path.name: path.read_bytes() for path in folder.iterdir()}
+    done, _ = hub_moshi("download", repo, env=hf_env(tmp_path, hub.url))
+    assert done.returncode == 0, done.stderr
+    fetched = {name for method, _, _, name in hub.requests if method == "GET"}
+    assert fetched == set(hub.repos[repo]) - {"generation_config.json"}
+    assert len([name for name in fetched if name.endswith(".safetensors")]) > 1
+    info = resolve_in_process(repo, hf_env(tmp_path, f"http://127.0.0.1:{closed_port()}", HF_HUB_OFFLINE="1"))
+    index = Path(info["lm_weights"])
+    assert index.name == trfs.SHARD_INDEX and info["mimi_weights"] == str(index)
+    assert all((index.parent / shard).is_file() for shard in json.loads(index.read_text())["weight_map"].values())
+    assert info["model_type"] == "moshi" and info["lm_config"]["dep_q"] == DEP_Q
