@@ -186,7 +186,7 @@ def resolve(raw: dict, where: str, find: Callable[[str, bool], Path | None]) -> 
     model_type = check_architecture(raw, where)
     if model_type == MIMI:
         raise CheckpointError(f"{where} is a Mimi codec (MimiModel), not a model to talk to or transcribe "
-                              "with; a checkpoint's config.json can name it as its Mimi (mimi_name)")
+                              "with; a checkpoint's config.json can name it as its Mimi (mimi_name, mimi_config_name)")
     index = find(SHARD_INDEX, True)
     if index is not None:
         for shard in sorted(set(_read_index(index).values())):
@@ -204,11 +204,22 @@ def resolve(raw: dict, where: str, find: Callable[[str, bool], Path | None]) -> 
     if model_type == STT:
         # Kyutai's STT decodes greedily; its delays are the feature extractor's settings.
         info["lm_gen_config"] = {"temp": 0.0, "temp_text": 0.0}
-        preprocessor = find(PREPROCESSOR, True)
-        settings = json.loads(preprocessor.read_text()) if preprocessor else {}
-        info["stt_config"] = {key: settings.get(key, 0.0)
-                              for key in ("audio_delay_seconds", "audio_silence_prefix_seconds")}
+        info["stt_config"] = _stt_config(find(PREPROCESSOR, True))
     return info
+
+
+def _stt_config(preprocessor: Path | None) -> dict:
+    """The text delay and the silence before the audio, as transformers' feature extractor has them
+    (0 s each without preprocessor_config.json, its defaults)."""
+    try:
+        settings = json.loads(preprocessor.read_text()) if preprocessor else {}
+        config = {key: float(settings.get(key, 0.0))
+                  for key in ("audio_delay_seconds", "audio_silence_prefix_seconds")}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read {preprocessor}: {exc}") from None
+    if not all(0 <= value <= 60 for value in config.values()):
+        raise CheckpointError(f"{preprocessor}: the delays must be from 0 to 60 s, not {config}")
+    return config
 
 
 def _read_index(path: Path) -> dict[str, str]:
@@ -233,17 +244,16 @@ def _files(path: Path) -> list[Path]:
 
 
 def _keys(path: Path) -> set[str]:
+    """The tensor names of a checkpoint, read from the headers; none for what is not safetensors."""
     from safetensors import safe_open
 
-    keys: set[str] = set()
     if path.name.endswith(".index.json"):
         return set(_read_index(path))
     try:
         with safe_open(str(path), "pt") as file:
-            keys.update(file.keys())
-    except Exception:  # not a safetensors file: not this format
+            return set(file.keys())
+    except Exception:  # safetensors raises several types; the loader names the problem later
         return set()
-    return keys
 
 
 def _read(path: Path, prefix: str) -> dict[str, torch.Tensor]:

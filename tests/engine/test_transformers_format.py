@@ -361,3 +361,11 @@ def test_download_of_a_sharded_transformers_repo_then_offline(moshi_folder, tmp_
     assert index.name == trfs.SHARD_INDEX and info["mimi_weights"] == str(index)
     assert all((index.parent / shard).is_file() for shard in json.loads(index.read_text())["weight_map"].values())
     assert info["model_type"] == "moshi" and info["lm_config"]["dep_q"] == DEP_Q
+
+
+@pytest.mark.parametrize("content", ["not json", '{"audio_delay_seconds": "soon"}', '{"audio_delay_seconds": -1}'])
+def test_a_bad_preprocessor_config_is_one_line(tmp_path, content):
+    path = tmp_path / trfs.PREPROCESSOR
+    path.write_text(content)
+    with pytest.raises(CheckpointError, match=trfs.PREPROCESSOR):
+        trfs._stt_config(path)
