@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
+from .formats import transformers
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,10 @@ class CheckpointInfo:
         prefixed ``hf://``; with one given, the corresponding file of the repo is not fetched.
         """
         source = _open_source(name_or_path, revision)
-        config_path = source.override(config, "config") if config is not None else source.config_json()
+        config_path = source.override(config, "config") if config is not None else source.optional("config.json")
         raw = None if config_path is None else _read_json(config_path, "config")
+        if raw is not None and transformers.is_transformers_config(raw):
+            return cls._transformers(source, raw, config_path, revision, lm_weights, mimi_weights, tokenizer)
         if raw is None:
             logger.warning(
                 "%s has no config.json: assuming a Moshi 7B with the legacy file names, as the reference does.",
@@ -141,6 +144,8 @@ class CheckpointInfo:
         if meta["mimi_config_name"]:
             mimi_config_path = source.resolve(meta["mimi_config_name"], "mimi_config_name in config.json")
             mimi_config = _read_json(mimi_config_path, "Mimi config")
+            if transformers.is_transformers_config(mimi_config):  # kyutai/mimi's config.json
+                mimi_config = transformers.mimi_config(mimi_config, str(mimi_config_path))
         return cls(
             repo=source.repo,
             lm_weights=file(lm_weights, "moshi_name"),
@@ -156,6 +161,19 @@ class CheckpointInfo:
             config_path=config_path,
             revision=revision,
         )
+
+    @classmethod
+    def _transformers(cls, source: _Source, raw: dict, config_path: Path, revision: str | None,
+                      *overrides: str | Path | None) -> CheckpointInfo:
+        """A checkpoint saved by Hugging Face transformers: its config.json mapped to ours."""
+        def find(name: str, optional: bool) -> Path | None:
+            return source.optional(name) if optional else source.resolve(name, "a transformers checkpoint")
+
+        found = transformers.resolve(raw, source.describe(), find)
+        for key, role, value in zip(("lm_weights", "mimi_weights", "tokenizer"), _ROLES.values(), overrides):
+            if value is not None:
+                found[key] = source.override(value, role)
+        return cls(repo=source.repo, raw_config=raw, config_path=config_path, revision=revision, **found)
 
 
 def check_model_name(name: str) -> None:
@@ -222,8 +240,8 @@ class _Folder(_Source):
     def describe(self) -> str:
         return f"the folder {self.repo}"
 
-    def config_json(self) -> Path | None:
-        path = self.repo / "config.json"
+    def optional(self, name: str) -> Path | None:
+        path = self.repo / name
         return path if path.is_file() else None
 
     def _plain(self, name: str, named_by: str) -> Path:
@@ -253,8 +271,8 @@ class _HubRepo(_Source):
     def describe(self) -> str:
         return f"the Hugging Face repo {self.repo}"
 
-    def config_json(self) -> Path | None:
-        return self.hub.file(self.repo, "config.json", revision=self.revision, optional=True)
+    def optional(self, name: str) -> Path | None:
+        return self.hub.file(self.repo, name, revision=self.revision, optional=True)
 
     def _plain(self, name: str, named_by: str) -> Path:
         return self.hub.file(self.repo, name, revision=self.revision, context=named_by)

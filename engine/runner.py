@@ -24,16 +24,18 @@ from audio import FRAME_SIZE
 
 from .encoder import EncoderProcess, InlineEncoder
 from .errors import EngineError
+from .formats.transformers import JsonTokenizer
 from .mimi.loading import load_checkpoint_mimi
 from .moshi.generate import LMGen, Sampling
 from .moshi.loading import load_checkpoint_lm
 from .moshi.model import LMConfig, LMModel
-from .moshi.tokens import text_piece
+from .moshi.tokens import Tokenizer, text_piece
 from .options import ModelOptions
 from .quant import quantization_of
 
 if TYPE_CHECKING:
-    import sentencepiece
+    from pathlib import Path
+
     from PIL import Image
 
 # Seed of Kyutai's `moshi-inference`, so that sampled runs can be compared with it.
@@ -113,7 +115,7 @@ class Models:
     mimi: torch.nn.Module
     lm: LMModel
     model: torch.nn.Module  # what the checkpoint holds: the LMModel, or a model wrapping it (MoshiVis)
-    tokenizer: sentencepiece.SentencePieceProcessor
+    tokenizer: Tokenizer  # sentencepiece's, or a transformers checkpoint's tokenizer.json
     sampling: Sampling
     stt_config: dict = field(default_factory=dict)
     quantize: str | None = None  # "int8" (a q8 checkpoint, or --quantize) or "int4"
@@ -132,6 +134,22 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+def _load_tokenizer(path: Path) -> Tokenizer:
+    """A SentencePiece model, or the tokenizer.json of a transformers checkpoint."""
+    import sentencepiece
+
+    if path.suffix == ".json":
+        return JsonTokenizer(path)
+    tokenizer = sentencepiece.SentencePieceProcessor()
+    try:
+        loaded = tokenizer.Load(str(path))
+    except (OSError, RuntimeError) as exc:  # a file that is not a sentencepiece model
+        raise EngineError(f"cannot read the text tokenizer {path}: {str(exc).splitlines()[0]}") from None
+    if not loaded:
+        raise EngineError(f"cannot read the text tokenizer {path}")
+    return tokenizer
+
+
 def load_models(options: ModelOptions, default_repo: str, progress: Progress | None = None,
                 load_language_model: Callable = load_checkpoint_lm, default_sampling: Sampling | None = None,
                 load_codec: Callable = load_checkpoint_mimi) -> Models:
@@ -142,8 +160,6 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
     silent; ``load_codec(info, num_codebooks, device)`` returns Mimi, or an ``EncoderProcess`` that
     runs it (started first, so that it loads while the LM does).
     """
-    import sentencepiece
-
     from .hub import CheckpointInfo
 
     report = progress or (lambda message: None)
@@ -155,13 +171,7 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
     info = CheckpointInfo.resolve(repo)
 
     lm_config = LMConfig.from_dict(info.lm_config)  # checked before anything is allocated
-    tokenizer = sentencepiece.SentencePieceProcessor()
-    try:
-        loaded = tokenizer.Load(str(info.tokenizer))
-    except (OSError, RuntimeError) as exc:  # a file that is not a sentencepiece model
-        raise EngineError(f"cannot read the text tokenizer {info.tokenizer}: {str(exc).splitlines()[0]}") from None
-    if not loaded:
-        raise EngineError(f"cannot read the text tokenizer {info.tokenizer}")
+    tokenizer = _load_tokenizer(info.tokenizer)
     report("loading Mimi")
     mimi = load_codec(info, max(lm_config.dep_q, lm_config.n_q - lm_config.dep_q), device)
     report("loading the language model" + (f" ({options.quantize})" if options.quantize else ""))

@@ -57,6 +57,14 @@ def write_audio(path: Path, seconds: float, rate: int = 24000, seed: int = 0, su
 
 def reference_tokens(folder: Path, pcm: np.ndarray) -> list[int]:
     """Kyutai's `moshi-inference` on the folder: the text tokens it outputs (the first step's is dropped)."""
+    _, sampled = reference_run(folder, pcm)
+    # It feeds the first frame twice and keeps the second step's token onwards.
+    return sampled[1:]
+
+
+def reference_run(folder: Path, pcm: np.ndarray, **gen_config) -> tuple[list, list[int]]:
+    """Kyutai's `moshi-inference` on a tiny folder, with its lm_gen_config updated by ``gen_config``:
+    what it outputs (a list of (text, pcm)) and every text token it samples."""
     from moshi.models import loaders
     from moshi.run_inference import InferenceState
 
@@ -67,11 +75,11 @@ def reference_tokens(folder: Path, pcm: np.ndarray) -> list[int]:
     sampled = []
     state = InferenceState(info, info.get_mimi(device="cpu"), info.get_text_tokenizer(),
                            info.get_moshi(device="cpu", dtype=torch.bfloat16), batch_size=1, cfg_coef=1.0,
-                           device="cpu", on_text_hook=lambda t: sampled.append(int(t[0])), **info.lm_gen_config)
+                           device="cpu", on_text_hook=lambda t: sampled.append(int(t[0])),
+                           **{**info.lm_gen_config, **gen_config})
     with torch.no_grad():
-        state.run(torch.from_numpy(pcm)[None, None])
-    # It feeds the first frame twice and keeps the second step's token onwards.
-    return sampled[1:]
+        out = state.run(torch.from_numpy(pcm)[None, None])
+    return out, sampled
 
 
 def published_words(tokens: list[int], tokenizer, offset_seconds: float) -> list[tuple[str, float, float]]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from .transformers import TRANSFORMERS
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,7 +33,7 @@ class Format(Protocol):
         """The LM in our modules; a quantized file stays quantized in memory."""
 
 
-FORMATS: list[Format] = []
+FORMATS: list[Format] = [TRANSFORMERS]
 
 
 def detect(path: Path) -> Format | None:

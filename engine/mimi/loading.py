@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..formats.transformers import is_transformers_mimi, mimi_state
 from ..weights import load_weights, read_safetensors
 from .model import Mimi, MimiConfig
 
@@ -19,7 +20,9 @@ def load_mimi(path: str | Path, config: MimiConfig | None = None, num_codebooks:
     """A Mimi with the file's tensors, in fp32, for inference only; ``config`` None: the released codec."""
     with torch.device("meta"):
         mimi = Mimi(config or MimiConfig.official(), exact_codes)
-    load_weights(mimi, read_safetensors(path), str(path), dtype=torch.float32, device=device)
+    # transformers' MimiModel names (kyutai/mimi, or inside a transformers Moshi or STT file)
+    state = mimi_state(path, mimi) if is_transformers_mimi(path) else read_safetensors(path)
+    load_weights(mimi, state, str(path), dtype=torch.float32, device=device)
     mimi.quantizer.refresh()
     mimi.requires_grad_(False)
     mimi.eval()
