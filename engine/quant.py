@@ -252,7 +252,7 @@ class BlockInt8Linear(nn.Module):
     * exact (fp32 activations, or a device other than the CPU): each product widens the weight to
       the activations' dtype, block by block, then runs the plain matmul; in fp32 that weight is
       exactly the dequantized one, so the model computes what a float model of those weights does.
-    * fast (a CPU and bf16/fp16 activations, ``prepare``): PyTorch's CPU kernels take int8 weights
+    * fast (a CPU and bf16 activations, ``prepare``): PyTorch's CPU kernels take int8 weights
       with one scale per row only, so each code q is split exactly into two 4-bit halves,
       q = 16·hi + lo, and both run through the int4 kernel that scales each group of 32 inputs:
       hi with scale 16·d, lo with scale d (and the kernel's offset of 8 codes put back as 8·d).
@@ -276,7 +276,7 @@ class BlockInt8Linear(nn.Module):
     @staticmethod
     def fast_kernel_fits(in_features: int, out_features: int, device: torch.device, dtype: torch.dtype) -> bool:
         # The int4 kernel takes a multiple of 16 outputs.
-        return device.type == "cpu" and dtype != torch.float32 and out_features % 16 == 0
+        return device.type == "cpu" and dtype == torch.bfloat16 and out_features % 16 == 0
 
     def prepare(self) -> None:
         """Hand the weight to the fast kernel where it applies; the int8 copy is then dropped."""

@@ -6,25 +6,38 @@ the official layout: the bf16 weights as they are, the q8 file's weights dequant
 the ``gguf`` package.
 """
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import soundfile
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter, quants
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from engine import formats
 from engine.errors import CheckpointError
 from engine.formats.candle import CANDLE_Q8
 from engine.formats.shapes import lm_config_from_shapes
+from engine.hub import LEGACY_MIMI_WEIGHTS, LEGACY_TOKENIZER
+from engine.mimi.model import MimiConfig
+from engine.mimi.tiny import random_mimi_state
 from engine.moshi.generate import LMGen, Sampling
 from engine.moshi.loading import load_lm
-from engine.moshi.tiny import random_lm_state
+from engine.moshi.tiny import random_lm_state, write_tiny_lm_checkpoint
 from engine.quant import BlockInt8Linear
 
-from candle_support import TINY_CANDLE, rust_layout, write_candle_files
+from candle_support import TINY_CANDLE, dequantized_official, rust_layout, write_candle_files, write_q8_gguf
+from transcribe_support import said_text
 
 ref_loaders = pytest.importorskip("moshi.models.loaders")
 ref_lm = pytest.importorskip("moshi.models.lm")
+ref_inference = pytest.importorskip("moshi.run_inference")
 
 # The fast Q8_0 kernel against fp32 on the dequantized weights, relative error of the teacher-forced
 # text logits: measured 0.012 on this model in bf16 (the activations' and the scales' rounding to
@@ -194,3 +207,57 @@ def test_slices_whose_norm_copies_differ_are_refused(tmp_path):
     save_file(state, path)
     with pytest.raises(CheckpointError, match=r"depformer\.3\.transformer\.layers\.1\.norm2\.alpha differs"):
         load_lm(path, TINY_CANDLE)
+
+
+@pytest.fixture(scope="module")
+def chat_folders(tmp_path_factory):
+    """A candle q8 folder as Kyutai's repo has it (no config.json; the LM, the full-size Mimi and the
+    tokenizer under their published names), and a reference folder of the same models: config.json
+    and the q8 file's weights dequantized to fp32 in the official layout."""
+    root = tmp_path_factory.mktemp("candle-chat")
+    reference = write_tiny_lm_checkpoint(root / "reference", TINY_CANDLE, seed=3, model_type="moshi")
+    state = load_file(reference / "model.safetensors")
+    cfg = replace(TINY_CANDLE, text_card=state["text_linear.weight"].shape[0])
+    candle = root / "candle"
+    candle.mkdir()
+    write_q8_gguf(candle / "model.q8.gguf", rust_layout(state, cfg))
+    save_file(dequantized_official(state), reference / "model.safetensors")
+    mimi = random_mimi_state(MimiConfig.official(), seed=3)  # no config.json: the released codec's size
+    save_file(mimi, candle / LEGACY_MIMI_WEIGHTS)
+    save_file(mimi, reference / "mimi.safetensors")
+    shutil.copy(reference / "tokenizer.model", candle / LEGACY_TOKENIZER)
+    config = json.loads((reference / "config.json").read_text())
+    del config["mimi_config_name"]
+    (reference / "config.json").write_text(json.dumps(config))
+    return candle, reference
+
+
+def test_moshi_chat_on_a_candle_folder_gives_the_reference_words(chat_folders, tmp_path):
+    """Through the user's loader: the folder resolves to its GGUF, the LM sizes come from the
+    weights, and in fp32 the words are those of Kyutai's inference loop on the dequantized weights."""
+    candle, reference = chat_folders
+    generator = torch.Generator().manual_seed(0)
+    pcm = (0.3 * torch.randn(24000 * 3 // 2, generator=generator)).numpy()
+    soundfile.write(tmp_path / "in.wav", pcm, 24000, subtype="FLOAT")
+    result = subprocess.run(
+        [sys.executable, "-m", "moshi_tui", "chat", "--hf-repo", str(candle), "--input", str(tmp_path / "in.wav"),
+         "--output", str(tmp_path / "out.wav"), "--dtype", "float32", "--temp", "0", "--temp-text", "0"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert result.returncode == 0, result.stderr
+    assert "model.q8.gguf" not in result.stderr  # no complaint about the file
+    out, rate = soundfile.read(tmp_path / "out.wav", dtype="float32")
+    assert rate == 24000 and len(out) == len(pcm)
+
+    info = ref_loaders.CheckpointInfo.from_hf_repo(
+        str(reference), moshi_weights=reference / "model.safetensors", mimi_weights=reference / "mimi.safetensors",
+        tokenizer=reference / "tokenizer.model", config_path=reference / "config.json")
+    tokens = []
+    state = ref_inference.InferenceState(
+        info, info.get_mimi(device="cpu"), info.get_text_tokenizer(), info.get_moshi(device="cpu", dtype=torch.float32),
+        batch_size=1, cfg_coef=1.0, device="cpu", on_text_hook=lambda t: tokens.append(int(t[0])),
+        **{**info.lm_gen_config, "temp": 0.0, "temp_text": 0.0})
+    with torch.no_grad():
+        state.run(torch.from_numpy(pcm)[None, None])
+    expected = said_text(reference / "tokenizer.model", tokens[:-1])  # the last one sampled is never said
+    assert len(expected) > 10
+    assert result.stdout.strip("\n") == expected
