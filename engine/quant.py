@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
+from .moshi.model import ZERO_TOKEN
 from .transformer import Attention
 
 MODES = ("int8", "int4")
@@ -313,6 +314,25 @@ class BlockInt8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, q8_0"
+
+
+class BlockInt8Embedding(nn.Module):
+    """A Q8_0 embedding table (``weight`` int8, ``scales`` fp16 per 32 values): the rows a step looks
+    up are dequantized, exactly, in fp32, then cast to ``compute_dtype``; the table stays 1.06 bytes
+    per value. The token ZERO_TOKEN embeds to zeros, as ``TokenEmbedding`` does."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, compute_dtype: torch.dtype):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=torch.int8), requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(num_embeddings, embedding_dim // Q8_BLOCK, dtype=torch.float16),
+                                   requires_grad=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        index = tokens.clamp(min=0)
+        rows = self.weight[index].view(*index.shape, -1, Q8_BLOCK).float() * self.scales[index].float()[..., None]
+        y = rows.flatten(-2).to(self.compute_dtype)
+        return torch.where((tokens == ZERO_TOKEN)[..., None], torch.zeros((), dtype=y.dtype, device=y.device), y)
 
 
 def quantization_of(model: nn.Module) -> str | None:

@@ -133,6 +133,7 @@ class CandleGGUF:
                 quantize: str | None) -> LMModel:
         import numpy as np
         import torch
+        from torch import nn
 
         from .. import quant
         from ..moshi.model import LMModel
@@ -144,17 +145,23 @@ class CandleGGUF:
         cfg = _config(lm_config, {name: t.shape for name, t in tensors.items()})
         with torch.device("meta"):
             model = LMModel(cfg)
-        linears = [name for name in quant.quantized_linear_names(model) if f"{name}.weight" in tensors and
-                   tensors[f"{name}.weight"].q8_0]
-        for name in linears:
+        # The Q8_0 linears and embeddings stay Q8_0; anything else stored so is widened.
+        blocks, linears = {}, set(quant.quantized_linear_names(model))
+        for name, module in model.named_modules():
+            tensor = tensors.get(f"{name}.weight")
+            if tensor is None or not tensor.q8_0:
+                continue
+            if isinstance(module, nn.Linear) and name in linears:
+                blocks[name] = quant.BlockInt8Linear(module.in_features, module.out_features, dtype)
+            elif isinstance(module, nn.Embedding):
+                blocks[name] = quant.BlockInt8Embedding(module.num_embeddings, module.embedding_dim, dtype)
+        for name, block in blocks.items():
             parent, _, child = name.rpartition(".")
-            linear = model.get_submodule(name)
-            block = quant.BlockInt8Linear(linear.in_features, linear.out_features, dtype)
             setattr(model.get_submodule(parent) if parent else model, child, block)
         state: dict[str, torch.Tensor] = {}
         for name, tensor in tensors.items():
             module = name.removesuffix(".weight")
-            if name.endswith(".weight") and module in linears:
+            if name.endswith(".weight") and module in blocks:
                 state[name], state[f"{module}.scales"] = tensor.codes_and_scales()
             else:
                 state[name] = tensor.float32().to(dtype)
