@@ -83,8 +83,12 @@ def _load_child(path: str, cfg_json: str, quantize: str) -> None:
     import gguf  # noqa: F401 (the readers' own code is not the checkpoint's memory)
     import safetensors.torch  # noqa: F401
 
+    from engine.moshi.model import LMModel
+
     torch.set_num_threads(1)
     cfg = LMConfig(**json.loads(cfg_json))
+    with torch.device("meta"):  # torch's one-time set-up of the meta device (~65 MB), either loader's
+        LMModel(LMConfig.tiny_moshi())
     before = _rss_mb("VmRSS:")
     start = time.perf_counter()
     load_lm(Path(path), cfg, quantize=None if quantize == "none" else quantize)

@@ -283,15 +283,15 @@ class BlockInt8Linear(nn.Module):
         """Hand the weight to the fast kernel where it applies; the int8 copy is then dropped."""
         if not self.fast_kernel_fits(self.in_features, self.out_features, self.weight.device, self.compute_dtype):
             return
-        packed = []
+        packed = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
         # 64 rows at a time: the kernel packs rows in blocks of 64, and the int32 codes of a whole
         # vocabulary projection would be gigabytes.
         rows = 64 * max(1, _ELEMENTS_PER_BLOCK // (64 * self.in_features))
         for start in range(0, self.out_features, rows):
             codes = self.weight[start:start + rows].to(torch.int32)
-            low = codes & 15
-            packed.append(torch._convert_weight_to_int4pack_for_cpu(torch.cat([(codes >> 4) + 8, low], dim=1), 1))
-        self.packed = nn.Parameter(torch.cat(packed), requires_grad=False)
+            halves = torch.cat([(codes >> 4) + 8, codes & 15], dim=1)
+            packed[start:start + rows] = torch._convert_weight_to_int4pack_for_cpu(halves, 1)
+        self.packed = nn.Parameter(packed, requires_grad=False)
         d = self.scales.float().t()  # [in/32, out]
         high = torch.stack([16 * d, torch.zeros_like(d)], dim=-1)
         low = torch.stack([d, 8 * d], dim=-1)
@@ -356,6 +356,16 @@ def _release_pages(tensor: torch.Tensor) -> None:
     """
     if tensor.device.type == "cpu":
         release_pages(tensor.data_ptr(), tensor.nbytes)
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc): loading leaves layer-sized holes
+    between the weights it keeps, which would otherwise stay in the RSS."""
+    if sys.platform == "linux":
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except AttributeError:  # not glibc (musl)
+            pass
 
 
 def release_pages(address: int, nbytes: int) -> None:

@@ -143,36 +143,52 @@ class CandleGGUF:
             raise CheckpointError(f"{path} is already quantized (Q8_0); --quantize applies to bf16 checkpoints")
         tensors = to_official(read_gguf(path), lambda a, b: np.array_equal(a.data, b.data), path)
         cfg = _config(lm_config, {name: t.shape for name, t in tensors.items()})
+        # Built on the meta device: nothing is allocated before the file's tensors are assigned.
         with torch.device("meta"):
             model = LMModel(cfg)
-        # The Q8_0 linears and embeddings stay Q8_0; anything else stored so is widened.
-        blocks, linears = {}, set(quant.quantized_linear_names(model))
-        for name, module in model.named_modules():
-            tensor = tensors.get(f"{name}.weight")
-            if tensor is None or not tensor.q8_0:
-                continue
-            if isinstance(module, nn.Linear) and name in linears:
-                blocks[name] = quant.BlockInt8Linear(module.in_features, module.out_features, dtype)
-            elif isinstance(module, nn.Embedding):
-                blocks[name] = quant.BlockInt8Embedding(module.num_embeddings, module.embedding_dim, dtype)
+            # The Q8_0 linears and embeddings stay Q8_0; anything else stored so is widened.
+            blocks, linears = {}, set(quant.quantized_linear_names(model))
+            for name, module in model.named_modules():
+                tensor = tensors.get(f"{name}.weight")
+                if tensor is None or not tensor.q8_0:
+                    continue
+                if isinstance(module, nn.Linear) and name in linears:
+                    blocks[name] = quant.BlockInt8Linear(module.in_features, module.out_features, dtype)
+                elif isinstance(module, nn.Embedding):
+                    blocks[name] = quant.BlockInt8Embedding(module.num_embeddings, module.embedding_dim, dtype)
         for name, block in blocks.items():
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, block)
+        # Every name and shape is checked before anything is read; then one tensor at a time is
+        # read and its pages of the file dropped, and each Q8_0 linear is handed to its kernel
+        # at once, so that only one layer's plain int8 copy exists at a time.
+        expected = {}
+        for name, tensor in tensors.items():
+            module = name.removesuffix(".weight")
+            if module in blocks and name.endswith(".weight"):
+                rows, inputs = tensor.shape
+                expected[name] = torch.empty(rows, inputs, device="meta")
+                expected[f"{module}.scales"] = torch.empty(rows, inputs // quant.Q8_BLOCK, device="meta")
+            else:
+                expected[name] = torch.empty(tensor.shape, device="meta")
+        check_state(model, expected, str(path))
         state: dict[str, torch.Tensor] = {}
         for name, tensor in tensors.items():
             module = name.removesuffix(".weight")
-            if name.endswith(".weight") and module in blocks:
-                state[name], state[f"{module}.scales"] = tensor.codes_and_scales()
+            if module in blocks and name.endswith(".weight"):
+                block = blocks[module]
+                codes, scales = tensor.codes_and_scales()
+                block.weight = nn.Parameter(codes.to(device), requires_grad=False)
+                block.scales = nn.Parameter(scales.to(device), requires_grad=False)
+                if isinstance(block, quant.BlockInt8Linear):
+                    block.prepare()
+                    quant.trim_heap()
             else:
-                state[name] = tensor.float32().to(dtype)
+                state[name] = tensor.float32().to(dtype).to(device)
             tensor.release()
-        check_state(model, state, str(path))
-        state = {name: value.to(device) for name, value in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
+        # The Q8_0 modules are set; the shapes of everything were checked above.
+        model.load_state_dict(state, strict=False, assign=True)
         del state
-        for module in model.modules():
-            if isinstance(module, quant.BlockInt8Linear):
-                module.prepare()
         quant.finish_quantized(model, device)
         return model.eval()
 
