@@ -45,7 +45,6 @@ _FOREIGN_LAYOUTS = (
     ("audio_embs.0.weight", "MLX"),
     ("decoder.model.embed_tokens.weight", "transformers (MoshiForConditionalGeneration)"),
     ("model.embed_tokens.embed_tokens.weight", "transformers (KyutaiSpeechToText)"),
-    ("depformer.0.linear_in.weight", "candle (Rust)"),
 )
 _OFFICIAL_KEYS = ("text_emb.weight", "out_norm.alpha", "emb.0.weight")
 

@@ -34,9 +34,8 @@ def _derive_ffn_hidden(cfg: LMConfig, state: dict[str, torch.Tensor]) -> LMConfi
 
 def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.bfloat16, quantize: str | None = None) -> LMModel:
-    """The LM of a checkpoint file in any layout we read (see ``engine.formats``).
+    """The LM of a checkpoint file in any layout we read (see ``engine.formats``), of architecture ``cfg``.
 
-    Build on the meta device and assign the file's tensors: no random init, no double copy.
     A q8 file (int8 weights with fp32 ``weight_scb``) loads as it is stored. ``quantize`` ("int8"
     or "int4") quantizes a float file's linears while loading; ``dtype`` is then the dtype of
     everything else (embeddings, norms, activations).
@@ -52,7 +51,10 @@ def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cp
 
 def load_lm_state(state: dict[str, torch.Tensor], source: str, cfg: LMConfig, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.bfloat16, quantize: str | None = None) -> LMModel:
-    """``load_lm`` on tensors in the official layout (those of a file, which they may still map)."""
+    """``load_lm`` on tensors in the official layout (those of a file, which they may still map).
+
+    Build on the meta device and assign the tensors: no random init, no double copy.
+    """
     quant.check_mode(quantize)
     device = torch.device(device)
     cfg = _derive_ffn_hidden(cfg, state)

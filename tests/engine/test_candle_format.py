@@ -240,7 +240,7 @@ def test_moshi_chat_on_a_candle_folder_gives_the_reference_words(chat_folders, t
     weights, and in fp32 the words are those of Kyutai's inference loop on the dequantized weights."""
     candle, reference = chat_folders
     generator = torch.Generator().manual_seed(0)
-    pcm = (0.3 * torch.randn(24000 * 3 // 2, generator=generator)).numpy()
+    pcm = (0.3 * torch.randn(20 * 1920, generator=generator)).numpy()  # 20 frames of 80 ms
     soundfile.write(tmp_path / "in.wav", pcm, 24000, subtype="FLOAT")
     result = subprocess.run(
         [sys.executable, "-m", "moshi_tui", "chat", "--hf-repo", str(candle), "--input", str(tmp_path / "in.wav"),
