@@ -264,3 +264,13 @@ def test_moshi_chat_on_a_candle_folder_gives_the_reference_words(chat_folders, t
     expected = said_text(reference / "tokenizer.model", tokens[:-1])  # the last one sampled is never said
     assert len(expected) > 10
     assert result.stdout.strip("\n") == expected
+
+
+def test_a_version_2_gguf_as_candle_writes_loads_the_same(candle, tmp_path):
+    """candle's writer (Kyutai's files) says GGUF version 2, gguf-py's 3; the layout is the same."""
+    data = bytearray(candle["q8"].read_bytes())
+    assert data[:4] == b"GGUF" and int.from_bytes(data[4:8], "little") == 3
+    data[4:8] = (2).to_bytes(4, "little")
+    (tmp_path / "v2.gguf").write_bytes(data)
+    v2, v3 = (load_lm(path, TINY_CANDLE, dtype=torch.float32) for path in (tmp_path / "v2.gguf", candle["q8"]))
+    assert torch.equal(_text_logits(v2), _text_logits(v3))
