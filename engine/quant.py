@@ -284,11 +284,12 @@ class BlockInt8Linear(nn.Module):
         if not self.fast_kernel_fits(self.in_features, self.out_features, self.weight.device, self.compute_dtype):
             return
         packed = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
-        # 64 rows at a time: the kernel packs rows in blocks of 64, and the int32 codes of a whole
-        # vocabulary projection would be gigabytes.
-        rows = 64 * max(1, _ELEMENTS_PER_BLOCK // (64 * self.in_features))
+        # A few times 64 rows at a time: the kernel packs rows in blocks of 64, and the int32 codes
+        # of a whole layer would be four times its size (those of a vocabulary projection, gigabytes).
+        rows = 64 * max(1, (1 << 18) // (64 * self.in_features))
         for start in range(0, self.out_features, rows):
-            codes = self.weight[start:start + rows].to(torch.int32)
+            # ``weight`` may be [out, in] or, read where it lies in a GGUF file, [out, in/32, 32].
+            codes = self.weight[start:start + rows].to(torch.int32).reshape(-1, self.in_features)
             halves = torch.cat([(codes >> 4) + 8, codes & 15], dim=1)
             packed[start:start + rows] = torch._convert_weight_to_int4pack_for_cpu(halves, 1)
         self.packed = nn.Parameter(packed, requires_grad=False)

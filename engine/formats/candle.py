@@ -177,7 +177,10 @@ class CandleGGUF:
             module = name.removesuffix(".weight")
             if module in blocks and name.endswith(".weight"):
                 block = blocks[module]
-                codes, scales = tensor.codes_and_scales()
+                # The fast kernel's layout is made from the file's pages: no int8 copy of the layer.
+                packs = isinstance(block, quant.BlockInt8Linear) and block.fast_kernel_fits(
+                    block.in_features, block.out_features, device, dtype)
+                codes, scales = tensor.codes_and_scales(copy=not packs)
                 block.weight = nn.Parameter(codes.to(device), requires_grad=False)
                 block.scales = nn.Parameter(scales.to(device), requires_grad=False)
                 if isinstance(block, quant.BlockInt8Linear):
@@ -207,8 +210,9 @@ class GGUFTensor:
         self.shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the innermost dim first
         self.data: np.ndarray = tensor.data
 
-    def codes_and_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q8_0 blocks [rows, in/32, 2 + 32 bytes] -> int8 codes [rows, in], fp16 scales [rows, in/32]."""
+    def codes_and_scales(self, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q8_0 blocks [rows, in/32, 2 + 32 bytes] -> int8 codes [rows, in], fp16 scales [rows, in/32].
+        ``copy=False``: the codes as a view of the file, [rows, in/32, 32], read where they lie."""
         import numpy as np
         import torch
 
@@ -217,7 +221,9 @@ class GGUFTensor:
         rows, inputs = self.shape
         blocks = self.data.reshape(rows, inputs // Q8_BLOCK, 2 + Q8_BLOCK)
         scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
-        codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, inputs)
+        codes = blocks[..., 2:].view(np.int8)
+        if copy:
+            codes = np.ascontiguousarray(codes).reshape(rows, inputs)
         return torch.from_numpy(codes), torch.from_numpy(scales)
 
     def float32(self) -> torch.Tensor:
@@ -242,7 +248,7 @@ def read_gguf(path: Path) -> dict[str, GGUFTensor]:
     from gguf import GGUFReader
 
     try:
-        reader = GGUFReader(path)
+        reader = GGUFReader(path, mode="c")  # copy-on-write: torch takes its views without a warning
     except (ValueError, OSError, KeyError, IndexError) as exc:
         raise CheckpointError(f"cannot read {path}: not a valid GGUF file ({exc})") from None
     return {tensor.name: GGUFTensor(tensor.name, tensor, path) for tensor in reader.tensors}
