@@ -289,9 +289,9 @@ class BlockInt8Linear(nn.Module):
         rows = 64 * max(1, (1 << 18) // (64 * self.in_features))
         for start in range(0, self.out_features, rows):
             # ``weight`` may be [out, in] or, read where it lies in a GGUF file, [out, in/32, 32].
-            codes = self.weight[start:start + rows].to(torch.int32).reshape(-1, self.in_features)
-            halves = torch.cat([(codes >> 4) + 8, codes & 15], dim=1)
-            packed[start:start + rows] = torch._convert_weight_to_int4pack_for_cpu(halves, 1)
+            codes = self.weight[start:start + rows].reshape(-1, self.in_features)
+            halves = torch.cat([(codes >> 4) + 8, codes & 15], dim=1)  # still in int8: 0..15 each
+            packed[start:start + rows] = torch._convert_weight_to_int4pack_for_cpu(halves.to(torch.int32), 1)
         self.packed = nn.Parameter(packed, requires_grad=False)
         d = self.scales.float().t()  # [in/32, out]
         high = torch.stack([16 * d, torch.zeros_like(d)], dim=-1)
