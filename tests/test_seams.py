@@ -58,3 +58,14 @@ def test_the_session_uses_only_the_engine_protocol():
     used = _engine_uses(ROOT / "moshi_tui" / "session.py")
     assert "send_frame" in used and "poll" in used  # the walk finds the session's calls
     assert used <= _members(Engine), sorted(used - _members(Engine))
+
+
+def test_every_checkpoint_format_implements_the_format_protocol():
+    from engine.formats import FORMATS, Format
+
+    assert FORMATS
+    for fmt in FORMATS:
+        assert isinstance(fmt.name, str) and fmt.lm_files and all(isinstance(f, str) for f in fmt.lm_files)
+        for method in ("matches", "load_lm"):
+            assert _callable_as(getattr(fmt, method), getattr(Format, method).__get__(fmt)), (fmt.name, method)
+    assert len({fmt.name for fmt in FORMATS}) == len(FORMATS)
