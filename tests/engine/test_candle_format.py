@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import formats
 from engine.errors import CheckpointError
-from engine.formats.candle import CANDLE_Q8
+from engine.formats.candle import CANDLE_BF16, CANDLE_Q8
 from engine.formats.shapes import lm_config_from_shapes
 from engine.hub import LEGACY_MIMI_WEIGHTS, LEGACY_TOKENIZER
 from engine.mimi.model import MimiConfig
@@ -148,8 +148,9 @@ def test_block_int8_linear_both_paths_against_the_gguf_dequantization():
     assert error.max() > 0
 
 
-def test_sizes_come_from_the_shapes_without_a_config(candle):
-    model = CANDLE_Q8.load_lm(candle["q8"], None, torch.device("cpu"), torch.float32, None)
+@pytest.mark.parametrize("fmt", [CANDLE_Q8, CANDLE_BF16], ids=lambda fmt: fmt.name)
+def test_sizes_come_from_the_shapes_without_a_config(candle, fmt):
+    model = fmt.load_lm(candle["q8" if fmt is CANDLE_Q8 else "bf16"], None, torch.device("cpu"), torch.float32, None)
     cfg = model.cfg
     assert (cfg.dim, cfg.num_heads, cfg.num_layers, cfg.ffn_hidden) == (256, 2, 2, 672)
     assert (cfg.depformer_dim, cfg.depformer_num_heads, cfg.depformer_num_layers, cfg.depformer_ffn_hidden) == (
