@@ -7,7 +7,8 @@
 
 Besides times (``*_ms``), the JSON holds peak memory (``ours_mb``/``reference_mb``), real-time
 factors (``ours_rtf``/``reference_rtf``) and the quantized models' logit errors (``relative_error``).
-Our int8/int4 rows are compared with the reference's bf16 step: it has no CPU int8 path.
+Our int8/int4 rows are compared with the reference's bf16 step: it has no CPU int8 path. The candle
+q8 rows (``q8_0_*``, ``candle_q8_*``) compare the Q8_0 kernel and loader with our ``--quantize int8``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import formats  # noqa: E402
 import lm  # noqa: E402
 import mimi  # noqa: E402
 import pipeline  # noqa: E402
@@ -35,11 +37,12 @@ def print_table(results: dict) -> None:
     print(f"{'':34s} {'ours':>12s} {'reference':>12s} {'':4s} {'ratio':>7s}")
     for name, figure in results.items():
         print(_row(name, figure))
-    print("int8/int4 rows: the reference column is the reference's bf16 (it has no CPU int8 path)")
+    print("int8/int4 rows: the reference column is the reference's bf16 (it has no CPU int8 path); "
+          "q8_0/candle_q8 rows: it is our --quantize int8 (candle_q8_rss_vs_file: the file's size)")
 
 
 def measure(quick: bool, full_7b: bool) -> dict[str, dict[str, float]]:
-    return {**mimi.run(quick), **lm.run(quick, full_7b=full_7b), **pipeline.run(quick)}
+    return {**mimi.run(quick), **lm.run(quick, full_7b=full_7b), **formats.run(quick), **pipeline.run(quick)}
 
 
 def main() -> None:

@@ -34,6 +34,9 @@ MODELS = {
     # the -candle repo is the same model plus the four semantic VAD heads
     "stt-1b-en_fr-vad": "kyutai/stt-1b-en_fr-candle",
     "stt-2.6b-en": "kyutai/stt-2.6b-en",
+    # Kyutai's other formats of Moshi 7B, without config.json (engine/formats reads them)
+    **{f"{voice}-{fmt}": f"kyutai/{voice}-{fmt}" for voice in ("moshika", "moshiko")
+       for fmt in ("candle-q8", "candle-bf16", "mlx-q4", "mlx-q8", "mlx-bf16")},
 }
 
 # Repos without config.json (MoshiVis) are Moshi 7B checkpoints with these file names and LM settings
@@ -126,11 +129,14 @@ class CheckpointInfo:
             return cls._transformers(source, raw, config_path, revision, lm_weights, mimi_weights, tokenizer)
         if raw is None:
             logger.warning(
-                "%s has no config.json: assuming a Moshi 7B with the legacy file names, as the reference does.",
+                "%s has no config.json: assuming a Moshi 7B with the legacy file names, as the reference does "
+                "(a candle or MLX LM file takes its sizes from its weights).",
                 source.describe(),
             )
         lm_config = dict(MOSHI_7B_LM_CONFIG if raw is None else raw)
         names = {key: lm_config.pop(key, default) for key, default in _FILE_KEYS.items()}
+        if raw is None and lm_weights is None:
+            names["moshi_name"] = source.first_present(_lm_file_names())
         meta = {key: lm_config.pop(key, None) for key in _META_KEYS}
         if meta["lora_name"]:
             raise CheckpointError(f"{source.describe()} names LoRA weights ({meta['lora_name']}): not supported")
@@ -174,6 +180,14 @@ class CheckpointInfo:
             if value is not None:
                 found[key] = source.override(value, role)
         return cls(repo=source.repo, raw_config=raw, config_path=config_path, revision=revision, **found)
+
+
+def _lm_file_names() -> list[str]:
+    """The LM file names a repo without config.json may ship, the official one first."""
+    from .formats import FORMATS
+
+    names = [LEGACY_LM_WEIGHTS] + [name for fmt in FORMATS for name in fmt.lm_files]
+    return list(dict.fromkeys(names))
 
 
 def check_model_name(name: str) -> None:
@@ -244,6 +258,10 @@ class _Folder(_Source):
         path = self.repo / name
         return path if path.is_file() else None
 
+    def first_present(self, names: list[str]) -> str:
+        """The first of these files the folder has (the first name if it has none)."""
+        return next((name for name in names if (self.repo / name).is_file()), names[0])
+
     def _plain(self, name: str, named_by: str) -> Path:
         path = self.repo / name
         if not path.is_file():
@@ -273,6 +291,17 @@ class _HubRepo(_Source):
 
     def optional(self, name: str) -> Path | None:
         return self.hub.file(self.repo, name, revision=self.revision, optional=True)
+
+    def first_present(self, names: list[str]) -> str:
+        """The first of these files the repo has: one in the HF cache if any (no request), else
+        the first the Hub has (the first name if it has none)."""
+        for name in names:
+            if isinstance(_cached(self.repo, name, self.revision), Path):
+                return name
+        for name in names:
+            if self.hub.file(self.repo, name, revision=self.revision, optional=True) is not None:
+                return name
+        return names[0]
 
     def _plain(self, name: str, named_by: str) -> Path:
         return self.hub.file(self.repo, name, revision=self.revision, context=named_by)

@@ -7,6 +7,8 @@ stream stay in the model's dtype.
 * ``Int8Linear`` holds the official q8 layout (the reference's q8 export): ``weight`` int8 and
   ``weight_scb`` fp32 [out], the absmax of each row, so that W ≈ weight · weight_scb / 127. The
   q8 files (``kyutai/moshi{ko,ka}-pytorch-q8``) load into it as they are, without bitsandbytes.
+* ``BlockInt8Linear`` holds GGUF's Q8_0 (the candle ``model.q8.gguf`` files): int8 codes with
+  one fp16 scale per block of 32 inputs, W = weight · scale of its block, exactly as stored.
 * ``Int4Linear`` stores 4-bit codes q in 0..15 with a bf16 scale and offset per group of
   ``group_size`` inputs: W ≈ (q − 8) · scale + zero. It exists only in memory (quantized at load
   time from a bf16 file); there is no int4 file format.
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
+from .moshi.model import ZERO_TOKEN
 from .transformer import Attention
 
 MODES = ("int8", "int4")
@@ -239,10 +242,106 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4, group_size={self.group_size}"
 
 
+Q8_BLOCK = 32  # inputs per scale in GGUF's Q8_0
+
+
+class BlockInt8Linear(nn.Module):
+    """GGUF's Q8_0: ``weight`` int8 [out, in] and ``scales`` fp16 [out, in/32], W = weight · scale.
+
+    Two ways to multiply, both with the file's own codes and scales (never quantized again):
+
+    * exact (fp32 activations, or a device other than the CPU): each product widens the weight to
+      the activations' dtype, block by block, then runs the plain matmul; in fp32 that weight is
+      exactly the dequantized one, so the model computes what a float model of those weights does.
+    * fast (a CPU and bf16 activations, ``prepare``): PyTorch's CPU kernels take int8 weights
+      with one scale per row only, so each code q is split exactly into two 4-bit halves,
+      q = 16·hi + lo, and both run through the int4 kernel that scales each group of 32 inputs:
+      hi with scale 16·d, lo with scale d (and the kernel's offset of 8 codes put back as 8·d).
+      The kernel takes its scales in the activations' dtype: in bf16 each block's d is rounded to
+      8 bits (a relative change of at most 2⁻⁹), the one numeric difference from the exact path.
+      It holds 1.25 bytes per weight (the codes, plus four bf16 numbers per 32 inputs).
+    """
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(out_features, in_features // Q8_BLOCK, dtype=torch.float16),
+                                   requires_grad=False)
+        # Set by prepare() on the fast path: both halves in the int4 kernel's layout, [out, in], and
+        # that kernel's scales and offsets, [2·in/32, out, 2].
+        self.packed: nn.Parameter | None = None
+        self.scales_zeros: nn.Parameter | None = None
+
+    @staticmethod
+    def fast_kernel_fits(in_features: int, out_features: int, device: torch.device, dtype: torch.dtype) -> bool:
+        # The int4 kernel takes a multiple of 16 outputs.
+        return device.type == "cpu" and dtype == torch.bfloat16 and out_features % 16 == 0
+
+    def prepare(self) -> None:
+        """Hand the weight to the fast kernel where it applies; the int8 copy is then dropped."""
+        if not self.fast_kernel_fits(self.in_features, self.out_features, self.weight.device, self.compute_dtype):
+            return
+        packed = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
+        # A few times 64 rows at a time: the kernel packs rows in blocks of 64, and the int32 codes
+        # of a whole layer would be four times its size (those of a vocabulary projection, gigabytes).
+        rows = 64 * max(1, (1 << 18) // (64 * self.in_features))
+        for start in range(0, self.out_features, rows):
+            # ``weight`` may be [out, in] or, read where it lies in a GGUF file, [out, in/32, 32].
+            codes = self.weight[start:start + rows].reshape(-1, self.in_features)
+            halves = torch.cat([(codes >> 4) + 8, codes & 15], dim=1)  # still in int8: 0..15 each
+            packed[start:start + rows] = torch._convert_weight_to_int4pack_for_cpu(halves.to(torch.int32), 1)
+        self.packed = nn.Parameter(packed, requires_grad=False)
+        d = self.scales.float().t()  # [in/32, out]
+        high = torch.stack([16 * d, torch.zeros_like(d)], dim=-1)
+        low = torch.stack([d, 8 * d], dim=-1)
+        self.scales_zeros = nn.Parameter(torch.cat([high, low]).to(self.compute_dtype), requires_grad=False)
+        self.weight = self.scales = None
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The stored weight, W = code · scale in fp32 (exact), then in ``dtype``."""
+        blocks = self.weight.view(self.out_features, -1, Q8_BLOCK).float() * self.scales.float()[..., None]
+        return blocks.view(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.dequantized(x.dtype))
+        flat = x.reshape(-1, self.in_features)
+        # [x, x] against [hi | lo]: one product sums both halves in the kernel's fp32 accumulator.
+        out = torch._weight_int4pack_mm_for_cpu(torch.cat([flat, flat], dim=1), self.packed, Q8_BLOCK,
+                                                self.scales_zeros.to(x.dtype))
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, q8_0"
+
+
+class BlockInt8Embedding(nn.Module):
+    """A Q8_0 embedding table (``weight`` int8, ``scales`` fp16 per 32 values): the rows a step looks
+    up are dequantized, exactly, in fp32, then cast to ``compute_dtype``; the table stays 1.06 bytes
+    per value. The token ZERO_TOKEN embeds to zeros, as ``TokenEmbedding`` does."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, compute_dtype: torch.dtype):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=torch.int8), requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(num_embeddings, embedding_dim // Q8_BLOCK, dtype=torch.float16),
+                                   requires_grad=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        index = tokens.clamp(min=0)
+        rows = self.weight[index].view(*index.shape, -1, Q8_BLOCK).float() * self.scales[index].float()[..., None]
+        y = rows.flatten(-2).to(self.compute_dtype)
+        return torch.where((tokens == ZERO_TOKEN)[..., None], torch.zeros((), dtype=y.dtype, device=y.device), y)
+
+
 def quantization_of(model: nn.Module) -> str | None:
-    """"int4" (with int8 where the int4 kernel cannot go), "int8", or None for a float model."""
+    """"int4" (with int8 where the int4 kernel cannot go), "int8", "q8_0", or None for a float model."""
     kinds = {type(module) for module in model.modules()}
-    return "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else None
+    if Int4Linear in kinds:
+        return "int4"
+    return "int8" if Int8Linear in kinds else "q8_0" if BlockInt8Linear in kinds else None
 
 
 def has_int8_weights(state: dict[str, torch.Tensor]) -> bool:
@@ -254,13 +353,29 @@ def _release_pages(tensor: torch.Tensor) -> None:
     """Let the kernel drop the pages of a tensor that is read for the last time.
 
     A memory-mapped checkpoint's pages stay resident (and in the RSS) while the mapping lives,
-    which is as long as any tensor of the file (embeddings, norms) is in use. Only pages wholly
-    inside this tensor are released; for a file mapping they would be read back from the file.
+    which is as long as any tensor of the file (embeddings, norms) is in use.
     """
-    if sys.platform != "linux" or tensor.device.type != "cpu":
+    if tensor.device.type == "cpu":
+        release_pages(tensor.data_ptr(), tensor.nbytes)
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc): loading leaves layer-sized holes
+    between the weights it keeps, which would otherwise stay in the RSS."""
+    if sys.platform == "linux":
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except AttributeError:  # not glibc (musl)
+            pass
+
+
+def release_pages(address: int, nbytes: int) -> None:
+    """``madvise(DONTNEED)`` the pages wholly inside ``[address, address + nbytes)``; for a file
+    mapping they would be read back from the file if used again."""
+    if sys.platform != "linux":
         return
-    start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (tensor.data_ptr() + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (address + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > start:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 

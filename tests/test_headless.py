@@ -17,7 +17,7 @@ from engine.moshi.runner import ChatRunner
 from engine.options import ModelOptions
 from engine.runner import FirstFrame
 from engine.tiny import write_tiny_checkpoint
-from transcribe_support import published_words, stt_folder
+from transcribe_support import published_words, said_text, stt_folder
 
 ref_loaders = pytest.importorskip("moshi.models.loaders")
 ref_inference = pytest.importorskip("moshi.run_inference")
@@ -145,9 +145,7 @@ def test_headless_transcribe_says_when_no_word_could_be_timed(folders, speechlik
 
 
 def _pieces(folder, tokens):
-    """The text a person reads: no special token (ids 0 to 3: end of padding, <unk>, <s>, </s>, padding)."""
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    return "".join(sp.id_to_piece(t).replace("▁", " ") for t in tokens if t > 3)
+    return said_text(folder / "tokenizer.model", tokens)
 
 
 @pytest.mark.parametrize("content", [None, b"", b"this is not audio at all"])

@@ -38,8 +38,11 @@ def test_lists_every_name_and_the_size_of_the_cached_ones(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == f"Hugging Face cache: {tmp_path / 'hub'}"
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:-1]}
+    other_formats = [f"{voice}-{fmt}" for voice in ("moshika", "moshiko")
+                     for fmt in ("candle-q8", "candle-bf16", "mlx-q4", "mlx-q8", "mlx-bf16")]
     assert list(rows) == ["moshika", "moshiko", "moshika-q8", "moshiko-q8", "moshika-vis", "stt-1b-en_fr",
-                          "stt-1b-en_fr-vad", "stt-2.6b-en"]
+                          "stt-1b-en_fr-vad", "stt-2.6b-en", *other_formats]
+    assert rows["moshiko-candle-q8"] == ["not", "cached", "kyutai/moshiko-candle-q8"]
     assert rows["stt-1b-en_fr"] == ["3.0K", "kyutai/stt-1b-en_fr"]
     assert rows["moshika"] == ["not", "cached", "kyutai/moshika-pytorch-bf16"]
     assert lines[-1] == "Other cached repos: someone/other (2.0)"

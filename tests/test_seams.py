@@ -80,3 +80,14 @@ def test_both_recorders_implement_what_the_session_writes():
     for recorder in (SessionRecorder, NoRecorder):
         for name in members:
             assert _callable_as(getattr(recorder, name), getattr(Recorder, name)), (recorder.__name__, name)
+
+
+def test_every_checkpoint_format_implements_the_format_protocol():
+    from engine.formats import FORMATS, Format
+
+    assert FORMATS
+    for fmt in FORMATS:
+        assert isinstance(fmt.name, str) and fmt.lm_files and all(isinstance(f, str) for f in fmt.lm_files)
+        for method in ("matches", "load_lm"):
+            assert _callable_as(getattr(fmt, method), getattr(Format, method).__get__(fmt)), (fmt.name, method)
+    assert len({fmt.name for fmt in FORMATS}) == len(FORMATS)

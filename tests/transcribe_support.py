@@ -131,3 +131,11 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 def moshi(*args, stdin=None, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(moshi_command(*args), capture_output=True, text=True, env=ENV, timeout=timeout,
                           stdin=stdin)
+
+
+def said_text(tokenizer: Path, tokens: list[int]) -> str:
+    """The text a person reads: no special token (ids 0 to 3: end of padding, <unk>, <s>, </s>, padding)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    return "".join(sp.id_to_piece(t).replace("▁", " ") for t in tokens if t > 3)

@@ -3,7 +3,8 @@
 
 The official PyTorch layout (``-pytorch-bf16``, ``-pytorch-q8``) is read by ``engine/moshi/loading.py``.
 Each other format is a module of this package with one entry in ``FORMATS``; ``detect`` picks the
-entry whose ``matches`` accepts a file.
+entry whose ``matches`` accepts a file. Importing this package loads neither torch nor numpy (the
+checkpoint resolver reads ``lm_files``): a format imports them where it reads a file.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from .transformers import TRANSFORMERS
+from ..errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -28,12 +29,38 @@ class Format(Protocol):
     def matches(self, path: Path) -> bool:
         """Whether this file is in this format, read from its content."""
 
-    def load_lm(self, path: Path, lm_config: dict, device: torch.device, dtype: torch.dtype,
+    def load_lm(self, path: Path, lm_config: dict | None, device: torch.device, dtype: torch.dtype,
                 quantize: str | None) -> LMModel:
-        """The LM in our modules; a quantized file stays quantized in memory."""
+        """The LM in our modules; a quantized file stays quantized in memory. ``lm_config``: the
+        checkpoint's config.json keys, or None when it has none (then ``shapes.lm_config_from_shapes``)."""
 
 
-FORMATS: list[Format] = [TRANSFORMERS]
+# The formats implement Format, above.
+from .candle import CANDLE_BF16, CANDLE_Q8  # noqa: E402
+from .transformers import TRANSFORMERS  # noqa: E402
+
+FORMATS: list[Format] = [CANDLE_Q8, CANDLE_BF16, TRANSFORMERS]
+
+# Layouts we can name but do not load (yet): the first of their keys found tells them apart.
+_FOREIGN_LAYOUTS = (
+    ("depformer.slices.0.linear_in.weight", "MLX"),
+    ("audio_embs.0.weight", "MLX"),
+)
+_OFFICIAL_KEYS = ("text_emb.weight", "out_norm.alpha", "emb.0.weight")
+
+
+def check_official_layout(keys, path: Path) -> None:
+    """A one-line CheckpointError, before any weight is read, for a safetensors file that is not in
+    the official layout: naming its layout when we know it, else saying it is none we know."""
+    keys = set(keys)
+    for key, layout in _FOREIGN_LAYOUTS:
+        if key in keys:
+            raise CheckpointError(f"{path} is a checkpoint in the {layout} layout, which moshi does not load")
+    if any(key.startswith("quantizer.semantic_residual_vector_quantizer.") for key in keys):
+        raise CheckpointError(f"{path} is a Mimi codec in the transformers layout, not a language model")
+    if not keys & set(_OFFICIAL_KEYS):
+        raise CheckpointError(f"{path} has none of a Moshi language model's tensors ({', '.join(_OFFICIAL_KEYS)}): "
+                              "not a checkpoint layout moshi knows")
 
 
 def detect(path: Path) -> Format | None:

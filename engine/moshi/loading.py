@@ -1,4 +1,5 @@
-"""Loading the Moshi LM (Moshi and STT checkpoints) from the official file layout, bf16 or q8."""
+"""Loading the Moshi LM (Moshi and STT checkpoints): the official file layout (bf16 or q8) here, the
+other formats through ``engine.formats``."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import quant
+from .. import formats, quant
 from ..errors import CheckpointError
-from ..formats import detect
 from ..weights import load_weights, read_safetensors, split_fused_attention
 from .model import LMConfig, LMModel
 
@@ -34,18 +34,26 @@ def _derive_ffn_hidden(cfg: LMConfig, state: dict[str, torch.Tensor]) -> LMConfi
 
 def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.bfloat16, quantize: str | None = None) -> LMModel:
-    """Build on the meta device and assign the file's tensors: no random init, no double copy.
+    """The LM of a checkpoint file in any layout we read (see ``engine.formats``), of architecture ``cfg``.
 
     A q8 file (int8 weights with fp32 ``weight_scb``) loads as it is stored. ``quantize`` ("int8"
     or "int4") quantizes a float file's linears while loading; ``dtype`` is then the dtype of
     everything else (embeddings, norms, activations).
     """
-    return load_lm_state(read_safetensors(weights), str(weights), cfg, device, dtype, quantize)
+    fmt = formats.detect(Path(weights))
+    if fmt is not None:
+        return fmt.load_lm(Path(weights), cfg.to_dict(), torch.device(device), dtype, quantize)
+    state = read_safetensors(weights)
+    formats.check_official_layout(state.keys(), Path(weights))
+    return load_lm_state(state, str(weights), cfg, device, dtype, quantize)
 
 
 def load_lm_state(state: dict[str, torch.Tensor], source: str, cfg: LMConfig, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.bfloat16, quantize: str | None = None) -> LMModel:
-    """``load_lm`` on tensors already in the official layout (another format's, converted)."""
+    """``load_lm`` on tensors in the official layout (those of a file, which they may still map).
+
+    Build on the meta device and assign the tensors: no random init, no double copy.
+    """
     quant.check_mode(quantize)
     device = torch.device(device)
     cfg = _derive_ffn_hidden(cfg, state)
@@ -72,8 +80,12 @@ def load_lm_state(state: dict[str, torch.Tensor], source: str, cfg: LMConfig, de
 
 def load_checkpoint_lm(info: CheckpointInfo, device: torch.device, dtype: torch.dtype,
                        quantize: str | None = None) -> LMModel:
-    """The LM a resolved checkpoint names, with the architecture of its config.json."""
-    fmt = detect(info.lm_weights)
+    """The LM a resolved checkpoint names, with the architecture of its config.json; a checkpoint
+    in another format without one (candle, MLX) has the sizes its tensors' shapes give."""
+    quant.check_mode(quantize)
+    path = Path(info.lm_weights)
+    fmt = formats.detect(path)
     if fmt is not None:
-        return fmt.load_lm(info.lm_weights, info.lm_config, device, dtype, quantize)
-    return load_lm(info.lm_weights, LMConfig.from_dict(info.lm_config), device=device, dtype=dtype, quantize=quantize)
+        lm_config = info.lm_config if info.raw_config is not None else None
+        return fmt.load_lm(path, lm_config, torch.device(device), dtype, quantize)
+    return load_lm(path, LMConfig.from_dict(info.lm_config), device=device, dtype=dtype, quantize=quantize)

@@ -192,7 +192,7 @@ class LMModel(StreamingModule):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_emb.weight.dtype
+        return self.out_norm.alpha.dtype  # the embeddings may be quantized (a candle q8 file's are)
 
     @property
     def device(self) -> torch.device:

@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from engine.errors import CheckpointError
-from engine.hub import CheckpointInfo
+from engine.hub import MODELS, CheckpointInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -459,3 +459,44 @@ def test_names_in_config_json_stay_inside_the_folder(tmp_path, name):
         "model.safetensors": b"lm", STT_CONFIG["mimi_name"]: b"mimi"})
     with pytest.raises(CheckpointError, match="tokenizer_name|malformed link"):
         CheckpointInfo.resolve(folder)
+
+
+# --- repos in Kyutai's other formats (no config.json) --------------------------------------------------------------
+
+CANDLE_Q8 = "kyutai/moshiko-candle-q8"
+CANDLE_FILES = {"model.q8.gguf": b"GGUF q8", MIMI_FILE: b"Mimi weights", SPM_FILE: b"sentencepiece"}
+
+
+def test_folder_without_config_finds_the_lm_file_of_its_format(tmp_path):
+    folder = write_files(tmp_path / "candle", CANDLE_FILES)
+    info = CheckpointInfo.resolve(folder)
+    assert (info.lm_weights, info.mimi_weights, info.tokenizer) == (
+        folder / "model.q8.gguf", folder / MIMI_FILE, folder / SPM_FILE)
+    assert info.raw_config is None
+    write_files(folder, {"model.safetensors": b"an official (or candle bf16) LM"})
+    assert CheckpointInfo.resolve(folder).lm_weights == folder / "model.safetensors"
+
+
+def test_other_format_names_are_known():
+    for voice in ("moshika", "moshiko"):
+        assert MODELS[f"{voice}-candle-q8"] == f"kyutai/{voice}-candle-q8"
+        for fmt in ("candle-bf16", "mlx-q4", "mlx-q8", "mlx-bf16"):
+            assert MODELS[f"{voice}-{fmt}"] == f"kyutai/{voice}-{fmt}"
+
+
+def test_offline_candle_repo_comes_from_the_cache(tmp_path):
+    cache_repo(tmp_path / "hub", CANDLE_Q8, CANDLE_FILES, absent=("config.json",))
+    env = hf_env(tmp_path, f"http://127.0.0.1:{closed_port()}", HF_HUB_OFFLINE="1")
+    info = resolve_in_process("moshiko-candle-q8", env)
+    snapshot = tmp_path / "hub" / "models--kyutai--moshiko-candle-q8" / "snapshots" / COMMIT
+    assert info["lm_weights"] == f"{snapshot}/model.q8.gguf"
+    assert info["raw_config"] is None
+
+
+def test_online_candle_repo_downloads_the_lm_file_it_has(tmp_path, hub):
+    hub.repos[CANDLE_Q8] = CANDLE_FILES
+    info = resolve_in_process("moshiko-candle-q8", hf_env(tmp_path, hub.url))
+    assert Path(info["lm_weights"]).name == "model.q8.gguf" and Path(info["lm_weights"]).read_bytes() == b"GGUF q8"
+    # The official name is asked first; the Hub's 404 sends the resolver on to the GGUF.
+    asked = [filename for _, repo, _, filename in hub.requests if repo == CANDLE_Q8]
+    assert asked.index("model.safetensors") < asked.index("model.q8.gguf")

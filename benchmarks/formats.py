@@ -1,0 +1,175 @@
+"""Kyutai's candle q8 checkpoint (Q8_0 GGUF) beside today's ``--quantize int8``, 1 torch thread.
+
+* ``q8_0_linear_4096x11264`` / ``q8_0_layer_7b``: one bf16 step (one input row) through the gated
+  FFN's output projection of Moshi 7B, and through all four linears of one of its temporal layers,
+  with the Q8_0 block kernel (``BlockInt8Linear``); the reference column is ``Int8Linear``, the
+  kernel of ``--quantize int8``.
+* ``candle_q8_load`` / ``candle_q8_peak_rss``: a mid-size LM (about 170 M values) loaded in a fresh
+  process from its q8 GGUF, against the same weights' official bf16 file loaded with
+  ``--quantize int8``; RSS is the rise of the high-water mark over the process before loading.
+  ``candle_q8_rss_vs_file``: that rise against the GGUF's size (the reference column is the size).
+* ``candle_q8_logit_error``: the block kernel's text logits against the exact fp32 path on the same file.
+
+    python benchmarks/formats.py [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "engine"))  # the candle file writer of the tests
+
+import torch  # noqa: E402
+from common import run_command_line, summary  # noqa: E402
+
+from engine.moshi.loading import load_lm  # noqa: E402
+from engine.moshi.model import LMConfig  # noqa: E402
+from engine.quant import BlockInt8Linear, Int8Linear  # noqa: E402
+
+# (out, in) of one temporal layer of Moshi 7B: fused QKV, output, gated FFN in and out.
+LAYER_7B = ((12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264))
+MID_SIZE = dataclasses.replace(LMConfig.moshi_7b(), dim=1024, num_heads=8, num_layers=4, ffn_hidden=2816,
+                               text_card=8000, depformer_dim=512, depformer_num_heads=8, depformer_num_layers=2,
+                               depformer_ffn_hidden=1408)
+
+
+def _linears(out_features: int, in_features: int) -> tuple[BlockInt8Linear, Int8Linear]:
+    """Both kernels on random codes (times do not depend on the values)."""
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    q8 = BlockInt8Linear(in_features, out_features, torch.bfloat16)
+    q8.weight.data = codes
+    q8.scales.data = (torch.rand(out_features, in_features // 32, generator=generator) / 1000).half()
+    q8.prepare()
+    int8 = Int8Linear(in_features, out_features, torch.bfloat16)
+    int8.weight.data, int8.weight_scb.data = codes.clone(), torch.rand(out_features, generator=generator)
+    int8.prepare()
+    return q8, int8
+
+
+def time_linears(shapes, repeats: int) -> dict[str, float]:
+    """Median ms of one bf16 row through all ``shapes``, each kernel, calls alternating."""
+    pairs = [_linears(*shape) for shape in shapes]
+    inputs = [torch.randn(1, shape[1]).bfloat16() for shape in shapes]
+    times: dict[str, list[float]] = {"q8_0": [], "int8": []}
+    with torch.no_grad():
+        for repeat in range(repeats + 2):
+            for kind, index in (("q8_0", 0), ("int8", 1)):
+                start = time.perf_counter()
+                for pair, x in zip(pairs, inputs):
+                    pair[index](x)
+                if repeat >= 2:  # warm-up
+                    times[kind].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def _rss_mb(field: str) -> float:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+def _load_child(path: str, cfg_json: str, quantize: str) -> None:
+    """In a fresh process: load; print the load time and the rise of the peak RSS as JSON."""
+    import gguf  # noqa: F401 (the readers' own code is not the checkpoint's memory)
+    import safetensors.torch  # noqa: F401
+
+    from engine.moshi.model import LMModel
+
+    torch.set_num_threads(1)
+    cfg = LMConfig(**json.loads(cfg_json))
+    with torch.device("meta"):  # torch's one-time set-up of the meta device (~65 MB), either loader's
+        LMModel(LMConfig.tiny_moshi())
+    before = _rss_mb("VmRSS:")
+    start = time.perf_counter()
+    load_lm(Path(path), cfg, quantize=None if quantize == "none" else quantize)
+    print(json.dumps({"load_ms": (time.perf_counter() - start) * 1000, "rss_mb": _rss_mb("VmHWM:") - before}))
+
+
+def load_figures(folder: Path, cfg: LMConfig) -> dict:
+    from candle_support import rust_layout, write_q8_gguf
+    from safetensors.torch import save_file
+
+    from engine.moshi.tiny import random_lm_state
+
+    state = random_lm_state(cfg, seed=0)
+    official, gguf = folder / "official.safetensors", folder / "model.q8.gguf"
+    save_file(state, official)
+    write_q8_gguf(gguf, rust_layout(state, cfg))
+    del state
+
+    def child(path: Path, quantize: str) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--load-child", str(path), json.dumps(dataclasses.asdict(cfg)),
+                              quantize], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    q8, int8 = child(gguf, "none"), child(official, "int8")
+    file_mb = gguf.stat().st_size / 2**20
+    return {
+        "candle_q8_load": summary([q8["load_ms"]], [int8["load_ms"]]),
+        "candle_q8_peak_rss": {"ours_mb": round(q8["rss_mb"], 1), "reference_mb": round(int8["rss_mb"], 1),
+                               "ratio": round(q8["rss_mb"] / int8["rss_mb"], 3)},
+        "candle_q8_rss_vs_file": {"ours_mb": round(q8["rss_mb"], 1), "reference_mb": round(file_mb, 1),
+                                  "ratio": round(q8["rss_mb"] / file_mb, 3)},
+        "candle_q8_logit_error": {"relative_error": _logit_error(gguf, cfg)},
+    }
+
+
+def _logit_error(path: Path, cfg: LMConfig, steps: int = 8) -> float:
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, cfg.card, (1, cfg.num_streams, steps), generator=generator)
+    tokens[:, 0] = torch.randint(0, cfg.text_card, (1, steps), generator=generator)
+    logits = []
+    for dtype in (torch.float32, torch.bfloat16):
+        lm = load_lm(path, cfg, dtype=dtype)
+        with torch.no_grad(), lm.streaming(1):
+            logits.append(torch.cat([lm.forward_text(tokens[:, :, t:t + 1])[1].float() for t in range(steps)]))
+    exact, fast = logits
+    return round(float((fast - exact).norm() / exact.norm()), 5)
+
+
+def run(quick: bool) -> dict[str, dict]:
+    shapes = tuple((out // 8, inp // 8) for out, inp in LAYER_7B) if quick else LAYER_7B
+    repeats = 3 if quick else 30
+    figures = {}
+    for name, chosen in (("q8_0_linear_4096x11264", shapes[3:]), ("q8_0_layer_7b", shapes)):
+        times = time_linears(chosen, repeats)
+        figures[name] = summary(times["q8_0"], times["int8"])
+    cfg = dataclasses.replace(MID_SIZE, dim=256, num_heads=2, ffn_hidden=672, text_card=500, depformer_dim=64,
+                              depformer_num_heads=1, depformer_ffn_hidden=176) if quick else MID_SIZE
+    with tempfile.TemporaryDirectory(prefix="moshi-bench-") as folder:
+        figures.update(load_figures(Path(folder), cfg))
+    return figures
+
+
+def print_table(results: dict) -> None:
+    for name, figure in results.items():
+        if "ours_ms" in figure:
+            print(f"{name:26s} q8_0 {figure['ours_ms']:9.2f} ms   int8 {figure['reference_ms']:9.2f} ms   "
+                  f"ratio {figure['ratio']:.3f}")
+        elif "ours_mb" in figure:
+            print(f"{name:26s} q8_0 {figure['ours_mb']:9.1f} MB   {'file' if 'file' in name else 'int8'} "
+                  f"{figure['reference_mb']:9.1f} MB   ratio {figure['ratio']:.3f}")
+        else:
+            print(f"{name:26s} relative error of the text logits vs the exact fp32 path: {figure['relative_error']:.4f}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--load-child":
+        _load_child(*sys.argv[2:5])
+        return
+    run_command_line(__doc__, "small shapes: only checks that the code runs", run, print_table)
+
+
+if __name__ == "__main__":
+    main()
