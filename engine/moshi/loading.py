@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..hub import CheckpointInfo
 
 
-def _derive_ffn_hidden(cfg: LMConfig, state: dict[str, torch.Tensor]) -> LMConfig:
+def derive_ffn_hidden(cfg: LMConfig, state: dict[str, torch.Tensor]) -> LMConfig:
     """Take the gated FFN widths from the weights: the reference derives them from hidden_scale
     (``2 · dim_feedforward // 3``, or ``21 · dim // 8`` when dim_feedforward = 4 · dim), and a
     config.json's hidden_scale does not always give, through that rule, the width its weights have."""
@@ -39,15 +39,20 @@ def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cp
     or "int4") quantizes a float file's linears while loading; ``dtype`` is then the dtype of
     everything else (embeddings, norms, activations).
     """
+    return load_lm_state(read_safetensors(weights), str(weights), cfg, device, dtype, quantize)
+
+
+def load_lm_state(state: dict[str, torch.Tensor], source: str, cfg: LMConfig, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.bfloat16, quantize: str | None = None) -> LMModel:
+    """``load_lm`` on tensors already read (and named) in the official layout; ``source`` names them."""
     quant.check_mode(quantize)
     device = torch.device(device)
-    state = read_safetensors(weights)
-    cfg = _derive_ffn_hidden(cfg, state)
+    cfg = derive_ffn_hidden(cfg, state)
     with torch.device("meta"):
         model = LMModel(cfg)
     stored_int8 = quant.has_int8_weights(state)
     if stored_int8 and quantize == "int4":
-        raise CheckpointError(f"{weights} is already quantized to int8; --quantize int4 needs a bf16 checkpoint")
+        raise CheckpointError(f"{source} is already quantized to int8; --quantize int4 needs a bf16 checkpoint")
     mode = "int8" if stored_int8 else quantize
     if mode is not None:
         names = quant.quantized_linear_names(model)
@@ -57,7 +62,7 @@ def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cp
         quant.replace_linears(model, names, mode, dtype, device)
     # The reference assigns the memory-mapped tensors as they lie in the file: keeping them in
     # place gives its kernels' alignment, and no second copy of gigabytes of weights.
-    load_weights(model, state, str(weights), dtype=dtype, device=device, copy_unaligned=False)
+    load_weights(model, state, source, dtype=dtype, device=device, copy_unaligned=False)
     del state  # the model holds what it needs: each plain int8 copy can go once packed
     if mode is not None:
         quant.finish_quantized(model, device)

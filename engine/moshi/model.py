@@ -192,11 +192,11 @@ class LMModel(StreamingModule):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_emb.weight.dtype
+        return self.out_norm.alpha.dtype  # embeddings may hold integer codes (engine/formats/affine.py)
 
     @property
     def device(self) -> torch.device:
-        return self.text_emb.weight.device
+        return self.out_norm.alpha.device
 
     def initial_tokens(self) -> torch.Tensor:
         """What every stream reads before it has a past: text_card for text, card for audio. [1, K, 1]."""

@@ -1,0 +1,127 @@
+"""Linears and embeddings in MLX's affine quantization, kept quantized in memory.
+
+A weight row is cut into groups of ``group_size`` inputs; each value is an unsigned ``bits``-bit
+code q with ``w = scale · q + bias``, one bf16 scale and bias per group (the scale may be negative).
+The codes are packed into little-endian 32-bit words, lowest bits first, so viewed as bytes an
+8-bit row is its codes in order and a 4-bit row holds two codes a byte, the even input in the low
+nibble. Modules here store exactly those bytes, scales and biases.
+
+* ``dequantize`` gives the weight in fp32 exactly: ``scale · q`` needs at most 16 significant
+  bits, so the one rounding is that of the sum, as in MLX's own dequantization. In fp32 (or on a
+  device without a kernel) a linear multiplies by that weight, so the model computes exactly what
+  a float model holding the dequantized weights computes.
+* In bf16 on a CPU a linear runs on PyTorch's grouped int4 kernel (the one ``Int4Linear`` uses),
+  whose convention is ``w = (c − 8) · scale + zero``. A 4-bit code maps onto it with ``zero =
+  bias + 8 · scale``; an 8-bit code splits into its two nibbles, ``q = 16·hi + lo``, two int4
+  products that read 8 bits a weight in all. Rounding ``zero`` to bf16 makes this path approximate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..moshi.model import ZERO_TOKEN
+from ..quant import INT4_GROUP_SIZES, _release_pages
+
+BITS = (4, 8)
+# Rows repacked for the int4 kernel at a time (a multiple of its 64-row blocks): the int32 codes the
+# packing function takes stay a few MB instead of 0.5 GB for a 32000-row vocabulary projection.
+_PACK_ROWS = 1024
+
+
+def unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 bytes [rows, in·bits/8] -> uint8 codes [rows, in]."""
+    if bits == 8:
+        return codes
+    return torch.stack([codes & 15, codes >> 4], dim=-1).view(codes.shape[0], -1)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int) -> torch.Tensor:
+    """The fp32 weight [rows, in] of packed ``codes`` and their per-group ``scales`` and ``biases``."""
+    values = unpack(codes, bits)
+    rows, groups = scales.shape
+    grouped = values.view(rows, groups, -1).float()
+    return (grouped * scales.float()[..., None] + biases.float()[..., None]).view(rows, -1)
+
+
+class AffineLinear(nn.Module):
+    """``y = x · Wᵀ`` with W held as MLX's affine codes; computes in ``compute_dtype``."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 compute_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.compute_dtype = bits, group_size, compute_dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features * bits // 8, dtype=torch.uint8),
+                                   requires_grad=False)
+        groups = in_features // group_size
+        self.scales = nn.Parameter(torch.empty(out_features, groups, dtype=compute_dtype), requires_grad=False)
+        self.biases = nn.Parameter(torch.empty(out_features, groups, dtype=compute_dtype), requires_grad=False)
+        # Once prepared for the kernel: per int4 product, its packed codes and scales_zeros [groups, out, 2]
+        self.packed, self.scales_zeros = nn.ParameterList(), nn.ParameterList()
+
+    def kernel_fits(self) -> bool:
+        """Whether the CPU int4 kernel takes this layer: reduced-precision compute on a CPU, a group
+        size it supports and a multiple of 16 outputs. fp32 stays on the exact path."""
+        return (self.weight.device.type == "cpu" and self.compute_dtype != torch.float32
+                and self.group_size in INT4_GROUP_SIZES and self.out_features % 16 == 0)
+
+    def prepare_kernel(self) -> None:
+        """Repack the codes for the int4 kernel and drop the file's copy (its pages are released)."""
+        scale, bias = self.scales.float(), self.biases.float()
+        if self.bits == 4:
+            nibbles = [(lambda c: c, scale, bias + 8 * scale)]
+        else:
+            nibbles = [(lambda c: c >> 4, 16 * scale, 128 * scale), (lambda c: c & 15, scale, bias + 8 * scale)]
+        for select, part_scale, zero in nibbles:
+            packed = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
+            for start in range(0, self.out_features, _PACK_ROWS):
+                rows = slice(start, start + _PACK_ROWS)
+                codes = select(unpack(self.weight[rows], self.bits)).to(torch.int32)
+                packed[rows] = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+            scales_zeros = torch.stack([part_scale, zero], dim=-1).transpose(0, 1).to(self.compute_dtype)
+            self.packed.append(nn.Parameter(packed, requires_grad=False))
+            self.scales_zeros.append(nn.Parameter(scales_zeros.contiguous(), requires_grad=False))
+        for tensor in (self.weight, self.scales, self.biases):
+            _release_pages(tensor)
+        self.weight = self.scales = self.biases = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return F.linear(x, dequantize(self.weight, self.scales, self.biases, self.bits).to(x.dtype))
+        flat = x.reshape(-1, self.in_features)
+        out = None
+        for packed, scales_zeros in zip(self.packed, self.scales_zeros):
+            part = torch._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scales_zeros.to(x.dtype))
+            out = part if out is None else out + part
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, mlx affine {self.bits}-bit, "
+                f"group_size={self.group_size}, {'dequantized' if self.weight is not None else 'int4 kernel'}")
+
+
+class AffineEmbedding(nn.Module):
+    """An embedding table in MLX's affine codes; rows are dequantized on lookup (exactly, then cast
+    to ``compute_dtype``), and the token -1 gives exact zeros as in the float model."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
+                 compute_dtype: torch.dtype):
+        super().__init__()
+        self.embedding_dim, self.bits, self.compute_dtype = embedding_dim, bits, compute_dtype
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim * bits // 8, dtype=torch.uint8),
+                                   requires_grad=False)
+        groups = embedding_dim // group_size
+        self.scales = nn.Parameter(torch.empty(num_embeddings, groups, dtype=compute_dtype), requires_grad=False)
+        self.biases = nn.Parameter(torch.empty(num_embeddings, groups, dtype=compute_dtype), requires_grad=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = tokens.clamp(min=0).reshape(-1)
+        values = dequantize(self.weight[rows], self.scales[rows], self.biases[rows], self.bits)
+        values = values.to(self.compute_dtype).view(*tokens.shape, self.embedding_dim)
+        return torch.where((tokens == ZERO_TOKEN)[..., None], torch.zeros((), dtype=values.dtype), values)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.embedding_dim}, mlx affine {self.bits}-bit"
