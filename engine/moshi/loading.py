@@ -72,4 +72,9 @@ def load_lm_state(state: dict[str, torch.Tensor], source: str, cfg: LMConfig, de
 def load_checkpoint_lm(info: CheckpointInfo, device: torch.device, dtype: torch.dtype,
                        quantize: str | None = None) -> LMModel:
     """The LM a resolved checkpoint names, with the architecture of its config.json."""
+    from ..formats import detect, mlx  # noqa: F401 - registers the MLX formats
+
+    fmt = detect(info.lm_weights)
+    if fmt is not None:
+        return fmt.load_lm(info.lm_weights, info.lm_config, device, dtype, quantize)
     return load_lm(info.lm_weights, LMConfig.from_dict(info.lm_config), device=device, dtype=dtype, quantize=quantize)

@@ -6,9 +6,10 @@ tokens.safetensors (``tokens`` int32 [1 + n_q, T]), and writes, with Kyutai's ow
 * model.safetensors, model.q8.safetensors, model.q4.safetensors: the LM imported by moshi_mlx's
   ``load_pytorch_weights`` and saved as Kyutai's exporter does (bf16, then ``nn.quantize`` with
   8 bits in groups of 64 and 4 bits in groups of 32);
-* for each file, reloaded as moshi_mlx's local.py does and then cast to fp32:
-  ``mlx_<variant>.safetensors``, the text logits [T, text_card] and teacher-forced depth logits
-  [T, dep_q, card] of a step-by-step run, and ``deq_<variant>.safetensors``, the weights as MLX
+* for each file, reloaded as moshi_mlx's local.py does: ``mlx_<variant>.safetensors``, the text
+  logits [T, text_card] and teacher-forced depth logits [T, dep_q, card] of a step-by-step run,
+  in bf16 as the app runs (``text_bf16``, ``depth_bf16``) and cast to fp32 (``text_fp32``,
+  ``depth_fp32``: the file's exact computation), and ``deq_<variant>.safetensors``, the weights as MLX
   dequantizes them (fp32), mapped back to the official layout by the inverse of MLX's importer.
 """
 
@@ -124,10 +125,15 @@ def main(folder: Path) -> None:
             model.load_weights(str(folder / VARIANTS["bf16"][0]), strict=True)
             nn.quantize(model, bits=quantized[0], group_size=quantized[1])
             model.save_weights(str(folder / file))
-        model = fresh(cfg, quantized)
-        model.load_weights(str(folder / file), strict=True)
-        model.set_dtype(mx.float32)  # scales, biases and norms upcast losslessly; codes stay
-        mx.save_safetensors(str(folder / f"mlx_{name}.safetensors"), logits(model, tokens))
+        outputs = {}
+        for dtype in ("bf16", "fp32"):
+            model = fresh(cfg, quantized)
+            model.load_weights(str(folder / file), strict=True)
+            if dtype == "fp32":
+                model.set_dtype(mx.float32)  # scales, biases and norms upcast losslessly; codes stay
+            for key, value in logits(model, tokens).items():
+                outputs[f"{key}_{dtype}"] = value.astype(mx.float32)
+        mx.save_safetensors(str(folder / f"mlx_{name}.safetensors"), outputs)
         mx.save_safetensors(str(folder / f"deq_{name}.safetensors"), to_pytorch(dequantized(model), cfg.depformer.num_slices))
 
 
