@@ -46,19 +46,25 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, 
     return (grouped * scales.float()[..., None] + biases.float()[..., None]).view(rows, -1)
 
 
-class AffineLinear(nn.Module):
+class _AffineCodes(nn.Module):
+    """A matrix of ``rows`` × ``inputs`` as the file holds it: ``weight`` (the packed codes' bytes),
+    ``scales`` and ``biases`` (one per group of ``group_size`` inputs, in ``compute_dtype``)."""
+
+    def __init__(self, rows: int, inputs: int, bits: int, group_size: int, compute_dtype: torch.dtype):
+        super().__init__()
+        self.bits, self.group_size, self.compute_dtype = bits, group_size, compute_dtype
+        self.weight = nn.Parameter(torch.empty(rows, inputs * bits // 8, dtype=torch.uint8), requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(rows, inputs // group_size, dtype=compute_dtype), requires_grad=False)
+        self.biases = nn.Parameter(torch.empty(rows, inputs // group_size, dtype=compute_dtype), requires_grad=False)
+
+
+class AffineLinear(_AffineCodes):
     """``y = x · Wᵀ`` with W held as MLX's affine codes; computes in ``compute_dtype``."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  compute_dtype: torch.dtype):
-        super().__init__()
+        super().__init__(out_features, in_features, bits, group_size, compute_dtype)
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.compute_dtype = bits, group_size, compute_dtype
-        self.weight = nn.Parameter(torch.empty(out_features, in_features * bits // 8, dtype=torch.uint8),
-                                   requires_grad=False)
-        groups = in_features // group_size
-        self.scales = nn.Parameter(torch.empty(out_features, groups, dtype=compute_dtype), requires_grad=False)
-        self.biases = nn.Parameter(torch.empty(out_features, groups, dtype=compute_dtype), requires_grad=False)
         # Once prepared for the kernel: per int4 product, its packed codes and scales_zeros [groups, out, 2]
         self.packed, self.scales_zeros = nn.ParameterList(), nn.ParameterList()
 
@@ -103,19 +109,14 @@ class AffineLinear(nn.Module):
                 f"group_size={self.group_size}, {'dequantized' if self.weight is not None else 'int4 kernel'}")
 
 
-class AffineEmbedding(nn.Module):
+class AffineEmbedding(_AffineCodes):
     """An embedding table in MLX's affine codes; rows are dequantized on lookup (exactly, then cast
     to ``compute_dtype``), and the token -1 gives exact zeros as in the float model."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
                  compute_dtype: torch.dtype):
-        super().__init__()
-        self.embedding_dim, self.bits, self.compute_dtype = embedding_dim, bits, compute_dtype
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim * bits // 8, dtype=torch.uint8),
-                                   requires_grad=False)
-        groups = embedding_dim // group_size
-        self.scales = nn.Parameter(torch.empty(num_embeddings, groups, dtype=compute_dtype), requires_grad=False)
-        self.biases = nn.Parameter(torch.empty(num_embeddings, groups, dtype=compute_dtype), requires_grad=False)
+        super().__init__(num_embeddings, embedding_dim, bits, group_size, compute_dtype)
+        self.embedding_dim = embedding_dim
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = tokens.clamp(min=0).reshape(-1)
