@@ -139,7 +139,8 @@ def run(quick: bool, full_7b: bool = False) -> dict[str, dict[str, float]]:
     if not full_7b:
         cfg = dataclasses.replace(cfg, num_layers=1, depformer_num_layers=1)
     if quick:
-        cfg = dataclasses.replace(cfg, dim=512, ffn_hidden=1408, text_card=1000, context=100)
+        cfg = dataclasses.replace(cfg, dim=512, ffn_hidden=1408, text_card=1000, context=100, depformer_dim=256,
+                                  depformer_num_heads=4, depformer_ffn_hidden=704)
     steps = 3 if quick else 10
     figures = {}
     with tempfile.TemporaryDirectory(prefix="moshi-bench-mlx-") as folder:
