@@ -26,12 +26,15 @@ class Format(Protocol):
     def matches(self, path: Path) -> bool:
         """Whether this file is in this format, read from its content."""
 
-    def load_lm(self, path: Path, lm_config: dict, device: torch.device, dtype: torch.dtype,
+    def load_lm(self, path: Path, lm_config: dict | None, device: torch.device, dtype: torch.dtype,
                 quantize: str | None) -> LMModel:
-        """The LM in our modules; a quantized file stays quantized in memory."""
+        """The LM in our modules; a quantized file stays quantized in memory. ``lm_config``: the
+        checkpoint's config.json keys, or None when it has none (the sizes then come from the shapes)."""
 
 
-FORMATS: list[Format] = []
+from .mlx import MLX_FORMATS  # noqa: E402 (the formats implement Format, above)
+
+FORMATS: list[Format] = [*MLX_FORMATS]
 
 
 def detect(path: Path) -> Format | None:

@@ -24,8 +24,6 @@ from torch import nn
 
 from ..moshi.model import ZERO_TOKEN
 from ..quant import INT4_GROUP_SIZES, _release_pages
-
-BITS = (4, 8)
 # Rows repacked for the int4 kernel at a time (a multiple of its 64-row blocks): the int32 codes the
 # packing function takes stay a few MB instead of 0.5 GB for a 32000-row vocabulary projection.
 _PACK_ROWS = 1024

@@ -19,17 +19,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from .. import quant
 from ..errors import CheckpointError
-from ..moshi.loading import derive_ffn_hidden, load_lm_state
-from ..moshi.model import LMConfig, LMModel, TokenEmbedding
-from ..weights import load_weights, read_safetensors
-from . import FORMATS
-from .affine import BITS, AffineEmbedding, AffineLinear
+
+if TYPE_CHECKING:  # torch is imported where a file is read: the checkpoint resolver lists lm_files
+    import torch
+
+    from ..moshi.model import LMModel
+
+BITS = (4, 8)  # MLX's affine quantization also has 2, 3, 5 and 6 bits; Kyutai publishes 8 and 4
 
 # MLX module names -> official ones (the leaf, weight/scales/biases, is kept).
 _RENAMES = [
@@ -60,6 +59,8 @@ def _official_name(module: str) -> str:
 def to_official(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """MLX-layout tensors under official names (per-step attention names, norms as (1, 1, D)
     ``alpha``); a quantized weight's words are viewed as the bytes they hold."""
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         module, _, leaf = key.rpartition(".")
@@ -88,6 +89,12 @@ def _bits_and_group(name: str, inputs: int, words: int, groups: int) -> tuple[in
 
 def _quantize_modules(model: LMModel, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Swap each module the file holds quantized for its affine twin (the model is on the meta device)."""
+    import torch
+    from torch import nn
+
+    from ..moshi.model import TokenEmbedding
+    from .affine import AffineEmbedding, AffineLinear
+
     for key in [k for k in state if k.endswith(".scales")]:
         name = key[:-len(".scales")]
         try:
@@ -109,14 +116,43 @@ def _quantize_modules(model: LMModel, state: dict[str, torch.Tensor], dtype: tor
         setattr(model.get_submodule(parent_name) if parent_name else model, child, affine)
 
 
-def load_mlx_lm(path: Path, lm_config: dict, device: torch.device, dtype: torch.dtype,
+def _logical_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape as a float model has it: a packed weight's width in inputs (all
+    quantized tensors of an MLX file have the bits of its text head)."""
+    shapes = {key: tuple(tensor.shape) for key, tensor in state.items()}
+    if "text_linear.scales" not in state:
+        return shapes
+    dim = shapes["out_norm.alpha"][-1]
+    bits, _ = _bits_and_group("text_linear", dim, shapes["text_linear.weight"][1] // 4,
+                              shapes["text_linear.scales"][1])
+    for key in state:
+        weight = key[:-len(".scales")] + ".weight" if key.endswith(".scales") else None
+        if weight in shapes:
+            shapes[weight] = (shapes[weight][0], shapes[weight][1] * 8 // bits)
+    return shapes
+
+
+def load_mlx_lm(path: Path, lm_config: dict | None, device: torch.device, dtype: torch.dtype,
                 quantize: str | None) -> LMModel:
-    """An MLX file as our LM. In fp32 a quantized file computes with exactly its dequantized
-    weights; in bf16 on a CPU its linears run on the int4 kernel (``affine.py``)."""
+    """An MLX file as our LM (``lm_config``: its config.json keys, or None to read the sizes from
+    the shapes). In fp32 a quantized file computes with exactly its dequantized weights; in bf16 on
+    a CPU its linears run on the int4 kernel (``affine.py``)."""
+    import torch
+
+    from .. import quant
+    from ..moshi.loading import derive_ffn_hidden, load_lm_state
+    from ..moshi.model import LMConfig, LMModel
+    from ..weights import load_weights, read_safetensors
+    from .affine import AffineLinear
+
     source = str(path)
     device = torch.device(device)
     quant.check_mode(quantize)
     state = to_official(read_safetensors(path), source)
+    if lm_config is None:
+        from .shapes import lm_config_from_shapes
+
+        lm_config = lm_config_from_shapes(_logical_shapes(state))
     cfg = LMConfig.from_dict(lm_config)
     if not any(key.endswith(".scales") for key in state):
         return load_lm_state(state, source, cfg, device, dtype, quantize)
@@ -169,7 +205,7 @@ class MLXFormat:
     def matches(self, path: Path) -> bool:
         return mlx_bits(path) == self.bits
 
-    def load_lm(self, path: Path, lm_config: dict, device: torch.device, dtype: torch.dtype,
+    def load_lm(self, path: Path, lm_config: dict | None, device: torch.device, dtype: torch.dtype,
                 quantize: str | None) -> LMModel:
         return load_mlx_lm(path, lm_config, device, dtype, quantize)
 
@@ -179,4 +215,3 @@ MLX_FORMATS = (
     MLXFormat("mlx-q8", ("model.q8.safetensors",), 8),
     MLXFormat("mlx-q4", ("model.q4.safetensors",), 4),
 )
-FORMATS.extend(MLX_FORMATS)

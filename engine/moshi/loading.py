@@ -72,7 +72,7 @@ def load_lm_state(state: dict[str, torch.Tensor], source: str, cfg: LMConfig, de
 def load_checkpoint_lm(info: CheckpointInfo, device: torch.device, dtype: torch.dtype,
                        quantize: str | None = None) -> LMModel:
     """The LM a resolved checkpoint names, with the architecture of its config.json."""
-    from ..formats import detect, mlx  # noqa: F401 - registers the MLX formats
+    from ..formats import detect
 
     fmt = detect(info.lm_weights)
     if fmt is not None:

@@ -112,8 +112,6 @@ def test_the_oracle_maps_mlx_back_to_the_official_layout(mlx_folder):
 
 
 def test_each_file_is_detected_from_its_content(mlx_folder, tmp_path):
-    from engine.formats import mlx  # noqa: F401 - registers the MLX formats
-
     for variant, file in FILES.items():
         found = formats.detect(mlx_folder / file)
         assert found is not None and found.name == f"mlx-{variant}" and file in found.lm_files
@@ -278,3 +276,14 @@ def test_a_q4_folder_chats_through_the_cli_as_its_dequantized_weights_do(mlx_fol
                for name, folder in folders.items()}
     assert replies["q4"].shape == replies["deq"].shape and (replies["q4"] == replies["deq"]).all()
     assert len(_chat(folders["q4"], wav, tmp_path / "bf16.wav")) > 24000
+
+
+@pytest.mark.parametrize("variant", FILES)
+def test_without_config_json_the_sizes_come_from_the_shapes(mlx_folder, variant):
+    """Kyutai's MLX repos ship no config.json: the packed widths are read back in inputs."""
+    pytest.importorskip("engine.formats.shapes", reason="the shapes -> config helper is not in this tree")
+    tokens = _tokens(mlx_folder)
+    given = load_mlx_lm(mlx_folder / FILES[variant], _config(mlx_folder), torch.device("cpu"), torch.bfloat16, None)
+    read = load_mlx_lm(mlx_folder / FILES[variant], None, torch.device("cpu"), torch.bfloat16, None)
+    for got, expected in zip(_logits(read, tokens), _logits(given, tokens)):
+        assert torch.equal(got, expected)
