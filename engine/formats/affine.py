@@ -12,8 +12,10 @@ nibble. Modules here store exactly those bytes, scales and biases.
   a float model holding the dequantized weights computes.
 * In bf16 on a CPU a linear runs on PyTorch's grouped int4 kernel (the one ``Int4Linear`` uses),
   whose convention is ``w = (c − 8) · scale + zero``. A 4-bit code maps onto it with ``zero =
-  bias + 8 · scale``; an 8-bit code splits into its two nibbles, ``q = 16·hi + lo``, two int4
-  products that read 8 bits a weight in all. Rounding ``zero`` to bf16 makes this path approximate.
+  bias + 8 · scale``; an 8-bit code splits into its two nibbles, ``q = 16·hi + lo``, an int4
+  product twice as wide that reads 8 bits a weight in all. The kernel takes its scales and zeros
+  in the activations' dtype: rounding ``zero`` to bf16 (and the bf16 activations) make this path
+  approximate; its deviation is measured against MLX's own bf16 run in the tests.
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ class AffineLinear(_AffineCodes):
                  compute_dtype: torch.dtype):
         super().__init__(out_features, in_features, bits, group_size, compute_dtype)
         self.in_features, self.out_features = in_features, out_features
-        # Once prepared for the kernel: per int4 product, its packed codes and scales_zeros [groups, out, 2]
-        self.packed, self.scales_zeros = nn.ParameterList(), nn.ParameterList()
+        # Once prepared for the kernel: its packed codes, and its scales and zeros [groups, out, 2]
+        self.packed: nn.Parameter | None = None
+        self.scales_zeros: nn.Parameter | None = None
 
     def kernel_fits(self) -> bool:
         """Whether the CPU int4 kernel takes this layer: reduced-precision compute on a CPU, a group
@@ -73,38 +76,40 @@ class AffineLinear(_AffineCodes):
                 and self.group_size in INT4_GROUP_SIZES and self.out_features % 16 == 0)
 
     def prepare_kernel(self) -> None:
-        """Repack the codes for the int4 kernel and drop the file's copy (its pages are released)."""
+        """Repack the codes for the int4 kernel and drop the file's copy (its pages are released).
+
+        8-bit codes become one int4 matrix twice as wide, [hi | lo], which multiplies [x | x]:
+        the kernel sums both halves in its fp32 accumulator and rounds once."""
         scale, bias = self.scales.float(), self.biases.float()
-        if self.bits == 4:
-            nibbles = [(lambda c: c, scale, bias + 8 * scale)]
-        else:
-            nibbles = [(lambda c: c >> 4, 16 * scale, 128 * scale), (lambda c: c & 15, scale, bias + 8 * scale)]
-        for select, part_scale, zero in nibbles:
-            packed = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
-            for start in range(0, self.out_features, _PACK_ROWS):
-                rows = slice(start, start + _PACK_ROWS)
-                codes = select(unpack(self.weight[rows], self.bits)).to(torch.int32)
-                packed[rows] = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-            scales_zeros = torch.stack([part_scale, zero], dim=-1).transpose(0, 1).to(self.compute_dtype)
-            self.packed.append(nn.Parameter(packed, requires_grad=False))
-            self.scales_zeros.append(nn.Parameter(scales_zeros.contiguous(), requires_grad=False))
+        halves = 2 if self.bits == 8 else 1
+        packed = torch.empty(self.out_features, halves * self.in_features // 2, dtype=torch.uint8)
+        for start in range(0, self.out_features, _PACK_ROWS):
+            rows = slice(start, start + _PACK_ROWS)
+            codes = unpack(self.weight[rows], self.bits)
+            if self.bits == 8:
+                codes = torch.cat([codes >> 4, codes & 15], dim=1)
+            packed[rows] = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        # the kernel's w = (c − 8) · scale + zero
+        parts = [(scale, bias + 8 * scale)] if self.bits == 4 else [(16 * scale, 128 * scale), (scale, bias + 8 * scale)]
+        scales_zeros = torch.cat([torch.stack(part, dim=-1).transpose(0, 1) for part in parts])
+        self.packed = nn.Parameter(packed, requires_grad=False)
+        self.scales_zeros = nn.Parameter(scales_zeros.to(self.compute_dtype).contiguous(), requires_grad=False)
         for tensor in (self.weight, self.scales, self.biases):
             _release_pages(tensor)
         self.weight = self.scales = self.biases = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
+        if self.packed is None:
             return F.linear(x, dequantize(self.weight, self.scales, self.biases, self.bits).to(x.dtype))
         flat = x.reshape(-1, self.in_features)
-        out = None
-        for packed, scales_zeros in zip(self.packed, self.scales_zeros):
-            part = torch._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scales_zeros.to(x.dtype))
-            out = part if out is None else out + part
+        if self.bits == 8:
+            flat = torch.cat([flat, flat], dim=1)
+        out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_zeros.to(x.dtype))
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, mlx affine {self.bits}-bit, "
-                f"group_size={self.group_size}, {'dequantized' if self.weight is not None else 'int4 kernel'}")
+                f"group_size={self.group_size}, {'int4 kernel' if self.packed is not None else 'dequantized'}")
 
 
 class AffineEmbedding(_AffineCodes):
