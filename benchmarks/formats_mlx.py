@@ -1,7 +1,8 @@
 """Kyutai's MLX q8/q4 files against our ``--quantize int8/int4`` of the official bf16 file, 1 torch thread.
 
-For each: load time, the peak RSS the load adds (against the file's size), and the time of one
-temporal layer step and of a whole generator step, medians. Each variant runs in a fresh process.
+For each: load time and the peak RSS the load adds (against the file's size), each in a fresh
+process; then the time of one temporal layer step and of a whole generator step, medians, the
+two models' calls alternating so that both see the same machine load.
 The files hold random weights at Moshi-7B's shapes, the MLX ones written directly in MLX's
 layout (random codes, scales and biases: the format, not the values, sets the cost).
 
@@ -13,10 +14,10 @@ layout (random codes, scales and biases: the format, not the values, sets the co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import statistics
 import struct
 import subprocess
 import sys
@@ -28,8 +29,8 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from common import run_command_line  # noqa: E402
-from lm import _codes, _peak_rss_mb, write_random_weights  # noqa: E402
+from common import run_command_line, summary  # noqa: E402
+from lm import _peak_rss_mb, time_steps, write_random_weights  # noqa: E402
 
 from engine.moshi.generate import LMGen, Sampling  # noqa: E402
 from engine.moshi.loading import load_lm  # noqa: E402
@@ -105,33 +106,40 @@ def _rss_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
-def _child(path: str, cfg_json: str, quantize: str, steps: str) -> None:
-    """In a fresh process: load, then time layer and generator steps; one JSON line."""
+def _load(path: Path, cfg: LMConfig, variant: str):
+    """An MLX file (``variant`` "mlx-q8", "mlx-q4") or the official file with ``variant`` as --quantize."""
     from engine.formats.mlx import load_mlx_lm
 
+    if variant.startswith("mlx"):
+        return load_mlx_lm(path, cfg.to_dict(), torch.device("cpu"), torch.bfloat16, None)
+    return load_lm(path, cfg, dtype=torch.bfloat16, quantize=variant)
+
+
+def _child(path: str, cfg_json: str, variant: str) -> None:
+    """In a fresh process: the load's time and the peak RSS it adds; one JSON line."""
     torch.set_num_threads(1)
-    cfg, steps = LMConfig(**json.loads(cfg_json)), int(steps)
+    cfg = LMConfig(**json.loads(cfg_json))
     before = _rss_mb()
     start = time.perf_counter()
-    if quantize.startswith("mlx"):
-        lm = load_mlx_lm(Path(path), cfg.to_dict(), torch.device("cpu"), torch.bfloat16, None)
-    else:
-        lm = load_lm(path, cfg, dtype=torch.bfloat16, quantize=None if quantize == "bf16" else quantize)
+    _load(Path(path), cfg, variant)
     load_ms = (time.perf_counter() - start) * 1000
-    load_rss = _peak_rss_mb() - before
-    gen, codes = LMGen(lm, Sampling.greedy()), _codes(cfg, steps + 1)
+    print(json.dumps({"load_ms": load_ms, "load_rss_mb": _peak_rss_mb() - before}))
+
+
+def time_layers(lms: dict, cfg: LMConfig, steps: int) -> dict[str, list[float]]:
+    """Per-call times of each model's first temporal layer on one step, calls alternating."""
     x = torch.randn(1, 1, cfg.dim, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    layer_ms, step_ms = [], []
-    with torch.no_grad(), gen.streaming(1):
+    times: dict[str, list[float]] = {name: [] for name in lms}
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for lm in lms.values():
+            stack.enter_context(lm.streaming(1))
         for t in range(steps + 1):
-            start = time.perf_counter()
-            lm.transformer.layers[0](x)
-            layer_ms.append((time.perf_counter() - start) * 1000)
-            start = time.perf_counter()
-            gen.step(codes[t])
-            step_ms.append((time.perf_counter() - start) * 1000)
-    print(json.dumps({"load_ms": load_ms, "load_rss_mb": load_rss, "layer_ms": statistics.median(layer_ms[1:]),
-                      "step_ms": statistics.median(step_ms[1:])}))
+            for name, lm in lms.items():
+                start = time.perf_counter()
+                lm.transformer.layers[0](x)
+                if t:  # the first call is a warm-up
+                    times[name].append((time.perf_counter() - start) * 1000)
+    return times
 
 
 def run(quick: bool, full_7b: bool = False) -> dict[str, dict[str, float]]:
@@ -141,35 +149,35 @@ def run(quick: bool, full_7b: bool = False) -> dict[str, dict[str, float]]:
     if quick:
         cfg = dataclasses.replace(cfg, dim=512, ffn_hidden=1408, text_card=1000, context=100, depformer_dim=256,
                                   depformer_num_heads=4, depformer_ffn_hidden=704)
-    steps = 3 if quick else 10
+    steps = 3 if quick else 20
     figures = {}
     with tempfile.TemporaryDirectory(prefix="moshi-bench-mlx-") as folder:
         official = Path(folder) / "model.safetensors"
         write_random_weights(official, cfg)
 
-        def child(path: Path, quantize: str) -> dict:
+        def child(path: Path, variant: str) -> dict:
             out = subprocess.run([sys.executable, __file__, "--child", str(path), json.dumps(dataclasses.asdict(cfg)),
-                                  quantize, str(steps)], capture_output=True, text=True,
-                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                  variant], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
             if out.returncode:
-                raise RuntimeError(f"{quantize} on {path.name} failed:\n{out.stderr}")
-            figure = json.loads(out.stdout.strip().splitlines()[-1])
-            figure["file_mb"] = path.stat().st_size / 2**20
-            return figure
+                raise RuntimeError(f"{variant} on {path.name} failed:\n{out.stderr}")
+            return json.loads(out.stdout.strip().splitlines()[-1])
 
         for variant, mode in VARIANTS.items():
-            bits = int(variant[len("mlx-q"):])
-            mlx = Path(folder) / f"model.q{bits}.safetensors"
-            write_mlx_file(mlx, cfg, bits)
+            mlx = Path(folder) / f"model.q{variant[len('mlx-q'):]}.safetensors"
+            write_mlx_file(mlx, cfg, int(variant[len("mlx-q"):]))
             ours, theirs = child(mlx, variant), child(official, mode)
+            figures[f"{variant}_load_vs_{mode}"] = summary([ours["load_ms"]], [theirs["load_ms"]])
+            file_mb = mlx.stat().st_size / 2**20
+            figures[f"{variant}_load_rss_vs_file"] = {"ours_mb": round(ours["load_rss_mb"]), "reference_mb": round(file_mb),
+                                                      "ratio": round(ours["load_rss_mb"] / file_mb, 3)}
+            lms = {variant: _load(mlx, cfg, variant), mode: _load(official, cfg, mode)}
+            layers = time_layers(lms, cfg, steps)
+            figures[f"{variant}_layer_vs_{mode}"] = summary(layers[variant], layers[mode])
+            gens = {name: LMGen(lm, Sampling.greedy()) for name, lm in lms.items()}
+            step = time_steps(gens, cfg, 1, steps)
+            figures[f"{variant}_step_vs_{mode}"] = summary(step[variant], step[mode])
+            del lms, gens
             mlx.unlink()
-            for key, unit in (("load", "ms"), ("layer", "ms"), ("step", "ms")):
-                figures[f"{variant}_{key}_vs_{mode}"] = {
-                    f"ours_{unit}": round(ours[f"{key}_ms"], 2), f"reference_{unit}": round(theirs[f"{key}_ms"], 2),
-                    "ratio": round(ours[f"{key}_ms"] / theirs[f"{key}_ms"], 3)}
-            figures[f"{variant}_load_rss_vs_file"] = {
-                "ours_mb": round(ours["load_rss_mb"]), "reference_mb": round(ours["file_mb"]),
-                "ratio": round(ours["load_rss_mb"] / ours["file_mb"], 3)}
     return figures
 
 
@@ -183,7 +191,7 @@ def print_table(results: dict) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(*sys.argv[2:6])
+        _child(*sys.argv[2:5])
         return
     run_command_line(__doc__, "small shapes: only checks that the code runs", run, print_table, full_7b=True)
 
