@@ -46,7 +46,6 @@ _RENAMES = [
     (re.compile(r"depformer\.slices\.\d+\.transformer\.layers\.(\d+)\.(norm[12])"), r"depformer.layers.\1.\2"),
 ]
 _NORM = re.compile(r"(^|\.)(out_norm|norm[12])$")
-_QUANTIZED_LEAVES = ("scales", "biases")
 
 
 def _official_name(module: str) -> str:
