@@ -32,3 +32,16 @@ def test_quick_benchmarks_report_ours_and_reference():
         ours, reference = figure[f"ours_{unit}"], figure[f"reference_{unit}"]
         assert ours > 0 and reference > 0, name
         assert figure["ratio"] == pytest.approx(ours / reference, rel=0.02), name
+
+
+def test_quick_mlx_format_benchmark_reports_each_file_against_its_quantize_mode():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "formats_mlx.py"), "--quick", "--json"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for variant, mode in (("mlx-q8", "int8"), ("mlx-q4", "int4")):
+        for key in ("load", "layer", "step"):
+            figure = figures[f"{variant}_{key}_vs_{mode}"]
+            assert figure["ours_ms"] > 0 and figure["ratio"] == pytest.approx(
+                figure["ours_ms"] / figure["reference_ms"], rel=0.02)
+        assert figures[f"{variant}_load_rss_vs_file"]["ours_mb"] > 0

@@ -37,25 +37,18 @@ class Format(Protocol):
 
 # The formats implement Format, above.
 from .candle import CANDLE_BF16, CANDLE_Q8  # noqa: E402
+from .mlx import MLX_FORMATS  # noqa: E402
 from .transformers import TRANSFORMERS  # noqa: E402
 
-FORMATS: list[Format] = [CANDLE_Q8, CANDLE_BF16, TRANSFORMERS]
+FORMATS: list[Format] = [CANDLE_Q8, CANDLE_BF16, *MLX_FORMATS, TRANSFORMERS]
 
-# Layouts we can name but do not load (yet): the first of their keys found tells them apart.
-_FOREIGN_LAYOUTS = (
-    ("depformer.slices.0.linear_in.weight", "MLX"),
-    ("audio_embs.0.weight", "MLX"),
-)
 _OFFICIAL_KEYS = ("text_emb.weight", "out_norm.alpha", "emb.0.weight")
 
 
 def check_official_layout(keys, path: Path) -> None:
     """A one-line CheckpointError, before any weight is read, for a safetensors file that is not in
-    the official layout: naming its layout when we know it, else saying it is none we know."""
+    the official layout nor any of ``FORMATS``: a Mimi codec, or no layout we know."""
     keys = set(keys)
-    for key, layout in _FOREIGN_LAYOUTS:
-        if key in keys:
-            raise CheckpointError(f"{path} is a checkpoint in the {layout} layout, which moshi does not load")
     if any(key.startswith("quantizer.semantic_residual_vector_quantizer.") for key in keys):
         raise CheckpointError(f"{path} is a Mimi codec in the transformers layout, not a language model")
     if not keys & set(_OFFICIAL_KEYS):

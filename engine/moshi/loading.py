@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..hub import CheckpointInfo
 
 
-def _derive_ffn_hidden(cfg: LMConfig, state: dict[str, torch.Tensor]) -> LMConfig:
+def derive_ffn_hidden(cfg: LMConfig, state: dict[str, torch.Tensor]) -> LMConfig:
     """Take the gated FFN widths from the weights: the reference derives them from hidden_scale
     (``2 · dim_feedforward // 3``, or ``21 · dim // 8`` when dim_feedforward = 4 · dim), and a
     config.json's hidden_scale does not always give, through that rule, the width its weights have."""
@@ -56,7 +56,7 @@ def load_lm_state(state: dict[str, torch.Tensor], source: str, cfg: LMConfig, de
     """
     quant.check_mode(quantize)
     device = torch.device(device)
-    cfg = _derive_ffn_hidden(cfg, state)
+    cfg = derive_ffn_hidden(cfg, state)
     with torch.device("meta"):
         model = LMModel(cfg)
     stored_int8 = quant.has_int8_weights(state)

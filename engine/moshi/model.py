@@ -192,11 +192,11 @@ class LMModel(StreamingModule):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.out_norm.alpha.dtype  # the embeddings may be quantized (a candle q8 file's are)
+        return self.out_norm.alpha.dtype  # the embeddings may be quantized (candle q8 and MLX files' are)
 
     @property
     def device(self) -> torch.device:
-        return self.text_emb.weight.device
+        return self.out_norm.alpha.device
 
     def initial_tokens(self) -> torch.Tensor:
         """What every stream reads before it has a past: text_card for text, card for audio. [1, K, 1]."""

@@ -193,15 +193,15 @@ def test_a_gguf_that_is_not_moshi_is_one_line(tmp_path):
         CANDLE_Q8.load_lm(path, None, torch.device("cpu"), torch.float32, None)
 
 
-def test_unknown_and_foreign_layouts_are_one_line(tmp_path):
+def test_unknown_layouts_and_a_codec_are_one_line(tmp_path):
     unknown = tmp_path / "unknown.safetensors"
     save_file({"encoder.weight": torch.zeros(2, 2)}, unknown)
     with pytest.raises(CheckpointError, match="none of a Moshi language model's tensors"):
         load_lm(unknown, TINY_CANDLE)
-    mlx = tmp_path / "mlx.safetensors"
-    save_file({"audio_embs.0.weight": torch.zeros(2, 2), "text_emb.weight": torch.zeros(2, 2)}, mlx)
-    with pytest.raises(CheckpointError, match="in the MLX layout, which moshi does not load"):
-        load_lm(mlx, TINY_CANDLE)
+    codec = tmp_path / "mimi.safetensors"
+    save_file({"quantizer.semantic_residual_vector_quantizer.layers.0.codebook.embed_sum": torch.zeros(2, 2)}, codec)
+    with pytest.raises(CheckpointError, match="is a Mimi codec in the transformers layout, not a language model"):
+        load_lm(codec, TINY_CANDLE)
 
 
 def test_slices_whose_norm_copies_differ_are_refused(tmp_path):
