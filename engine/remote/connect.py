@@ -129,7 +129,8 @@ class Server:
         try:
             # The whole opening (TCP, TLS, HTTP upgrade) within `timeout`: a black-holed address fails, not hangs.
             return await asyncio.wait_for(
-                session.ws_connect(url, headers=self.headers, ssl=self.ssl or True, max_msg_size=0), timeout)
+                session.ws_connect(url, headers=self.headers, ssl=self.ssl or True, max_msg_size=0,
+                                   timeout=aiohttp.ClientWSTimeout(ws_close=1.0)), timeout)
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (401, 403):
                 key = "no key (--api-key or MOSHI_API_KEY)" if self.api_key is None else "the key given"

@@ -185,7 +185,7 @@ Url = Annotated[Optional[str], typer.Option(
          "belong to the server.")]
 ApiKey = Annotated[Optional[str], typer.Option(
     "--api-key", metavar="KEY", envvar="MOSHI_API_KEY", rich_help_panel=REMOTE_PANEL, show_default=False,
-    help="With --url: the key the server asks for (sent in the kyutai-api-key header) [env: MOSHI_API_KEY].")]
+    help="With --url: the key the server asks for (sent in the kyutai-api-key header).")]
 Insecure = Annotated[bool, typer.Option(
     "--insecure", rich_help_panel=REMOTE_PANEL,
     help="With a wss:// URL: take the server's certificate unchecked (a self-signed test server).")]
@@ -208,6 +208,14 @@ def remote_server(url: str | None, path: str, api_key: str | None, insecure: boo
         return Server.from_options(url, path, api_key, insecure, ca_cert)
     except RemoteError as exc:
         raise ArgumentError(str(exc)) from None
+
+
+def reject_model_options(ctx: typer.Context, names: Iterable[str]) -> None:
+    """With --url the server has loaded its model: options that choose or place one here are refused."""
+    for name in names:
+        if ctx.get_parameter_source(name).name == "COMMANDLINE":
+            raise typer.BadParameter("the server runs its own model: this option goes without --url",
+                                     param_hint="--" + name.replace("_", "-"))
 
 
 def progress_to_stderr(message: str) -> None:
