@@ -1,0 +1,136 @@
+"""Real servers on loopback for the remote tests: Kyutai's `moshi.server` (the reference package) on a
+tiny checkpoint, a relay that keeps every message passing through it, and a server written here to
+the protocol's rules where a scenario needs one Kyutai's cannot play (one that says an error, a
+MoshiVis one)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+
+from engine import wire
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def kyutai_server(folder: Path, work: Path, timeout: float = 240.0):
+    """`python -m moshi.server` on the tiny chat checkpoint in `folder`, on CPU, without its web UI;
+    yields (its address as host:port, its process). The reference resolves Mimi's config from the
+    model's config by name on the hub unless it is a file:// path, so a copy of config.json names it so."""
+    config = json.loads((folder / "config.json").read_text())
+    config["mimi_config_name"] = f"file://{folder / config['mimi_config_name']}"
+    (work / "server_config.json").write_text(json.dumps(config))
+    port = free_port()
+    log = open(work / "kyutai_server.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "kyutai_server.py"), "--static", "none", "--host", "127.0.0.1",
+         "--port", str(port), "--device", "cpu", "--hf-repo", str(folder),
+         "--moshi-weight", str(folder / config["moshi_name"]), "--mimi-weight", str(folder / config["mimi_name"]),
+         "--tokenizer", str(folder / config["tokenizer_name"]), "--config-path", str(work / "server_config.json")],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1"))
+    try:
+        end = time.monotonic() + timeout
+        while b"Running on" not in (work / "kyutai_server.log").read_bytes():
+            assert process.poll() is None, (work / "kyutai_server.log").read_text()
+            assert time.monotonic() < end, "Kyutai's server did not start"
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}", process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.close()
+
+
+class RecordingRelay:
+    """A websocket relay to `upstream` (ws://host:port): every binary message, each way, passes
+    unchanged and is kept, in order, with the query string the client sent."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.to_server: list[bytes] = []
+        self.to_client: list[bytes] = []
+        self.query = ""
+
+    async def _relay(self, request: web.Request) -> web.WebSocketResponse:
+        self.query = request.query_string
+        client = web.WebSocketResponse(max_msg_size=0)
+        await client.prepare(request)
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{self.upstream}{request.path_qs}", max_msg_size=0) as server:
+                async def down():
+                    async for msg in server:
+                        if msg.type == aiohttp.WSMsgType.BINARY:
+                            self.to_client.append(msg.data)
+                            await client.send_bytes(msg.data)
+                    await client.close()
+
+                downstream = asyncio.create_task(down())
+                async for msg in client:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        self.to_server.append(msg.data)
+                        await server.send_bytes(msg.data)
+                await server.close()
+                await downstream
+        return client
+
+    async def start(self) -> str:
+        """Serve; the relay's address as host:port."""
+        app = web.Application()
+        app.router.add_get(wire.CHAT_PATH, self._relay)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        return f"127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    def sent(self, kind: wire.Kind, direction: list[bytes]) -> list[bytes]:
+        return [payload for kind_, payload in filter(None, map(wire.parse, direction)) if kind_ == kind]
+
+
+def decode_opus(payloads: list[bytes]) -> np.ndarray:
+    """One direction's audio messages, concatenated, decoded as the reference server decodes them."""
+    import sphn
+
+    reader = sphn.OpusStreamReader(24000)
+    return np.concatenate([reader.append_bytes(p) for p in payloads] or [np.zeros(0, np.float32)])
+
+
+def spectrogram_correlation(reference: np.ndarray, decoded: np.ndarray, max_lag: int = 480) -> float:
+    """How alike two sounds are as heard (magnitude spectra of 80 ms frames), at the codec's delay
+    that aligns them best."""
+    def spectra(pcm: np.ndarray) -> np.ndarray:
+        frames = pcm[:len(pcm) // 1920 * 1920].reshape(-1, 1920)
+        return np.abs(np.fft.rfft(frames * np.hanning(1920), axis=1)).ravel()
+
+    best = -1.0
+    for lag in range(0, max_lag, 10):
+        n = min(len(reference), len(decoded) - lag) // 1920 * 1920
+        best = max(best, float(np.corrcoef(spectra(reference[:n]), spectra(decoded[lag:lag + n]))[0, 1]))
+    return best
