@@ -14,9 +14,11 @@ one `Output` per accepted frame and in order, which the session's frame clock, r
 bound (frames in flight) rest on. A server that drops audio (a busy one may) would leave frames
 unanswered for ever: a frame waiting `LOST_AFTER_S` is answered with silence and counted as skipped.
 
-Text pieces come beside the voice but in either order (Kyutai's Python server sends a step's voice
-then its text, others the text first). A piece that arrives while a frame of voice waits is that
-frame's; a frame waits for it at most `TEXT_GRACE_S`, so the voice is never held back longer.
+Kyutai's servers (Python and Rust) send a step's voice, then its text piece, if any, at once. So a
+frame of voice waits up to `TEXT_GRACE_S` for a piece that follows it, and is handed on as soon as
+one does; a piece that comes later (a slow network, or a server that sends text first) goes to the
+next frame: the words are the same, shown 80 ms later. The wait is the only delay this client adds
+to the server's voice, and only for the frames without text.
 """
 
 from __future__ import annotations

@@ -134,3 +134,52 @@ def spectrogram_correlation(reference: np.ndarray, decoded: np.ndarray, max_lag:
         n = min(len(reference), len(decoded) - lag) // 1920 * 1920
         best = max(best, float(np.corrcoef(spectra(reference[:n]), spectra(decoded[lag:lag + n]))[0, 1]))
     return best
+
+
+class SpecServer:
+    """A server written to the protocol's rules: `script(ws, request)` plays one connection. The
+    helpers below are the pieces a script is made of."""
+
+    def __init__(self, script) -> None:
+        self.script = script
+        self.connections = 0
+
+    async def _chat(self, request: web.Request) -> web.WebSocketResponse:
+        self.connections += 1
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        await self.script(ws, request)
+        await ws.close()
+        return ws
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get(wire.CHAT_PATH, self._chat)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        return f"127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+
+async def echo_steps(ws, reply, first_step: int = 0):
+    """Step once per 1920 samples received, as Kyutai's servers do: no answer to the first step, then
+    for step s `reply(s, frame)`: the messages to send, e.g. the frame heard (as voice) and a text."""
+    import sphn
+
+    from engine.stt.transcription import Framer
+
+    reader, writer, framer, step = sphn.OpusStreamReader(24000), sphn.OpusStreamWriter(24000), Framer(), first_step
+    async for msg in ws:
+        if msg.type != aiohttp.WSMsgType.BINARY or msg.data[:1] != bytes([wire.Kind.AUDIO]):
+            continue
+        for frame in framer.push(reader.append_bytes(msg.data[1:])):
+            if step > 0:
+                for kind, payload in reply(step, frame):
+                    if kind == wire.Kind.AUDIO:
+                        payload = writer.append_pcm(payload)
+                    await ws.send_bytes(wire.message(kind, payload))
+            step += 1
