@@ -105,6 +105,7 @@ def make_app(service: Service, api_keys: tuple[str, ...] = (), static_dir: Path 
             log.info("%s refused: missing or wrong API key", peer_of(request))
             raise web.HTTPUnauthorized(text="a valid API key is needed: header %s or query ?%s=\n"
                                        % (wire.API_KEY_HEADER, wire.API_KEY_QUERY))
+        peer = peer_of(request)
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
         await ws.prepare(request)
         app[SOCKETS_KEY].add(ws)
@@ -116,7 +117,7 @@ def make_app(service: Service, api_keys: tuple[str, ...] = (), static_dir: Path 
             if not ws.closed:
                 await ws.close()
             ended = "refused: no free slot" if stats.refused else (f"error: {stats.error}" if stats.error else "closed")
-            log.info("%s %s %s duration=%.1fs frames=%d drops=%d %s", peer_of(request), service.model, service.path,
+            log.info("%s %s %s duration=%.1fs frames=%d drops=%d %s", peer, service.model, service.path,
                      time.monotonic() - begun, stats.frames, stats.dropped, ended)
         return ws
 
