@@ -6,13 +6,7 @@ MoshiVis one)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,48 +15,18 @@ import numpy as np
 from aiohttp import web
 
 from engine import wire
-
-HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from serve.support import free_port, start_kyutai
 
 @contextmanager
-def kyutai_server(folder: Path, work: Path, timeout: float = 240.0):
-    """`python -m moshi.server` on the tiny chat checkpoint in `folder`, on CPU, without its web UI;
-    yields (its address as host:port, its process). The reference resolves Mimi's config from the
-    model's config by name on the hub unless it is a file:// path, so a copy of config.json names it so."""
-    config = json.loads((folder / "config.json").read_text())
-    config["mimi_config_name"] = f"file://{folder / config['mimi_config_name']}"
-    (work / "server_config.json").write_text(json.dumps(config))
-    port = free_port()
-    log = open(work / "kyutai_server.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "kyutai_server.py"), "--static", "none", "--host", "127.0.0.1",
-         "--port", str(port), "--device", "cpu", "--hf-repo", str(folder),
-         "--moshi-weight", str(folder / config["moshi_name"]), "--mimi-weight", str(folder / config["mimi_name"]),
-         "--tokenizer", str(folder / config["tokenizer_name"]), "--config-path", str(work / "server_config.json")],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1"))
+def kyutai_server(folder: Path, work: Path):
+    """Kyutai's `python -m moshi.server` on the tiny chat checkpoint in `folder`, on CPU, without its
+    web UI: the running `serve.support.Server`, stopped at the end."""
+    server = start_kyutai(folder, work)
     try:
-        end = time.monotonic() + timeout
-        while b"Running on" not in (work / "kyutai_server.log").read_bytes():
-            assert process.poll() is None, (work / "kyutai_server.log").read_text()
-            assert time.monotonic() < end, "Kyutai's server did not start"
-            time.sleep(0.2)
-        yield f"127.0.0.1:{port}", process
+        yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
+        if server.process.poll() is None:
+            server.stop(signal.SIGINT)
 
 
 class RecordingRelay:
@@ -165,9 +129,10 @@ class SpecServer:
         await self._runner.cleanup()
 
 
-async def echo_steps(ws, reply, first_step: int = 0):
+async def echo_steps(ws, reply, first_step: int = 0, step_s: float = 0.0):
     """Step once per 1920 samples received, as Kyutai's servers do: no answer to the first step, then
-    for step s `reply(s, frame)`: the messages to send, e.g. the frame heard (as voice) and a text."""
+    for step s `reply(s, frame)`: the messages to send, e.g. the frame heard (as voice) and a text.
+    Each step takes `step_s` (a server slower than real time)."""
     import sphn
 
     from engine.stt.transcription import Framer
@@ -177,6 +142,7 @@ async def echo_steps(ws, reply, first_step: int = 0):
         if msg.type != aiohttp.WSMsgType.BINARY or msg.data[:1] != bytes([wire.Kind.AUDIO]):
             continue
         for frame in framer.push(reader.append_bytes(msg.data[1:])):
+            await asyncio.sleep(step_s)
             if step > 0:
                 for kind, payload in reply(step, frame):
                     if kind == wire.Kind.AUDIO:

@@ -32,8 +32,8 @@ def tiny_chat(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_chat, tmp_path_factory):
-    with kyutai_server(tiny_chat, tmp_path_factory.mktemp("server")) as (address, process):
-        yield address
+    with kyutai_server(tiny_chat, tmp_path_factory.mktemp("server")) as server:
+        yield f"127.0.0.1:{server.port}"
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +124,13 @@ async def test_a_server_killed_mid_conversation_ends_the_run(tiny_chat, speechli
     path, pcm = speechlike
     long_input = tmp_path / "long.wav"
     soundfile.write(long_input, np.tile(pcm, 20), 24000, subtype="FLOAT")  # a minute: the kill comes first
-    with kyutai_server(tiny_chat, tmp_path) as (address, process):
-        run = asyncio.create_task(_moshi("chat", "--url", address, "--input", long_input,
+    with kyutai_server(tiny_chat, tmp_path) as server:
+        run = asyncio.create_task(_moshi("chat", "--url", f"127.0.0.1:{server.port}", "--input", long_input,
                                          "--output", tmp_path / "out.wav", "--transcript", tmp_path / "words.txt"))
-        log = tmp_path / "kyutai_server.log"
-        while log.read_text().count("frame handled") < 10:
+        while server.output().count("frame handled") < 10:
             assert not run.done(), (await run)[2]
             await asyncio.sleep(0.1)
-        process.kill()
+        server.process.kill()
         started = time.monotonic()
         rc, out, err = await run
     assert time.monotonic() - started < 15

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from audio import FRAME_SIZE
+from audio.lag import MAX_IN_FLIGHT_FRAMES
 from engine import wire
 from engine.interface import Described, Failed, Loading, Output, Ready
 from engine.remote import chat
@@ -219,3 +220,35 @@ async def test_frames_a_server_drops_are_answered_with_silence_and_counted(monke
     assert [o.index for o in outputs] == list(range(8))
     assert engine.skipped == 2
     assert [o.pcm is None for o in outputs].count(True) == 3  # frame 0, and the two the server dropped
+
+
+async def test_a_slow_server_gets_no_more_than_the_frames_in_flight_allow():
+    """The lag bound holds through a server: one slower than real time (a 200 ms step) is sent at
+    most `max_in_flight` frames ahead (the local bound, plus the connection's round trip rounded up
+    to whole frames: one on loopback); the frames beyond are refused and counted, as with a slow
+    local engine."""
+    async def slow(ws, request):
+        await ws.send_bytes(wire.HANDSHAKE_PYTHON)
+        await echo_steps(ws, lambda step, frame: [(wire.Kind.AUDIO, frame)], step_s=0.2)
+
+    server = SpecServer(slow)
+    address = await server.start()
+    engine = RemoteEngine(Server.from_options(address, wire.CHAT_PATH))
+    try:
+        def live_pace():
+            most, live, next_at, frames = 0, False, None, 0
+            while frames < 40:
+                live |= any(isinstance(e, Ready) for e in engine.poll(0.01))
+                if live and time.monotonic() >= (next_at or 0):
+                    engine.send_frame(_frames(1)[0])
+                    most, frames = max(most, engine.in_flight), frames + 1
+                    next_at = time.monotonic() + 0.08
+            return most
+
+        most = await asyncio.to_thread(live_pace)
+    finally:
+        engine.close()
+        await server.stop()
+    assert engine.max_in_flight == MAX_IN_FLIGHT_FRAMES + 1
+    assert most == engine.max_in_flight
+    assert engine.skipped >= 15  # 40 frames offered in 3.2 s, about 16 answered

@@ -42,8 +42,8 @@ async def _until(pilot, condition, timeout: float) -> None:
 
 async def test_a_live_chat_through_kyutai_server_then_the_server_dies(pulse, tmp_path):
     folder = write_tiny_checkpoint(tmp_path / "chat", "chat", seed=3)
-    with kyutai_server(folder, tmp_path) as (address, process):
-        session, server = _session(address, tmp_path)
+    with kyutai_server(folder, tmp_path) as kyutai:
+        session, server = _session(f"127.0.0.1:{kyutai.port}", tmp_path)
         app = MoshiApp(session, mode="chat")
         async with app.run_test(size=(100, 24)) as pilot:
             await _until(pilot, lambda: app.state in ("live", "lagging") or app.failure, 60)
@@ -54,7 +54,7 @@ async def test_a_live_chat_through_kyutai_server_then_the_server_dies(pulse, tmp
             assert server.shown in str(status.render().columns[0]._cells[0])
             assert "round trip" in str(latency.render().renderables[0])
             assert latency.stats.roundtrip_ms > 0 and latency.steps[-1] == latency.stats.roundtrip_ms
-            process.kill()
+            kyutai.process.kill()
             killed = time.monotonic()
             await _until(pilot, lambda: app.failure is not None, 20)
             assert app.failure == "the server closed the connection"
