@@ -15,7 +15,6 @@ a step's text.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys

@@ -86,8 +86,6 @@ class RemoteEngine:
     def __init__(self, server: Server, query: dict[str, object] | None = None, image: bytes | None = None,
                  *, max_in_flight: int = MAX_IN_FLIGHT_FRAMES) -> None:
         """`image`: a picture file's bytes, sent first (MoshiVis)."""
-        import sphn  # noqa: F401 - a missing codec fails here, in the caller's thread
-
         self.server = server
         self.query = dict(query or {})
         self.max_in_flight = self._base_in_flight = max_in_flight

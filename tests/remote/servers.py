@@ -6,7 +6,9 @@ MoshiVis one)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +29,31 @@ def kyutai_server(folder: Path, work: Path):
     finally:
         if server.process.poll() is None:
             server.stop(signal.SIGINT)
+
+
+async def serve_chat(handler) -> tuple[web.AppRunner, str]:
+    """An aiohttp server on loopback with `handler` at /api/chat: its runner (to clean up) and host:port."""
+    app = web.Application()
+    app.router.add_get(wire.CHAT_PATH, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"127.0.0.1:{port}"
+
+
+async def moshi_cli(*args) -> tuple[int, str, str]:
+    """Our CLI in a child process, while this loop serves: (exit status, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "moshi_tui", *map(str, args), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 300)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return process.returncode, out.decode(), err.decode()
 
 
 class RecordingRelay:
@@ -63,13 +90,8 @@ class RecordingRelay:
 
     async def start(self) -> str:
         """Serve; the relay's address as host:port."""
-        app = web.Application()
-        app.router.add_get(wire.CHAT_PATH, self._relay)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        return f"127.0.0.1:{port}"
+        self._runner, address = await serve_chat(self._relay)
+        return address
 
     async def stop(self) -> None:
         await self._runner.cleanup()
@@ -117,13 +139,8 @@ class SpecServer:
         return ws
 
     async def start(self) -> str:
-        app = web.Application()
-        app.router.add_get(wire.CHAT_PATH, self._chat)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        return f"127.0.0.1:{port}"
+        self._runner, address = await serve_chat(self._chat)
+        return address
 
     async def stop(self) -> None:
         await self._runner.cleanup()

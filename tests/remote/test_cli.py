@@ -2,7 +2,6 @@
 anything connects, a server's error shown, and `see --url` headless against a MoshiVis server written
 to the protocol (the picture first, the coloured words written as locally)."""
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from PIL import Image
 
 from engine import wire
 
-from .servers import SpecServer, echo_steps
+from .servers import SpecServer, echo_steps, moshi_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,15 +21,6 @@ pytestmark = pytest.mark.timeout(120)
 def _moshi(*args, **env):
     return subprocess.run([sys.executable, "-m", "moshi_tui", *map(str, args)], capture_output=True, text=True,
                           timeout=60, env=dict(os.environ, **env))
-
-
-async def _amoshi(*args):
-    """The CLI in a child process, while this loop serves."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "moshi_tui", *map(str, args), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    out, err = await asyncio.wait_for(process.communicate(), 90)
-    return process.returncode, out.decode(), err.decode()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -70,7 +60,7 @@ async def test_a_full_server_says_so_and_the_run_fails(recording, tmp_path):
     server = SpecServer(full)
     address = await server.start()
     try:
-        rc, out, err = await _amoshi("chat", "--url", address, "--input", recording, "--output", tmp_path / "o.wav")
+        rc, out, err = await moshi_cli("chat", "--url", address, "--input", recording, "--output", tmp_path / "o.wav")
     finally:
         await server.stop()
     assert rc == 1
@@ -92,7 +82,7 @@ async def test_see_url_sends_the_picture_first_and_writes_the_words(recording, t
     server = SpecServer(moshivis)
     address = await server.start()
     try:
-        rc, out, err = await _amoshi("see", picture, "--url", address, "--xa-start", 3, "--input", recording,
+        rc, out, err = await moshi_cli("see", picture, "--url", address, "--xa-start", 3, "--input", recording,
                                      "--output", tmp_path / "o.wav", "--transcript", tmp_path / "t.txt")
     finally:
         await server.stop()

@@ -3,8 +3,6 @@ key in its header, and one-line errors; against a real aiohttp websocket server 
 
 import asyncio
 import ssl
-import subprocess
-import sys
 
 import aiohttp
 import pytest

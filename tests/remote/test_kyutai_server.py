@@ -5,8 +5,6 @@ the voice it sent; a second client waits for the server's slot and says so; a se
 mid-conversation ends the run with one line, a non-zero exit and a valid recording."""
 
 import asyncio
-import os
-import sys
 import time
 
 import numpy as np
@@ -19,7 +17,9 @@ from engine import wire
 from engine.remote.chat import WAITING
 from engine.tiny import write_tiny_checkpoint
 
-from .servers import RecordingRelay, decode_opus, kyutai_server, spectrogram_correlation
+from serve.support import speech
+
+from .servers import RecordingRelay, decode_opus, kyutai_server, moshi_cli, spectrogram_correlation
 
 pytest.importorskip("moshi.models.loaders")  # the reference package
 pytestmark = pytest.mark.timeout(600)
@@ -38,28 +38,11 @@ def server(tiny_chat, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def speechlike(tmp_path_factory):
-    """3 s at 24 kHz: vowel-like harmonic bursts with pauses."""
-    t = np.arange(3 * 24000) / 24000
-    pitch = 120 + 40 * np.sin(2 * np.pi * 0.7 * t)
-    voice = sum(np.sin(2 * np.pi * k * np.cumsum(pitch) / 24000) / k for k in range(1, 8))
-    pcm = (0.3 * voice * (np.sin(2 * np.pi * 1.3 * t) > -0.2) / 2.6).astype(np.float32)
+    """3 s of voice-like sound, and its file."""
+    pcm = speech(3.0)
     path = tmp_path_factory.mktemp("input") / "speech.wav"
     soundfile.write(path, pcm, 24000, subtype="FLOAT")
     return path, pcm
-
-
-async def _moshi(*args, stop_when=None):
-    """Our CLI in a child process (so this loop keeps relaying); (exit status, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "moshi_tui", *map(str, args), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), 300)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_headless_chat_through_kyutai_server(server, speechlike, tmp_path):
@@ -67,7 +50,7 @@ async def test_headless_chat_through_kyutai_server(server, speechlike, tmp_path)
     relay = RecordingRelay(f"ws://{server}")
     address = await relay.start()
     try:
-        rc, out, err = await _moshi("chat", "--url", address, "--input", path, "--output", tmp_path / "out.wav",
+        rc, out, err = await moshi_cli("chat", "--url", address, "--input", path, "--output", tmp_path / "out.wav",
                                     "--transcript", tmp_path / "words.txt")
     finally:
         await relay.stop()
@@ -82,8 +65,8 @@ async def test_headless_chat_through_kyutai_server(server, speechlike, tmp_path)
     frames = len(pcm) // FRAME_SIZE
     heard = decode_opus(relay.sent(wire.Kind.AUDIO, relay.to_server))
     assert len(heard) == frames * FRAME_SIZE
-    # Opus keeps a voice's spectrum, not the phases of its harmonics: the waveforms of this buzz
-    # correlate at about 0.77 through the codec alone, its spectrograms at 0.99.
+    # Opus keeps a voice's spectrum, not the phases of its harmonics: the waveforms of a harmonic
+    # buzz correlate at about 0.8 through the codec alone, its spectrograms at 0.99.
     assert spectrogram_correlation(pcm[:frames * FRAME_SIZE], heard) > 0.9
     # And exactly what the codec makes of the input's frames: every one sent, in order, unchanged.
     writer = sphn.OpusStreamWriter(24000)
@@ -109,7 +92,7 @@ async def test_a_second_client_waits_for_the_servers_slot(server, speechlike, tm
     async with aiohttp.ClientSession() as session:
         first = await session.ws_connect(f"ws://{server}/api/chat")
         assert (await first.receive_bytes())[:1] == wire.HANDSHAKE_PYTHON
-        ours = asyncio.create_task(_moshi("chat", "--url", server, "--input", path, "--no-tui"))
+        ours = asyncio.create_task(moshi_cli("chat", "--url", server, "--input", path, "--no-tui"))
         await asyncio.sleep(6)
         assert not ours.done()
         await first.close()
@@ -125,7 +108,7 @@ async def test_a_server_killed_mid_conversation_ends_the_run(tiny_chat, speechli
     long_input = tmp_path / "long.wav"
     soundfile.write(long_input, np.tile(pcm, 20), 24000, subtype="FLOAT")  # a minute: the kill comes first
     with kyutai_server(tiny_chat, tmp_path) as server:
-        run = asyncio.create_task(_moshi("chat", "--url", f"127.0.0.1:{server.port}", "--input", long_input,
+        run = asyncio.create_task(moshi_cli("chat", "--url", f"127.0.0.1:{server.port}", "--input", long_input,
                                          "--output", tmp_path / "out.wav", "--transcript", tmp_path / "words.txt"))
         while server.output().count("frame handled") < 10:
             assert not run.done(), (await run)[2]

@@ -2,10 +2,6 @@
 MoshiVis on tiny checkpoints), through a relay that keeps what passes: the picture goes first, the
 words written are the words (plain or coloured) the server sent, the voice written is its voice."""
 
-import asyncio
-import os
-import sys
-
 import numpy as np
 import pytest
 import soundfile
@@ -16,17 +12,9 @@ from engine import wire
 from engine.tiny import write_tiny_checkpoint
 from serve.support import speech, start_ours
 
-from .servers import RecordingRelay, decode_opus
+from .servers import RecordingRelay, decode_opus, moshi_cli
 
 pytestmark = pytest.mark.timeout(600)
-
-
-async def _moshi(*args):
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "moshi_tui", *map(str, args), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    out, err = await asyncio.wait_for(process.communicate(), 300)
-    return process.returncode, out.decode(), err.decode()
 
 
 @pytest.mark.parametrize("kind", ["chat", "see"])
@@ -41,7 +29,7 @@ async def test_headless_url_against_moshi_serve(kind, tmp_path):
     address = await relay.start()
     try:
         command = ["chat"] if kind == "chat" else ["see", picture]
-        rc, out, err = await _moshi(*command, "--url", address, "--input", tmp_path / "me.wav",
+        rc, out, err = await moshi_cli(*command, "--url", address, "--input", tmp_path / "me.wav",
                                     "--output", tmp_path / "out.wav", "--transcript", tmp_path / "words.txt")
     finally:
         await relay.stop()
