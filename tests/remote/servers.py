@@ -42,11 +42,12 @@ async def serve_chat(handler) -> tuple[web.AppRunner, str]:
     return runner, f"127.0.0.1:{port}"
 
 
-async def moshi_cli(*args) -> tuple[int, str, str]:
+async def moshi_cli(*args, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Our CLI in a child process, while this loop serves: (exit status, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "moshi_tui", *map(str, args), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {})))
     try:
         out, err = await asyncio.wait_for(process.communicate(), 300)
     finally:

@@ -49,3 +49,27 @@ async def test_headless_url_against_moshi_serve(kind, tmp_path):
     ours, _ = soundfile.read(tmp_path / "out.wav", dtype="float32")
     assert len(ours) == frames * FRAME_SIZE and len(voice) == (frames - 1) * FRAME_SIZE
     np.testing.assert_allclose(ours[FRAME_SIZE:], np.clip(voice, -1, 1), rtol=0, atol=2 / 32768)
+
+
+async def test_tls_and_a_key_against_moshi_serve(tls_cert, tmp_path):
+    """`moshi serve --ssl DIR --api-key KEY`: the client verifies the self-signed certificate with
+    --ca-cert and shows the key from MOSHI_API_KEY; without the key it is refused in one line."""
+    folder = write_tiny_checkpoint(tmp_path / "chat", "chat", seed=2)
+    soundfile.write(tmp_path / "me.wav", speech(1.0), 24000, subtype="FLOAT")
+    server = start_ours(folder, tmp_path, "--dtype", "float32", "--ssl", str(tls_cert), "--api-key", "sesame")
+    url = f"https://localhost:{server.port}"
+    try:
+        args = ["chat", "--url", url, "--ca-cert", tls_cert / "cert.pem", "--input", tmp_path / "me.wav"]
+        rc, out, err = await moshi_cli(*args, "--output", tmp_path / "out.wav", env={"MOSHI_API_KEY": "sesame"})
+        assert rc == 0, err + server.output()
+        assert soundfile.info(tmp_path / "out.wav").frames == 24000 // FRAME_SIZE * FRAME_SIZE
+        rc, out, err = await moshi_cli(*args, env={"MOSHI_API_KEY": ""})
+        assert rc == 1
+        assert err.splitlines()[-1] == (f"moshi: error: wss://localhost:{server.port}/api/chat refused no key "
+                                        "(--api-key or MOSHI_API_KEY): HTTP 401")
+        rc, out, err = await moshi_cli("chat", "--url", url, "--input", tmp_path / "me.wav",
+                                       env={"MOSHI_API_KEY": "sesame"})
+        assert rc == 1 and "certificate is not trusted" in err.splitlines()[-1]
+    finally:
+        server.stop()
+    assert "sesame" not in server.output()
