@@ -16,6 +16,7 @@ from engine.options import ModelOptions
 from engine.remote.chat import WAITING, RemoteEngine
 from engine.remote.connect import Server
 from engine.tiny import write_tiny_checkpoint
+from engine import wire
 from engine.wire import CHAT_PATH
 from moshi_tui.app import MoshiApp
 from moshi_tui.session import MicSource, Session, SessionOptions
@@ -85,6 +86,35 @@ async def test_a_server_that_never_greets_is_shown_as_busy(pulse, tmp_path):
             await _until(pilot, lambda: status.detail == WAITING, 10)
             assert status.state == "loading" and status.detail == WAITING
             assert server.shown in str(status.render().columns[0]._cells[0])
+            await pilot.press("q")
+        session.stop()
+    finally:
+        await spec.stop()
+
+
+async def test_the_model_a_server_names_is_shown(tmp_path):
+    """Metadata after the handshake names the model: the status bar shows it beside the server."""
+    from moshi_tui.session import FileSource
+
+    from remote.servers import echo_steps
+
+    async def named(ws, request):
+        await ws.send_bytes(wire.HANDSHAKE_RUST)
+        await ws.send_bytes(wire.message(wire.Kind.METADATA, b'{"model": "moshika-q8", "instance_name": "box"}'))
+        await echo_steps(ws, lambda step, frame: [(wire.Kind.AUDIO, frame)])
+
+    spec = SpecServer(named)
+    address = await spec.start()
+    sf.write(tmp_path / "me.wav", np.zeros(24000, np.float32), 24000)
+    try:
+        server = Server.from_options(address, CHAT_PATH)
+        options = SessionOptions("chat", ModelOptions(), input_file=tmp_path / "me.wav", server=server, record=False)
+        session = Session(options, RemoteEngine(server), FileSource(tmp_path / "me.wav", realtime=True), None)
+        app = MoshiApp(session, mode="chat")
+        async with app.run_test(size=(100, 24)) as pilot:
+            status = app.query_one(StatusBar)
+            await _until(pilot, lambda: status.info is not None and status.info.model == "moshika-q8", 20)
+            assert str(status.render().columns[0]._cells[0]).strip() == f"moshi  moshika-q8 · {server.shown}"
             await pilot.press("q")
         session.stop()
     finally:
