@@ -7,6 +7,8 @@
 
 Besides times (``*_ms``), the JSON holds peak memory (``ours_mb``/``reference_mb``), real-time
 factors (``ours_rtf``/``reference_rtf``) and the quantized models' logit errors (``relative_error``).
+``chat_url_added_latency_ms`` compares a frame's round trip through `moshi serve` on loopback (ours)
+with the in-process engine's (reference); ``added_ms`` is the difference of the medians.
 Our int8/int4 rows are compared with the reference's bf16 step: it has no CPU int8 path. The candle
 q8 rows (``q8_0_*``, ``candle_q8_*``) compare the Q8_0 kernel and loader with our ``--quantize int8``.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import chat_url  # noqa: E402
 import formats  # noqa: E402
 import lm  # noqa: E402
 import mimi  # noqa: E402
@@ -42,7 +45,8 @@ def print_table(results: dict) -> None:
 
 
 def measure(quick: bool, full_7b: bool) -> dict[str, dict[str, float]]:
-    return {**mimi.run(quick), **lm.run(quick, full_7b=full_7b), **formats.run(quick), **pipeline.run(quick)}
+    return {**mimi.run(quick), **lm.run(quick, full_7b=full_7b), **formats.run(quick), **pipeline.run(quick),
+            **chat_url.run(quick)}
 
 
 def main() -> None:

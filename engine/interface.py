@@ -39,6 +39,11 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Described:
+    info: dict[str, str]  # `Ready.info` with what was learned since (a server's metadata naming its model)
+
+
+@dataclass(frozen=True)
 class Output:
     index: int  # the frame it answers, counted from 0 since start or the last reset
     pcm: np.ndarray | None  # the model's voice for that frame (FRAME_SIZE samples), None when silent or listening
@@ -54,7 +59,7 @@ class Failed:
     detail: str = ""  # a traceback, for MOSHI_DEBUG
 
 
-EngineEvent = Loading | WarmingUp | Ready | Output | Failed
+EngineEvent = Loading | WarmingUp | Ready | Described | Output | Failed
 
 
 @runtime_checkable
@@ -63,7 +68,8 @@ class Engine(Protocol):
     calls them between audio frames.
 
     The life cycle is told by `poll`: any number of `Loading`, one `WarmingUp`, one `Ready`,
-    then an `Output` for every frame `send_frame` accepted, in order; a `Failed` ends it.
+    then an `Output` for every frame `send_frame` accepted, in order, and a `Described` whenever
+    more is known about the model; a `Failed` ends it.
     """
 
     max_in_flight: int  # frames sent but not answered that the engine accepts before refusing more

@@ -73,7 +73,8 @@ class FrameStats(Message):
     def __init__(self, stats: Stats) -> None:
         super().__init__()
         self.stats = stats
-        self.steps = [] if stats.step_ms is None else [stats.step_ms]
+        step = stats.roundtrip_ms if stats.step_ms is None else stats.step_ms  # a server tells no step time
+        self.steps = [] if step is None else [step]
 
     def can_replace(self, message: Message) -> bool:
         if not isinstance(message, FrameStats):

@@ -25,6 +25,7 @@ class SessionInfo:
     model: str
     device: str
     dtype: str
+    server: str = ""  # where the model runs when it is not here (--url), as shown to the user
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Stats:
     audio: AudioStats = field(default_factory=AudioStats)
     step_ms: float | None = None  # model step time of this frame (the 80 ms budget)
     skipped: int = 0  # frames dropped so far: the model fell behind, or the audio layer found them stale
+    roundtrip_ms: float | None = None  # from sending the frame to its answer: the step, plus the network's for a server
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from audio.meters import SILENCE_DB, level_db
 from engine.env import env_flag
 from engine.errors import EngineError
 from engine.options import Mode, ModelOptions
-from engine.interface import Engine, Failed, Loading, Output, Ready, WarmingUp
+from engine.interface import Described, Engine, Failed, Loading, Output, Ready, WarmingUp
 
 from . import signals
 from .errors import ArgumentError
@@ -56,6 +56,7 @@ class SessionOptions:
     record_dir: Path | None = None  # parent of the session folders; default <XDG data>/moshi/sessions
     record: bool = True  # False: no session files, no engine.log
     tui: bool = True  # False: words to stdout, states to stderr
+    server: object | None = None  # --url: an engine.remote.connect.Server, which runs the model instead
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)  # the commands may give its name, "chat"
@@ -256,7 +257,10 @@ class Session:
 
     def _run(self) -> None:
         model = self.options.model
-        self._deliver(SessionInfo(self.mode, model.hf_repo or self.mode.default_model, model.device, model.dtype))
+        if self.options.server is None:
+            self._deliver(SessionInfo(self.mode, model.hf_repo or self.mode.default_model, model.device, model.dtype))
+        else:
+            self._deliver(SessionInfo(self.mode, "?", "?", "?", server=self.options.server.shown))
         self._deliver(StateChanged("loading"))
         try:
             while not self._stop.is_set() and self.failure is None:
@@ -309,10 +313,16 @@ class Session:
         self._deliver(StateChanged("warming up"))
 
     def on_ready(self, event: Ready) -> None:
-        self._info = dict(event.info)
-        self._deliver(SessionInfo(self.mode, event.info.get("model", "?"), event.info.get("device", "?"),
-                                  event.info.get("dtype", "?")))
+        self._show_info(event.info)
         self._start_conversation()
+
+    def on_described(self, event: Described) -> None:
+        self._show_info(event.info)
+
+    def _show_info(self, info: dict[str, str]) -> None:
+        self._info = dict(info)
+        self._deliver(SessionInfo(self.mode, info.get("model", "?"), info.get("device", "?"), info.get("dtype", "?"),
+                                  server=info.get("server", "")))
 
     def on_failed(self, event: Failed) -> None:
         if self._recorder is not None:
@@ -341,7 +351,8 @@ class Session:
             self._recorder.text(t, out.text)
         audio = self.source.stats()
         stats = Stats(t, audio, step_ms=out.timings_ms.get("total"),
-                      skipped=self.engine.skipped + audio.skipped_input_frames)
+                      skipped=self.engine.skipped + audio.skipped_input_frames,
+                      roundtrip_ms=out.timings_ms.get("roundtrip"))
         self._deliver(stats)
         self._log_stats(stats)
 
@@ -515,11 +526,18 @@ def run(options: SessionOptions) -> None:
     """Run one session to its end. A failed engine raises EngineError, a failed device AudioError
     (both one line; MOSHI_DEBUG=1 prints the traceback behind it first)."""
     record_base = _record_base(options.record_dir or data_dir() / "sessions") if options.record else None
-    from engine.process import EngineProcess
-
     source = open_source(options)  # a bad device or file fails here, before anything starts
-    engine = EngineProcess(options.runner or options.mode.runner, options.model,
-                           log_path=None if record_base is None else str(record_base / "engine.log"))
+    if options.server is not None:
+        from engine.remote.chat import RemoteEngine, chat_query
+
+        image = getattr(options.model, "image", None)
+        engine = RemoteEngine(options.server, chat_query(options.model),
+                              None if image is None else Path(image).read_bytes())
+    else:
+        from engine.process import EngineProcess
+
+        engine = EngineProcess(options.runner or options.mode.runner, options.model,
+                               log_path=None if record_base is None else str(record_base / "engine.log"))
     session = Session(options, engine, source, record_base)
     signalled = 0  # the exit status of a run ended by Ctrl-C or a signal (`signals`)
     try:

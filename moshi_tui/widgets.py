@@ -92,7 +92,9 @@ class StatusBar(Widget):
 
     def render(self) -> Table:
         left = Text(" moshi", "bold")
-        if self.info:
+        if self.info and self.info.server:
+            left.append(f"  {self.info.model} · {self.info.server}")
+        elif self.info:
             left.append(f"  {self.info.model} · {self.info.device} · {self.info.dtype}")
         right = Text()
         if self.muted:
@@ -108,8 +110,8 @@ class StatusBar(Widget):
 
 
 class LatencyPanel(Widget):
-    """Model step time against the frame budget (figure and sparkline), dropped frames and, when
-    Moshi talks, the playback: lag, buffer, underruns."""
+    """Model step time against the frame budget (figure and sparkline; with a server, the round
+    trip of each frame), dropped frames and, when Moshi talks, the playback: lag, buffer, underruns."""
 
     def __init__(self, thresholds: Thresholds, playback: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -125,10 +127,13 @@ class LatencyPanel(Widget):
     def render(self) -> Group:
         """Always the same lines (dashes until there are figures), so the layout never shifts."""
         s, th = self.stats, self.th
-        if s is None or s.step_ms is None:
-            step = _figure("step", f"   -- / {th.budget_ms:.0f} ms", "dim")
-        else:
+        if s is not None and s.step_ms is not None:
             step = _figure("step", f"{s.step_ms:5.1f} / {th.budget_ms:.0f} ms", th.step(s.step_ms))
+        elif s is not None and s.roundtrip_ms is not None:
+            # A server does not tell its step time: what it took to answer, the network included, stands for it.
+            step = _figure("round trip", f"{s.roundtrip_ms:5.1f} ms", th.lag(s.roundtrip_ms))
+        else:
+            step = _figure("step", f"   -- / {th.budget_ms:.0f} ms", "dim")
         spark = spark_rows(self.steps, self.content_size.width, 2, 1.5 * th.budget_ms, th)
         if s is None:
             figures = {label: _figure(label, "   --", "dim") for label in LATENCY_FIGURES}

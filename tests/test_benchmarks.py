@@ -24,6 +24,8 @@ def test_quick_benchmarks_report_ours_and_reference():
             "moshi7b_depformer_step", "stt1b_peak_rss_int8", "stt1b_logit_error_int8", "q8_0_layer_7b",
             "candle_q8_load", "candle_q8_peak_rss", "candle_q8_logit_error"} <= set(figures)
     assert any(name.startswith("transcribe_rtf_") for name in figures)
+    added = figures["chat_url_added_latency_ms"]  # --url over loopback against the in-process engine
+    assert added["added_ms"] == pytest.approx(added["ours_ms"] - added["reference_ms"], abs=0.02)
     for name, figure in figures.items():
         if "relative_error" in figure:  # a quantized model's logits against bf16
             assert 0 < figure["relative_error"] < 1, name

@@ -1,13 +1,16 @@
-"""The declared seams hold: the engine process implements the `Engine` protocol, and the session
-needs nothing from its engine beyond that protocol (so another engine, remote or scripted, can
-stand in for it by reading `engine/interface.py` alone)."""
+"""The declared seams hold: the engine process and the remote engine implement the `Engine`
+protocol, and the session needs nothing from its engine beyond that protocol (so another engine,
+remote or scripted, can stand in for it by reading `engine/interface.py` alone)."""
 
 import ast
 import inspect
 from pathlib import Path
 
+import pytest
+
 from engine.interface import Engine
 from engine.process import EngineProcess
+from engine.remote.chat import RemoteEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,17 +32,18 @@ def _callable_as(implemented, declared) -> bool:
     return ours[:len(theirs)] == theirs and all(d is not inspect.Parameter.empty for _, d in ours[len(theirs):])
 
 
-def test_the_engine_process_implements_the_engine_protocol():
+@pytest.mark.parametrize("implementation", [EngineProcess, RemoteEngine])
+def test_the_engines_implement_the_engine_protocol(implementation):
     members = _members(Engine)
     assert {"send_frame", "poll", "reset", "set_image", "close", "in_flight", "max_in_flight", "skipped"} <= members
     for name in members:
         declared = getattr(Engine, name, None)
         if callable(declared):
-            assert _callable_as(getattr(EngineProcess, name), declared), name
+            assert _callable_as(getattr(implementation, name), declared), name
         elif isinstance(declared, property):
-            assert isinstance(getattr(EngineProcess, name), property), name
+            assert isinstance(getattr(implementation, name), property), name
         else:  # a plain attribute, set in __init__
-            assert name in inspect.getsource(EngineProcess.__init__), name
+            assert name in inspect.getsource(implementation.__init__), name
 
 
 def _engine_uses(path: Path) -> set[str]:

@@ -9,10 +9,10 @@ from typing import Annotated
 
 import typer
 
-from .common import (LIVE_PANEL, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec, NoRecord,
-                     NoTui, OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK, TopKText,
-                     TranscriptFile, check_output, model_options, progress_to_stderr, record_place,
-                     reject_without_input)
+from .common import (LIVE_PANEL, ApiKey, CaCert, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording,
+                     Insecure, NoAec, NoRecord, NoTui, OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp,
+                     TempText, TopK, TopKText, TranscriptFile, Url, check_output, model_options, progress_to_stderr,
+                     record_place, reject_model_options, reject_without_input, remote_server)
 
 EPILOG = """\
 Examples:
@@ -22,7 +22,11 @@ Examples:
   moshi chat --voice moshiko                    # the male voice
   moshi chat --input me.wav --output moshi.wav  # answer a recording, words to stdout
   moshi chat --hf-repo ./tiny --input me.wav    # a local folder (see moshi tiny-model)
+  moshi chat --url gpu-box:8998                 # the model on a server (moshi serve, or Kyutai's)
+  moshi chat --url wss://moshi.example.org --input me.wav --output moshi.wav
 """
+# Options that load or place a model here; with --url the server has its own.
+LOCAL_MODEL_OPTIONS = ("hf_repo", "device", "dtype", "quantize")
 
 
 UserStt = Annotated[str, typer.Option(
@@ -66,6 +70,10 @@ def chat(
     temp_text: TempText = None,
     top_k: TopK = None,
     top_k_text: TopKText = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    insecure: Insecure = False,
+    ca_cert: CaCert = None,
 ) -> None:
     """Talk with Moshi: it listens and speaks at the same time.
 
@@ -75,7 +83,15 @@ def chat(
 
     With --input, the conversation runs headless on a recording: the user's side comes from the
     file, frame by frame exactly as live audio would, and Moshi's side goes to --output and stdout.
+
+    With --url, the model runs on a server (moshi serve, Kyutai's moshi.server or moshi-server) and
+    this terminal keeps the rest: the screen, echo cancellation, the recording.
     """
+    from engine.wire import CHAT_PATH
+
+    server = remote_server(url, CHAT_PATH, api_key, insecure, ca_cert)
+    if server is not None:
+        reject_model_options(ctx, LOCAL_MODEL_OPTIONS + ("voice", "user_stt"))
     if hf_repo is not None and ctx.get_parameter_source("voice").name == "COMMANDLINE":
         raise typer.BadParameter("--hf-repo names the model, and with it the voice: give one of the two",
                                  param_hint="--voice")
@@ -83,7 +99,10 @@ def chat(
                             top_k_text, quantize)
     options.user_stt = user_stt
     if input is not None:
-        run_headless_chat(input, output, transcript, options)
+        if server is not None:
+            run_headless_remote(input, output, transcript, server, options)
+        else:
+            run_headless_chat(input, output, transcript, options)
         return
     reject_without_input(output, transcript)
     from engine.options import Mode
@@ -92,20 +111,81 @@ def chat(
 
     run(SessionOptions(mode=Mode.CHAT, model=options, input_device=input_device, output_device=output_device,
                        aec=not no_aec, record_dir=record_place(record, no_record), record=not no_record,
-                       tui=not no_tui))
+                       tui=not no_tui, server=server))
 
 
 def run_headless_chat(input: Path, output: Path | None, transcript: Path | None, options) -> None:
     from engine.moshi.runner import ChatRunner
     from engine.runner import FirstFrame
 
-    run_headless_conversation(input, output, transcript,
-                              lambda: ChatRunner.load(options, progress_to_stderr, FirstFrame.RUN_INFERENCE))
+    run_headless_conversation(input, output, transcript, lambda: RunnerSteps(
+        ChatRunner.load(options, progress_to_stderr, FirstFrame.RUN_INFERENCE)))
 
 
-def run_headless_conversation(input: Path, output: Path | None, transcript: Path | None, load_runner) -> None:
-    """Feed a recording to a conversation runner frame by frame; Moshi's voice to ``output``, words to stdout.
-    The recording is read and resampled block by block as the frames go."""
+def run_headless_remote(input: Path, output: Path | None, transcript: Path | None, server, options) -> None:
+    """`--input` with `--url`: the recording goes to the server as fast as it answers (at most the
+    engine's frames in flight ahead), each answer to ``output`` and stdout as locally."""
+    from engine.remote.chat import RemoteEngine, chat_query
+
+    image = getattr(options, "image", None)  # `moshi see`: the picture goes first
+    run_headless_conversation(
+        input, output, transcript,
+        lambda: EngineSteps(RemoteEngine(server, chat_query(options), None if image is None else Path(image).read_bytes())))
+
+
+class EngineSteps:
+    """An `Engine` (engine/interface.py) read as a runner: `steps` sends frames while it takes them
+    and yields each answer in order. Its `Loading` notices go to stderr; a `Failed` raises."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def steps(self, frames):
+        from engine.errors import EngineError
+        from engine.interface import Failed, Loading, Output, Ready
+
+        engine, live = self.engine, False
+        frame, sent, answered = next(frames, None), 0, 0
+        while True:
+            if live:
+                while frame is not None and engine.in_flight < engine.max_in_flight and engine.send_frame(frame):
+                    sent += 1
+                    frame = next(frames, None)
+                if frame is None and answered == sent:
+                    return
+            for event in engine.poll(timeout=0.05):
+                if isinstance(event, Loading):
+                    progress_to_stderr(event.detail)
+                elif isinstance(event, Ready):
+                    live = True
+                elif isinstance(event, Failed):
+                    raise EngineError(event.reason)
+                elif isinstance(event, Output):
+                    answered += 1
+                    yield event
+
+
+class RunnerSteps:
+    """A runner (engine/runner.py) stepped on this thread, one frame at a time."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def steps(self, frames):
+        for frame in frames:
+            yield self.runner.step(frame)
+
+
+def run_headless_conversation(input: Path, output: Path | None, transcript: Path | None, load) -> None:
+    """Feed a recording to a conversation frame by frame (`load` gives a `RunnerSteps` or `EngineSteps`);
+    Moshi's voice to ``output``, words to stdout. The recording is read and resampled block by block
+    as the frames go."""
     import numpy as np
 
     from audio import FRAME_SIZE, SAMPLE_RATE
@@ -118,12 +198,12 @@ def run_headless_conversation(input: Path, output: Path | None, transcript: Path
         if path is not None:
             check_output(path, option, [input])
     recording = file_input(input)  # checked now: a bad file fails before minutes of loading
-    runner = load_runner()
+    conversation = load()
     writer = WavWriter(output, SAMPLE_RATE, channels=1) if output else None
     words = open_new_text(transcript) if transcript else None
     try:
-        for frame in padded_frames(recording.open(), 0, 0):  # whole frames only, as Kyutai's `moshi-inference`
-            out = runner.step(frame)
+        # whole frames only, as Kyutai's `moshi-inference`
+        for out in conversation.steps(padded_frames(recording.open(), 0, 0)):
             if writer is not None:
                 # A frame answered with no voice (MoshiVis's first) is silence: the reply keeps the input's timeline.
                 writer.write(np.zeros(FRAME_SIZE, np.float32) if out.pcm is None else out.pcm)
@@ -135,6 +215,7 @@ def run_headless_conversation(input: Path, output: Path | None, transcript: Path
                     words.flush()
         sys.stdout.write("\n")
     finally:
+        conversation.close()
         if writer is not None:
             writer.close()
         if words is not None:

@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ArgumentError
-from .common import (DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, NoAec,
+from .common import (ApiKey, CaCert, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, Insecure, NoAec,
                      NoRecord, NoTui, OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK,
-                     TopKText, TranscriptFile, model_options, progress_to_stderr, record_place, reject_without_input)
+                     TopKText, TranscriptFile, Url, model_options, progress_to_stderr, record_place,
+                     reject_model_options, reject_without_input, remote_server)
 
 EPILOG = """\
 Examples:
@@ -20,6 +21,7 @@ Examples:
   moshi see photo.jpg --no-tui --record talks/             # words to stdout, the session kept in talks/
   moshi see photo.jpg --input me.wav --output moshi.wav    # answer a recording, words to stdout
   moshi see photo.jpg --xa-start 0 --input me.wav          # look at the picture from the first frame
+  moshi see photo.jpg --url gpu-box:8998                   # MoshiVis on a server (moshi serve)
 """
 
 
@@ -28,6 +30,7 @@ def register(app: typer.Typer) -> None:
 
 
 def see(
+    ctx: typer.Context,
     image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The picture to talk about (JPEG, PNG, WebP, ...).")],
     input: InputRecording = None,
     output: OutputWav = None,
@@ -50,6 +53,10 @@ def see(
     temp_text: TempText = None,
     top_k: TopK = None,
     top_k_text: TopKText = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    insecure: Insecure = False,
+    ca_cert: CaCert = None,
 ) -> None:
     """Talk with MoshiVis about a picture: it listens, looks and speaks at the same time.
 
@@ -59,8 +66,18 @@ def see(
 
     With --input, the conversation runs headless on a recording: the user's side comes from the
     file, frame by frame exactly as live audio would, and Moshi's side goes to --output and stdout.
+
+    With --url, MoshiVis runs on a server (moshi serve, or Kyutai's MoshiVis server): the picture is
+    sent to it first, and this terminal keeps the rest.
     """
     from engine.options import Mode, SeeOptions
+    from engine.wire import CHAT_PATH
+
+    from .chat import LOCAL_MODEL_OPTIONS
+
+    server = remote_server(url, CHAT_PATH, api_key, insecure, ca_cert)
+    if server is not None:
+        reject_model_options(ctx, LOCAL_MODEL_OPTIONS)
 
     base = model_options(hf_repo or Mode.SEE.default_model, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
     options = SeeOptions(**vars(base), image=str(image), xa_start=xa_start)
@@ -71,19 +88,24 @@ def see(
     except PictureError as exc:
         raise ArgumentError(str(exc)) from None
     if input is not None:
-        run_headless_see(input, output, transcript, options)
+        if server is not None:
+            from .chat import run_headless_remote
+
+            run_headless_remote(input, output, transcript, server, options)
+        else:
+            run_headless_see(input, output, transcript, options)
         return
     reject_without_input(output, transcript)
     from ..session import SessionOptions, run
 
     run(SessionOptions(mode=Mode.SEE, model=options, input_device=input_device, output_device=output_device,
                        aec=not no_aec, record_dir=record_place(record, no_record), record=not no_record,
-                       tui=not no_tui))
+                       tui=not no_tui, server=server))
 
 
 def run_headless_see(input: Path, output: Path | None, transcript: Path | None, options) -> None:
     from engine.moshivis.runner import SeeRunner
 
-    from .chat import run_headless_conversation
+    from .chat import RunnerSteps, run_headless_conversation
 
-    run_headless_conversation(input, output, transcript, lambda: SeeRunner.load(options, progress_to_stderr))
+    run_headless_conversation(input, output, transcript, lambda: RunnerSteps(SeeRunner.load(options, progress_to_stderr)))
