@@ -23,11 +23,22 @@ def test_quick_benchmarks_report_ours_and_reference():
     assert {"mimi_encode", "mimi_decode", "stt1b_step_bf16", "stt1b_step_int8", "stt1b_step_int4",
             "moshi7b_depformer_step", "stt1b_peak_rss_int8", "stt1b_logit_error_int8"} <= set(figures)
     assert any(name.startswith("transcribe_rtf_") for name in figures)
+    assert {"moshi7b_depformer_step_int4", "moshi7b_step_int8", "moshi7b_step_int4"} <= set(figures)
+    bandwidth = figures.pop("bandwidth_gbs")
+    assert bandwidth["one_thread_gbs"] > 0 and bandwidth["all_threads_gbs"] > 0 and bandwidth["threads"] >= 1
+    for mode in ("int8", "int4"):  # the 7B steps against the floor their weights set
+        step = figures[f"moshi7b_step_{mode}"]
+        assert step["floor_ms"] == pytest.approx(step["gb_per_step"] / bandwidth["one_thread_gbs"] * 1000, rel=0.02)
+        assert step["floor_ratio"] == pytest.approx(step["ours_ms"] / step["floor_ms"], rel=0.02)
+    assert figures["moshi7b_step_int4"]["gb_per_step"] < 0.6 * figures["moshi7b_step_int8"]["gb_per_step"]
     for name, figure in figures.items():
         if "relative_error" in figure:  # a quantized model's logits against bf16
             assert 0 < figure["relative_error"] < 1, name
             continue
         unit = next(key[len("ours_"):] for key in figure if key.startswith("ours_"))  # ms, mb or rtf
+        assert figure[f"ours_{unit}"] > 0, name
+        if "floor_ms" in figure and "reference_ms" not in figure:  # no reference path: int8/int4 at 7B
+            continue
         ours, reference = figure[f"ours_{unit}"], figure[f"reference_{unit}"]
-        assert ours > 0 and reference > 0, name
+        assert reference > 0, name
         assert figure["ratio"] == pytest.approx(ours / reference, rel=0.02), name
