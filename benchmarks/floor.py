@@ -4,7 +4,9 @@ At batch 1 a step reads each weight it uses once, so no step can be faster than 
 reads over the memory's read bandwidth. This script measures that bandwidth (a sum over a tensor
 much larger than the caches, on 1 thread and on every usable core), counts the bytes a 7B step
 reads (the temporal transformer and the text head, the depformer's 8 steps, one row of each
-embedding table looked up) and times our int8 and int4 steps against it.
+embedding table looked up) and times our int8 and int4 steps against it. A bandwidth sample is
+taken before each step, so that both see the same load from other processes; each step's floor
+uses the median of its own samples.
 
 The quantized 7B models are built directly in their quantized form, layer by layer, from random
 codes and scales: a 7B model in bf16 is never in memory, so the run fits a 24 GB machine. The
@@ -45,19 +47,26 @@ _INT8_CODE_STD = 127 / 3 ** 0.5
 _INT4_CODE_STD = (255 / 12) ** 0.5
 
 
+def read_rate(data: torch.Tensor) -> float:
+    """GB/s of one sum over ``data``."""
+    start = time.perf_counter()
+    data.sum()
+    return data.nbytes / (time.perf_counter() - start) / 1e9
+
+
+def big_tensor(megabytes: int) -> torch.Tensor:
+    """``megabytes`` of fp32, far beyond any cache, every page written once (so really mapped)."""
+    return torch.ones(megabytes << 18)
+
+
 def read_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> float:
-    """GB/s read by a sum over ``megabytes`` of fp32 (far beyond any cache), median of ``repeats``."""
+    """GB/s read by a sum over ``megabytes`` on ``threads`` threads, median of ``repeats``."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        data = torch.ones(megabytes << 18)  # written once, so every page is really mapped
+        data = big_tensor(megabytes)
         data.sum()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            data.sum()
-            times.append(time.perf_counter() - start)
-        return data.nbytes / statistics.median(times) / 1e9
+        return statistics.median(read_rate(data) for _ in range(repeats))
     finally:
         torch.set_num_threads(previous)
 
@@ -120,29 +129,27 @@ def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dt
     return model.eval()
 
 
-def time_steps(gen: LMGen, cfg: LMConfig, warmup: int, steps: int) -> list[float]:
+def time_steps(gen: LMGen, cfg: LMConfig, warmup: int, steps: int, data: torch.Tensor) -> tuple[list, list]:
+    """Step times (ms) and, before each step, the read rate of a sum over ``data`` (GB/s): both see
+    the same load from the machine's other processes."""
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(0, cfg.card, (warmup + steps, 1, cfg.n_q - cfg.dep_q, 1), generator=generator)
-    times = []
+    times, rates = [], []
     with torch.no_grad(), gen.streaming(1):
         for t in range(warmup + steps):
+            rate = read_rate(data)
             start = time.perf_counter()
             gen.step(codes[t])
             if t >= warmup:
                 times.append((time.perf_counter() - start) * 1000)
-    return times
-
-
-def bandwidth(quick: bool) -> dict[str, float]:
-    megabytes = 64 if quick else 1024
-    return {"one_thread_gbs": round(read_bandwidth(1, megabytes), 2),
-            "all_threads_gbs": round(read_bandwidth(usable_cores(), megabytes), 2), "threads": usable_cores()}
+                rates.append(rate)
+    return times, rates
 
 
 def floor_row(ours_ms: list[float], nbytes: int, bandwidth_gbs: float) -> dict[str, float]:
     ours, floor = statistics.median(ours_ms), floor_ms(nbytes, bandwidth_gbs)
     return {"ours_ms": round(ours, 2), "floor_ms": round(floor, 2), "floor_ratio": round(ours / floor, 3),
-            "gb_per_step": round(nbytes / 1e9, 3)}
+            "gb_per_step": round(nbytes / 1e9, 3), "bandwidth_gbs": round(bandwidth_gbs, 2)}
 
 
 def run(quick: bool) -> dict[str, dict[str, float]]:
@@ -150,14 +157,19 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
     if quick:
         cfg = dataclasses.replace(cfg, dim=512, num_layers=2, text_card=1000, depformer_num_layers=1, context=100)
     warmup, steps = (1, 2) if quick else (2, 7)
-    measured = bandwidth(quick)
-    figures: dict[str, dict[str, float]] = {"bandwidth_gbs": measured}
+    megabytes = 64 if quick else 1024
+    figures: dict[str, dict[str, float]] = {}
+    all_rates = []
     for mode in quant.MODES:  # one model at a time: both would not fit beside each other in 24 GB
         lm = random_quantized_lm(cfg, mode)
-        times = time_steps(LMGen(lm, Sampling.greedy()), cfg, warmup, steps)
-        figures[f"moshi7b_step_{mode}"] = floor_row(times, weight_bytes_per_step(lm), measured["one_thread_gbs"])
+        times, rates = time_steps(LMGen(lm, Sampling.greedy()), cfg, warmup, steps, big_tensor(megabytes))
+        figures[f"moshi7b_step_{mode}"] = floor_row(times, weight_bytes_per_step(lm), statistics.median(rates))
+        all_rates += rates
         del lm
         gc.collect()
+    figures["bandwidth_gbs"] = {"one_thread_gbs": round(statistics.median(all_rates), 2),
+                                "all_threads_gbs": round(read_bandwidth(usable_cores(), megabytes), 2),
+                                "threads": usable_cores()}
     return figures
 
 
