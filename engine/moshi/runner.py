@@ -127,7 +127,7 @@ class ChatRunner(BaseRunner):
             self.encoder.reset()
         codes, self._codes, self._answer = self._codes, None, None
         if codes is not None:
-            self._answer = self._answer_frame(codes)
+            self._answer = self._answer_frame(codes, watch)
         watch.lap("lm")
         if pcm is not None or tokens is not None:
             self._codes = self.encoder.collect()
@@ -138,12 +138,13 @@ class ChatRunner(BaseRunner):
         out = self.encoder.decoded()[0, 0]
         return StepOutput(out, self.models.piece(token), watch.done(), token=token, user_text=user_text)
 
-    def _answer_frame(self, codes: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+    def _answer_frame(self, codes: torch.Tensor, watch: Stopwatch) -> tuple[torch.Tensor | None, str | None]:
         """The LM's tokens for these codes, and the user's words of the frame."""
         restarts = self._at_first_frame and self.first_frame is FirstFrame.SERVER
         user_text = None
         if self.user is not None and not restarts:
             user_text = self.user.step(codes)
+            watch.lap("user stt")
         if self._at_first_frame and self.first_frame is FirstFrame.SERVER:
             self._at_first_frame = False  # Mimi was restarted when frame 0 was sent
         return self._lm_step(codes[:, :self.input_codebooks]).tokens, user_text
