@@ -8,11 +8,14 @@ embedding table looked up) and times our int8 and int4 steps against it. A bandw
 taken before each step, so that both see the same load from other processes; each step's floor
 uses the median of its own samples.
 
+With each model, a live chat (``ChatRunner``, Mimi at full size) gives its real-time factor with
+Mimi in its own process and in this one (``chat_rtf_*``).
+
 The quantized 7B models are built directly in their quantized form, layer by layer, from random
 codes and scales: a 7B model in bf16 is never in memory, so the run fits a 24 GB machine. The
 bf16 step needs the 15 GB file: ``lm.py --full-7b`` times it, with its floor beside it.
 
-    python benchmarks/floor.py           # the 7B int8 and int4 steps (~8 and ~4 GB of RAM)
+    python benchmarks/floor.py           # the 7B int8 and int4 steps (~8 and ~4 GB of RAM), and chat's RTF
     python benchmarks/floor.py --quick   # small shapes: checks that the code runs
     python benchmarks/floor.py --json
 """
@@ -24,6 +27,7 @@ import gc
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,14 +35,23 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 os.environ.setdefault("NO_CUDA_GRAPH", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import sentencepiece  # noqa: E402
 import torch  # noqa: E402
 from common import run_command_line  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
+from audio import FRAME_SIZE  # noqa: E402
 from engine import quant  # noqa: E402
-from engine.encoder import usable_cores  # noqa: E402
+from engine.encoder import EncoderProcess, usable_cores  # noqa: E402
+from engine.mimi.loading import load_mimi  # noqa: E402
+from engine.mimi.model import MimiConfig  # noqa: E402
+from engine.mimi.tiny import random_mimi_state  # noqa: E402
 from engine.moshi.generate import LMGen, Sampling  # noqa: E402
 from engine.moshi.model import LMConfig, LMModel  # noqa: E402
+from engine.moshi.runner import ChatRunner  # noqa: E402
+from engine.runner import FirstFrame, Models  # noqa: E402
+from engine.tiny import write_tiny_checkpoint  # noqa: E402
 from engine.weights import load_weights  # noqa: E402
 
 # The standard deviation of a code drawn uniformly from the int8 range [-127, 127] and from 0..15:
@@ -101,9 +114,12 @@ def _random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, generat
     return (noise / shape[-1] ** 0.5).to(dtype)
 
 
-def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> LMModel:
+def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                        text_vocab: int | None = None) -> LMModel:
     """A random LM with its linears already in ``mode`` ("int8" or "int4"), built one tensor at a time:
-    the float weights of the quantized linears never exist, so memory stays that of the result."""
+    the float weights of the quantized linears never exist, so memory stays that of the result.
+    ``text_vocab``: the text head's rows from there on give 0, so that greedy decoding stays within
+    a smaller tokenizer's pieces."""
     device = torch.device("cpu")
     with torch.device("meta"):
         model = LMModel(cfg)
@@ -123,6 +139,11 @@ def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dt
         else:
             state[key] = _random_tensor(key, tuple(value.shape), value.dtype if value.dtype == torch.int8 else dtype,
                                         generator)
+    if text_vocab is not None:
+        if "text_linear.weight_scb" in state:
+            state["text_linear.weight_scb"][text_vocab:] = 0
+        else:
+            state["text_linear.scales_zeros"][:, text_vocab:] = 0
     load_weights(model, state, f"random {mode}", dtype=dtype, device=device)
     del state
     quant.finish_quantized(model, device)
@@ -152,6 +173,49 @@ def floor_row(ours_ms: list[float], nbytes: int, bandwidth_gbs: float) -> dict[s
             "gb_per_step": round(nbytes / 1e9, 3), "bandwidth_gbs": round(bandwidth_gbs, 2)}
 
 
+def chat_frames(runner: ChatRunner, frames: int, warmup: int) -> list[dict[str, float]]:
+    """The stage times of ``frames`` live chat steps (after ``warmup``) on speech-like audio."""
+    generator = torch.Generator().manual_seed(3)
+    t = torch.arange(FRAME_SIZE * (warmup + frames)) / 24000
+    pcm = (0.2 * torch.sin(2 * torch.pi * 180 * t) * (torch.sin(2 * torch.pi * 1.3 * t) > 0)
+           + 0.01 * torch.randn(t.shape, generator=generator)).numpy().reshape(-1, FRAME_SIZE)
+    timings = [runner.step(frame).timings_ms for frame in pcm]
+    runner.gen.stop_streaming()  # the next runner streams the same LM
+    runner.close()
+    return timings[warmup:]
+
+
+def chat_rtf(lm: LMModel, folder: Path, frames: int, warmup: int) -> dict[str, float]:
+    """A live chat's real-time factor (frame time / 80 ms) with Mimi in its own process and in
+    this one, the same LM, Mimi at full size; and its projection to a 60 GB/s machine, where the
+    LM step shrinks by the bandwidth ratio and Mimi (compute-bound) stays as it is."""
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    mimi_path = folder / "mimi.safetensors"
+
+    def runner(mimi) -> ChatRunner:
+        models = Models("random 7B", mimi, lm, lm, tokenizer, Sampling.greedy())
+        return ChatRunner(models, FirstFrame.SERVER)
+
+    one = chat_frames(runner(load_mimi(mimi_path, MimiConfig.official())), frames, warmup)
+    process = EncoderProcess(mimi_path, MimiConfig.official(), 8, 1)
+    process.wait_ready()
+    piped = chat_frames(runner(process), frames, warmup)
+    torch.set_num_threads(1)
+    frame_ms = FRAME_SIZE / 24
+    rtf = statistics.median(t["total"] for t in piped) / frame_ms
+    one_rtf = statistics.median(t["total"] for t in one) / frame_ms
+    mimi_ms = statistics.median(t["encode"] + t.get("decode", 0.0) for t in one)
+    lm_ms = statistics.median(t["lm"] for t in one)
+    return {"ours_rtf": round(rtf, 3), "one_process_rtf": round(one_rtf, 3), "ratio": round(rtf / one_rtf, 3),
+            "lm_ms": round(lm_ms, 1), "mimi_ms": round(mimi_ms, 1)}
+
+
+def projected_rtf(chat: dict[str, float], bandwidth_gbs: float, target_gbs: float = 60.0) -> float:
+    """The pipelined frame on a machine reading ``target_gbs``: the LM step at the same ratio to its
+    floor (scaled by the bandwidths), Mimi's stages as here."""
+    return round(max(chat["lm_ms"] * bandwidth_gbs / target_gbs, chat["mimi_ms"]) / (FRAME_SIZE / 24), 3)
+
+
 def run(quick: bool) -> dict[str, dict[str, float]]:
     cfg = LMConfig.moshi_7b()
     if quick:
@@ -160,13 +224,20 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
     megabytes = 64 if quick else 1024
     figures: dict[str, dict[str, float]] = {}
     all_rates = []
-    for mode in quant.MODES:  # one model at a time: both would not fit beside each other in 24 GB
-        lm = random_quantized_lm(cfg, mode)
-        times, rates = time_steps(LMGen(lm, Sampling.greedy()), cfg, warmup, steps, big_tensor(megabytes))
-        figures[f"moshi7b_step_{mode}"] = floor_row(times, weight_bytes_per_step(lm), statistics.median(rates))
-        all_rates += rates
-        del lm
-        gc.collect()
+    with tempfile.TemporaryDirectory(prefix="moshi-floor-") as root:
+        folder = write_tiny_checkpoint(Path(root) / "chat", "chat")  # its tokenizer; Mimi at full size:
+        save_file(random_mimi_state(MimiConfig.official(), seed=0), folder / "mimi.safetensors")
+        vocab = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
+        for mode in quant.MODES:  # one model at a time: both would not fit beside each other in 24 GB
+            lm = random_quantized_lm(cfg, mode, text_vocab=vocab)
+            times, rates = time_steps(LMGen(lm, Sampling.greedy()), cfg, warmup, steps, big_tensor(megabytes))
+            figures[f"moshi7b_step_{mode}"] = floor_row(times, weight_bytes_per_step(lm), statistics.median(rates))
+            all_rates += rates
+            chat = chat_rtf(lm, folder, steps, warmup + 2)  # + the pipeline's two empty steps
+            figures[f"chat_rtf_{mode}"] = {**chat, "projected_rtf_60gbs": projected_rtf(
+                chat, statistics.median(rates))}
+            del lm
+            gc.collect()
     figures["bandwidth_gbs"] = {"one_thread_gbs": round(statistics.median(all_rates), 2),
                                 "all_threads_gbs": round(read_bandwidth(usable_cores(), megabytes), 2),
                                 "threads": usable_cores()}
@@ -182,6 +253,10 @@ def print_table(results: dict) -> None:
         if "floor_ms" in row:
             print(f"{name:24s} {row['gb_per_step']:8.3f} {row['floor_ms']:9.1f} {row['ours_ms']:9.1f} "
                   f"{row['floor_ratio']:6.2f}")
+    for name, row in results.items():
+        if name.startswith("chat_rtf_"):
+            print(f"{name:24s} RTF {row['ours_rtf']:.2f} with Mimi's process, {row['one_process_rtf']:.2f} in one "
+                  f"(LM {row['lm_ms']:.0f} ms, Mimi {row['mimi_ms']:.0f} ms); at 60 GB/s {row['projected_rtf_60gbs']:.2f}")
 
 
 def main() -> None:
