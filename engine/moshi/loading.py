@@ -40,14 +40,21 @@ def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cp
     everything else (embeddings, norms, activations).
     """
     quant.check_mode(quantize)
+    return build_lm(read_safetensors(weights), cfg, str(weights), device, dtype, quantize)
+
+
+def build_lm(state: dict[str, torch.Tensor], cfg: LMConfig, source: str, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.bfloat16, quantize: str | None = None) -> LMModel:
+    """``load_lm`` on tensors in the official layout already in memory (``source`` names them in
+    errors); float tensors on ``device`` are used as they are, not copied."""
+    quant.check_mode(quantize)
     device = torch.device(device)
-    state = read_safetensors(weights)
     cfg = _derive_ffn_hidden(cfg, state)
     with torch.device("meta"):
         model = LMModel(cfg)
     stored_int8 = quant.has_int8_weights(state)
     if stored_int8 and quantize == "int4":
-        raise CheckpointError(f"{weights} is already quantized to int8; --quantize int4 needs a bf16 checkpoint")
+        raise CheckpointError(f"{source} is already quantized to int8; --quantize int4 needs a bf16 checkpoint")
     mode = "int8" if stored_int8 else quantize
     if mode is not None:
         names = quant.quantized_linear_names(model)
@@ -57,7 +64,7 @@ def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cp
         quant.replace_linears(model, names, mode, dtype, device)
     # The reference assigns the memory-mapped tensors as they lie in the file: keeping them in
     # place gives its kernels' alignment, and no second copy of gigabytes of weights.
-    load_weights(model, state, str(weights), dtype=dtype, device=device, copy_unaligned=False)
+    load_weights(model, state, source, dtype=dtype, device=device, copy_unaligned=False)
     del state  # the model holds what it needs: each plain int8 copy can go once packed
     if mode is not None:
         quant.finish_quantized(model, device)
