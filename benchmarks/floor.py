@@ -9,7 +9,8 @@ taken before each step, so that both see the same load from other processes; eac
 uses the median of its own samples.
 
 With each model, a live chat (``ChatRunner``, Mimi at full size) gives its real-time factor with
-Mimi in its own process and in this one (``chat_rtf_*``).
+Mimi in its own process and in this one, alternating (``chat_rtf_*``), and its projection to a
+machine reading 60 GB/s: the LM step at the same ratio to its floor, Mimi (compute-bound) as here.
 
 The quantized 7B models are built directly in their quantized form, layer by layer, from random
 codes and scales: a 7B model in bf16 is never in memory, so the run fits a 24 GB machine. The
@@ -35,6 +36,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 os.environ.setdefault("NO_CUDA_GRAPH", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import sentencepiece  # noqa: E402
 import torch  # noqa: E402
 from common import run_command_line  # noqa: E402
@@ -173,41 +175,52 @@ def floor_row(ours_ms: list[float], nbytes: int, bandwidth_gbs: float) -> dict[s
             "gb_per_step": round(nbytes / 1e9, 3), "bandwidth_gbs": round(bandwidth_gbs, 2)}
 
 
-def chat_frames(runner: ChatRunner, frames: int, warmup: int) -> list[dict[str, float]]:
-    """The stage times of ``frames`` live chat steps (after ``warmup``) on speech-like audio."""
+def speechlike_frames(count: int) -> np.ndarray:
+    """Voiced bursts with pauses, under a little noise: [count, FRAME_SIZE]."""
     generator = torch.Generator().manual_seed(3)
-    t = torch.arange(FRAME_SIZE * (warmup + frames)) / 24000
-    pcm = (0.2 * torch.sin(2 * torch.pi * 180 * t) * (torch.sin(2 * torch.pi * 1.3 * t) > 0)
-           + 0.01 * torch.randn(t.shape, generator=generator)).numpy().reshape(-1, FRAME_SIZE)
-    timings = [runner.step(frame).timings_ms for frame in pcm]
-    runner.gen.stop_streaming()  # the next runner streams the same LM
-    runner.close()
-    return timings[warmup:]
+    t = torch.arange(FRAME_SIZE * count) / 24000
+    pcm = 0.2 * torch.sin(2 * torch.pi * 180 * t) * (torch.sin(2 * torch.pi * 1.3 * t) > 0)
+    return (pcm + 0.01 * torch.randn(t.shape, generator=generator)).numpy().reshape(count, FRAME_SIZE)
 
 
-def chat_rtf(lm: LMModel, folder: Path, frames: int, warmup: int) -> dict[str, float]:
+def chat_block(runner: ChatRunner, frames: np.ndarray, skip: int) -> list[dict[str, float]]:
+    """A fresh conversation of ``frames``: the stage times of its steps after the first ``skip``.
+    The runners of one benchmark share the LM, so each streams only for its block."""
+    runner.gen.start_streaming(1)
+    runner.reset()
+    timings = [runner.step(frame).timings_ms for frame in frames]
+    runner.gen.stop_streaming()
+    return timings[skip:]
+
+
+def chat_rtf(lm: LMModel, folder: Path, frames: int, blocks: int) -> dict[str, float]:
     """A live chat's real-time factor (frame time / 80 ms) with Mimi in its own process and in
-    this one, the same LM, Mimi at full size; and its projection to a 60 GB/s machine, where the
-    LM step shrinks by the bandwidth ratio and Mimi (compute-bound) stays as it is."""
+    this one, the same LM, Mimi at full size. The two alternate block by block (each a fresh
+    conversation of ``frames`` timed steps), so both see the same load from other processes."""
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     mimi_path = folder / "mimi.safetensors"
-
-    def runner(mimi) -> ChatRunner:
-        models = Models("random 7B", mimi, lm, lm, tokenizer, Sampling.greedy())
-        return ChatRunner(models, FirstFrame.SERVER)
-
-    one = chat_frames(runner(load_mimi(mimi_path, MimiConfig.official())), frames, warmup)
-    process = EncoderProcess(mimi_path, MimiConfig.official(), 8, 1)
-    process.wait_ready()
-    piped = chat_frames(runner(process), frames, warmup)
-    torch.set_num_threads(1)
+    runners = {}
+    for name, mimi in (("one", load_mimi(mimi_path, MimiConfig.official())),
+                       ("piped", EncoderProcess(mimi_path, MimiConfig.official(), 8, 1))):
+        runners[name] = ChatRunner(Models("random 7B", mimi, lm, lm, tokenizer, Sampling.greedy()), FirstFrame.SERVER)
+        runners[name].gen.stop_streaming()
+    runners["piped"].encoder.wait_ready()
+    times: dict[str, list] = {"one": [], "piped": []}
+    try:
+        for block in range(blocks + 1):  # the first block warms up
+            for name, runner in runners.items():
+                skip = 1 + 2 * runner.pipelined  # the first step, and the pipeline's two empty ones
+                timings = chat_block(runner, speechlike_frames(skip + frames), skip)
+                if block:
+                    times[name] += timings
+    finally:
+        runners["piped"].close()
     frame_ms = FRAME_SIZE / 24
-    rtf = statistics.median(t["total"] for t in piped) / frame_ms
-    one_rtf = statistics.median(t["total"] for t in one) / frame_ms
-    mimi_ms = statistics.median(t["encode"] + t.get("decode", 0.0) for t in one)
-    lm_ms = statistics.median(t["lm"] for t in one)
+    rtf = statistics.median(t["total"] for t in times["piped"]) / frame_ms
+    one_rtf = statistics.median(t["total"] for t in times["one"]) / frame_ms
     return {"ours_rtf": round(rtf, 3), "one_process_rtf": round(one_rtf, 3), "ratio": round(rtf / one_rtf, 3),
-            "lm_ms": round(lm_ms, 1), "mimi_ms": round(mimi_ms, 1)}
+            "lm_ms": round(statistics.median(t["lm"] for t in times["one"]), 1),
+            "mimi_ms": round(statistics.median(t["encode"] + t["decode"] for t in times["one"]), 1)}
 
 
 def projected_rtf(chat: dict[str, float], bandwidth_gbs: float, target_gbs: float = 60.0) -> float:
@@ -233,7 +246,7 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
             times, rates = time_steps(LMGen(lm, Sampling.greedy()), cfg, warmup, steps, big_tensor(megabytes))
             figures[f"moshi7b_step_{mode}"] = floor_row(times, weight_bytes_per_step(lm), statistics.median(rates))
             all_rates += rates
-            chat = chat_rtf(lm, folder, steps, warmup + 2)  # + the pipeline's two empty steps
+            chat = chat_rtf(lm, folder, frames=2 if quick else 3, blocks=1 if quick else 3)
             figures[f"chat_rtf_{mode}"] = {**chat, "projected_rtf_60gbs": projected_rtf(
                 chat, statistics.median(rates))}
             del lm

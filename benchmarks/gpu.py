@@ -26,6 +26,7 @@ take minutes; the compiled step is measured on bf16.
     python benchmarks/gpu.py --skip-compile  # without torch.compile (its first call compiles for minutes)
     python benchmarks/gpu.py --quick         # small shapes: checks that the code runs
     python benchmarks/gpu.py --json
+    python benchmarks/gpu.py --quick --device cpu   # a dry run of the same code without a GPU
 
 Without a CUDA GPU it says "no CUDA GPU: nothing to check" and exits with status 1: a check that
 did not run must not read as one that passed.
@@ -71,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-compile", action="store_true", help="leave out the compiled step mode")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per model and mode (default 30)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a dry run of the same code (every mode runs eager), for tests")
     parser.add_argument("--fallback-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 3:
@@ -149,8 +152,21 @@ def environment(values: dict[str, str]):
                 os.environ[key] = value
 
 
-def gpu_read_bandwidth(gibibytes: int = 2, repeats: int = 10) -> float:
-    data = torch.ones(gibibytes << 29, dtype=torch.bfloat16, device="cuda")
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def allocated_gb(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
+
+
+def gpu_read_bandwidth(device: torch.device, gibibytes: int = 2, repeats: int = 10) -> float:
+    if device.type != "cuda":
+        from floor import read_bandwidth
+
+        return read_bandwidth(1, 256)
+    data = torch.ones(gibibytes << 29, dtype=torch.bfloat16, device=device)
     data.sum()
     times = []
     for _ in range(repeats):
@@ -163,15 +179,15 @@ def gpu_read_bandwidth(gibibytes: int = 2, repeats: int = 10) -> float:
     return data.nbytes / statistics.median(times) / 1e9
 
 
-def time_steps(gen, codes: torch.Tensor, warmup: int) -> tuple[list[float], list[int | None]]:
+def time_steps(gen, codes: torch.Tensor) -> tuple[list[float], list[int | None]]:
     """Per-step wall times (ms, the GPU's work included) and the text token of each step."""
     times, tokens = [], []
     with torch.no_grad(), gen.streaming(1):
         for step_codes in codes:
-            torch.cuda.synchronize()
+            sync(codes.device)
             start = time.perf_counter()
             out = gen.step(step_codes)
-            torch.cuda.synchronize()
+            sync(codes.device)
             times.append((time.perf_counter() - start) * 1000)
             tokens.append(None if out is None else int(out[0, 0, 0]))
     return times, tokens
@@ -185,27 +201,34 @@ class Check:
         from engine.moshi.model import LMConfig
 
         self.args = args
+        self.device = torch.device(args.device)
         self.started = time.perf_counter()
         self.cfg = LMConfig.moshi_7b()
         if args.quick:
             self.cfg = dataclasses.replace(self.cfg, num_layers=2, depformer_num_layers=1, context=100)
+        if args.quick and self.device.type == "cpu":  # the reference's initialisation is slow on a CPU
+            self.cfg = dataclasses.replace(self.cfg, dim=256, num_heads=4, ffn_hidden=704, text_card=1000,
+                                           depformer_dim=128, depformer_num_heads=2, depformer_ffn_hidden=352)
         self.warmup = 3  # a CUDA graph is captured at the third call
         generator = torch.Generator().manual_seed(0)
         self.codes = torch.randint(0, self.cfg.card, (self.warmup + args.steps, 1, self.cfg.n_q - self.cfg.dep_q, 1),
-                                   generator=generator).cuda()
-        self.results: dict = {"device": torch.cuda.get_device_name(), "quick": args.quick}
+                                   generator=generator).to(self.device)
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU (dry run)"
+        self.results: dict = {"device": name, "quick": args.quick}
 
     def phase(self, text: str) -> None:
         print(f"[{time.perf_counter() - self.started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
     def timed(self, make_gen: Callable) -> dict:
-        torch.cuda.reset_peak_memory_stats()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         gen = make_gen()
-        times, tokens = time_steps(gen, self.codes, self.warmup)
+        times, tokens = time_steps(gen, self.codes)
         steady = times[self.warmup:]
         return {"ours_ms": round(statistics.median(steady), 3), "first_call_ms": round(times[0], 1),
                 "p90_ms": round(sorted(steady)[int(0.9 * (len(steady) - 1))], 3),
-                "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "tokens": tokens,
+                "peak_gb": round(torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda"
+                                 else 0.0, 2), "tokens": tokens,
                 "ran_as": getattr(gen, "acceleration", "reference"), "fallbacks": list(getattr(gen, "fallbacks", []))}
 
     def run(self) -> dict:
@@ -216,18 +239,19 @@ class Check:
         from engine.moshi.loading import build_lm
 
         self.phase("read bandwidth")
-        bandwidth = gpu_read_bandwidth()
+        bandwidth = gpu_read_bandwidth(self.device)
         self.results["bandwidth_gbs"] = round(bandwidth, 1)
 
         self.phase("the reference's 7B (bf16, random initialisation) and its steps")
-        before = torch.cuda.memory_allocated()
-        reference = get_moshi_lm(None, self.cfg.to_dict(), device="cuda", dtype=torch.bfloat16)
-        reference_gb = (torch.cuda.memory_allocated() - before) / 1e9
+        before = allocated_gb(self.device)
+        reference = get_moshi_lm(None, self.cfg.to_dict(), device=self.device, dtype=torch.bfloat16)
+        reference_gb = allocated_gb(self.device) - before
         ref = self.timed(lambda: ReferenceGen(reference, use_sampling=False))
         state = reference.state_dict()
 
         def ours(quantize: str | None):
-            return build_lm(dict(state), self.cfg, "the reference's random weights", "cuda", torch.bfloat16, quantize)
+            return build_lm(dict(state), self.cfg, "the reference's random weights", self.device, torch.bfloat16,
+                            quantize)
 
         lm = ours(None)  # the reference's tensors, not a copy
         modes = {}
@@ -245,9 +269,9 @@ class Check:
         del lm
         for quantize in ("int8", "int4"):
             self.phase(f"our {quantize} 7B (quantized from the same weights), as {QUANT_MODE}")
-            before = torch.cuda.memory_allocated()
+            before = allocated_gb(self.device)
             lm = ours(quantize)
-            model_gb = (torch.cuda.memory_allocated() - before) / 1e9
+            model_gb = allocated_gb(self.device) - before
             with environment(MODE_ENV[QUANT_MODE]):
                 row = self.timed(lambda: LMGen(lm, Sampling.greedy()))
             row["tokens_agree_with_reference"] = agreement(row["tokens"], ref["tokens"])
@@ -256,15 +280,16 @@ class Check:
             del lm
         del reference, state
         gc.collect()  # the generators' captured graphs hold memory pools of their own
-        torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
         self.phase("the fallback chain, in a process of its own")
-        self.results["fallback_chain"] = fallback_chain_in_child()
+        self.results["fallback_chain"] = fallback_chain_in_child(self.device)
         seconds = 5 if self.args.quick else 60
         steps = "cuda-graph" if self.args.skip_compile else "compile"
-        self.phase(f"moshi transcribe --device cuda on {seconds} s of audio (STT-1B shapes), steps: {steps}")
+        self.phase(f"moshi transcribe --device {self.device.type} on {seconds} s of audio (STT-1B shapes), steps: {steps}")
         with environment(MODE_ENV[steps]):
-            rtf = transcribe_rtf(seconds, self.args.quick)
+            rtf = transcribe_rtf(seconds, self.args.quick, self.device)
         self.results[f"transcribe_rtf_{seconds}s"] = {"ours_rtf": rtf, "steps": steps}
         self.results["seconds"] = round(time.perf_counter() - self.started, 1)
         return self.results
@@ -284,29 +309,29 @@ def _branchy(x: torch.Tensor) -> torch.Tensor:
     return x * 2 if x.sum().item() > 0 else x - 1
 
 
-def fallback_chain() -> dict:
+def fallback_chain(device: torch.device) -> dict:
     from engine.compile import AcceleratedStep, step_modes
 
-    modes = step_modes(torch.device("cuda"))
+    modes = step_modes(device)
     step = AcceleratedStep(_branchy, "fallback check", modes)
-    x = torch.ones(16, device="cuda")
+    x = torch.ones(16, device=device)
     outs = [step(x) for _ in range(4)]  # a graph is captured at the third call
     correct = all(torch.equal(out, x * 2) for out in outs)
     return {"modes": modes, "ended_in": step.mode, "fallbacks": len(step.fallbacks), "reasons": step.fallbacks,
             "correct": correct and step.mode == "eager" and len(step.fallbacks) == len(modes) - 1}
 
 
-def fallback_chain_in_child() -> dict:
+def fallback_chain_in_child(device: torch.device) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MOSHI_NO_COMPILE", "MOSHI_NO_CUDA_GRAPH")}
-    result = subprocess.run([sys.executable, __file__, "--fallback-child"], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run([sys.executable, __file__, "--fallback-child", "--device", device.type],
+                            capture_output=True, text=True, env=env, timeout=300)
     if result.returncode != 0:
         return {"modes": [], "ended_in": "a crash", "fallbacks": 0, "correct": False,
                 "reasons": [result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no output"]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def transcribe_rtf(seconds: int, quick: bool) -> float:
+def transcribe_rtf(seconds: int, quick: bool, device: torch.device) -> float:
     import soundfile
     from pipeline import RATE, cli_rtf, speechlike, write_checkpoint
 
@@ -319,16 +344,16 @@ def transcribe_rtf(seconds: int, quick: bool) -> float:
         folder = write_checkpoint(Path(root) / "stt", cfg)
         audio = Path(root) / "talk.wav"
         soundfile.write(audio, speechlike(seconds).numpy(), RATE, subtype="FLOAT")
-        return round(cli_rtf(folder, audio, None, pipelined=False, device="cuda"), 4)
+        return round(cli_rtf(folder, audio, None, pipelined=False, device=device.type), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print(NO_GPU, file=sys.stderr)
         return 1
     if args.fallback_child:
-        print(json.dumps(fallback_chain()))
+        print(json.dumps(fallback_chain(torch.device(args.device))))
         return 0
     results = Check(args).run()
     print(json.dumps(results) if args.json else format_table(results))

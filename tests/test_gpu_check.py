@@ -1,6 +1,8 @@
 """benchmarks/gpu.py's parts that need no GPU: what it says without one, its options, the bytes a
 7B step reads (against a count from the architecture), the floor arithmetic and the table."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +80,23 @@ def test_table_shows_every_figure():
                  "correct", "0.0425", "212 s"):
         assert text in table, text
     assert "int4" not in table  # a row it was not given
+
+
+def test_dry_run_on_the_cpu_reports_every_check(tmp_path):
+    """The whole check, every step mode running eager, on small shapes: the code a GPU runs, less
+    its CUDA calls. Our bf16 model is the reference's weights, so their tokens agree."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "--device", "cpu",
+                             "--steps", "3", "--json"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    for mode in ("bf16", "int8", "int4"):
+        row = results[f"moshi7b_step_{mode}"]
+        assert row["ours_ms"] > 0 and row["reference_ms"] > 0 and row["floor_ms"] > 0, mode
+        assert row["ratio"] == pytest.approx(row["ours_ms"] / row["reference_ms"], rel=0.01)
+    assert set(results["step_modes"]) == set(gpu.MODES)
+    assert all(row["ran_as"] == "eager" for row in results["step_modes"].values())  # no CUDA: eager only
+    assert results["step_modes"]["eager"]["tokens_agree_with_reference"] == 1.0
+    assert results["fallback_chain"]["correct"] and results["fallback_chain"]["ended_in"] == "eager"
+    assert results["transcribe_rtf_5s"]["ours_rtf"] > 0
+    assert "fallback chain" in gpu.format_table(results)
