@@ -48,7 +48,7 @@ FRAME = 1920
 RATE = 24_000
 
 
-def _speechlike(seconds: float) -> torch.Tensor:
+def speechlike(seconds: float) -> torch.Tensor:
     """Harmonic bursts with pauses plus a little noise, [samples]."""
     t = torch.arange(int(seconds * RATE)) / RATE
     pitch = 120 + 40 * torch.sin(2 * math.pi * 0.7 * t)
@@ -86,10 +86,11 @@ def reference_rtf(folder: Path, cfg: LMConfig, wav: torch.Tensor) -> float:
     return (time.perf_counter() - start) / (len(wav) / RATE)
 
 
-def cli_rtf(folder: Path, audio: Path, quantize: str, pipelined: bool) -> float:
+def cli_rtf(folder: Path, audio: Path, quantize: str | None, pipelined: bool, device: str = "cpu") -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1", MOSHI_NO_PIPELINE="0" if pipelined else "1")
+    options = ["--device", device] + (["--quantize", quantize] if quantize else [])
     result = subprocess.run([sys.executable, "-m", "moshi_tui", "transcribe", "--model", str(folder), str(audio),
-                             "--quantize", quantize, "--stats"],
+                             *options, "--stats"],
                             capture_output=True, text=True, env=env, cwd=ROOT)
     found = re.search(r"real-time factor ([0-9.]+)", result.stderr)
     if result.returncode != 0 or found is None:
@@ -102,7 +103,7 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
     cfg = LMConfig.stt_1b()
     if quick:
         cfg = dataclasses.replace(cfg, num_layers=2)
-    wav = _speechlike(seconds)
+    wav = speechlike(seconds)
     figures = {}
     with tempfile.TemporaryDirectory(prefix="moshi-pipeline-") as root:
         folder = write_checkpoint(Path(root) / "stt", cfg)

@@ -6,11 +6,14 @@
     python benchmarks/run.py --quick     # small shapes, seconds: CI runs this so the scripts never rot
 
 Besides times (``*_ms``), the JSON holds peak memory (``ours_mb``/``reference_mb``), real-time
-factors (``ours_rtf``/``reference_rtf``) and the quantized models' logit errors (``relative_error``).
+factors (``ours_rtf``/``reference_rtf``), the quantized models' logit errors (``relative_error``),
+this machine's read bandwidth (``bandwidth_gbs``) and, for the 7B steps, the bandwidth floor
+(``floor_ms``: the weights a step reads over the 1-thread bandwidth) with ``floor_ratio``.
 ``chat_url_added_latency_ms`` compares a frame's round trip through `moshi serve` on loopback (ours)
 with the in-process engine's (reference); ``added_ms`` is the difference of the medians.
-Our int8/int4 rows are compared with the reference's bf16 step: it has no CPU int8 path. The candle
-q8 rows (``q8_0_*``, ``candle_q8_*``) compare the Q8_0 kernel and loader with our ``--quantize int8``.
+Our int8/int4 rows are compared with the reference's bf16 step: it has no CPU int8 path; the 7B
+int8/int4 steps (built quantized, without the 15 GB file) only with their floor. The candle q8 rows
+(``q8_0_*``, ``candle_q8_*``) compare the Q8_0 kernel and loader with our ``--quantize int8``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import chat_url  # noqa: E402
+import floor  # noqa: E402
 import formats  # noqa: E402
 import lm  # noqa: E402
 import mimi  # noqa: E402
@@ -31,9 +35,16 @@ from common import run_command_line  # noqa: E402
 def _row(name: str, figure: dict) -> str:
     if "relative_error" in figure:
         return f"{name:34s} {'relative error of the text logits vs our bf16:':>47s} {figure['relative_error']:.4f}"
+    if name == "bandwidth_gbs":
+        return (f"{'read bandwidth (GB/s), 1 thread':34s} {figure['one_thread_gbs']:12.2f}   "
+                f"{figure['threads']:.0f} threads {figure['all_threads_gbs']:.2f}")
     unit = next(key[len("ours_"):] for key in figure if key.startswith("ours_"))
-    ours, reference = figure[f"ours_{unit}"], figure[f"reference_{unit}"]
-    return f"{name:34s} {ours:12.2f} {reference:12.2f} {unit:>4s} {figure['ratio']:7.3f}"
+    reference = f"{figure[f'reference_{unit}']:12.2f}" if f"reference_{unit}" in figure else f"{'—':>12s}"
+    ratio = f"{figure['ratio']:7.3f}" if "ratio" in figure else f"{'':7s}"
+    line = f"{name:34s} {figure[f'ours_{unit}']:12.2f} {reference} {unit:>4s} {ratio}"
+    if "floor_ms" in figure:
+        line += f"   floor {figure['floor_ms']:.1f} ms ({figure['gb_per_step']:.2f} GB), ours/floor {figure['floor_ratio']:.2f}"
+    return line
 
 
 def print_table(results: dict) -> None:
@@ -45,8 +56,8 @@ def print_table(results: dict) -> None:
 
 
 def measure(quick: bool, full_7b: bool) -> dict[str, dict[str, float]]:
-    return {**mimi.run(quick), **lm.run(quick, full_7b=full_7b), **formats.run(quick), **pipeline.run(quick),
-            **chat_url.run(quick)}
+    return {**mimi.run(quick), **lm.run(quick, full_7b=full_7b), **floor.run(quick), **formats.run(quick),
+            **pipeline.run(quick), **chat_url.run(quick)}
 
 
 def main() -> None:

@@ -1,10 +1,13 @@
 """Mimi's streaming encoder behind ``submit`` / ``collect``, so a caller can step the LM meanwhile.
 
-On a CPU with two cores or more, ``EncoderProcess`` runs the encoder in a process of its own:
-speech recognition then costs max(encode, LM step) per frame instead of their sum, which is what
-brings `moshi transcribe` under real time on a 2-core machine. A process, not a thread: both
-stages are many small operations that would take turns on the GIL. ``InlineEncoder`` is the same
-interface in this process (GPUs, single cores, ``MOSHI_NO_PIPELINE=1``).
+On a CPU with two cores or more, ``EncoderProcess`` runs Mimi in a process of its own: speech
+recognition then costs max(encode, LM step) per frame instead of their sum, which is what brings
+`moshi transcribe` under real time on a 2-core machine. A conversation also hands it Moshi's
+tokens of an earlier frame to decode along with the user's frame to encode (``submit(pcm,
+decode=...)``), so that a chat frame costs max(encode + decode, LM step). A process, not a
+thread: both stages are many small operations that would take turns on the GIL.
+``InlineEncoder`` is the encoding interface in this process (GPUs, single cores,
+``MOSHI_NO_PIPELINE=1``).
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ class EncoderProcess:
 
     Messages go in order over one pipe, so a reset sent between two frames applies between them.
     Loading starts at construction and overlaps the caller's LM load; ``wait_ready`` raises the
-    encoder's load error (a bad checkpoint) in this process, with its own message.
+    encoder's load error (a bad checkpoint) in this process, with its own message. Its results are
+    the in-process Mimi's, bit for bit: the same weights, kernels and single thread.
     """
 
     def __init__(self, weights, config, num_codebooks: int, batch_size: int):
@@ -83,6 +87,7 @@ class EncoderProcess:
         self._process.start()
         child_end.close()
         self._ready = False
+        self._decoded: np.ndarray | None = None
 
     def wait_ready(self) -> None:
         if not self._ready:
@@ -91,12 +96,32 @@ class EncoderProcess:
                 raise EngineError(f"the Mimi encoder process answered {reply!r} instead of starting")
             self._ready = True
 
-    def submit(self, pcm: np.ndarray) -> None:
+    def submit(self, pcm: np.ndarray | None, decode: torch.Tensor | None = None) -> None:
+        """Start encoding ``pcm`` (None: no frame) and, with ``decode`` (audio tokens
+        [batch_size, n_q, 1]), decoding those tokens; ``collect`` gives the codes (None without a
+        frame), then ``decoded`` the audio."""
         self.wait_ready()
-        self._send(("encode", np.ascontiguousarray(pcm, dtype=np.float32)))
+        if pcm is not None:
+            pcm = np.ascontiguousarray(pcm, dtype=np.float32)
+        if decode is None:
+            self._send(("encode", pcm))
+        else:
+            self._send(("codec", (pcm, decode.cpu().numpy())))
 
-    def collect(self) -> torch.Tensor:
-        return torch.from_numpy(self._receive())
+    def collect(self) -> torch.Tensor | None:
+        reply = self._receive()
+        codes, self._decoded = reply if isinstance(reply, tuple) else (reply, None)
+        return None if codes is None else torch.from_numpy(codes)
+
+    def decoded(self) -> np.ndarray | None:
+        """The audio [batch_size, 1, FRAME_SIZE] of the tokens submitted with the frame ``collect``
+        answered last; None if none were."""
+        return self._decoded
+
+    def set_num_codebooks(self, n: int) -> None:
+        """Encode ``n`` codebooks from the next frame on."""
+        self.wait_ready()
+        self._send(("codebooks", n))
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
         self.wait_ready()
@@ -134,6 +159,19 @@ class EncoderProcess:
                            "MOSHI_NO_PIPELINE=1 runs Mimi in the main process instead")
 
 
+def start_encoder_process(info, num_codebooks: int, device: torch.device, batch_size: int = 1) -> EncoderProcess:
+    """``load_models``'s ``load_codec`` for a pipelined runner: Mimi of checkpoint ``info`` in its process."""
+    from .mimi.loading import checkpoint_mimi_config
+
+    return EncoderProcess(info.mimi_weights, checkpoint_mimi_config(info), num_codebooks, batch_size)
+
+
+def settle_encoder_process(process: EncoderProcess) -> None:
+    """Give the process its core (the LM takes the others) and wait for it: a load error is raised here."""
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - 1)))
+    process.wait_ready()
+
+
 def _serve(conn, weights: str, config, num_codebooks: int, batch_size: int) -> None:
     # Ctrl-C in the terminal reaches the whole process group; the parent decides when to stop
     # (a live transcription still encodes its trailing silence after it).
@@ -156,6 +194,12 @@ def _serve(conn, weights: str, config, num_codebooks: int, batch_size: int) -> N
                 return
             if kind == "encode":
                 conn.send(mimi.encode(torch.from_numpy(payload).reshape(-1, 1, FRAME_SIZE)).numpy())
+            elif kind == "codec":  # a conversation's frame: the user's to encode, Moshi's to decode
+                pcm, tokens = payload
+                codes = None if pcm is None else mimi.encode(torch.from_numpy(pcm).reshape(-1, 1, FRAME_SIZE)).numpy()
+                conn.send((codes, mimi.decode(torch.from_numpy(tokens)).float().numpy()))
+            elif kind == "codebooks":
+                mimi.set_num_codebooks(payload)
             elif kind == "reset":
                 mimi.reset_streaming(None if payload is None else torch.from_numpy(payload))
             else:

@@ -252,11 +252,18 @@ class BaseRunner:
         self.submit(pcm)
         return self.encoder.collect()
 
-    def submit(self, pcm: np.ndarray) -> None:
-        """Start encoding one frame per slot ([batch_size, FRAME_SIZE]); ``collect`` gives the codes."""
+    def submit(self, pcm: np.ndarray | None, decode: torch.Tensor | None = None) -> None:
+        """Start encoding one frame per slot ([batch_size, FRAME_SIZE]); ``collect`` gives the codes.
+        ``decode``: audio tokens for an ``EncoderProcess`` to decode as well (``pcm`` None: only that)."""
+        if decode is not None:
+            self.encoder.submit(None if pcm is None else self._frames(pcm), decode=decode)
+        else:
+            self.encoder.submit(self._frames(pcm))
+
+    def _frames(self, pcm: np.ndarray) -> np.ndarray:
         if pcm.shape != (FRAME_SIZE,) and pcm.shape != (self.batch_size, FRAME_SIZE):
             raise ValueError(f"a frame is {FRAME_SIZE} samples per slot, got shape {pcm.shape}")
-        self.encoder.submit(pcm.reshape(self.batch_size, FRAME_SIZE))
+        return pcm.reshape(self.batch_size, FRAME_SIZE)
 
     def _lm_step(self, codes: torch.Tensor):
         """One LM step on the codes of the frame just encoded, after what ``first_frame`` asks for."""

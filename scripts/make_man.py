@@ -32,8 +32,8 @@ ENVIRONMENT = (
     ("MOSHI_<OPTION>", "Default for the option of that name, for every command that has it."),
     ("MOSHI_CONFIG", "Path of the config file to read instead of the default one."),
     ("MOSHI_DEBUG", "Set to 1 to see the full traceback of an error instead of its one-line message."),
-    ("MOSHI_NO_PIPELINE", "Set to 1 to run Mimi in the same process as the language model when transcribing on a "
-                          "CPU (by default it gets a process, and a core, of its own)."),
+    ("MOSHI_NO_PIPELINE", "Set to 1 to run Mimi in the same process as the language model when transcribing or "
+                          "chatting live on a CPU (by default it gets a process, and a core, of its own)."),
     ("MOSHI_NO_COMPILE, MOSHI_NO_CUDA_GRAPH", "Set to 1 to run the model's step on a GPU without "
                                               "torch.compile, or without capturing it in a CUDA graph."),
     ("XDG_CONFIG_HOME", "Base folder of the config file (default ~/.config)."),

@@ -26,13 +26,28 @@ def test_quick_benchmarks_report_ours_and_reference():
     assert any(name.startswith("transcribe_rtf_") for name in figures)
     added = figures["chat_url_added_latency_ms"]  # --url over loopback against the in-process engine
     assert added["added_ms"] == pytest.approx(added["ours_ms"] - added["reference_ms"], abs=0.02)
+    assert {"moshi7b_depformer_step_int4", "moshi7b_step_int8", "moshi7b_step_int4"} <= set(figures)
+    bandwidth = figures.pop("bandwidth_gbs")
+    assert bandwidth["one_thread_gbs"] > 0 and bandwidth["all_threads_gbs"] > 0 and bandwidth["threads"] >= 1
+    for mode in ("int8", "int4"):  # the 7B steps against the floor their weights set
+        step = figures[f"moshi7b_step_{mode}"]
+        assert step["floor_ms"] == pytest.approx(step["gb_per_step"] / step["bandwidth_gbs"] * 1000, rel=0.02)
+        assert step["floor_ratio"] == pytest.approx(step["ours_ms"] / step["floor_ms"], rel=0.02)
+    assert figures["moshi7b_step_int4"]["gb_per_step"] < 0.6 * figures["moshi7b_step_int8"]["gb_per_step"]
+    for mode in ("int8", "int4"):  # a live chat with Mimi in its own process, against one process
+        chat = figures.pop(f"chat_rtf_{mode}")
+        assert chat["ours_rtf"] > 0 and chat["lm_ms"] > 0 and chat["mimi_ms"] > 0 and chat["projected_rtf_60gbs"] > 0
+        assert chat["ratio"] == pytest.approx(chat["ours_rtf"] / chat["one_process_rtf"], rel=0.02)
     for name, figure in figures.items():
         if "relative_error" in figure:  # a quantized model's logits against bf16
             assert 0 < figure["relative_error"] < 1, name
             continue
         unit = next(key[len("ours_"):] for key in figure if key.startswith("ours_"))  # ms, mb or rtf
+        assert figure[f"ours_{unit}"] > 0, name
+        if "floor_ms" in figure and "reference_ms" not in figure:  # no reference path: int8/int4 at 7B
+            continue
         ours, reference = figure[f"ours_{unit}"], figure[f"reference_{unit}"]
-        assert ours > 0 and reference > 0, name
+        assert reference > 0, name
         assert figure["ratio"] == pytest.approx(ours / reference, rel=0.02), name
 
 

@@ -91,10 +91,15 @@ def test_headless_chat_matches_reference(folders, speechlike, tmp_path):
     np.testing.assert_allclose(ours, np.clip(ref_pcm[0].numpy(), -1, 1), rtol=0, atol=1e-4 + 0.5 / 32767)
 
 
-def test_live_chat_runner_steps_as_server_py(folders, speechlike):
+@pytest.mark.parametrize("pipeline", ["mimi-process", "one-process"])
+def test_live_chat_runner_steps_as_server_py(folders, speechlike, monkeypatch, pipeline):
     """The runner of live sessions (``ChatRunner.load`` as the engine process calls it) against the
     reference models driven as Kyutai's server.py drives them: Mimi starts over after encoding frame
-    0, whose codes the LM's first step does not hear, and every frame is stepped once. Greedy."""
+    0, whose codes the LM's first step does not hear, and every frame is stepped once. Greedy.
+    With Mimi in its own process each answer comes two steps later; the answers are the same."""
+    monkeypatch.setattr("engine.encoder.usable_cores", lambda: 2)
+    if pipeline == "one-process":
+        monkeypatch.setenv("MOSHI_NO_PIPELINE", "1")
     _, pcm = speechlike
     starts = range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)
     _, mimi, lm = _reference_models(folders["chat"])
@@ -109,10 +114,18 @@ def test_live_chat_runner_steps_as_server_py(folders, speechlike):
             expected.append(None if tokens is None else (int(tokens[0, 0, 0]), mimi.decode(tokens[:, 1:])[0, 0]))
 
     def run(runner):
-        return [runner.step(pcm[start:start + FRAME_SIZE]) for start in starts]
+        outs = [runner.step(pcm[start:start + FRAME_SIZE]) for start in starts]
+        if runner.pipelined:
+            assert all(out.pcm is None for out in outs[:2])
+            outs = outs[2:] + runner.flush()
+        runner.close()
+        return outs
 
     options = ModelOptions(hf_repo=str(folders["chat"]), temp=0, temp_text=0)
-    outs = run(ChatRunner.load(options))
+    live = ChatRunner.load(options)
+    assert live.pipelined == (pipeline == "mimi-process")
+    outs = run(live)
+    torch.set_num_threads(1)
     assert [out.token for out in outs] == [None if e is None else e[0] for e in expected]
     assert len({out.token for out in outs}) > 5
     ours = np.concatenate([out.pcm for out in outs if out.pcm is not None])

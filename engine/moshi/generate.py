@@ -99,6 +99,11 @@ class LMGen(StreamingModule):
         """How the steps run: "eager" (always on CPU), "compile" or "cuda-graph"."""
         return self._temporal.mode
 
+    @property
+    def fallbacks(self) -> list[str]:
+        """The step modes given up so far, each with its reason (``AcceleratedStep.fallbacks``)."""
+        return self._temporal.fallbacks + self._depformer.fallbacks
+
     def init_state(self, batch_size: int) -> GenState:
         cfg = self.lm.cfg
         device = self.lm.device

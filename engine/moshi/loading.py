@@ -50,9 +50,9 @@ def load_lm(weights: str | Path, cfg: LMConfig, device: str | torch.device = "cp
 
 def load_lm_state(state: dict[str, torch.Tensor], source: str, cfg: LMConfig, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.bfloat16, quantize: str | None = None) -> LMModel:
-    """``load_lm`` on tensors in the official layout (those of a file, which they may still map).
-
-    Build on the meta device and assign the tensors: no random init, no double copy.
+    """``load_lm`` on tensors in the official layout (those of a file, which they may still map, or
+    built in memory); ``source`` names them in errors. Build on the meta device and assign the
+    tensors: no random init, no double copy.
     """
     quant.check_mode(quantize)
     device = torch.device(device)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..encoder import EncoderProcess, pipeline_wanted, settle_encoder_process, start_encoder_process
 from ..errors import EngineError
 from ..interface import USER_WORDS
+from ..mimi.loading import load_checkpoint_mimi
 from ..options import Mode, ModelOptions
 from ..runner import BaseRunner, FirstFrame, Models, Progress, StepOutput, Stopwatch, load_models
 from ..stt.user import AUTO, UserSTT, keeps_to_budget, wanted
@@ -16,20 +18,37 @@ WARM_STEPS = 4  # timed after the warm-up, to decide whether `--user-stt auto` k
 
 class ChatRunner(BaseRunner):
     """Full-duplex conversation: the user's frame in, Moshi's voice and words for one frame out, and
-    with a user STT the user's words of that frame."""
+    with a user STT the user's words of that frame.
+
+    Live sessions on a CPU with two cores or more run Mimi in an ``EncoderProcess`` (``pipelined``):
+    while the LM steps on frame k - 1, that process encodes frame k and decodes the LM's answer to
+    frame k - 2, so a frame costs max(LM step, encode + decode) instead of their sum. Each answer
+    then comes two steps later than in one process, the same answers (``flush`` gives the last two);
+    the first two steps answer nothing.
+    """
 
     @classmethod
     def load(cls, options: ModelOptions, progress: Progress | None = None,
              first_frame: FirstFrame = FirstFrame.SERVER) -> ChatRunner:
-        """The default ``first_frame`` is that of live sessions: the engine process loads with it."""
-        models = load_models(options, Mode.CHAT.default_model, progress)
-        if models.lm.cfg.dep_q == 0:
-            raise EngineError(f"{models.name} is a speech-recognition model; use `moshi transcribe`")
-        name = wanted(options.user_stt)
-        user = None
-        if name is not None:
-            (progress or (lambda text: None))(f"loading {name} for the user's words")
-            user = UserSTT.load(name, options, progress)
+        """The default ``first_frame`` is that of live sessions: the engine process loads with it.
+        Only they are pipelined: a file run's answers stay frame by frame with its input."""
+        pipelined = first_frame is FirstFrame.SERVER and pipeline_wanted(torch.device(options.device))
+        models = load_models(options, Mode.CHAT.default_model, progress,
+                             load_codec=start_encoder_process if pipelined else load_checkpoint_mimi)
+        try:
+            if models.lm.cfg.dep_q == 0:
+                raise EngineError(f"{models.name} is a speech-recognition model; use `moshi transcribe`")
+            if pipelined:
+                settle_encoder_process(models.mimi)
+            name = wanted(options.user_stt)
+            user = None
+            if name is not None:
+                (progress or (lambda text: None))(f"loading {name} for the user's words")
+                user = UserSTT.load(name, options, progress)
+        except BaseException:
+            if pipelined:
+                models.mimi.close()
+            raise
         return cls(models, first_frame, user, auto=options.user_stt == AUTO)
 
     def __init__(self, models: Models, first_frame: FirstFrame, user: UserSTT | None = None, auto: bool = False):
@@ -40,9 +59,18 @@ class ChatRunner(BaseRunner):
         self.user_dropped = ""  # why `auto` let the user STT go
         if user is not None:
             models.mimi.set_num_codebooks(user.num_codebooks)
+        # Pipelined: the codes of the last frame encoded, for the next LM step, and the LM's last
+        # answer (its tokens and the user's words beside them), for the next decode.
+        self._codes: torch.Tensor | None = None
+        self._answer: tuple[torch.Tensor | None, str | None] | None = None
+
+    @property
+    def pipelined(self) -> bool:
+        return isinstance(self.encoder, EncoderProcess)
 
     def describe(self) -> dict[str, str]:
-        info = {**super().describe(), USER_WORDS: "off" if self.user is None else self.user.models.name}
+        info = {**super().describe(), USER_WORDS: "off" if self.user is None else self.user.models.name,
+                "mimi": "own process" if self.pipelined else "in the engine"}
         return {**info, "user words dropped": self.user_dropped} if self.user_dropped else info
 
     def warmup(self, frames: int = 4) -> None:
@@ -59,11 +87,14 @@ class ChatRunner(BaseRunner):
 
     def reset(self) -> None:
         super().reset()
+        self._codes = self._answer = None
         if self.user is not None:
             self.user.reset()
 
     @torch.no_grad()
     def step(self, pcm: np.ndarray) -> StepOutput:
+        if self.pipelined:
+            return self._pipelined_step(pcm)
         watch = Stopwatch(self.device)
         # Under server.py's convention Mimi starts over after frame 0, so the conversation really
         # begins at frame 1: the user's STT starts there too, as a transcription of the audio from then on.
@@ -83,3 +114,45 @@ class ChatRunner(BaseRunner):
         watch.lap("decode")
         token = int(tokens[0, 0, 0])
         return StepOutput(out, self.models.piece(token), watch.done(), token=token, user_text=user_text)
+
+    def _pipelined_step(self, pcm: np.ndarray | None) -> StepOutput:
+        """Frame k in (None: no more frames); the LM on frame k - 1 meanwhile; the answer to k - 2 out."""
+        watch = Stopwatch(self.device)
+        tokens, user_text = self._answer or (None, None)
+        if pcm is not None or tokens is not None:
+            self.submit(pcm, decode=None if tokens is None else tokens[:, 1:])
+        if pcm is not None and self._codes is None and self._at_first_frame and self.first_frame is FirstFrame.SERVER:
+            # server.py's restart of Mimi after frame 0, in order before frame 1 is encoded;
+            # the LM's step on frame 0 (next call) must not restart it again.
+            self.encoder.reset()
+        codes, self._codes, self._answer = self._codes, None, None
+        if codes is not None:
+            self._answer = self._answer_frame(codes, watch)
+        watch.lap("lm")
+        if pcm is not None or tokens is not None:
+            self._codes = self.encoder.collect()
+        watch.lap("mimi")  # what Mimi took beyond the LM step
+        if tokens is None:
+            return StepOutput(None, None, watch.done(), user_text=user_text)
+        token = int(tokens[0, 0, 0])
+        out = self.encoder.decoded()[0, 0]
+        return StepOutput(out, self.models.piece(token), watch.done(), token=token, user_text=user_text)
+
+    def _answer_frame(self, codes: torch.Tensor, watch: Stopwatch) -> tuple[torch.Tensor | None, str | None]:
+        """The LM's tokens for these codes, and the user's words of the frame."""
+        restarts = self._at_first_frame and self.first_frame is FirstFrame.SERVER
+        user_text = None
+        if self.user is not None and not restarts:
+            user_text = self.user.step(codes)
+            watch.lap("user stt")
+        if self._at_first_frame and self.first_frame is FirstFrame.SERVER:
+            self._at_first_frame = False  # Mimi was restarted when frame 0 was sent
+        return self._lm_step(codes[:, :self.input_codebooks]).tokens, user_text
+
+    @torch.no_grad()
+    def flush(self) -> list[StepOutput]:
+        """Pipelined: the answers to the last two frames given to ``step``; otherwise none."""
+        outputs = []
+        while self.pipelined and (self._codes is not None or self._answer is not None):
+            outputs.append(self._pipelined_step(None))
+        return outputs

@@ -8,9 +8,9 @@ from functools import partial
 import numpy as np
 import torch
 
-from ..encoder import EncoderProcess, pipeline_wanted, usable_cores
+from ..encoder import EncoderProcess, pipeline_wanted, settle_encoder_process, start_encoder_process
 from ..errors import EngineError
-from ..mimi.loading import checkpoint_mimi_config, load_checkpoint_mimi
+from ..mimi.loading import load_checkpoint_mimi
 from ..options import Mode, ModelOptions
 from ..runner import BaseRunner, FirstFrame, Models, Progress, StepOutput, Stopwatch, load_models
 
@@ -38,15 +38,13 @@ class TranscribeRunner(BaseRunner):
     @classmethod
     def load(cls, options: ModelOptions, progress: Progress | None = None, batch_size: int = 1) -> TranscribeRunner:
         pipelined = pipeline_wanted(torch.device(options.device))
-        codec = partial(_start_encoder_process, batch_size=batch_size) if pipelined else load_checkpoint_mimi
+        codec = partial(start_encoder_process, batch_size=batch_size) if pipelined else load_checkpoint_mimi
         models = load_models(options, Mode.TRANSCRIBE.default_model, progress, load_codec=codec)
         try:
             if models.lm.cfg.dep_q != 0:
                 raise EngineError(f"{models.name} is a conversation model; use `moshi chat`")
             if pipelined:
-                # The encoder has a core of its own; the LM takes the others.
-                torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - 1)))
-                models.mimi.wait_ready()
+                settle_encoder_process(models.mimi)
         except BaseException:
             if pipelined:
                 models.mimi.close()
@@ -145,7 +143,3 @@ class TranscribeRunner(BaseRunner):
         token = out.tokens[0]
         return StepOutput(None, self.models.piece(token), watch.done(), token=token,
                           vad=out.vad[0] if out.vad else None)
-
-
-def _start_encoder_process(info, num_codebooks: int, device: torch.device, batch_size: int) -> EncoderProcess:
-    return EncoderProcess(info.mimi_weights, checkpoint_mimi_config(info), num_codebooks, batch_size)

@@ -17,6 +17,7 @@ from engine.errors import CheckpointError
 @dataclass
 class ScriptOptions:
     step_s: float = 0.0  # time one step takes
+    quick_steps: int = 0  # steps after a reset that take no time (as a runner that pipelines its first ones)
     load_steps: int = 3
     fail_load: str | None = None  # raise CheckpointError(this) while loading
     raise_at: int | None = None  # step raising ZeroDivisionError
@@ -80,7 +81,7 @@ class ScriptedRunner:
         if n == o.raise_at:
             return 1 / 0
         t0 = time.perf_counter()
-        time.sleep(o.step_s)
+        time.sleep(0 if n < o.quick_steps else o.step_s)
         text = f" w{n}" if n % 2 else None
         return Step(-0.5 * pcm, text, {"total": (time.perf_counter() - t0) * 1000})
 

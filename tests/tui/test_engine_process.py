@@ -96,6 +96,14 @@ def test_a_model_slower_than_the_stall_timeout_is_late_not_stalled():
         assert len(answers) == 2
 
 
+def test_the_stall_timeout_follows_the_slowest_warm_step():
+    """A chat with Mimi in its own process steps its LM from its second frame on: its first step
+    says nothing of what the others take."""
+    with start(step_s=1.2, quick_steps=2) as engine:
+        poll_until(engine, Ready, timeout=30)
+        assert engine.stall_timeout_s >= 10 * 1.2
+
+
 def test_reset_drops_old_answers_and_counts_from_zero():
     with start(step_s=0.02) as engine:
         poll_until(engine, Ready)
@@ -122,9 +130,9 @@ def test_a_load_error_arrives_as_one_line():
 
 
 def test_an_exception_in_step_names_itself():
-    with start(raise_at=2) as engine:
+    with start(raise_at=3) as engine:  # past the three warm steps (which come before a reset)
         poll_until(engine, Ready)
-        for pcm in frames(3):
+        for pcm in frames(4):
             engine.send_frame(pcm)
         events, _ = poll_until(engine, Failed)
         assert events[-1].reason == "ZeroDivisionError: division by zero"

@@ -20,6 +20,9 @@ def test_the_users_words_are_what_transcribe_finds_in_the_same_frames(tmp_path, 
     from engine.process import EngineProcess
     from engine.stt.runner import TranscribeRunner
 
+    # A step answers its own frame in both runners (with Mimi in its own process a live chat's
+    # answers, and the words beside them, come two steps later: the same words, later stamps).
+    monkeypatch.setenv("MOSHI_NO_PIPELINE", "1")
     audio = _speech_file(tmp_path / "me.wav", 2.0)
     model = ModelOptions(hf_repo=str(tiny["chat"]), dtype="float32", user_stt=str(tiny["transcribe"]))
     source = FileSource(audio, realtime=False)  # every frame reaches the engine, none skipped
@@ -32,7 +35,6 @@ def test_the_users_words_are_what_transcribe_finds_in_the_same_frames(tmp_path, 
     # The oracle: `moshi transcribe`'s runner, in this process, on the same frames. A live chat's
     # Mimi starts over after frame 0 (as Kyutai's server.py does), so its words are those of the
     # audio from frame 1 on.
-    monkeypatch.setenv("MOSHI_NO_PIPELINE", "1")  # a step answers its own frame, as the chat's does
     runner = TranscribeRunner.load(ModelOptions(hf_repo=str(tiny["transcribe"]), dtype="float32"))
     try:
         file = FileSource(audio, realtime=False)  # the frames the session sent, as it read them
@@ -63,6 +65,7 @@ def test_auto_keeps_the_stt_only_where_the_warm_step_keeps_to_the_budget(tiny, m
 
     monkeypatch.setattr(chat_runner, "wanted", lambda choice: str(tiny["transcribe"]))  # as if it were cached
     monkeypatch.setattr(chat_runner, "keeps_to_budget", lambda steps: fast)
+    monkeypatch.setenv("MOSHI_NO_PIPELINE", "1")  # Mimi in this process, whose codebooks are read below
     runner = ChatRunner.load(ModelOptions(hf_repo=str(tiny["chat"]), dtype="float32", user_stt=AUTO))
     try:
         runner.warmup()
