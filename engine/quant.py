@@ -160,6 +160,8 @@ class Int8Linear(nn.Module):
       against 1.9 ms with PyTorch and oneDNN held to AVX2).
     """
 
+    quantization = "int8"  # the name a session's info shows (``quantization_of``)
+
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -209,6 +211,8 @@ class Int4Linear(nn.Module):
     ``packed_for_cpu``: ``weight`` is in the layout of the CPU kernel (opaque, [N, K/2] uint8);
     otherwise it holds two codes per byte (low nibble: even input), widened for each product.
     """
+
+    quantization = "int4"  # the name a session's info shows (``quantization_of``)
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype, group_size: int,
                  packed_for_cpu: bool = True):
@@ -261,6 +265,8 @@ class BlockInt8Linear(nn.Module):
       8 bits (a relative change of at most 2⁻⁹), the one numeric difference from the exact path.
       It holds 1.25 bytes per weight (the codes, plus four bf16 numbers per 32 inputs).
     """
+
+    quantization = "q8_0"  # the name a session's info shows (``quantization_of``)
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype):
         super().__init__()
@@ -337,11 +343,12 @@ class BlockInt8Embedding(nn.Module):
 
 
 def quantization_of(model: nn.Module) -> str | None:
-    """"int4" (with int8 where the int4 kernel cannot go), "int8", "q8_0", or None for a float model."""
-    kinds = {type(module) for module in model.modules()}
-    if Int4Linear in kinds:
+    """How a model's linears are quantized, from their ``quantization``: "int4" (with int8 where the
+    int4 kernel cannot go), "int8", "q8_0", "mlx-q4", ..., or None for a float model."""
+    kinds = {module.quantization for module in model.modules() if hasattr(module, "quantization")}
+    if "int4" in kinds:
         return "int4"
-    return "int8" if Int8Linear in kinds else "q8_0" if BlockInt8Linear in kinds else None
+    return ", ".join(sorted(kinds)) or None
 
 
 def has_int8_weights(state: dict[str, torch.Tensor]) -> bool:

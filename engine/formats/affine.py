@@ -61,6 +61,10 @@ class _AffineCodes(nn.Module):
 class AffineLinear(_AffineCodes):
     """``y = x · Wᵀ`` with W held as MLX's affine codes; computes in ``compute_dtype``."""
 
+    @property
+    def quantization(self) -> str:
+        return f"mlx-q{self.bits}"
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  compute_dtype: torch.dtype):
         super().__init__(out_features, in_features, bits, group_size, compute_dtype)

@@ -30,6 +30,7 @@ from engine.moshi.generate import LMGen, Sampling
 from engine.moshi.loading import load_lm
 from engine.moshi.model import LMConfig
 from engine.moshi.tiny import write_tiny_lm_checkpoint
+from engine.quant import quantization_of
 from engine.weights import read_safetensors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,6 +185,7 @@ def test_quantized_files_stay_quantized_in_memory(mlx_folder, variant):
     path = mlx_folder / FILES[variant]
     lm = load_mlx_lm(path, _config(mlx_folder), torch.device("cpu"), torch.bfloat16, None)
     assert not any(isinstance(m, torch.nn.Linear) for m in lm.modules())
+    assert quantization_of(lm) == f"mlx-{variant}"  # what the session's info shows
     embeddings = [m for m in lm.modules() if isinstance(m, AffineEmbedding)]
     assert len(embeddings) == lm.cfg.n_q + lm.cfg.dep_q + 1
     held = sum(t.numel() * t.element_size() for t in lm.state_dict().values())
