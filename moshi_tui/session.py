@@ -34,7 +34,7 @@ from .messages import (Event, SessionFailed, SessionInfo, StateChanged, Stats, T
                        dispatch)
 from .recording import NoRecorder, Recorder, SessionRecorder, new_session_folder, recognises_user_words
 from .settings import data_dir
-from .terminal import c_libraries_kept_off_the_screen
+from .terminal import native_noise_into
 from .transcript import Change, Transcript
 
 # Silence after the end of a file so the words still in flight come out (the STT text lags its
@@ -541,28 +541,29 @@ def run(options: SessionOptions) -> None:
     session = Session(options, engine, source, record_base)
     signalled = 0  # the exit status of a run ended by Ctrl-C or a signal (`signals`)
     try:
-        if options.tui:
-            from .app import MoshiApp
+        with native_noise_into(None if record_base is None else record_base / "engine.log"):
+            try:
+                if options.tui:
+                    from .app import MoshiApp
 
-            image = getattr(options.model, "image", None)  # `moshi see`: the picture beside the words
-            with c_libraries_kept_off_the_screen(None if record_base is None else record_base / "engine.log"):
-                app = MoshiApp(session, mode=options.mode,
-                               image=None if image is None else Path(image))
-                app.run()
-            if app.return_code and app.return_code > 128:
-                signalled = app.return_code
-        else:
-            printer = PlainPrinter(options.mode)
-            with signals.raising():
-                try:
-                    session.start(printer)
-                    while not session.done.wait(0.1):
-                        pass
-                except KeyboardInterrupt as exc:
-                    signalled = signals.exit_status(exc)
-            printer.close()
+                    image = getattr(options.model, "image", None)  # `moshi see`: the picture beside the words
+                    app = MoshiApp(session, mode=options.mode, image=None if image is None else Path(image))
+                    app.run()
+                    if app.return_code and app.return_code > 128:
+                        signalled = app.return_code
+                else:
+                    printer = PlainPrinter(options.mode)
+                    with signals.raising():
+                        try:
+                            session.start(printer)
+                            while not session.done.wait(0.1):
+                                pass
+                        except KeyboardInterrupt as exc:
+                            signalled = signals.exit_status(exc)
+                    printer.close()
+            finally:
+                session.stop()
     finally:
-        session.stop()
         _say_where_it_went(session.folders)
     if session.failure is not None:
         error, detail = session.failure

@@ -1,5 +1,5 @@
-"""While the full-screen app runs, what C libraries write to file descriptor 2 (ALSA prints
-"underrun occurred" there) goes to the log, not onto the screen the app draws."""
+"""While a session runs, what C libraries write to file descriptor 2 (ALSA prints "underrun
+occurred" there) goes to the log, not onto the screen the app draws or between a headless run's lines."""
 
 import subprocess
 import sys
@@ -10,8 +10,8 @@ def test_c_writes_go_to_the_log_and_the_app_still_reaches_the_terminal(tmp_path)
     log = tmp_path / "engine.log"
     script = textwrap.dedent(f"""
         import os, sys
-        from moshi_tui.terminal import c_libraries_kept_off_the_screen
-        with c_libraries_kept_off_the_screen({str(log)!r}):
+        from moshi_tui.terminal import native_noise_into
+        with native_noise_into({str(log)!r}):
             os.write(2, b"ALSA lib pcm.c: underrun occurred\\n")  # as a C library writes
             sys.__stderr__.write("drawn by the app\\n")  # where Textual draws
             print("a Python warning", file=sys.stderr)
