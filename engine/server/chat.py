@@ -8,8 +8,9 @@ only moves bytes.
 
 Bounds: a client's unread frames wait in a short inbox (the reader stops reading while it is full,
 so TCP holds the rest back); what the model said waits in a short outbox, the oldest step dropped
-and counted when a client stops reading. A client that has started talking but sends nothing for
-``STALL_S`` no longer holds the others back: its slot is stepped on silence, counted.
+and counted when a client stops reading. A step takes whatever frames have come: a conversation
+whose client has sent nothing new is held (``Hold``), so it neither waits for the others nor makes
+them wait, and each gets what it would get alone.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ log = logging.getLogger("moshi.serve")
 
 INBOX_FRAMES = 8  # 640 ms of the client's audio decoded and not stepped yet
 OUTBOX_STEPS = 25  # 2 s of the model's answer not sent yet: then the oldest step goes
-STALL_S = 0.25  # how long the slots that have a frame wait for one that has none
 PICTURE_TIMEOUT_S = 30.0  # MoshiVis: the picture must come first, and soon
 # Kyutai's server sends every text token but these two (0, and 3, the padding), as its piece.
 UNSENT_TOKENS = (0, 3)
@@ -67,8 +67,6 @@ class Slot:
     picture: Any = None  # MoshiVis: the PIL picture, embedded by the stepper before the first frame
     started: bool = False  # its first frame was stepped (the slot was reset just before)
     ready: asyncio.Future | None = None  # set when the picture is embedded
-    last_frame: float = 0.0  # when its newest frame arrived (monotonic)
-    filled: int = 0  # steps on silence because it sent nothing
 
 
 class Stepper:
@@ -77,6 +75,8 @@ class Stepper:
     def __init__(self, models: Models, batch_size: int, vision: bool, metrics: ServiceMetrics):
         first_frame = FirstFrame.KYUTEYE_SERVER if vision else FirstFrame.SERVER
         self.runner = BaseRunner(models, first_frame, batch_size)
+        if vision:  # each slot looks at its picture from the checkpoint's step on, as `moshi see` does
+            self.runner.gen.xa_start = models.model.cfg.xa_start
         self.models = models
         self.batch_size = batch_size
         self.vision = vision
@@ -87,6 +87,7 @@ class Stepper:
         self.thread = threading.Thread(target=self._run, name="moshi-stepper", daemon=True)
         self.input_codebooks = models.lm.cfg.n_q - models.lm.cfg.dep_q
         self._images: torch.Tensor | None = None  # MoshiVis: [B, N, dim], each slot's picture
+        self.hold = Hold([models.mimi, self.runner.gen])
         self._warm = 0
 
     # -- the session side (event loop) --
@@ -111,7 +112,6 @@ class Stepper:
             if len(slot.inbox) >= INBOX_FRAMES:
                 return False
             slot.inbox.append(frame)
-            slot.last_frame = time.monotonic()
             self.cond.notify()
             return True
 
@@ -157,33 +157,21 @@ class Stepper:
             if batch:
                 self._step(batch)
 
-    def _gather(self) -> dict[int, tuple[Slot, np.ndarray | None]] | None:
-        """Under the lock: wait for work, then take a frame from each slot that has one; a slot that
-        talked before and has none is stepped on silence once the others have waited STALL_S."""
-        while True:
-            if self.stopping:
-                return None
-            live = [s for s in self.slots if s is not None]
+    def _gather(self) -> dict[int, tuple[Slot, np.ndarray]] | None:
+        """Under the lock: wait for a frame, then take one from each slot that has one."""
+        while not self.stopping:
+            live = self._live()
             if any(s.picture is not None and s.ready is not None for s in live):
                 return {}
-            if any(s.inbox for s in live):
-                break
+            batch = {}
+            for slot in live:
+                if slot.inbox:
+                    batch[slot.index] = (slot, slot.inbox.popleft())
+                    slot.freed()
+            if batch:
+                return batch
             self.cond.wait()
-        deadline = min(s.last_frame for s in live if s.inbox) + STALL_S
-        while not self.stopping and any(s.started and not s.inbox for s in self._live()):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self.cond.wait(left)
-        batch = {}
-        for slot in self._live():
-            if slot.inbox:
-                batch[slot.index] = (slot, slot.inbox.popleft())
-                slot.freed()
-            elif slot.started:
-                batch[slot.index] = (slot, None)
-                slot.filled += 1
-        return batch
+        return None
 
     def _live(self) -> list[Slot]:
         return [s for s in self.slots if s is not None]
@@ -199,16 +187,18 @@ class Stepper:
         ready, slot.ready = slot.ready, None
         ready.get_loop().call_soon_threadsafe(lambda: ready.done() or ready.set_result(None))
 
-    def _step(self, batch: dict[int, tuple[Slot, np.ndarray | None]]) -> None:
+    def _step(self, batch: dict[int, tuple[Slot, np.ndarray]]) -> None:
         begun = time.perf_counter()
         runner, device = self.runner, self.runner.device
         pcm = np.zeros((self.batch_size, FRAME_SIZE), dtype=np.float32)
         fresh = torch.zeros(self.batch_size, dtype=torch.bool)
         for index, (slot, frame) in batch.items():
-            if frame is not None:
-                pcm[index] = frame
+            pcm[index] = frame
             if not slot.started:
                 fresh[index] = slot.started = True
+        held = torch.tensor([s is not None and s.started and s.index not in batch for s in self.slots])
+        hold = self.hold.keep(held.to(device)) if held.any() else None
+        self.metrics.holds.inc(int(held.sum()))
         if fresh.any():  # a new conversation in these slots, the others going on
             runner.encoder.reset(fresh)
             runner.gen.reset_streaming(fresh)
@@ -239,11 +229,46 @@ class Stepper:
                 piece = None if token in UNSENT_TOKENS else self.models.tokenizer.id_to_piece(token).replace("▁", " ")
                 colour = wire.gate_colour(gates[index]) if gates is not None else None
                 answers[index] = Answer(audio[index], piece, colour)
+        if hold is not None:
+            hold.restore()
         elapsed = time.perf_counter() - begun
         self.metrics.step_seconds.observe(elapsed)
         self.metrics.frames.inc(len(batch))
         for index, (slot, _) in batch.items():
             slot.deliver(answers.get(index, Answer(None, None)))
+
+
+class Hold:
+    """Steps a batch as if some slots were not in it: what a step changes of their streaming state
+    is put back afterwards. The rings (attention caches, the generator's token ring) need only
+    their slot's offset put back: the step wrote where the next one will write again, and dropped
+    only what lies beyond the attention span."""
+
+    RINGS = {("KVCacheState", "cache"), ("GenState", "cache"), ("CrossAttentionState", "keys"),
+             ("CrossAttentionState", "values")}
+
+    def __init__(self, trees: list[torch.nn.Module]):
+        self.modules = [m for tree in trees for m in tree.modules() if isinstance(m, StreamingModule)]
+        self.saved: list[tuple[Any, str, torch.Tensor]] = []
+        self.mask: torch.Tensor | None = None
+
+    def keep(self, mask: torch.Tensor) -> Hold:
+        self.mask = mask
+        self.saved = []
+        for module in self.modules:
+            state = module.state
+            for name in getattr(state, "__dataclass_fields__", ()):
+                value = getattr(state, name)
+                if isinstance(value, torch.Tensor) and (type(state).__name__, name) not in self.RINGS:
+                    self.saved.append((state, name, value.clone()))
+        return self
+
+    def restore(self) -> None:
+        for state, name, before in self.saved:
+            now = getattr(state, name)
+            mask = self.mask.view(-1, *([1] * (now.dim() - 1)))
+            now.copy_(torch.where(mask, before, now))
+        self.saved = []
 
 
 def _reset_tree(module: torch.nn.Module, mask: torch.Tensor) -> None:
