@@ -42,6 +42,8 @@ log = logging.getLogger("moshi.serve")
 
 INBOX_FRAMES = 8  # 640 ms of the client's audio decoded and not stepped yet
 OUTBOX_STEPS = 25  # 2 s of the model's answer not sent yet: then the oldest step goes
+SEND_BACKLOG_BYTES = 16 << 10  # sent and not taken by the kernel yet: then the sender waits
+BACKLOG_POLL_S = 0.01
 PICTURE_TIMEOUT_S = 30.0  # MoshiVis: the picture must come first, and soon
 # Kyutai's server sends every text token but these two (0, and 3, the padding), as its piece.
 UNSENT_TOKENS = (0, 3)
@@ -312,7 +314,7 @@ class ChatService:
         task = asyncio.current_task()
         self.sessions.add(task)
         try:
-            await Session(self, ws, stats).run()
+            await Session(self, ws, request, stats).run()
         except asyncio.CancelledError:  # draining: the app closes the socket
             pass
         finally:
@@ -320,8 +322,9 @@ class ChatService:
 
 
 class Session:
-    def __init__(self, service: ChatService, ws: web.WebSocketResponse, stats: SessionStats):
+    def __init__(self, service: ChatService, ws: web.WebSocketResponse, request: web.Request, stats: SessionStats):
         self.service, self.ws, self.stats = service, ws, stats
+        self.transport = request.transport
         self.stepper = service.stepper
         self.metrics = service.metrics
         self.loop = asyncio.get_running_loop()
@@ -423,6 +426,9 @@ class Session:
             await self.answered.wait()
             self.answered.clear()
             while self.outbox:
+                # A client that does not read: the answers wait in the outbox, where the oldest go.
+                while self.transport is not None and self.transport.get_write_buffer_size() > SEND_BACKLOG_BYTES:
+                    await asyncio.sleep(BACKLOG_POLL_S)
                 answer = self.outbox.popleft()
                 if answer.pcm is not None:
                     data = writer.append_pcm(answer.pcm)
