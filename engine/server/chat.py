@@ -182,8 +182,8 @@ class Stepper:
         embedded = self.models.model.embed_image(slot.picture)
         if self._images is None:
             self._images = embedded.new_zeros((self.batch_size, *embedded.shape[1:]))
-            self.runner.gen.set_cross_source(self._images)
         self._images[slot.index] = embedded[0]
+        self.runner.gen.set_cross_source(self._images)  # the layers' keys and values, computed once
         with self.cond:
             slot.picture = None
         ready, slot.ready = slot.ready, None

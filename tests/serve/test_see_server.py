@@ -1,0 +1,86 @@
+"""MoshiVis at `/api/chat`: the picture first, then the handshake, then words as coloured text. The
+words and their colours are those of the local `SeeRunner` (what `moshi see` runs) on the audio the
+server decoded, each colour its gate's on MoshiVis's scale; two clients with different pictures at
+once each get their own picture's words."""
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+import sphn
+from PIL import Image, ImageDraw
+
+from engine import wire
+from engine.moshivis.runner import SeeRunner
+from engine.options import SeeOptions
+from engine.tiny import write_tiny_checkpoint
+
+from .support import FRAME, SAMPLE_RATE, greedy, speech, start_ours, talk
+
+SECONDS = 3.0
+
+
+def _picture(colour, shape) -> bytes:
+    image = Image.new("RGB", (320, 240), colour)
+    draw = ImageDraw.Draw(image)
+    getattr(draw, shape)([80, 40, 240, 200], fill=(250, 210, 40))
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    return data.getvalue()
+
+
+PICTURES = [_picture((30, 120, 200), "ellipse"), _picture((200, 40, 40), "rectangle")]
+
+
+@pytest.fixture(scope="module")
+def tiny_see(tmp_path_factory):
+    return greedy(write_tiny_checkpoint(tmp_path_factory.mktemp("see") / "see", "see", seed=0))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_see, tmp_path_factory):
+    server = start_ours(tiny_see, tmp_path_factory.mktemp("see-serve"), "--batch-size", "2")
+    yield server
+    assert server.stop() == 0
+
+
+def _local(folder, picture: bytes, tmp_path) -> tuple[list[str], list[int]]:
+    """What `moshi see`'s runner says and how it colours it, frame by frame, on the audio the server
+    decodes from the client's Opus stream."""
+    path = tmp_path / "picture.png"
+    path.write_bytes(picture)
+    runner = SeeRunner.load(SeeOptions(hf_repo=str(folder), image=str(path)))
+    writer, reader = sphn.OpusStreamWriter(SAMPLE_RATE), sphn.OpusStreamReader(SAMPLE_RATE)
+    pcm = speech(SECONDS)
+    decoded = np.concatenate([reader.append_bytes(writer.append_pcm(pcm[i:i + FRAME]))
+                              for i in range(0, len(pcm) - FRAME + 1, FRAME)])
+    texts, colours = [], []
+    for start in range(0, len(decoded) - FRAME + 1, FRAME):
+        out = runner.step(decoded[start:start + FRAME])
+        if out.token is not None and out.token not in (0, 3):  # what Kyutai's servers send
+            texts.append(runner.models.tokenizer.id_to_piece(out.token).replace("▁", " "))
+            colours.append(wire.gate_colour(out.gate))
+    runner.close()
+    return texts, colours
+
+
+def test_coloured_words_are_the_local_runners(server, tiny_see, tmp_path):
+    async def together():
+        return await asyncio.gather(*(talk(server.url(), speech(SECONDS), picture=p) for p in PICTURES))
+
+    heard = asyncio.run(together())
+    for picture, got in zip(PICTURES, heard):
+        texts, colours = _local(tiny_see, picture, tmp_path)
+        assert got.handshake == wire.HANDSHAKE_PYTHON
+        assert got.texts == texts and got.colours == colours
+    # The picture matters, and the gate opens: the colours are not all one.
+    assert heard[0].texts != heard[1].texts
+    assert len(set(heard[0].colours)) > 1
+
+
+def test_no_picture_first_is_an_error(server):
+    heard = asyncio.run(talk(server.url(), speech(0.5)))
+    assert heard.handshake is None and heard.errors and "picture" in heard.errors[0]
+    broken = asyncio.run(talk(server.url(), speech(0.5), picture=b"not a picture"))
+    assert broken.handshake is None and "picture" in broken.errors[0]
