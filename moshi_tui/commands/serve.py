@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -78,6 +79,7 @@ def serve(
     context_folder = _check_ssl(ssl)
     if static is not None and not static.is_dir():
         raise ArgumentError(f"--static {static}: not a folder")
+    _check_port(host, port)
     if not keys and not _loopback(host):
         print(f"moshi: warning: listening on {host} without --api-key: anyone who reaches this port can use the "
               "model", file=sys.stderr)
@@ -113,6 +115,15 @@ def _check_ssl(folder: Path | None) -> Path | None:
         if not (folder / name).is_file():
             raise ArgumentError(f"--ssl {folder}: no {name} there (the folder holds cert.pem and key.pem)")
     return folder
+
+
+def _check_port(host: str, port: int) -> None:
+    """Before minutes of loading: the address can be listened on."""
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            pass
+    except OSError as exc:
+        raise ArgumentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _loopback(host: str) -> bool:

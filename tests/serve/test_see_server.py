@@ -1,4 +1,4 @@
-"""MoshiVis at `/api/chat`: the picture first, then the handshake, then words as coloured text. The
+"""MoshiVis at `/api/chat` (served on every address, without a key: a warning): the picture first, then the handshake, then words as coloured text. The
 words and their colours are those of the local `SeeRunner` (what `moshi see` runs) on the audio the
 server decoded, each colour its gate's on MoshiVis's scale; two clients with different pictures at
 once each get their own picture's words."""
@@ -40,7 +40,7 @@ def tiny_see(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_see, tmp_path_factory):
-    server = start_ours(tiny_see, tmp_path_factory.mktemp("see-serve"), "--batch-size", "2")
+    server = start_ours(tiny_see, tmp_path_factory.mktemp("see-serve"), "--batch-size", "2", "--host", "0.0.0.0")
     yield server
     assert server.stop() == 0
 
@@ -77,6 +77,10 @@ def test_coloured_words_are_the_local_runners(server, tiny_see, tmp_path):
     # The picture matters, and the gate opens: the colours are not all one.
     assert heard[0].texts != heard[1].texts
     assert len(set(heard[0].colours)) > 1
+
+
+def test_listening_beyond_loopback_without_a_key_warns(server):
+    assert "without --api-key" in server.output()
 
 
 def test_no_picture_first_is_an_error(server):
