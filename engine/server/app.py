@@ -154,8 +154,9 @@ def make_app(service: Service, api_keys: tuple[str, ...] = (), static_dir: Path 
         return web.json_response(build)
 
     async def modules_info(request: web.Request) -> web.Response:
+        free = service.free_slots()
         entry = {"path": service.path, "model": service.model, "batch_size": service.slots,
-                 "free_slots": service.free_slots(), "uptime_s": round(time.time() - started), **service.info()}
+                 "free_slots": free, "used_slots": service.slots - free, "uptime_s": round(time.time() - started), **service.info()}
         return web.json_response({service.path.rsplit("/", 1)[-1]: entry})
 
     async def metrics(request: web.Request) -> web.Response:

@@ -56,6 +56,7 @@ class Answer:
     pcm: np.ndarray | None
     text: str | None
     colour: int | None = None  # MoshiVis: the gate's colour for the text
+    error: str | None = None  # the model failed: the session ends with this message
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Stepper:
         self.slots: list[Slot | None] = [None] * batch_size
         self.cond = threading.Condition()
         self.stopping = False
+        self.failure: str | None = None  # why the model stopped stepping, for good
         self.thread = threading.Thread(target=self._run, name="moshi-stepper", daemon=True)
         self.input_codebooks = models.lm.cfg.n_q - models.lm.cfg.dep_q
         self._images: torch.Tensor | None = None  # MoshiVis: [B, N, dim], each slot's picture
@@ -119,7 +121,7 @@ class Stepper:
 
     def free(self) -> int:
         with self.cond:
-            return sum(slot is None for slot in self.slots)
+            return 0 if self.failure else sum(slot is None for slot in self.slots)
 
     def start(self) -> None:
         self.warmup()
@@ -148,16 +150,27 @@ class Stepper:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
+        try:
+            while True:
+                with self.cond:
+                    batch = self._gather()
+                    if batch is None:
+                        return
+                    pictures = [s for s in self.slots if s is not None and s.picture is not None and s.ready is not None]
+                for slot in pictures:
+                    self._embed(slot)
+                if batch:
+                    self._step(batch)
+        except Exception as exc:  # noqa: BLE001 - whatever the model raised ends every session, told why
+            log.exception("the model failed; no more sessions")
             with self.cond:
-                batch = self._gather()
-                if batch is None:
-                    return
-                pictures = [s for s in self.slots if s is not None and s.picture is not None and s.ready is not None]
-            for slot in pictures:
-                self._embed(slot)
-            if batch:
-                self._step(batch)
+                self.failure = f"the model failed on the server: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                for slot in self._live():
+                    slot.deliver(Answer(None, None, error=self.failure))
+                    slot.freed()
+                    if slot.ready is not None:
+                        ready = slot.ready
+                        ready.get_loop().call_soon_threadsafe(lambda r=ready: r.done() or r.set_result(None))
 
     def _gather(self) -> dict[int, tuple[Slot, np.ndarray]] | None:
         """Under the lock: wait for a frame, then take one from each slot that has one."""
@@ -348,6 +361,9 @@ class Session:
             await self.ws.close()
 
     async def run(self) -> None:
+        if self.stepper.failure:
+            await self.fail(self.stepper.failure)
+            return
         slot = self.stepper.take(lambda index: Slot(
             index, lambda answer: self.loop.call_soon_threadsafe(self._deliver, answer),
             lambda: self.loop.call_soon_threadsafe(self.room.set)))
@@ -393,6 +409,9 @@ class Session:
             slot.picture = picture
             self.stepper.cond.notify()
         await slot.ready
+        if self.stepper.failure:
+            await self.fail(self.stepper.failure)
+            return False
         return True
 
     async def _receive(self, slot: Slot) -> None:
@@ -415,6 +434,8 @@ class Session:
             while pending.shape[-1] >= FRAME_SIZE:
                 frame, pending = pending[:FRAME_SIZE], pending[FRAME_SIZE:]
                 while not self.stepper.put(slot, frame):
+                    if self.stepper.failure:
+                        return
                     self.room.clear()
                     await self.room.wait()
                 self.stats.frames += 1
@@ -430,6 +451,9 @@ class Session:
                 while self.transport is not None and self.transport.get_write_buffer_size() > SEND_BACKLOG_BYTES:
                     await asyncio.sleep(BACKLOG_POLL_S)
                 answer = self.outbox.popleft()
+                if answer.error is not None:
+                    await self.fail(answer.error)
+                    return
                 if answer.pcm is not None:
                     data = writer.append_pcm(answer.pcm)
                     if data:

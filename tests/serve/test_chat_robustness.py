@@ -106,13 +106,13 @@ def test_a_malformed_message_ends_that_session_only(server, trusted, alone):
 
 
 def test_a_client_that_stops_reading_costs_bounded_memory(server, trusted):
-    """It sends a minute of audio and reads nothing: the server steps it all, drops the oldest answers
+    """It sends 40 s of audio and reads nothing: the server steps it all, drops the oldest answers
     it cannot send (counted) and its memory stays flat."""
     before, dropped = _rss(server), _metric(server, "moshi_frames_dropped_total")
     frames_before = _metric(server, "moshi_frames_total")
     sock = _raw_websocket(server, trusted)
     writer = sphn.OpusStreamWriter(SAMPLE_RATE)
-    pcm = speech(60.0, 5)
+    pcm = speech(40.0, 5)
     for start in range(0, len(pcm) - FRAME + 1, FRAME):
         data = writer.append_pcm(pcm[start:start + FRAME])
         if data:
@@ -121,7 +121,7 @@ def test_a_client_that_stops_reading_costs_bounded_memory(server, trusted):
     while _metric(server, "moshi_frames_total") < frames_before + len(pcm) // FRAME and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _metric(server, "moshi_frames_total") >= frames_before + len(pcm) // FRAME
-    assert _metric(server, "moshi_frames_dropped_total") > dropped + 100
+    assert _metric(server, "moshi_frames_dropped_total") > dropped + 50
     assert _rss(server) - before < 40 << 20
     sock.close()
 

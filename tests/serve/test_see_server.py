@@ -6,6 +6,7 @@ once each get their own picture's words."""
 import asyncio
 import io
 
+import aiohttp
 import numpy as np
 import pytest
 import sphn
@@ -84,7 +85,16 @@ def test_listening_beyond_loopback_without_a_key_warns(server):
 
 
 def test_no_picture_first_is_an_error(server):
-    heard = asyncio.run(talk(server.url(), speech(0.5)))
-    assert heard.handshake is None and heard.errors and "picture" in heard.errors[0]
-    broken = asyncio.run(talk(server.url(), speech(0.5), picture=b"not a picture"))
-    assert broken.handshake is None and "picture" in broken.errors[0]
+    async def first(message: bytes):
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(server.url()) as ws:
+                await ws.send_bytes(message)
+                answer = await ws.receive(timeout=30)
+                return answer.data, (await ws.receive(timeout=30)).type
+
+    writer = sphn.OpusStreamWriter(SAMPLE_RATE)
+    for message in (wire.message(wire.Kind.AUDIO, writer.append_pcm(speech(0.08))),
+                    wire.message(wire.Kind.IMAGE, b"not a picture")):
+        data, then = asyncio.run(first(message))
+        assert data[0] == wire.Kind.ERROR and b"picture" in data
+        assert then in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
