@@ -123,7 +123,14 @@ def test_a_client_that_stops_reading_costs_bounded_memory(server, trusted):
     assert _metric(server, "moshi_frames_total") >= frames_before + len(pcm) // FRAME
     assert _metric(server, "moshi_frames_dropped_total") > dropped + 50
     assert _rss(server) - before < 40 << 20
+    port = sock.getsockname()[1]
     sock.close()
+    # Its log line: the peer, how long, the frames stepped and the answers dropped.
+    deadline = time.monotonic() + 10
+    while f"127.0.0.1:{port} " not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(line for line in server.output().splitlines() if f"127.0.0.1:{port} " in line)
+    assert f"frames={len(pcm) // FRAME} " in line and int(line.split("drops=")[1].split()[0]) > 50
 
 
 def test_a_killed_client_frees_its_slot(server, trusted, certificate):
