@@ -46,9 +46,9 @@ def serve(
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
     host: Annotated[str, typer.Option(
-        "--host", rich_help_panel=SERVER_PANEL,
+        "--host", metavar="ADDRESS", rich_help_panel=SERVER_PANEL,
         help="Address to listen on; anything but loopback lets other machines in (use --api-key).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, rich_help_panel=SERVER_PANEL,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, metavar="PORT", rich_help_panel=SERVER_PANEL,
                                       help="TCP port to listen on.")] = 8998,
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", min=1, metavar="N", rich_help_panel=SERVER_PANEL, show_default=False,
