@@ -68,6 +68,7 @@ class Slot:
     freed: Callable[[], None]  # thread-safe: wakes a reader waiting for room in the inbox
     inbox: collections.deque = field(default_factory=collections.deque)
     picture: Any = None  # MoshiVis: the PIL picture, embedded by the stepper before the first frame
+    xa_start: int | None = None  # MoshiVis: the client's step to look at the picture from (None: the model's)
     started: bool = False  # its first frame was stepped (the slot was reset just before)
     ready: asyncio.Future | None = None  # set when the picture is embedded
 
@@ -78,8 +79,9 @@ class Stepper:
     def __init__(self, models: Models, batch_size: int, vision: bool, metrics: ServiceMetrics):
         first_frame = FirstFrame.KYUTEYE_SERVER if vision else FirstFrame.SERVER
         self.runner = BaseRunner(models, first_frame, batch_size)
-        if vision:  # each slot looks at its picture from the checkpoint's step on, as `moshi see` does
-            self.runner.gen.xa_start = models.model.cfg.xa_start
+        if vision:  # the step from which each slot looks at its picture: its client's, else the checkpoint's
+            self.xa_start = models.model.cfg.xa_start
+            self.runner.gen.xa_start = torch.full((batch_size,), self.xa_start, device=self.runner.device)
         self.models = models
         self.batch_size = batch_size
         self.vision = vision
@@ -217,6 +219,10 @@ class Stepper:
         if fresh.any():  # a new conversation in these slots, the others going on
             runner.encoder.reset(fresh)
             runner.gen.reset_streaming(fresh)
+            if self.vision:
+                for index in fresh.nonzero()[:, 0].tolist():
+                    start = self.slots[index].xa_start
+                    runner.gen.xa_start[index] = self.xa_start if start is None else start
         runner.submit(pcm)
         codes = runner.encoder.collect()
         if fresh.any() and runner.first_frame is FirstFrame.SERVER:
@@ -338,6 +344,7 @@ class Session:
     def __init__(self, service: ChatService, ws: web.WebSocketResponse, request: web.Request, stats: SessionStats):
         self.service, self.ws, self.stats = service, ws, stats
         self.transport = request.transport
+        self.request = request
         self.stepper = service.stepper
         self.metrics = service.metrics
         self.loop = asyncio.get_running_loop()
@@ -375,7 +382,7 @@ class Session:
         self.metrics.connections.inc()
         self.metrics.sessions.inc()
         try:
-            if self.service.vision and not await self._picture(slot):
+            if self.service.vision and not await self._picture(slot, self.request):
                 return
             await self.ws.send_bytes(wire.HANDSHAKE_PYTHON)
             sender = asyncio.create_task(self._send())
@@ -388,8 +395,17 @@ class Session:
             self.stepper.leave(slot)
             self.metrics.sessions.dec()
 
-    async def _picture(self, slot: Slot) -> bool:
-        """MoshiVis: the first message is the picture; the stepper embeds it before the handshake."""
+    async def _picture(self, slot: Slot, request: web.Request) -> bool:
+        """MoshiVis: the first message is the picture; the stepper embeds it before the handshake.
+        The query may say from which step to look at it (`xa_start`), as Kyutai's MoshiVis server reads."""
+        if wire.XA_START_QUERY in request.query:
+            try:
+                slot.xa_start = int(request.query[wire.XA_START_QUERY])
+                if slot.xa_start < 0:
+                    raise ValueError
+            except ValueError:
+                await self.fail(f"{wire.XA_START_QUERY} must be a step number from 0, not {request.query[wire.XA_START_QUERY]!r}")
+                return False
         try:
             message = await self.ws.receive(timeout=PICTURE_TIMEOUT_S)
         except asyncio.TimeoutError:

@@ -46,12 +46,12 @@ def server(tiny_see, tmp_path_factory):
     assert server.stop() == 0
 
 
-def _local(folder, picture: bytes, tmp_path) -> tuple[list[str], list[int]]:
+def _local(folder, picture: bytes, tmp_path, xa_start=None) -> tuple[list[str], list[int]]:
     """What `moshi see`'s runner says and how it colours it, frame by frame, on the audio the server
     decodes from the client's Opus stream."""
     path = tmp_path / "picture.png"
     path.write_bytes(picture)
-    runner = SeeRunner.load(SeeOptions(hf_repo=str(folder), image=str(path)))
+    runner = SeeRunner.load(SeeOptions(hf_repo=str(folder), image=str(path), xa_start=xa_start))
     writer, reader = sphn.OpusStreamWriter(SAMPLE_RATE), sphn.OpusStreamReader(SAMPLE_RATE)
     pcm = speech(SECONDS)
     decoded = np.concatenate([reader.append_bytes(writer.append_pcm(pcm[i:i + FRAME]))
@@ -80,6 +80,19 @@ def test_coloured_words_are_the_local_runners(server, tiny_see, tmp_path):
     assert len(set(heard[0].colours)) > 1
 
 
+def test_the_client_says_when_to_look(server, tiny_see, tmp_path):
+    """`?xa_start=`, as Kyutai's MoshiVis clients send it: from that step on the model looks at the
+    picture, in that conversation only."""
+    async def together():
+        return await asyncio.gather(talk(server.url(f"{wire.XA_START_QUERY}=2"), speech(SECONDS), picture=PICTURES[0]),
+                                    talk(server.url(), speech(SECONDS), picture=PICTURES[0]))
+
+    early, default = asyncio.run(together())
+    assert (early.texts, early.colours) == _local(tiny_see, PICTURES[0], tmp_path, xa_start=2)
+    assert (default.texts, default.colours) == _local(tiny_see, PICTURES[0], tmp_path)
+    assert early.colours != default.colours
+
+
 def test_listening_beyond_loopback_without_a_key_warns(server):
     assert "without --api-key" in server.output()
 
@@ -98,3 +111,5 @@ def test_no_picture_first_is_an_error(server):
         data, then = asyncio.run(first(message))
         assert data[0] == wire.Kind.ERROR and b"picture" in data
         assert then in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    bad = asyncio.run(talk(server.url(f"{wire.XA_START_QUERY}=soon"), speech(0.5), picture=PICTURES[0]))
+    assert bad.handshake is None and wire.XA_START_QUERY in bad.errors[0]
