@@ -94,7 +94,6 @@ class Stepper:
         self.input_codebooks = models.lm.cfg.n_q - models.lm.cfg.dep_q
         self._images: torch.Tensor | None = None  # MoshiVis: [B, N, dim], each slot's picture
         self.hold = Hold([models.mimi, self.runner.gen])
-        self._warm = 0
 
     # -- the session side (event loop) --
 
