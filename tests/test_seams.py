@@ -95,3 +95,20 @@ def test_every_checkpoint_format_implements_the_format_protocol():
         for method in ("matches", "load_lm"):
             assert _callable_as(getattr(fmt, method), getattr(Format, method).__get__(fmt)), (fmt.name, method)
     assert len({fmt.name for fmt in FORMATS}) == len(FORMATS)
+
+
+def test_the_chat_service_implements_the_service_protocol():
+    """What `moshi serve`'s application needs of an endpoint (engine/server/app.py); each service
+    the SERVICES table serves is one more row here."""
+    from engine.server.app import Service
+    from engine.server.chat import ChatService
+
+    members = _members(Service)
+    assert {"path", "model", "slots", "metrics", "free_slots", "info", "start", "handle", "stop"} <= members
+    for name in members:
+        declared = getattr(Service, name, None)
+        if callable(declared):
+            assert _callable_as(getattr(ChatService, name), declared), name
+            assert inspect.iscoroutinefunction(getattr(ChatService, name)) == inspect.iscoroutinefunction(declared)
+        else:
+            assert hasattr(ChatService, name) or name in inspect.getsource(ChatService.__init__), name

@@ -8,8 +8,9 @@ only moves bytes.
 
 Bounds: a client's unread frames wait in a short inbox (the reader stops reading while it is full,
 so TCP holds the rest back); what the model said waits in a short outbox, the oldest step dropped
-and counted when a client stops reading. A client that has started talking but sends nothing for
-``STALL_S`` no longer holds the others back: its slot is stepped on silence, counted.
+and counted when a client stops reading. A step takes whatever frames have come: a conversation
+whose client has sent nothing new is held (``Hold``), so it neither waits for the others nor makes
+them wait, and each gets what it would get alone.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ log = logging.getLogger("moshi.serve")
 
 INBOX_FRAMES = 8  # 640 ms of the client's audio decoded and not stepped yet
 OUTBOX_STEPS = 25  # 2 s of the model's answer not sent yet: then the oldest step goes
-STALL_S = 0.25  # how long the slots that have a frame wait for one that has none
+SEND_BACKLOG_BYTES = 16 << 10  # sent and not taken by the kernel yet: then the sender waits
+BACKLOG_POLL_S = 0.01
 PICTURE_TIMEOUT_S = 30.0  # MoshiVis: the picture must come first, and soon
 # Kyutai's server sends every text token but these two (0, and 3, the padding), as its piece.
 UNSENT_TOKENS = (0, 3)
@@ -54,6 +56,7 @@ class Answer:
     pcm: np.ndarray | None
     text: str | None
     colour: int | None = None  # MoshiVis: the gate's colour for the text
+    error: str | None = None  # the model failed: the session ends with this message
 
 
 @dataclass
@@ -65,10 +68,9 @@ class Slot:
     freed: Callable[[], None]  # thread-safe: wakes a reader waiting for room in the inbox
     inbox: collections.deque = field(default_factory=collections.deque)
     picture: Any = None  # MoshiVis: the PIL picture, embedded by the stepper before the first frame
+    xa_start: int | None = None  # MoshiVis: the client's step to look at the picture from (None: the model's)
     started: bool = False  # its first frame was stepped (the slot was reset just before)
     ready: asyncio.Future | None = None  # set when the picture is embedded
-    last_frame: float = 0.0  # when its newest frame arrived (monotonic)
-    filled: int = 0  # steps on silence because it sent nothing
 
 
 class Stepper:
@@ -77,6 +79,9 @@ class Stepper:
     def __init__(self, models: Models, batch_size: int, vision: bool, metrics: ServiceMetrics):
         first_frame = FirstFrame.KYUTEYE_SERVER if vision else FirstFrame.SERVER
         self.runner = BaseRunner(models, first_frame, batch_size)
+        if vision:  # the step from which each slot looks at its picture: its client's, else the checkpoint's
+            self.xa_start = models.model.cfg.xa_start
+            self.runner.gen.xa_start = torch.full((batch_size,), self.xa_start, device=self.runner.device)
         self.models = models
         self.batch_size = batch_size
         self.vision = vision
@@ -84,10 +89,11 @@ class Stepper:
         self.slots: list[Slot | None] = [None] * batch_size
         self.cond = threading.Condition()
         self.stopping = False
+        self.failure: str | None = None  # why the model stopped stepping, for good
         self.thread = threading.Thread(target=self._run, name="moshi-stepper", daemon=True)
         self.input_codebooks = models.lm.cfg.n_q - models.lm.cfg.dep_q
         self._images: torch.Tensor | None = None  # MoshiVis: [B, N, dim], each slot's picture
-        self._warm = 0
+        self.hold = Hold([models.mimi, self.runner.gen])
 
     # -- the session side (event loop) --
 
@@ -111,13 +117,12 @@ class Stepper:
             if len(slot.inbox) >= INBOX_FRAMES:
                 return False
             slot.inbox.append(frame)
-            slot.last_frame = time.monotonic()
             self.cond.notify()
             return True
 
     def free(self) -> int:
         with self.cond:
-            return sum(slot is None for slot in self.slots)
+            return 0 if self.failure else sum(slot is None for slot in self.slots)
 
     def start(self) -> None:
         self.warmup()
@@ -146,44 +151,43 @@ class Stepper:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
+        try:
+            while True:
+                with self.cond:
+                    batch = self._gather()
+                    if batch is None:
+                        return
+                    pictures = [s for s in self.slots if s is not None and s.picture is not None and s.ready is not None]
+                for slot in pictures:
+                    self._embed(slot)
+                if batch:
+                    self._step(batch)
+        except Exception as exc:  # noqa: BLE001 - whatever the model raised ends every session, told why
+            log.exception("the model failed; no more sessions")
             with self.cond:
-                batch = self._gather()
-                if batch is None:
-                    return
-                pictures = [s for s in self.slots if s is not None and s.picture is not None and s.ready is not None]
-            for slot in pictures:
-                self._embed(slot)
-            if batch:
-                self._step(batch)
+                self.failure = f"the model failed on the server: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                for slot in self._live():
+                    slot.deliver(Answer(None, None, error=self.failure))
+                    slot.freed()
+                    if slot.ready is not None:
+                        ready = slot.ready
+                        ready.get_loop().call_soon_threadsafe(lambda r=ready: r.done() or r.set_result(None))
 
-    def _gather(self) -> dict[int, tuple[Slot, np.ndarray | None]] | None:
-        """Under the lock: wait for work, then take a frame from each slot that has one; a slot that
-        talked before and has none is stepped on silence once the others have waited STALL_S."""
-        while True:
-            if self.stopping:
-                return None
-            live = [s for s in self.slots if s is not None]
+    def _gather(self) -> dict[int, tuple[Slot, np.ndarray]] | None:
+        """Under the lock: wait for a frame, then take one from each slot that has one."""
+        while not self.stopping:
+            live = self._live()
             if any(s.picture is not None and s.ready is not None for s in live):
                 return {}
-            if any(s.inbox for s in live):
-                break
+            batch = {}
+            for slot in live:
+                if slot.inbox:
+                    batch[slot.index] = (slot, slot.inbox.popleft())
+                    slot.freed()
+            if batch:
+                return batch
             self.cond.wait()
-        deadline = min(s.last_frame for s in live if s.inbox) + STALL_S
-        while not self.stopping and any(s.started and not s.inbox for s in self._live()):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self.cond.wait(left)
-        batch = {}
-        for slot in self._live():
-            if slot.inbox:
-                batch[slot.index] = (slot, slot.inbox.popleft())
-                slot.freed()
-            elif slot.started:
-                batch[slot.index] = (slot, None)
-                slot.filled += 1
-        return batch
+        return None
 
     def _live(self) -> list[Slot]:
         return [s for s in self.slots if s is not None]
@@ -192,26 +196,32 @@ class Stepper:
         embedded = self.models.model.embed_image(slot.picture)
         if self._images is None:
             self._images = embedded.new_zeros((self.batch_size, *embedded.shape[1:]))
-            self.runner.gen.set_cross_source(self._images)
         self._images[slot.index] = embedded[0]
+        self.runner.gen.set_cross_source(self._images)  # the layers' keys and values, computed once
         with self.cond:
             slot.picture = None
         ready, slot.ready = slot.ready, None
         ready.get_loop().call_soon_threadsafe(lambda: ready.done() or ready.set_result(None))
 
-    def _step(self, batch: dict[int, tuple[Slot, np.ndarray | None]]) -> None:
+    def _step(self, batch: dict[int, tuple[Slot, np.ndarray]]) -> None:
         begun = time.perf_counter()
         runner, device = self.runner, self.runner.device
         pcm = np.zeros((self.batch_size, FRAME_SIZE), dtype=np.float32)
         fresh = torch.zeros(self.batch_size, dtype=torch.bool)
         for index, (slot, frame) in batch.items():
-            if frame is not None:
-                pcm[index] = frame
+            pcm[index] = frame
             if not slot.started:
                 fresh[index] = slot.started = True
+        held = torch.tensor([s is not None and s.started and s.index not in batch for s in self.slots])
+        hold = self.hold.keep(held.to(device)) if held.any() else None
+        self.metrics.holds.inc(int(held.sum()))
         if fresh.any():  # a new conversation in these slots, the others going on
             runner.encoder.reset(fresh)
             runner.gen.reset_streaming(fresh)
+            if self.vision:
+                for index in fresh.nonzero()[:, 0].tolist():
+                    start = self.slots[index].xa_start
+                    runner.gen.xa_start[index] = self.xa_start if start is None else start
         runner.submit(pcm)
         codes = runner.encoder.collect()
         if fresh.any() and runner.first_frame is FirstFrame.SERVER:
@@ -239,11 +249,46 @@ class Stepper:
                 piece = None if token in UNSENT_TOKENS else self.models.tokenizer.id_to_piece(token).replace("▁", " ")
                 colour = wire.gate_colour(gates[index]) if gates is not None else None
                 answers[index] = Answer(audio[index], piece, colour)
+        if hold is not None:
+            hold.restore()
         elapsed = time.perf_counter() - begun
         self.metrics.step_seconds.observe(elapsed)
         self.metrics.frames.inc(len(batch))
         for index, (slot, _) in batch.items():
             slot.deliver(answers.get(index, Answer(None, None)))
+
+
+class Hold:
+    """Steps a batch as if some slots were not in it: what a step changes of their streaming state
+    is put back afterwards. The rings (attention caches, the generator's token ring) need only
+    their slot's offset put back: the step wrote where the next one will write again, and dropped
+    only what lies beyond the attention span."""
+
+    RINGS = {("KVCacheState", "cache"), ("GenState", "cache"), ("CrossAttentionState", "keys"),
+             ("CrossAttentionState", "values")}
+
+    def __init__(self, trees: list[torch.nn.Module]):
+        self.modules = [m for tree in trees for m in tree.modules() if isinstance(m, StreamingModule)]
+        self.saved: list[tuple[Any, str, torch.Tensor]] = []
+        self.mask: torch.Tensor | None = None
+
+    def keep(self, mask: torch.Tensor) -> Hold:
+        self.mask = mask
+        self.saved = []
+        for module in self.modules:
+            state = module.state
+            for name in getattr(state, "__dataclass_fields__", ()):
+                value = getattr(state, name)
+                if isinstance(value, torch.Tensor) and (type(state).__name__, name) not in self.RINGS:
+                    self.saved.append((state, name, value.clone()))
+        return self
+
+    def restore(self) -> None:
+        for state, name, before in self.saved:
+            now = getattr(state, name)
+            mask = self.mask.view(-1, *([1] * (now.dim() - 1)))
+            now.copy_(torch.where(mask, before, now))
+        self.saved = []
 
 
 def _reset_tree(module: torch.nn.Module, mask: torch.Tensor) -> None:
@@ -287,7 +332,7 @@ class ChatService:
         task = asyncio.current_task()
         self.sessions.add(task)
         try:
-            await Session(self, ws, stats).run()
+            await Session(self, ws, request, stats).run()
         except asyncio.CancelledError:  # draining: the app closes the socket
             pass
         finally:
@@ -295,8 +340,10 @@ class ChatService:
 
 
 class Session:
-    def __init__(self, service: ChatService, ws: web.WebSocketResponse, stats: SessionStats):
+    def __init__(self, service: ChatService, ws: web.WebSocketResponse, request: web.Request, stats: SessionStats):
         self.service, self.ws, self.stats = service, ws, stats
+        self.transport = request.transport
+        self.request = request
         self.stepper = service.stepper
         self.metrics = service.metrics
         self.loop = asyncio.get_running_loop()
@@ -320,6 +367,9 @@ class Session:
             await self.ws.close()
 
     async def run(self) -> None:
+        if self.stepper.failure:
+            await self.fail(self.stepper.failure)
+            return
         slot = self.stepper.take(lambda index: Slot(
             index, lambda answer: self.loop.call_soon_threadsafe(self._deliver, answer),
             lambda: self.loop.call_soon_threadsafe(self.room.set)))
@@ -331,7 +381,7 @@ class Session:
         self.metrics.connections.inc()
         self.metrics.sessions.inc()
         try:
-            if self.service.vision and not await self._picture(slot):
+            if self.service.vision and not await self._picture(slot, self.request):
                 return
             await self.ws.send_bytes(wire.HANDSHAKE_PYTHON)
             sender = asyncio.create_task(self._send())
@@ -344,8 +394,17 @@ class Session:
             self.stepper.leave(slot)
             self.metrics.sessions.dec()
 
-    async def _picture(self, slot: Slot) -> bool:
-        """MoshiVis: the first message is the picture; the stepper embeds it before the handshake."""
+    async def _picture(self, slot: Slot, request: web.Request) -> bool:
+        """MoshiVis: the first message is the picture; the stepper embeds it before the handshake.
+        The query may say from which step to look at it (`xa_start`), as Kyutai's MoshiVis server reads."""
+        if wire.XA_START_QUERY in request.query:
+            try:
+                slot.xa_start = int(request.query[wire.XA_START_QUERY])
+                if slot.xa_start < 0:
+                    raise ValueError
+            except ValueError:
+                await self.fail(f"{wire.XA_START_QUERY} must be a step number from 0, not {request.query[wire.XA_START_QUERY]!r}")
+                return False
         try:
             message = await self.ws.receive(timeout=PICTURE_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -365,6 +424,9 @@ class Session:
             slot.picture = picture
             self.stepper.cond.notify()
         await slot.ready
+        if self.stepper.failure:
+            await self.fail(self.stepper.failure)
+            return False
         return True
 
     async def _receive(self, slot: Slot) -> None:
@@ -387,6 +449,8 @@ class Session:
             while pending.shape[-1] >= FRAME_SIZE:
                 frame, pending = pending[:FRAME_SIZE], pending[FRAME_SIZE:]
                 while not self.stepper.put(slot, frame):
+                    if self.stepper.failure:
+                        return
                     self.room.clear()
                     await self.room.wait()
                 self.stats.frames += 1
@@ -398,7 +462,13 @@ class Session:
             await self.answered.wait()
             self.answered.clear()
             while self.outbox:
+                # A client that does not read: the answers wait in the outbox, where the oldest go.
+                while self.transport is not None and self.transport.get_write_buffer_size() > SEND_BACKLOG_BYTES:
+                    await asyncio.sleep(BACKLOG_POLL_S)
                 answer = self.outbox.popleft()
+                if answer.error is not None:
+                    await self.fail(answer.error)
+                    return
                 if answer.pcm is not None:
                     data = writer.append_pcm(answer.pcm)
                     if data:

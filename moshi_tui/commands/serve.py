@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -45,9 +46,9 @@ def serve(
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
     host: Annotated[str, typer.Option(
-        "--host", rich_help_panel=SERVER_PANEL,
+        "--host", metavar="ADDRESS", rich_help_panel=SERVER_PANEL,
         help="Address to listen on; anything but loopback lets other machines in (use --api-key).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, rich_help_panel=SERVER_PANEL,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, metavar="PORT", rich_help_panel=SERVER_PANEL,
                                       help="TCP port to listen on.")] = 8998,
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", min=1, metavar="N", rich_help_panel=SERVER_PANEL, show_default=False,
@@ -78,6 +79,7 @@ def serve(
     context_folder = _check_ssl(ssl)
     if static is not None and not static.is_dir():
         raise ArgumentError(f"--static {static}: not a folder")
+    _check_port(host, port)
     if not keys and not _loopback(host):
         print(f"moshi: warning: listening on {host} without --api-key: anyone who reaches this port can use the "
               "model", file=sys.stderr)
@@ -113,6 +115,15 @@ def _check_ssl(folder: Path | None) -> Path | None:
         if not (folder / name).is_file():
             raise ArgumentError(f"--ssl {folder}: no {name} there (the folder holds cert.pem and key.pem)")
     return folder
+
+
+def _check_port(host: str, port: int) -> None:
+    """Before minutes of loading: the address can be listened on."""
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            pass
+    except OSError as exc:
+        raise ArgumentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _loopback(host: str) -> bool:

@@ -22,6 +22,7 @@ import sphn
 from engine import wire
 
 SAMPLE_RATE, FRAME = 24_000, 1920
+AFTER_LAST_S = 0.5  # the last text piece follows the last frame of voice at once
 STARTUP_S = 120  # loading a tiny model on a loaded 2-core machine
 # Kyutai's server, run on a CPU-only torch: its warm-up ends with torch.cuda.synchronize(), which
 # such a build refuses; nothing else of it touches CUDA on --device cpu.
@@ -139,12 +140,12 @@ class Heard:
 
 
 async def talk(url: str, pcm: np.ndarray, picture: bytes | None = None, quiet: float = 3.0,
-               headers: dict | None = None, ssl=None, leave_after: int | None = None,
-               session: aiohttp.ClientSession | None = None) -> Heard:
+               headers: dict | None = None, ssl=True, leave_after: int | None = None,
+               session: aiohttp.ClientSession | None = None, pace: float = 0.0) -> Heard:
     """As Kyutai's `moshi.client`: connect, (MoshiVis: send the picture), wait for the handshake, then
     send the audio in 1920-sample blocks through one Opus stream, and collect what comes back until
     the server has been quiet for `quiet` s after the last block (or, with `leave_after`, hang up
-    once that many blocks are sent)."""
+    once that many blocks are sent). `pace`: seconds between blocks (0: as fast as it goes)."""
     heard = Heard()
     own = session is None
     session = session or aiohttp.ClientSession()
@@ -169,12 +170,15 @@ async def talk(url: str, pcm: np.ndarray, picture: bytes | None = None, quiet: f
                     data = writer.append_pcm(pcm[start:start + FRAME])
                     if data:
                         await ws.send_bytes(wire.message(wire.Kind.AUDIO, data))
-                    await asyncio.sleep(0)
+                    await asyncio.sleep(pace)
 
             sender = asyncio.create_task(send())
+            # A server answers every block but the first with a frame of voice; then its text follows.
+            answered = (len(pcm) // FRAME - 1) * FRAME
             while True:
+                wait = AFTER_LAST_S if heard.samples >= answered else quiet if sender.done() else 120
                 try:
-                    message = await ws.receive(timeout=quiet if sender.done() else 120)
+                    message = await ws.receive(timeout=wait)
                 except asyncio.TimeoutError:
                     break
                 if message.type != aiohttp.WSMsgType.BINARY:
