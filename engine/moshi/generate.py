@@ -14,10 +14,8 @@ import torch
 
 from ..compile import AcceleratedStep, step_modes
 from ..streaming import StreamingModule, StreamingState
+from ..wire import DEFAULT_XA_START
 from .model import UNGENERATED_TOKEN, LMModel
-
-# MoshiVis: steps before the image is attended to (the official web client's default, 1.28 s).
-DEFAULT_XA_START = 16
 
 
 @dataclass

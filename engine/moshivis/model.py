@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..moshi.generate import DEFAULT_XA_START
+from ..wire import DEFAULT_XA_START
 from ..moshi.model import LMConfig, LMModel
 from .vision import ImagePrefix, VisionConfig, image_pixels
 

@@ -53,9 +53,6 @@ TEXT_GRACE_S = 0.003
 LOST_AFTER_S = 5.0
 # Frames in flight and not a word from the server for this long: it is gone (as Kyutai's web client decides).
 SILENT_LIMIT_S = 10.0
-# MoshiVis servers start looking at the picture after this many frames unless told; the reference
-# server reads the number from the query, so it is always sent.
-XA_START = 16
 
 
 def chat_query(options: ModelOptions) -> dict[str, object]:
@@ -67,7 +64,7 @@ def chat_query(options: ModelOptions) -> dict[str, object]:
         "text_seed": options.seed, "audio_seed": options.seed,
     }
     if isinstance(options, SeeOptions):
-        query["xa_start"] = XA_START if options.xa_start is None else options.xa_start
+        query[wire.XA_START_QUERY] = wire.DEFAULT_XA_START if options.xa_start is None else options.xa_start
     return query
 
 
