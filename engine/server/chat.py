@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import threading
 import time
@@ -384,6 +385,10 @@ class Session:
             if self.service.vision and not await self._picture(slot, self.request):
                 return
             await self.ws.send_bytes(wire.HANDSHAKE_PYTHON)
+            # As Kyutai's Rust server does: what runs, for the client to show (Kyutai's Python
+            # client logs a kind it does not know and goes on).
+            metadata = {"model": self.service.model, **self.service.info()}
+            await self.ws.send_bytes(wire.message(wire.Kind.METADATA, json.dumps(metadata).encode()))
             sender = asyncio.create_task(self._send())
             try:
                 await self._receive(slot)

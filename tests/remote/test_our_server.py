@@ -2,6 +2,8 @@
 MoshiVis on tiny checkpoints), through a relay that keeps what passes: the picture goes first, the
 words written are the words (plain or coloured) the server sent, the voice written is its voice."""
 
+import json
+
 import numpy as np
 import pytest
 import soundfile
@@ -44,6 +46,8 @@ async def test_headless_url_against_moshi_serve(kind, tmp_path):
         pieces = [p.decode() for p in relay.sent(wire.Kind.TEXT, relay.to_client)]
     assert len(pieces) > 3
     assert (tmp_path / "words.txt").read_text() == "".join(pieces)
+    [metadata] = relay.sent(wire.Kind.METADATA, relay.to_client)  # what the client's status bar shows
+    assert json.loads(metadata)["model"] == str(folder)
     frames = len(pcm) // FRAME_SIZE
     voice = decode_opus(relay.sent(wire.Kind.AUDIO, relay.to_client))
     ours, _ = soundfile.read(tmp_path / "out.wav", dtype="float32")
