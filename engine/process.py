@@ -41,6 +41,11 @@ from .options import Mode
 if TYPE_CHECKING:  # the runners need torch, which the app's process never loads
     from .runner import Runner
 
+# Warm steps the child times before it says it is ready: the parent scales what it calls a stall on
+# the slowest. Three, since a runner with Mimi in its own process steps its LM from the second on,
+# and decodes from the third. They draw from the sampler's random stream, as a conversation would.
+TIMED_WARM_STEPS = 3
+
 HEARTBEAT_S = 0.2
 # A frame unanswered for this many warm step times (and at least stall_timeout_s) is a stall.
 STALL_STEPS = 10
@@ -322,10 +327,8 @@ def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: in
         runner: Runner = runner_class.load(options, progress=lambda text: link.send(("loading", text)))
         link.send(("warming",))
         runner.warmup()
-        # Timed steps, warm: the parent scales what it calls a stall on the slowest. Three, since
-        # a runner with Mimi in its own process steps its LM from the second on, and decodes from the third.
         step_s = 0.0
-        for _ in range(3):
+        for _ in range(TIMED_WARM_STEPS):
             started = time.perf_counter()
             runner.step(np.zeros(runner.frame_size, dtype=np.float32))
             step_s = max(step_s, time.perf_counter() - started)

@@ -177,7 +177,7 @@ def _check_pipeline() -> int:
         write_tiny_checkpoint(folder, Mode.CHAT)
         engine = EngineProcess(Mode.CHAT, ModelOptions(hf_repo=folder, dtype="float32"))
         try:
-            outputs = []
+            outputs, mimi = [], ""
             deadline = time.monotonic() + 120
             frames = iter(np.sin(np.arange(PIPELINE_FRAMES * FRAME_SIZE, dtype=np.float32) * 0.05)
                          .reshape(-1, FRAME_SIZE) * 0.3)
@@ -188,6 +188,8 @@ def _check_pipeline() -> int:
                         return 1
                     if isinstance(event, Output):
                         outputs.append(event)
+                    if isinstance(event, Ready):
+                        mimi = event.info.get("mimi", "in the engine")
                     if isinstance(event, Ready) or isinstance(event, Output):
                         frame = next(frames, None)
                         if frame is not None:
@@ -199,12 +201,12 @@ def _check_pipeline() -> int:
         return 1
     step_ms = statistics.median(o.timings_ms["total"] for o in outputs)
     voiced = sum(o.pcm is not None for o in outputs)
-    return _pipeline_line(step_ms, voiced)
+    return _pipeline_line(step_ms, voiced, mimi)
 
 
-def _pipeline_line(step_ms: float, voiced: int) -> int:
+def _pipeline_line(step_ms: float, voiced: int, mimi: str) -> int:
     fast = step_ms <= BUDGET_MS
-    _line(fast, f"pipeline: {PIPELINE_FRAMES} frames through the engine process on a tiny model, "
+    _line(fast, f"pipeline: {PIPELINE_FRAMES} frames through the engine process on a tiny model (Mimi: {mimi}), "
                 f"{voiced} answered with audio, median step {step_ms:.1f} ms (budget {BUDGET_MS:.0f} ms)"
           + ("" if fast else "; slower than real time even on a tiny model: a real one needs a GPU "
              "(--device cuda) or, on the CPU, --quantize int8 and a free machine"))

@@ -90,6 +90,7 @@ def test_a_malformed_message_ends_that_session_only(server, trusted, alone):
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(url, ssl=trusted) as ws:
                 assert (await ws.receive(timeout=30)).data == wire.HANDSHAKE_PYTHON
+                assert wire.parse((await ws.receive(timeout=30)).data)[0] == wire.Kind.METADATA
                 await (ws.send_str(payload) if text else ws.send_bytes(payload))
                 error = await ws.receive(timeout=30)
                 closing = await ws.receive(timeout=30)

@@ -34,9 +34,11 @@ def test_doctor_passes_with_a_sound_server(pulse):
     [kernels] = [line for line in lines if line.startswith("[ok  ] CPU kernels: ")]
     assert "--quantize int8 runs oneDNN" in kernels or "--quantize int8 runs weight-only int8" in kernels
     [pipeline] = [line for line in lines if "pipeline:" in line]
-    # A live chat steps frame 0 as Kyutai's server does and answers it with silence: every later
-    # frame has a voice.
-    assert pipeline.startswith("[ok  ] pipeline: 25 frames") and "24 answered with audio" in pipeline
+    # A live chat steps frame 0 as Kyutai's server does and answers it with silence; with Mimi in its
+    # own process (a CPU with 2 cores or more) the answers come two frames later, so the last two
+    # frames' answers are not back after 25 steps: every other frame has a voice.
+    voiced = 22 if "(Mimi: own process)" in pipeline else 24
+    assert pipeline.startswith("[ok  ] pipeline: 25 frames") and f"{voiced} answered with audio" in pipeline
 
 
 def test_doctor_fails_without_audio_devices(tmp_path):
@@ -71,10 +73,10 @@ def test_available_memory_is_memavailable():
 
 
 def test_a_pipeline_slower_than_real_time_fails_saying_what_to_do(capsys):
-    assert _run_check("_pipeline_line", 95.0, 25) == 1
+    assert _run_check("_pipeline_line", 95.0, 25, "in the engine") == 1
     out = capsys.readouterr().out
     assert out.startswith("[FAIL] pipeline:") and "slower than real time" in out and "--quantize int8" in out
-    assert _run_check("_pipeline_line", 12.0, 25) == 0
+    assert _run_check("_pipeline_line", 12.0, 25, "in the engine") == 0
 
 
 def test_an_unknown_model_name_fails(capsys):

@@ -15,6 +15,7 @@ import pytest
 from audio import FRAME_SIZE
 from engine.moshivis.tiny import write_tiny_moshivis_checkpoint
 from engine.options import SeeOptions
+from engine.process import TIMED_WARM_STEPS
 from engine.wire import gate_colour
 from moshi_tui.app import MoshiApp
 from moshi_tui.session import FileSource, Session, SessionOptions
@@ -65,7 +66,8 @@ async def test_see_a_recording_in_the_app_with_the_runners_words_and_gates(tiny_
     # The oracle: the same runner in this process, started as the engine process starts it.
     runner = SeeRunner.load(model)
     runner.warmup()
-    runner.step(np.zeros(FRAME_SIZE, np.float32))
+    for _ in range(TIMED_WARM_STEPS):
+        runner.step(np.zeros(FRAME_SIZE, np.float32))
     runner.reset()
     pieces = []
     for i, out in enumerate(map(runner.step, _file_pcm(audio).reshape(-1, FRAME_SIZE))):
