@@ -177,5 +177,38 @@ def model_options(hf_repo: str | None, device: Device, dtype: Dtype, seed: int |
                         quantize=None if quantize is None else quantize.value)
 
 
+REMOTE_PANEL = "Remote server"
+Url = Annotated[Optional[str], typer.Option(
+    "--url", metavar="URL", rich_help_panel=REMOTE_PANEL, show_default=False,
+    help="Use the model on a server instead of this machine: moshi serve, or Kyutai's servers. ws://HOST:PORT, "
+         "wss://HOST, http(s)://HOST (the same server) or HOST:PORT (ws://, port 8998). The model options then "
+         "belong to the server.")]
+ApiKey = Annotated[Optional[str], typer.Option(
+    "--api-key", metavar="KEY", envvar="MOSHI_API_KEY", rich_help_panel=REMOTE_PANEL, show_default=False,
+    help="With --url: the key the server asks for (sent in the kyutai-api-key header) [env: MOSHI_API_KEY].")]
+Insecure = Annotated[bool, typer.Option(
+    "--insecure", rich_help_panel=REMOTE_PANEL,
+    help="With a wss:// URL: take the server's certificate unchecked (a self-signed test server).")]
+CaCert = Annotated[Optional[Path], typer.Option(
+    "--ca-cert", metavar="FILE", rich_help_panel=REMOTE_PANEL, show_default=False,
+    help="With a wss:// URL: trust the authority in this PEM file (a server's self-signed certificate).")]
+
+
+def remote_server(url: str | None, path: str, api_key: str | None, insecure: bool, ca_cert: Path | None):
+    """The server of --url, checked before anything connects (an `engine.remote.connect.Server`), or
+    None without --url. A malformed URL or a missing CA file is one line."""
+    if url is None:
+        for value, name in ((insecure, "--insecure"), (ca_cert, "--ca-cert")):
+            if value:
+                raise typer.BadParameter("goes with --url", param_hint=name)
+        return None  # a key in MOSHI_API_KEY is for the runs that have a server
+    from engine.remote.connect import RemoteError, Server
+
+    try:
+        return Server.from_options(url, path, api_key, insecure, ca_cert)
+    except RemoteError as exc:
+        raise ArgumentError(str(exc)) from None
+
+
 def progress_to_stderr(message: str) -> None:
     print(f"moshi: {message}", file=sys.stderr, flush=True)
