@@ -102,8 +102,7 @@ class AsrService:
         return 0 if self._stopping else self._streams.count(None)
 
     def info(self) -> dict[str, Any]:
-        return {"type": "BatchedAsr", "delay_seconds": self.runner.delay_seconds,
-                "silence_prefix_seconds": self.runner.silence_prefix_seconds, "vad_heads": self.runner.has_vad}
+        return {"type": "BatchedAsr", "transcript_model": self.runner.model_info()}
 
     async def start(self) -> None:
         self._wake = asyncio.Event()
@@ -256,10 +255,12 @@ class AsrService:
             else:
                 deadline, timeout = None, None
             self._wake.clear()
+            # asyncio.wait, not wait_for: wait_for can swallow a cancellation that comes as the event is set.
+            waiter = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({waiter}, timeout=timeout)
+            finally:
+                waiter.cancel()
 
     def _step(self, fresh: list[int], pcm: np.ndarray, codes: list):
         """In the model's thread: reset the joining slots, then one frame of every slot."""
