@@ -26,6 +26,9 @@ ASR_PATH = "/api/asr-streaming"
 # How a client shows its key: a header, or a query parameter where a header cannot be set (browsers).
 API_KEY_HEADER = "kyutai-api-key"
 API_KEY_QUERY = "auth_id"
+# MoshiVis: the query parameter that says from which step the model looks at the picture (Kyutai's
+# MoshiVis clients always send it; their web client's value is 16, 1.28 s).
+XA_START_QUERY = "xa_start"
 # Sent when every slot of a server is taken, at once rather than after a silent wait.
 NO_FREE_CHANNELS = "no free channels"
 

@@ -16,7 +16,7 @@ from engine.env import env_flag
 from engine.errors import EngineError
 
 from . import __version__, settings
-from .commands import chat, devices, doctor, models, see, tiny_model, transcribe
+from .commands import chat, devices, doctor, models, see, serve, tiny_model, transcribe
 from .commands.common import Command
 from .commands.download import download
 from .errors import ArgumentError
@@ -53,6 +53,7 @@ models.register(app)
 chat.register(app)
 see.register(app)
 transcribe.register(app)
+serve.register(app)
 tiny_model.register(app)
 doctor.register(app)
 devices.register(app)

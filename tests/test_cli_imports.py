@@ -29,7 +29,7 @@ MODELS = ("torch", "sentencepiece", "safetensors")
     # Help only reads the command line's declarations: not even numpy (100 ms of a 200 ms start).
     (["--help"], MODELS + ("numpy",)), (["chat", "--help"], MODELS + ("numpy",)),
     (["transcribe", "--help"], MODELS + ("numpy",)), (["see", "--help"], MODELS + ("numpy",)),
-    (["doctor", "--help"], MODELS + ("numpy",)),
+    (["doctor", "--help"], MODELS + ("numpy",)), (["serve", "--help"], MODELS + ("numpy", "aiohttp")),
     (["devices"], MODELS),  # the audio layer needs numpy
 ])
 def test_no_torch_for(args, heavy):

@@ -58,3 +58,20 @@ def test_the_session_uses_only_the_engine_protocol():
     used = _engine_uses(ROOT / "moshi_tui" / "session.py")
     assert "send_frame" in used and "poll" in used  # the walk finds the session's calls
     assert used <= _members(Engine), sorted(used - _members(Engine))
+
+
+def test_the_chat_service_implements_the_service_protocol():
+    """What `moshi serve`'s application needs of an endpoint (engine/server/app.py); each service
+    the SERVICES table serves is one more row here."""
+    from engine.server.app import Service
+    from engine.server.chat import ChatService
+
+    members = _members(Service)
+    assert {"path", "model", "slots", "metrics", "free_slots", "info", "start", "handle", "stop"} <= members
+    for name in members:
+        declared = getattr(Service, name, None)
+        if callable(declared):
+            assert _callable_as(getattr(ChatService, name), declared), name
+            assert inspect.iscoroutinefunction(getattr(ChatService, name)) == inspect.iscoroutinefunction(declared)
+        else:
+            assert hasattr(ChatService, name) or name in inspect.getsource(ChatService.__init__), name

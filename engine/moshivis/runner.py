@@ -39,7 +39,7 @@ class SeeRunner(ChatRunner):
         if options.image is None:
             raise EngineError("MoshiVis needs a picture to talk about")
         picture = open_image(options.image)  # before minutes of loading, a bad file fails now
-        models = _load_models(options, progress)
+        models = load_see_models(options, progress)
         xa_start = models.model.cfg.xa_start if options.xa_start is None else options.xa_start
         return cls(models, picture, xa_start, Path(options.image).name)
 
@@ -66,7 +66,7 @@ class SeeRunner(ChatRunner):
         return out
 
 
-def _load_models(options: SeeOptions, progress: Progress | None) -> Models:
+def load_see_models(options: SeeOptions, progress: Progress | None) -> Models:
     def load_vision_model(info, device: torch.device, dtype: torch.dtype, quantize: str | None) -> MoshiVis:
         cfg = MoshiVisConfig.from_checkpoint(info)
         return load_moshivis(info.lm_weights, cfg, device=device, dtype=dtype, quantize=quantize)

@@ -13,6 +13,7 @@ import hmac
 import importlib.metadata
 import logging
 import platform
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -29,8 +30,13 @@ log = logging.getLogger("moshi.serve")
 
 # The largest client message: a MoshiVis picture (a photo's JPEG or PNG) is the largest there is.
 MAX_MESSAGE_BYTES = 16 << 20
+# What the kernel keeps to send to a client: seconds of Opus (4 kB/s), yet little enough that a
+# client that stops reading is noticed (the service then drops its oldest audio) before megabytes
+# pile up for it.
+SEND_BUFFER_BYTES = 16 << 10
 SERVICE_KEY = web.AppKey("service", object)
-SOCKETS_KEY = web.AppKey("sockets", set)
+SOCKETS_KEY = web.AppKey("sockets", dict)
+CLOSE_TIMEOUT_S = 2.0  # a client that does not take the close frame in this time is cut off
 STATE_KEY = web.AppKey("state", dict)
 
 
@@ -88,11 +94,23 @@ def peer_of(request: web.Request) -> str:
     return f"{peer[0]}:{peer[1]}" if peer else "?"
 
 
+async def close(ws: web.WebSocketResponse, request: web.Request, code: int = WSCloseCode.OK,
+                message: bytes = b"") -> None:
+    """Close a session's websocket; a client that takes nothing more (it stopped reading) is cut off."""
+    if ws.closed:
+        return
+    try:
+        await asyncio.wait_for(ws.close(code=code, message=message), CLOSE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+
+
 def make_app(service: Service, api_keys: tuple[str, ...] = (), static_dir: Path | None = None,
              build_info: dict[str, Any] | None = None) -> web.Application:
     app = web.Application()
     app[SERVICE_KEY] = service
-    app[SOCKETS_KEY] = set()
+    app[SOCKETS_KEY] = {}
     app[STATE_KEY] = {"draining": False}
     started = time.time()
     build = {"package": "moshi-tui", "version": importlib.metadata.version("moshi-tui"),
@@ -105,18 +123,25 @@ def make_app(service: Service, api_keys: tuple[str, ...] = (), static_dir: Path 
             log.info("%s refused: missing or wrong API key", peer_of(request))
             raise web.HTTPUnauthorized(text="a valid API key is needed: header %s or query ?%s=\n"
                                        % (wire.API_KEY_HEADER, wire.API_KEY_QUERY))
+        peer = peer_of(request)
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
         await ws.prepare(request)
-        app[SOCKETS_KEY].add(ws)
+        if request.transport is not None:
+            sock = request.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        app[SOCKETS_KEY][ws] = request
         stats, begun = SessionStats(), time.monotonic()
         try:
             await service.handle(ws, request, stats)
         finally:
-            app[SOCKETS_KEY].discard(ws)
-            if not ws.closed:
-                await ws.close()
+            app[SOCKETS_KEY].pop(ws, None)
+            if app[STATE_KEY]["draining"]:
+                await close(ws, request, WSCloseCode.GOING_AWAY, b"server shutting down")
+            else:
+                await close(ws, request)
             ended = "refused: no free slot" if stats.refused else (f"error: {stats.error}" if stats.error else "closed")
-            log.info("%s %s %s duration=%.1fs frames=%d drops=%d %s", peer_of(request), service.model, service.path,
+            log.info("%s %s %s duration=%.1fs frames=%d drops=%d %s", peer, service.model, service.path,
                      time.monotonic() - begun, stats.frames, stats.dropped, ended)
         return ws
 
@@ -129,8 +154,9 @@ def make_app(service: Service, api_keys: tuple[str, ...] = (), static_dir: Path 
         return web.json_response(build)
 
     async def modules_info(request: web.Request) -> web.Response:
+        free = service.free_slots()
         entry = {"path": service.path, "model": service.model, "batch_size": service.slots,
-                 "free_slots": service.free_slots(), "uptime_s": round(time.time() - started), **service.info()}
+                 "free_slots": free, "used_slots": service.slots - free, "uptime_s": round(time.time() - started), **service.info()}
         return web.json_response({service.path.rsplit("/", 1)[-1]: entry})
 
     async def metrics(request: web.Request) -> web.Response:
@@ -143,8 +169,8 @@ def make_app(service: Service, api_keys: tuple[str, ...] = (), static_dir: Path 
     async def on_shutdown(app: web.Application) -> None:
         app[STATE_KEY]["draining"] = True
         await service.stop()
-        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
-                               for ws in list(app[SOCKETS_KEY])), return_exceptions=True)
+        await asyncio.gather(*(close(ws, request, WSCloseCode.GOING_AWAY, b"server shutting down")
+                               for ws, request in list(app[SOCKETS_KEY].items())), return_exceptions=True)
 
     app.router.add_get(service.path, session)
     app.router.add_get("/healthz", healthz)

@@ -24,5 +24,7 @@ class ServiceMetrics:
         self.frames = Counter("moshi_frames", "Frames stepped, over all sessions", registry=self.registry)
         self.frames_dropped = Counter("moshi_frames_dropped", "Frames dropped because a client was too slow",
                                       registry=self.registry)
+        self.holds = Counter("moshi_holds", "Steps a conversation sat out, its client's next audio not there yet",
+                             registry=self.registry)
         self.errors = Counter("moshi_errors", "Sessions ended by an error (bad message, model failure)",
                               registry=self.registry)
