@@ -14,6 +14,7 @@ with the in-process engine's (reference); ``added_ms`` is the difference of the 
 Our int8/int4 rows are compared with the reference's bf16 step: it has no CPU int8 path; the 7B
 int8/int4 steps (built quantized, without the 15 GB file) only with their floor. The candle q8 rows
 (``q8_0_*``, ``candle_q8_*``) compare the Q8_0 kernel and loader with our ``--quantize int8``.
+The ``serve_stt_*`` figures (``benchmarks/serve.py``) have ours only: Kyutai has no Python STT server.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import formats  # noqa: E402
 import lm  # noqa: E402
 import mimi  # noqa: E402
 import pipeline  # noqa: E402
+import serve  # noqa: E402
 from common import run_command_line  # noqa: E402
 
 
@@ -57,7 +59,7 @@ def print_table(results: dict) -> None:
 
 def measure(quick: bool, full_7b: bool) -> dict[str, dict[str, float]]:
     return {**mimi.run(quick), **lm.run(quick, full_7b=full_7b), **floor.run(quick), **formats.run(quick),
-            **pipeline.run(quick), **chat_url.run(quick)}
+            **pipeline.run(quick), **chat_url.run(quick), **serve.run(quick)}
 
 
 def main() -> None:

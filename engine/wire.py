@@ -16,7 +16,9 @@ Nothing here imports torch or numpy: the same definitions serve the server, the 
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
+
+import msgpack
 
 DEFAULT_PORT = 8998
 CHAT_PATH = "/api/chat"
@@ -63,6 +65,35 @@ def parse(data: bytes) -> tuple[Kind, bytes] | None:
     if not data or data[0] not in Kind._value2member_map_:
         return None
     return Kind(data[0]), data[1:]
+
+
+class Asr(StrEnum):
+    """The ``type`` of an ``/api/asr-streaming`` message."""
+
+    AUDIO = "Audio"  # client → server: {pcm: [float, …]}, 24 kHz mono, any length
+    OGG_OPUS = "OggOpus"  # client → server: {data: bytes}, Ogg pages of Opus
+    MARKER = "Marker"  # both ways: {id: int}; echoed once the audio sent before it is transcribed
+    READY = "Ready"  # server → client: a slot is yours
+    WORD = "Word"  # server → client: {text, start_time}
+    END_WORD = "EndWord"  # server → client: {stop_time} of the word sent last
+    STEP = "Step"  # server → client: {step_idx, prs, buffered_pcm}, every frame
+    ERROR = "Error"  # server → client: {message}
+
+
+def asr_message(kind: Asr, **fields) -> bytes:
+    # Single floats keep an Audio message at 5 bytes a sample, as Kyutai's scripts send it.
+    return msgpack.packb({"type": kind.value, **fields}, use_single_float=True)
+
+
+def parse_asr(data: bytes) -> tuple[Asr, dict]:
+    """A message's type and fields; ValueError for anything else (not msgpack, not a map, an unknown type)."""
+    try:
+        fields = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for malformed input
+        raise ValueError(f"not a msgpack message ({exc})") from None
+    if not isinstance(fields, dict) or fields.get("type") not in Asr._value2member_map_:
+        raise ValueError("not an asr-streaming message: a map with a known type is expected")
+    return Asr(fields.pop("type")), fields
 
 
 # The colour scale of MoshiVis's coloured text: how much the model looked at the picture for a word,

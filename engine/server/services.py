@@ -36,10 +36,18 @@ def _see(options: ModelOptions, batch_size: int, progress: Progress | None) -> S
     return ChatService(load_see_models(options, progress), batch_size, vision=True)
 
 
-# How each mode is served; speech recognition (`/api/asr-streaming`) plugs in here.
+def _transcribe(options: ModelOptions, batch_size: int, progress: Progress | None) -> Service:
+    from ..stt.runner import TranscribeRunner
+    from .asr import AsrService
+
+    return AsrService(TranscribeRunner.load(options, progress, batch_size))
+
+
+# How each mode is served.
 SERVICES: dict[Mode, Callable[[ModelOptions, int, Progress | None], Service]] = {
     Mode.CHAT: _chat,
     Mode.SEE: _see,
+    Mode.TRANSCRIBE: _transcribe,
 }
 
 

@@ -75,6 +75,14 @@ class TranscribeRunner(BaseRunner):
     def describe(self) -> dict[str, str]:
         return {**super().describe(), "mimi": "own process" if self.pipelined else "in the engine"}
 
+    def model_info(self) -> dict:
+        """The model as a transcript file describes it (JSON values)."""
+        models = self.models
+        return {"name": models.name, "delay_seconds": self.delay_seconds,
+                "silence_prefix_seconds": self.silence_prefix_seconds, "vad_heads": self.has_vad,
+                "device": str(self.device), "dtype": str(models.lm.dtype).removeprefix("torch."),
+                "temp_text": models.sampling.temp_text, "top_k_text": models.sampling.top_k_text}
+
     @torch.no_grad()
     def collect(self) -> torch.Tensor:
         """The Mimi codes [batch_size, n_q, 1] of the frames submitted last."""

@@ -10,11 +10,12 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from engine.options import Mode
+from engine.wire import ASR_PATH
 
 from .. import signals
 from ..transcript_writers import CHOICES, CueLimits, TranscriptWriter, writers_for
-from .common import (MODEL_PANEL, DeviceOption, DtypeOption, QuantizeOption, Seed, check_output, model_options,
-                     progress_to_stderr)
+from .common import (MODEL_PANEL, ApiKey, CaCert, DeviceOption, DtypeOption, Insecure, QuantizeOption, Seed, Url,
+                     check_output, model_options, progress_to_stderr, remote_server)
 
 EPILOG = """\
 Examples:
@@ -27,6 +28,7 @@ Examples:
   moshi transcribe --quantize int8                   # the microphone, in real time on a 2-core CPU
   ffmpeg -i talk.m4a -f wav - | moshi transcribe -   # any stream ffmpeg or sox can write
   arecord -f S16_LE -r 16000 | moshi transcribe - --raw --rate 16000
+  moshi transcribe --url gpu-box:8998 talk.mp3       # on a server: moshi serve, or Kyutai's moshi-server
 """
 
 OUTPUT_PANEL = "Output"
@@ -82,6 +84,10 @@ def transcribe(
     dtype: DtypeOption = "bfloat16",
     quantize: QuantizeOption = None,
     seed: Seed = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    insecure: Insecure = False,
+    ca_cert: CaCert = None,
 ) -> None:
     """Transcribe speech with Kyutai STT, with word timestamps, as the words are recognised.
 
@@ -99,6 +105,18 @@ def transcribe(
         raise typer.BadParameter("standard input (-) can be read only once", param_hint="FILE")
     writers = _writers(output_format, output_dir, max(len(inputs), 1))
     limits = CueLimits(max_line_width, max_words_per_line)
+    server = remote_server(url, ASR_PATH, api_key, insecure, ca_cert)
+    if server is not None:
+        for value, name in ((model, "--model"), (quantize, "--quantize"), (seed, "--seed")):
+            if value is not None:
+                raise typer.BadParameter("the server has its model: leave it out with --url", param_hint=name)
+        if not inputs and not no_tui:
+            raise typer.BadParameter("the microphone with --url writes to stdout and files: add --no-tui",
+                                     param_hint="--url")
+        from .transcribe_remote import run_remote
+
+        run_remote(server, inputs, writers, output_dir, rate, limits, pause, batch_size, stats)
+        return
     if not inputs:
         _run_live(options, no_tui, no_record, writers, output_dir, limits, pause, stats)
         return
@@ -203,23 +221,15 @@ def _listeners(name: str, paths: dict[type[TranscriptWriter], Path | None], info
 
 
 def _model_info(runner, pause: float) -> dict:
+    return transcript_info(runner.model_info(), pause)
+
+
+def transcript_info(model: dict, pause: float) -> dict:
+    """What a transcript file says of how it was made: the model (`TranscribeRunner.model_info`) and the segmentation."""
     from engine.stt.words import END_OF_TURN_THRESHOLD
 
-    models = runner.models
-    return {
-        "model": {
-            "name": models.name,
-            "delay_seconds": runner.delay_seconds,
-            "silence_prefix_seconds": runner.silence_prefix_seconds,
-            "vad_heads": runner.has_vad,
-            "device": str(runner.device),
-            "dtype": str(models.lm.dtype).removeprefix("torch."),
-            "temp_text": models.sampling.temp_text,
-            "top_k_text": models.sampling.top_k_text,
-        },
-        "segmentation": {"pause_seconds": pause,
-                         "end_of_turn_threshold": END_OF_TURN_THRESHOLD if runner.has_vad else None},
-    }
+    return {"model": model, "segmentation": {"pause_seconds": pause,
+                                             "end_of_turn_threshold": END_OF_TURN_THRESHOLD if model["vad_heads"] else None}}
 
 
 def _print_stats(run, runner) -> None:
