@@ -176,11 +176,10 @@ def floor_row(ours_ms: list[float], nbytes: int, bandwidth_gbs: float) -> dict[s
 
 
 def speechlike_frames(count: int) -> np.ndarray:
-    """Voiced bursts with pauses, under a little noise: [count, FRAME_SIZE]."""
-    generator = torch.Generator().manual_seed(3)
-    t = torch.arange(FRAME_SIZE * count) / 24000
-    pcm = 0.2 * torch.sin(2 * torch.pi * 180 * t) * (torch.sin(2 * torch.pi * 1.3 * t) > 0)
-    return (pcm + 0.01 * torch.randn(t.shape, generator=generator)).numpy().reshape(count, FRAME_SIZE)
+    """``pipeline.speechlike`` cut into frames: [count, FRAME_SIZE]."""
+    from pipeline import RATE, speechlike  # pipeline imports this module
+
+    return speechlike(count * FRAME_SIZE / RATE).numpy()[:count * FRAME_SIZE].reshape(count, FRAME_SIZE)
 
 
 def chat_block(runner: ChatRunner, frames: np.ndarray, skip: int) -> list[dict[str, float]]:

@@ -42,7 +42,7 @@ import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 from common import run_command_line  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from pipeline import FRAME, RATE, _speechlike, write_checkpoint  # noqa: E402
+from pipeline import FRAME, RATE, speechlike, write_checkpoint  # noqa: E402
 
 from engine.moshi.model import LMConfig  # noqa: E402
 
@@ -115,7 +115,7 @@ def measure_streams(folder: Path, streams: int, seconds: float) -> tuple[float, 
     port = _free_port()
     server = _start_server(folder, streams, port)
     try:
-        pcm = _speechlike(seconds).numpy()
+        pcm = speechlike(seconds).numpy()
         latencies: list[float] = []
 
         async def all_streams():
