@@ -34,36 +34,19 @@ import serve  # noqa: E402
 from common import run_command_line  # noqa: E402
 
 
-def _row(name: str, figure: dict) -> str:
-    if "relative_error" in figure:
-        return f"{name:34s} {'relative error of the text logits vs our bf16:':>47s} {figure['relative_error']:.4f}"
-    if name == "bandwidth_gbs":
-        return (f"{'read bandwidth (GB/s), 1 thread':34s} {figure['one_thread_gbs']:12.2f}   "
-                f"{figure['threads']:.0f} threads {figure['all_threads_gbs']:.2f}")
-    unit = next(key[len("ours_"):] for key in figure if key.startswith("ours_"))
-    reference = f"{figure[f'reference_{unit}']:12.2f}" if f"reference_{unit}" in figure else f"{'—':>12s}"
-    ratio = f"{figure['ratio']:7.3f}" if "ratio" in figure else f"{'':7s}"
-    line = f"{name:34s} {figure[f'ours_{unit}']:12.2f} {reference} {unit:>4s} {ratio}"
-    if "floor_ms" in figure:
-        line += f"   floor {figure['floor_ms']:.1f} ms ({figure['gb_per_step']:.2f} GB), ours/floor {figure['floor_ratio']:.2f}"
-    return line
-
-
-def print_table(results: dict) -> None:
-    print(f"{'':34s} {'ours':>12s} {'reference':>12s} {'':4s} {'ratio':>7s}")
-    for name, figure in results.items():
-        print(_row(name, figure))
-    print("int8/int4 rows: the reference column is the reference's bf16 (it has no CPU int8 path); "
-          "q8_0/candle_q8 rows: it is our --quantize int8 (candle_q8_rss_vs_file: the file's size)")
-
-
 def measure(quick: bool, full_7b: bool) -> dict[str, dict[str, float]]:
     return {**mimi.run(quick), **lm.run(quick, full_7b=full_7b), **floor.run(quick), **formats.run(quick),
             **pipeline.run(quick), **chat_url.run(quick), **serve.run(quick)}
 
 
+# What the table's reference column is, under it.
+NOTE = ("int8/int4 rows: the reference column is the reference's bf16 (it has no CPU int8 path); "
+        "q8_0/candle_q8 rows: it is our --quantize int8 (candle_q8_rss_vs_file: the file's size); "
+        "serve_stt rows have ours only")
+
+
 def main() -> None:
-    run_command_line(__doc__, "small shapes: only checks that the code runs", measure, print_table, full_7b=True)
+    run_command_line(__doc__, "small shapes: only checks that the code runs", measure, NOTE, full_7b=True)
 
 
 if __name__ == "__main__":
