@@ -4,6 +4,7 @@ with the tiny checkpoint and the sound server, and ends cleanly on q, Ctrl-C, SI
 terminal is restored (cooked mode, main screen, no mouse tracking, the cursor shown) and nothing is
 left running."""
 
+import contextlib
 import json
 import os
 import re
@@ -82,7 +83,21 @@ class Terminal:
         return pid
 
     def close(self) -> None:
+        """Kill the terminal, then whatever ran in it that the hang-up did not end (a command that
+        outlives its terminal would outlive the test)."""
+        try:
+            shell = int(self._tmux("display", "-p", "#{pane_pid}"))
+        except (subprocess.CalledProcessError, ValueError):  # the pane is gone already: so is what ran in it, as its shell waited for it
+            shell = None
+        left = [] if shell is None else _descendants(shell)
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        end = time.monotonic() + 10
+        while not all(gone(pid) for pid in left) and time.monotonic() < end:
+            time.sleep(0.1)
+        for pid in left:
+            if not gone(pid):
+                with contextlib.suppress(ProcessLookupError):  # it ended just now
+                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -99,6 +114,11 @@ def terminal(tmp_path, tiny, pulse):
     yield start
     for t in opened:
         t.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    found = [child for child, _ in children(pid)]
+    return found + [grandchild for child in found for grandchild in _descendants(child)]
 
 
 def _engine_pid(app_pid: int) -> int:
