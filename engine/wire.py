@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from enum import IntEnum, StrEnum
 
-import msgpack
-
 DEFAULT_PORT = 8998
 CHAT_PATH = "/api/chat"
 ASR_PATH = "/api/asr-streaming"
@@ -81,12 +79,16 @@ class Asr(StrEnum):
 
 
 def asr_message(kind: Asr, **fields) -> bytes:
+    import msgpack  # only the speech-to-text endpoint needs it: not loaded by the app's screen
+
     # Single floats keep an Audio message at 5 bytes a sample, as Kyutai's scripts send it.
     return msgpack.packb({"type": kind.value, **fields}, use_single_float=True)
 
 
 def parse_asr(data: bytes) -> tuple[Asr, dict]:
     """A message's type and fields; ValueError for anything else (not msgpack, not a map, an unknown type)."""
+    import msgpack
+
     try:
         fields = msgpack.unpackb(data, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types for malformed input
