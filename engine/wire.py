@@ -6,8 +6,8 @@ greets with a handshake: one byte from Kyutai's Python servers, nine from the Ru
 takes either and sends audio only after it. A MoshiVis client sends its picture first.
 
 ``/api/asr-streaming`` (speech to text, the protocol of Kyutai's Rust ``moshi-server``): msgpack
-maps with a ``type``; the client sends ``Audio{pcm}`` (float samples at 24 kHz) and
-``Marker{id}``; the server answers ``Ready``, ``Word{text, start_time}``, ``EndWord{stop_time}``,
+maps with a ``type``; the client sends ``Audio{pcm}`` (float samples at 24 kHz) or
+``OggOpus{data}`` (one Ogg/Opus stream over the connection's messages), ``Marker{id}`` and ``Ping``; the server answers ``Ready``, ``Word{text, start_time}``, ``EndWord{stop_time}``,
 ``Step{step_idx, prs, buffered_pcm}``, ``Marker{id}`` once the audio before it is transcribed, and
 ``Error{message}``.
 
@@ -29,6 +29,15 @@ API_KEY_QUERY = "auth_id"
 # that are not told included.
 XA_START_QUERY = "xa_start"
 DEFAULT_XA_START = 16
+# Sampling in the query string, as Kyutai's web client sends it and its Rust server reads it (its
+# Python server reads none): each name with the field of our sampling settings it sets. A
+# temperature of 0 is greedy, a top-k of 0 every token.
+SAMPLING_QUERY = {"text_temperature": "temp_text", "text_topk": "top_k_text",
+                  "audio_temperature": "temp", "audio_topk": "top_k"}
+# The seeds of the text's and the audio's draws (Kyutai's Rust server: random when not given).
+SEED_QUERY = ("text_seed", "audio_seed")
+# Kyutai's web client also sends these, at the values that change nothing unless the user moves them.
+NEUTRAL_QUERY = {"pad_mult": 0.0, "repetition_penalty": 1.0}
 # Sent when every slot of a server is taken, at once rather than after a silent wait.
 NO_FREE_CHANNELS = "no free channels"
 
@@ -71,6 +80,7 @@ class Asr(StrEnum):
     AUDIO = "Audio"  # client → server: {pcm: [float, …]}, 24 kHz mono, any length
     OGG_OPUS = "OggOpus"  # client → server: {data: bytes}, Ogg pages of Opus
     MARKER = "Marker"  # both ways: {id: int}; echoed once the audio sent before it is transcribed
+    PING = "Ping"  # client → server: keeps a quiet connection open; nothing answers it
     READY = "Ready"  # server → client: a slot is yours
     WORD = "Word"  # server → client: {text, start_time}
     END_WORD = "EndWord"  # server → client: {stop_time} of the word sent last

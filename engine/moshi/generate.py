@@ -30,10 +30,22 @@ class Sampling:
         return cls(temp=0.0, temp_text=0.0)
 
 
-def sample_token(logits: torch.Tensor, temp: float, top_k: int) -> torch.Tensor:
+@dataclass
+class SlotSampling:
+    """One slot's own sampling (a server's client chose it), drawn from a generator per stream, so
+    that what a seeded conversation draws does not depend on who else shares the batch."""
+
+    sampling: Sampling
+    text: torch.Generator
+    audio: torch.Generator
+
+
+def sample_token(logits: torch.Tensor, temp: float, top_k: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample the last dimension: argmax at temp 0, else top-k then an exponential race.
 
     The race ``argmax(p / Exp(1))`` draws from ``p`` like ``multinomial`` but without a host sync.
+    ``generator``: where the race draws from (None: torch's global generator).
     """
     if temp <= 0:
         return logits.argmax(dim=-1)
@@ -41,7 +53,7 @@ def sample_token(logits: torch.Tensor, temp: float, top_k: int) -> torch.Tensor:
     indices = None
     if top_k > 0:
         probs, indices = torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1)
-    race = torch.empty_like(probs).exponential_(1)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
     choice = (probs / race).argmax(dim=-1, keepdim=True)
     if indices is not None:
         choice = indices.gather(-1, choice)
@@ -84,6 +96,8 @@ class LMGen(StreamingModule):
         self.lm = lm
         self.sampling = sampling or Sampling()
         self.xa_start = xa_start  # with cross-attention: a slot attends the image from its step xa_start on
+        # Slots sampled their own way (a server's clients); the others follow `sampling`.
+        self.slot_sampling: dict[int, SlotSampling] = {}
         self.register_buffer("delays", torch.tensor(lm.cfg.delays, dtype=torch.long, device=lm.device),
                              persistent=False)
         # On a GPU the two per-step functions run compiled or as CUDA graphs (engine/compile.py).
@@ -150,8 +164,10 @@ class LMGen(StreamingModule):
             hidden, text_logits = self._temporal(tokens)
         else:
             hidden, text_logits = lm.forward_text(tokens, cross_active)
-        text = sample_token(text_logits, self.sampling.temp_text, self.sampling.top_k_text)[:, 0, 0]
-        audio = self._depformer(text, hidden) if cfg.dep_q else None
+        text = self._sample(text_logits, audio=False)[:, 0, 0]
+        # A captured graph would replay the slots' own sampling as it was when captured.
+        depformer = self.depformer_step if self.slot_sampling else self._depformer
+        audio = depformer(text, hidden) if cfg.dep_q else None
 
         state.offsets += 1
         state.steps_since_full_reset += 1
@@ -177,6 +193,17 @@ class LMGen(StreamingModule):
         sampled = []
         for k in range(lm.cfg.dep_q):
             logits = lm.forward_depformer(k, token[:, None], hidden)
-            token = sample_token(logits, self.sampling.temp, self.sampling.top_k)[:, 0]
+            token = self._sample(logits, audio=True)[:, 0]
             sampled.append(token)
         return torch.stack(sampled, dim=1)
+
+    def _sample(self, logits: torch.Tensor, audio: bool) -> torch.Tensor:
+        """Every slot as `sampling` says (what a batch without slots of their own always does, so
+        its draws stay the same), then each slot with its own settings resampled from its own row."""
+        s = self.sampling
+        tokens = sample_token(logits, s.temp if audio else s.temp_text, s.top_k if audio else s.top_k_text)
+        for row, own in self.slot_sampling.items():
+            o = own.sampling
+            tokens[row] = sample_token(logits[row:row + 1], o.temp if audio else o.temp_text,
+                                       o.top_k if audio else o.top_k_text, own.audio if audio else own.text)[0]
+        return tokens

@@ -58,11 +58,8 @@ SILENT_LIMIT_S = 10.0
 def chat_query(options: ModelOptions) -> dict[str, object]:
     """The sampling settings the user gave, as Kyutai's web client puts them in the URL (servers
     that do not read them use their own); `moshi see` adds when the model starts looking."""
-    query: dict[str, object] = {
-        "text_temperature": options.temp_text, "text_topk": options.top_k_text,
-        "audio_temperature": options.temp, "audio_topk": options.top_k,
-        "text_seed": options.seed, "audio_seed": options.seed,
-    }
+    query: dict[str, object] = {name: getattr(options, field) for name, field in wire.SAMPLING_QUERY.items()}
+    query.update({name: options.seed for name in wire.SEED_QUERY})
     if isinstance(options, SeeOptions):
         query[wire.XA_START_QUERY] = wire.DEFAULT_XA_START if options.xa_start is None else options.xa_start
     return query

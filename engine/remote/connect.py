@@ -135,6 +135,9 @@ class Server:
             if exc.status in (401, 403):
                 key = "no key (--api-key or MOSHI_API_KEY)" if self.api_key is None else "the key given"
                 raise RemoteError(f"{self.shown} refused {key}: HTTP {exc.status}") from None
+            if exc.status == 400:
+                raise RemoteError(f"{self.shown} refused the settings asked for (HTTP 400): the sampling "
+                                  "options given with --url") from None
             raise RemoteError(f"{self.shown} is not a websocket endpoint here: HTTP {exc.status} {exc.message}") from None
         except aiohttp.ClientConnectorCertificateError as exc:
             raise RemoteError(f"{self.shown}: the server's certificate is not trusted ({exc.certificate_error}); "

@@ -65,6 +65,10 @@ class Service(Protocol):
     def info(self) -> dict[str, Any]:
         """This service's entry of `/api/modules_info` (JSON values)."""
 
+    def refusal(self, request: web.Request) -> str | None:
+        """Why this request's query cannot open a session (then answered HTTP 400 before the
+        upgrade, as Kyutai's Rust servers answer a query they cannot read), or None."""
+
     async def start(self) -> None:
         """Called once, before the first session (the model is loaded and warm already)."""
 
@@ -124,6 +128,10 @@ def make_app(service: Service, api_keys: tuple[str, ...] = (), static_dir: Path 
             raise web.HTTPUnauthorized(text="a valid API key is needed: header %s or query ?%s=\n"
                                        % (wire.API_KEY_HEADER, wire.API_KEY_QUERY))
         peer = peer_of(request)
+        refusal = service.refusal(request)
+        if refusal is not None:
+            log.info("%s refused: %s", peer, refusal)
+            raise web.HTTPBadRequest(text=refusal + "\n")
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
         await ws.prepare(request)
         if request.transport is not None:

@@ -6,6 +6,9 @@ reset) and leaves when its websocket closes. The batch steps once every stream t
 frame; one that has none after ``grace_s`` is fed silence for that step (counted), and is not
 waited for again until its audio catches up, so a stalled client never holds the others back.
 
+The audio comes as float samples (``Audio``) or as one Ogg/Opus stream (``OggOpus``), which each
+connection decodes with its own sphn reader (the Opus library of Kyutai's servers).
+
 Words and their times are those of the local ``moshi transcribe`` for the same audio: the same
 silence prefix, the same word formula. A ``Marker`` closes the transcript of the audio before it:
 once the model has read that audio plus the silence ``moshi transcribe`` pads a file with (the
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from audio import FRAME_SIZE, SAMPLE_RATE
@@ -71,6 +75,7 @@ class _Stream:
     reading: int | None = None  # index of that frame (None: silence fed for a missing frame)
     pending: int | None = None  # index of the frame submitted this step
     overflowed: bool = False
+    opus: sphn.OpusStreamReader | None = None  # the client's Ogg/Opus stream, from its first OggOpus message
 
     def send(self, data: bytes) -> None:
         try:
@@ -103,6 +108,9 @@ class AsrService:
 
     def info(self) -> dict[str, Any]:
         return {"type": "BatchedAsr", "transcript_model": self.runner.model_info()}
+
+    def refusal(self, request: web.Request) -> str | None:
+        return None  # the protocol takes nothing from the query but the key
 
     async def start(self) -> None:
         self._wake = asyncio.Event()
@@ -172,6 +180,20 @@ class AsrService:
             if not isinstance(pcm, list) or not all(isinstance(x, (float, int)) for x in pcm):
                 raise ValueError("Audio needs pcm: a list of numbers (24 kHz mono samples)")
             self._push(stream, np.asarray(pcm, np.float32))
+        elif kind is Asr.OGG_OPUS:
+            data = fields.get("data")
+            if isinstance(data, list) and all(isinstance(x, int) and 0 <= x < 256 for x in data):
+                data = bytes(data)  # Kyutai's Rust clients may write the bytes as a list of numbers
+            if not isinstance(data, bytes):
+                raise ValueError("OggOpus needs data: bytes of an Ogg/Opus stream")
+            # The messages of a connection, concatenated, are one stream, cut anywhere: the decoder
+            # gives what the pages completed so far hold, and the framer cuts it as any audio.
+            stream.opus = stream.opus or sphn.OpusStreamReader(SAMPLE_RATE)
+            try:
+                pcm = stream.opus.append_bytes(data)
+            except ValueError as exc:
+                raise ValueError(f"OggOpus data that is not an Ogg/Opus stream: {exc}") from None
+            self._push(stream, pcm)
         elif kind is Asr.MARKER:
             marker = fields.get("id")
             if not isinstance(marker, int):
@@ -180,8 +202,8 @@ class AsrService:
             # puts after a file.
             last = (self.prefix + stream.samples + self.suffix) // FRAME_SIZE - 1
             stream.markers.append((last, marker))
-        else:
-            raise ValueError(f"a client does not send {kind.value} (only Audio and Marker)")
+        elif kind is not Asr.PING:
+            raise ValueError(f"a client does not send {kind.value} (only Audio, OggOpus, Marker and Ping)")
 
     def _push(self, stream: _Stream, pcm: np.ndarray) -> None:
         stream.samples += len(pcm)

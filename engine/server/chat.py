@@ -19,10 +19,11 @@ import asyncio
 import collections
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import sphn
@@ -32,6 +33,7 @@ from aiohttp import WSMsgType, web
 from audio import FRAME_SIZE, SAMPLE_RATE
 
 from .. import wire
+from ..moshi.generate import Sampling, SlotSampling
 from ..moshi.model import UNGENERATED_TOKEN
 from ..moshivis.vision import open_image
 from ..runner import BaseRunner, FirstFrame, Models
@@ -48,6 +50,65 @@ BACKLOG_POLL_S = 0.01
 PICTURE_TIMEOUT_S = 30.0  # MoshiVis: the picture must come first, and soon
 # Kyutai's server sends every text token but these two (0, and 3, the padding), as its piece.
 UNSENT_TOKENS = (0, 3)
+SEED_LIMIT = 1 << 64  # seeds are unsigned 64-bit numbers, as in Kyutai's Rust server
+
+
+@dataclass
+class Asked:
+    """The sampling a client asked for in its query string."""
+
+    sampling: Sampling
+    seeds: tuple[int | None, int | None]  # text, audio; None: a random one
+
+
+def asked_sampling(query: Mapping[str, str], default: Sampling) -> Asked | None:
+    """What the query asks of sampling, under Kyutai's names, over `default` (None: nothing asked).
+    A malformed or out-of-range value raises ValueError with what to say to the client."""
+    fields: dict[str, float | int] = {}
+    for name, field_name in wire.SAMPLING_QUERY.items():
+        if name not in query:
+            continue
+        if field_name.startswith("temp"):
+            value = _number(query, name, float, "a number from 0 (greedy) up")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number from 0 (greedy) up, not {query[name]!r}")
+        else:
+            value = _number(query, name, int, "a whole number from 0 (every token) up")
+            if value < 0:
+                raise ValueError(f"{name} must be a whole number from 0 (every token) up, not {query[name]!r}")
+        fields[field_name] = value
+    seeds = tuple(_seed(query, name) for name in wire.SEED_QUERY)
+    for name, neutral in wire.NEUTRAL_QUERY.items():
+        if name in query and _number(query, name, float, "a number") != neutral:
+            raise ValueError(f"this server does not apply {name}: leave it out, or {neutral:g}")
+    if not fields and seeds == (None, None):
+        return None
+    return Asked(Sampling(**{**default.__dict__, **fields}), seeds)
+
+
+def _number(query: Mapping[str, str], name: str, kind: type, what: str):
+    try:
+        return kind(query[name])
+    except ValueError:
+        raise ValueError(f"{name} must be {what}, not {query[name]!r}") from None
+
+
+def _seed(query: Mapping[str, str], name: str) -> int | None:
+    if name not in query:
+        return None
+    seed = _number(query, name, int, f"a whole number from 0 to {SEED_LIMIT - 1}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be a whole number from 0 to {SEED_LIMIT - 1}, not {query[name]!r}")
+    return seed
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()  # a fresh random seed, as Kyutai's server picks when none is given
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 @dataclass
@@ -70,6 +131,7 @@ class Slot:
     inbox: collections.deque = field(default_factory=collections.deque)
     picture: Any = None  # MoshiVis: the PIL picture, embedded by the stepper before the first frame
     xa_start: int | None = None  # MoshiVis: the client's step to look at the picture from (None: the model's)
+    asked: Asked | None = None  # the client's own sampling (None: the server's)
     started: bool = False  # its first frame was stepped (the slot was reset just before)
     ready: asyncio.Future | None = None  # set when the picture is embedded
 
@@ -216,13 +278,24 @@ class Stepper:
         held = torch.tensor([s is not None and s.started and s.index not in batch for s in self.slots])
         hold = self.hold.keep(held.to(device)) if held.any() else None
         self.metrics.holds.inc(int(held.sum()))
+        own = runner.gen.slot_sampling
+        for index in [index for index in own if self.slots[index] is None]:
+            del own[index]  # its client left
         if fresh.any():  # a new conversation in these slots, the others going on
             runner.encoder.reset(fresh)
             runner.gen.reset_streaming(fresh)
-            if self.vision:
-                for index in fresh.nonzero()[:, 0].tolist():
-                    start = self.slots[index].xa_start
-                    runner.gen.xa_start[index] = self.xa_start if start is None else start
+            for index in fresh.nonzero()[:, 0].tolist():
+                slot = self.slots[index]
+                if self.vision:
+                    runner.gen.xa_start[index] = self.xa_start if slot.xa_start is None else slot.xa_start
+                if slot.asked is None:
+                    own.pop(index, None)
+                else:
+                    text_seed, audio_seed = slot.asked.seeds
+                    own[index] = SlotSampling(slot.asked.sampling, _generator(text_seed, device),
+                                              _generator(audio_seed, device))
+        # A held slot's step is undone, its own draws included.
+        draws = [(own[i], own[i].text.get_state(), own[i].audio.get_state()) for i in own if held[i]]
         runner.submit(pcm)
         codes = runner.encoder.collect()
         if fresh.any() and runner.first_frame is FirstFrame.SERVER:
@@ -252,6 +325,9 @@ class Stepper:
                 answers[index] = Answer(audio[index], piece, colour)
         if hold is not None:
             hold.restore()
+        for sampling, text_state, audio_state in draws:
+            sampling.text.set_state(text_state)
+            sampling.audio.set_state(audio_state)
         elapsed = time.perf_counter() - begun
         self.metrics.step_seconds.observe(elapsed)
         self.metrics.frames.inc(len(batch))
@@ -319,6 +395,13 @@ class ChatService:
     def info(self) -> dict[str, Any]:
         return {"type": "MoshiVis" if self.vision else "Moshi", "sampling": self.sampling.__dict__}
 
+    def refusal(self, request: web.Request) -> str | None:
+        try:
+            asked_sampling(request.query, self.sampling)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
     async def start(self) -> None:
         self.stepper.start()
 
@@ -371,9 +454,10 @@ class Session:
         if self.stepper.failure:
             await self.fail(self.stepper.failure)
             return
+        asked = asked_sampling(self.request.query, self.service.sampling)  # checked before the upgrade
         slot = self.stepper.take(lambda index: Slot(
             index, lambda answer: self.loop.call_soon_threadsafe(self._deliver, answer),
-            lambda: self.loop.call_soon_threadsafe(self.room.set)))
+            lambda: self.loop.call_soon_threadsafe(self.room.set), asked=asked))
         if slot is None:
             self.stats.refused = True
             self.metrics.refused.inc()
@@ -387,7 +471,9 @@ class Session:
             await self.ws.send_bytes(wire.HANDSHAKE_PYTHON)
             # As Kyutai's Rust server does: what runs, for the client to show (Kyutai's Python
             # client logs a kind it does not know and goes on).
-            metadata = {"model": self.service.model, **self.service.info()}
+            sampling = self.service.sampling if asked is None else asked.sampling
+            metadata = {"model": self.service.model, **self.service.info(),
+                        **{name: getattr(sampling, field) for name, field in wire.SAMPLING_QUERY.items()}}
             await self.ws.send_bytes(wire.message(wire.Kind.METADATA, json.dumps(metadata).encode()))
             sender = asyncio.create_task(self._send())
             try:

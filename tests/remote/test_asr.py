@@ -16,6 +16,7 @@ import msgpack
 import numpy as np
 import pytest
 import soundfile
+import sphn
 from aiohttp import web
 
 from engine.options import ModelOptions
@@ -121,6 +122,67 @@ def test_kyutai_client_gets_the_local_words(server, tmp_path):
     # The tiny checkpoint has the VAD heads: every step carries P(pause) over the 4 horizons.
     assert steps and all(len(m["prs"]) == 4 and all(0 <= p <= 1 for p in m["prs"]) for m in steps)
     assert [m["step_idx"] for m in steps] == list(range(len(steps)))
+
+
+async def opus_client(url: str, pcm: np.ndarray, after_marker: float = 2.0, chunk: int = 1920):
+    """`kyutai_client` with the audio as Ogg/Opus (moshi-server's OggOpus messages, encoded by sphn
+    as Kyutai's clients do, a page pair per 1920 samples), a Ping first. The silence after the
+    Marker goes as samples: the zeros the local transcription pads a file with, which Opus would
+    not give back exactly. Returns the words and the audio the server decoded before the Marker."""
+    writer, reader = sphn.OpusStreamWriter(SR), sphn.OpusStreamReader(SR)
+    decoded = []
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url) as ws:
+            async def send():
+                await ws.send_bytes(msgpack.packb({"type": "Ping"}))
+                for i in range(0, len(pcm) - chunk + 1, chunk):
+                    data = writer.append_pcm(pcm[i:i + chunk])
+                    decoded.append(reader.append_bytes(data))
+                    await ws.send_bytes(msgpack.packb({"type": "OggOpus", "data": data}))
+                await ws.send_bytes(msgpack.packb({"type": "Marker", "id": 0}))
+                await ws.send_bytes(msgpack.packb({"type": "Audio", "pcm": [0.0] * int(after_marker * SR)},
+                                                  use_single_float=True))
+
+            sender = asyncio.create_task(send())
+            transcript = []
+            async for message in ws:
+                data = msgpack.unpackb(message.data, raw=False)
+                if data["type"] == "Word":
+                    transcript.append([data["text"], data["start_time"], data["start_time"]])
+                elif data["type"] == "EndWord" and transcript:
+                    transcript[-1][2] = data["stop_time"]
+                elif data["type"] == "Error":
+                    raise AssertionError(data["message"])
+                elif data["type"] == "Marker":
+                    break
+            await sender
+    return [tuple(w) for w in transcript], np.concatenate(decoded)
+
+
+def test_ogg_opus_audio_is_transcribed_as_the_same_audio_in_samples(server, tmp_path):
+    pcm = kyutai_audio(3.0, seed=1)
+    words, decoded = asyncio.run(opus_client(server.url, pcm))
+    # Exactly the local transcription of what Opus gave back ...
+    expected = local_words(tmp_path, decoded, server.folder)
+    assert len(expected) >= 5
+    assert _rounded(words) == expected
+    # ... which is the audio within Opus's fidelity: a few ms late (the codec's delay), 40 ms short
+    # (what the decoder holds back), and close to it (this noise is harder on Opus than a voice).
+    assert len(pcm) - len(decoded) < 2 * 1920
+    delay = max(range(240), key=lambda lag: np.dot(pcm[:len(decoded) - lag], decoded[lag:]))
+    assert np.corrcoef(pcm[:len(decoded) - delay], decoded[delay:])[0, 1] > 0.7
+    # (A random tiny model's words are not those of the samples themselves: it hears the codec's noise.)
+
+
+def test_ogg_opus_data_that_is_not_ogg_is_refused(server):
+    async def bad():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(server.url) as ws:
+                await ws.send_bytes(msgpack.packb({"type": "OggOpus", "data": b"not an ogg page" * 10}))
+                return [msgpack.unpackb(message.data) async for message in ws]
+
+    replies = asyncio.run(bad())
+    assert replies[-1]["type"] == "Error" and "OggOpus" in replies[-1]["message"], replies
 
 
 def test_transcribe_url_prints_the_local_words(server, tmp_path):
