@@ -18,7 +18,8 @@ Kyutai's servers (Python and Rust) send a step's voice, then its text piece, if 
 frame of voice waits up to `TEXT_GRACE_S` for a piece that follows it, and is handed on as soon as
 one does; a piece that comes later (a slow network, or a server that sends text first) goes to the
 next frame: the words are the same, shown 80 ms later. The wait is the only delay this client adds
-to the server's voice, and only for the frames without text.
+to the server's voice, and only for the frames without text. The last frame has no next one: at
+the end of a run, `tail` waits for the server to fall quiet and gives what came after it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ TEXT_GRACE_S = 0.003
 LOST_AFTER_S = 5.0
 # Frames in flight and not a word from the server for this long: it is gone (as Kyutai's web client decides).
 SILENT_LIMIT_S = 10.0
+# The end of a run: the server has sent all it will once it is quiet this long (it sends a step's
+# text right after its voice), or after TAIL_LIMIT_S whatever it does.
+TAIL_QUIET_S = 0.5
+TAIL_LIMIT_S = 5.0
 
 
 def chat_query(options: ModelOptions) -> dict[str, object]:
@@ -92,6 +97,7 @@ class RemoteEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # the engine thread's reports, (generation, kind, ...)
         self._local: list[EngineEvent] = [Loading(f"connecting to {server.shown}")]
         self._in_flight: deque[float] = deque()
+        self._late = ""  # text that came after its frame was handed on: it goes with the next frame
         self._last_heard = time.monotonic()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="moshi-remote", daemon=True)
@@ -152,6 +158,23 @@ class RemoteEngine:
         if self.state == "live":
             self._connect()
 
+    def tail(self) -> str:
+        """The end of a run, every frame answered: the text the server sent after the last frame was
+        handed on, once it has been quiet `TAIL_QUIET_S` (at most `TAIL_LIMIT_S`)."""
+        limit = time.monotonic() + TAIL_LIMIT_S
+        while self.state == "live" and time.monotonic() < limit:
+            wait = TAIL_QUIET_S - (time.monotonic() - self._last_heard)
+            if wait <= 0:
+                break
+            try:
+                for event in self._take(self._inbox.get(timeout=wait)):
+                    if isinstance(event, Failed):  # the server closed: all it said has come
+                        self.state = "failed"
+            except queue.Empty:
+                break
+        late, self._late = self._late, ""
+        return late
+
     def set_image(self, data: bytes, name: str) -> None:
         """A new picture: a new connection that sends it first."""
         if self.state == "live":
@@ -180,6 +203,7 @@ class RemoteEngine:
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue()  # bound to the engine's loop on first use
         self._in_flight.clear()
         self._next_index = self._answered = 0
+        self._late = ""
         self._task = asyncio.run_coroutine_threadsafe(
             _converse(self.server, self.query, self._image, self._outbox, self._reporter(self._generation)),
             self._loop)
@@ -228,12 +252,16 @@ class RemoteEngine:
                 return []
             self.info["model"] = name
             return [Described(dict(self.info))] if self._ready else []  # else Ready will carry it
+        if kind == "text":
+            self._late += rest[0]
+            return []
         if kind == "frame":
             pcm, text, gate, at = rest
             if not self._in_flight:
                 return []  # more voice than frames sent: nothing to answer
             sent = self._in_flight.popleft()
             index, self._answered = self._answered, self._answered + 1
+            text, self._late = (self._late + (text or "")) or None, ""
             return [Output(index, pcm, text, {"roundtrip": (at - sent) * 1000}, gate)]
         if kind == "failed":
             return [Failed(*rest)]
@@ -298,14 +326,10 @@ async def _receive(ws, report) -> str:
     waiting = asyncio.get_running_loop().call_later(WAITING_NOTICE_S, report, "waiting")
     decoder, framer = sphn.OpusStreamReader(SAMPLE_RATE), Framer()
     held: np.ndarray | None = None  # a frame of voice waiting TEXT_GRACE_S for its text
-    text: list[str] = []  # pieces not yet given to a frame
-    gate: float | None = None
     greeted = False
 
-    def answer(frame: np.ndarray) -> None:
-        nonlocal text, gate
-        report("frame", frame, "".join(text) or None, gate, time.monotonic())
-        text, gate = [], None
+    def answer(frame: np.ndarray, text: str | None = None, gate: float | None = None) -> None:
+        report("frame", frame, text, gate, time.monotonic())
 
     try:
         while True:
@@ -342,15 +366,17 @@ async def _receive(ws, report) -> str:
                 if isinstance(metadata, dict):
                     report("metadata", metadata)
             elif kind in (wire.Kind.TEXT, wire.Kind.COLORED_TEXT):
+                gate = None
                 if kind == wire.Kind.TEXT:
                     piece = payload.decode(errors="replace")
                 else:
                     colour, piece = wire.parse_colored_text(payload)
                     gate = wire.colour_gate(colour)
-                text.append(piece)
                 if held is not None:
-                    answer(held)
+                    answer(held, piece, gate)
                     held = None
+                else:  # its frame is gone: the engine gives it to the next one, or to `tail`
+                    report("text", piece)
             elif kind == wire.Kind.AUDIO and greeted:
                 frames = framer.push(decoder.append_bytes(payload))
                 if len(frames) and held is not None:

@@ -66,40 +66,30 @@ def asked_sampling(query: Mapping[str, str], default: Sampling) -> Asked | None:
     A malformed or out-of-range value raises ValueError with what to say to the client."""
     fields: dict[str, float | int] = {}
     for name, field_name in wire.SAMPLING_QUERY.items():
-        if name not in query:
-            continue
-        if field_name.startswith("temp"):
-            value = _number(query, name, float, "a number from 0 (greedy) up")
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a number from 0 (greedy) up, not {query[name]!r}")
-        else:
-            value = _number(query, name, int, "a whole number from 0 (every token) up")
-            if value < 0:
-                raise ValueError(f"{name} must be a whole number from 0 (every token) up, not {query[name]!r}")
-        fields[field_name] = value
-    seeds = tuple(_seed(query, name) for name in wire.SEED_QUERY)
+        if name in query:
+            fields[field_name] = (
+                _value(query, name, float, "a number from 0 (greedy) up", lambda v: math.isfinite(v) and v >= 0)
+                if field_name.startswith("temp") else
+                _value(query, name, int, "a whole number from 0 (every token) up", lambda v: v >= 0))
+    seeds = tuple(None if name not in query else
+                  _value(query, name, int, f"a whole number from 0 to {SEED_LIMIT - 1}", lambda v: 0 <= v < SEED_LIMIT)
+                  for name in wire.SEED_QUERY)
     for name, neutral in wire.NEUTRAL_QUERY.items():
-        if name in query and _number(query, name, float, "a number") != neutral:
+        if name in query and _value(query, name, float, f"{neutral:g}", lambda v: True) != neutral:
             raise ValueError(f"this server does not apply {name}: leave it out, or {neutral:g}")
     if not fields and seeds == (None, None):
         return None
     return Asked(Sampling(**{**default.__dict__, **fields}), seeds)
 
 
-def _number(query: Mapping[str, str], name: str, kind: type, what: str):
+def _value(query: Mapping[str, str], name: str, kind: type, what: str, fits: Callable[[Any], bool]):
     try:
-        return kind(query[name])
+        value = kind(query[name])
     except ValueError:
-        raise ValueError(f"{name} must be {what}, not {query[name]!r}") from None
-
-
-def _seed(query: Mapping[str, str], name: str) -> int | None:
-    if name not in query:
-        return None
-    seed = _number(query, name, int, f"a whole number from 0 to {SEED_LIMIT - 1}")
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"{name} must be a whole number from 0 to {SEED_LIMIT - 1}, not {query[name]!r}")
-    return seed
+        value = None
+    if value is None or not fits(value):
+        raise ValueError(f"{name} must be {what}, not {query[name]!r}")
+    return value
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -134,8 +134,9 @@ def run_headless_remote(input: Path, output: Path | None, transcript: Path | Non
 
 
 class EngineSteps:
-    """An `Engine` (engine/interface.py) read as a runner: `steps` sends frames while it takes them
-    and yields each answer in order. Its `Loading` notices go to stderr; a `Failed` raises."""
+    """A `RemoteEngine` read as a runner: `steps` sends frames while it takes them and yields each
+    answer in order, the last one with the text the server sent after it (`tail`). Its `Loading`
+    notices go to stderr; a `Failed` raises."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -144,10 +145,12 @@ class EngineSteps:
         self.engine.close()
 
     def steps(self, frames):
+        from dataclasses import replace
+
         from engine.errors import EngineError
         from engine.interface import Failed, Loading, Output, Ready
 
-        engine, live = self.engine, False
+        engine, live, last = self.engine, False, None  # the answer held back for what may follow it
         frame, sent, answered = next(frames, None), 0, 0
         while True:
             if live:
@@ -155,6 +158,8 @@ class EngineSteps:
                     sent += 1
                     frame = next(frames, None)
                 if frame is None and answered == sent:
+                    if last is not None:
+                        yield replace(last, text=((last.text or "") + engine.tail()) or None)
                     return
             for event in engine.poll(timeout=0.05):
                 if isinstance(event, Loading):
@@ -162,10 +167,14 @@ class EngineSteps:
                 elif isinstance(event, Ready):
                     live = True
                 elif isinstance(event, Failed):
+                    if last is not None:
+                        yield last
                     raise EngineError(event.reason)
                 elif isinstance(event, Output):
                     answered += 1
-                    yield event
+                    if last is not None:
+                        yield last
+                    last = event
 
 
 class RunnerSteps:

@@ -25,6 +25,7 @@ Examples:
 \b
   moshi serve --device cuda                       # Moshi at ws://127.0.0.1:8998/api/chat
   moshi serve --hf-repo moshika-vis --device cuda # MoshiVis: the picture first, then the talk
+  moshi serve --hf-repo kyutai/stt-1b-en_fr       # speech to text at ws://127.0.0.1:8998/api/asr-streaming
   moshi serve --host 0.0.0.0 --api-key "$KEY" --ssl certs/ --batch-size 8
   moshi serve --static ~/moshi-client/dist        # Kyutai's web client at http://127.0.0.1:8998/
   moshi chat --url ws://gpu-box:8998              # on the laptop (or over `ssh -L 8998:localhost:8998`)
@@ -71,9 +72,12 @@ def serve(
     top_k_text: TopKText = None,
 ) -> None:
     """Serve a model over Kyutai's websocket protocols: Moshi and MoshiVis at /api/chat, for Kyutai's
-    web client, `python -m moshi.client` and `moshi chat --url`. Several conversations are stepped as
-    one batch. Also: /healthz, /api/build_info, /api/modules_info and Prometheus /metrics. SIGTERM
-    drains: the sessions are closed cleanly, then the server exits 0."""
+    web client, `python -m moshi.client` and `moshi chat --url`; speech to text at
+    /api/asr-streaming, as Kyutai's moshi-server, for its STT scripts and `moshi transcribe --url`.
+    Several conversations are stepped as one batch. The sampling options are the defaults: a chat
+    client may ask for its own in the query string (text_temperature, text_topk, audio_temperature,
+    audio_topk, text_seed, audio_seed). Also: /healthz, /api/build_info, /api/modules_info and
+    Prometheus /metrics. SIGTERM drains: the sessions are closed cleanly, then the server exits 0."""
     options = model_options(hf_repo, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
     keys = tuple(api_key or ()) + tuple(k for k in re.split(r"[,\s]+", os.environ.get(KEYS_VARIABLE, "")) if k)
     context_folder = _check_ssl(ssl)

@@ -59,10 +59,12 @@ async def moshi_cli(*args, env: dict[str, str] | None = None) -> tuple[int, str,
 
 class RecordingRelay:
     """A websocket relay to `upstream` (ws://host:port): every binary message, each way, passes
-    unchanged and is kept, in order, with the query string the client sent."""
+    unchanged and is kept, in order, with the query string the client sent. `text_delay_s`: each
+    text piece to the client is held back that long (what follows it waits behind it)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, text_delay_s: float = 0.0) -> None:
         self.upstream = upstream
+        self.text_delay_s = text_delay_s
         self.to_server: list[bytes] = []
         self.to_client: list[bytes] = []
         self.query = ""
@@ -77,6 +79,8 @@ class RecordingRelay:
                     async for msg in server:
                         if msg.type == aiohttp.WSMsgType.BINARY:
                             self.to_client.append(msg.data)
+                            if msg.data[:1] == bytes([wire.Kind.TEXT]):
+                                await asyncio.sleep(self.text_delay_s)
                             await client.send_bytes(msg.data)
                     await client.close()
 

@@ -77,18 +77,24 @@ async def kyutai_client(url: str, pcm: np.ndarray, after_marker: float = 2.0, ch
                                                   use_single_float=True))
 
             sender = asyncio.create_task(send())
-            transcript, seen = [], []
-            async for message in ws:
-                data = msgpack.unpackb(message.data, raw=False)
-                seen.append(data)
-                if data["type"] == "Word":
-                    transcript.append([data["text"], data["start_time"], data["start_time"]])
-                elif data["type"] == "EndWord" and transcript:
-                    transcript[-1][2] = data["stop_time"]
-                elif data["type"] in ("Marker", "Error"):
-                    break
+            answer = await _words_until_marker(ws)
             await sender
-            return [tuple(w) for w in transcript], seen
+            return answer
+
+
+async def _words_until_marker(ws):
+    """The words (text, start, end) a server sends until its Marker (or an Error), and every message."""
+    transcript, seen = [], []
+    async for message in ws:
+        data = msgpack.unpackb(message.data, raw=False)
+        seen.append(data)
+        if data["type"] == "Word":
+            transcript.append([data["text"], data["start_time"], data["start_time"]])
+        elif data["type"] == "EndWord" and transcript:
+            transcript[-1][2] = data["stop_time"]
+        elif data["type"] in ("Marker", "Error"):
+            break
+    return [tuple(w) for w in transcript], seen
 
 
 def local_words(tmp_path: Path, pcm: np.ndarray, folder: Path) -> list[tuple]:
@@ -144,19 +150,10 @@ async def opus_client(url: str, pcm: np.ndarray, after_marker: float = 2.0, chun
                                                   use_single_float=True))
 
             sender = asyncio.create_task(send())
-            transcript = []
-            async for message in ws:
-                data = msgpack.unpackb(message.data, raw=False)
-                if data["type"] == "Word":
-                    transcript.append([data["text"], data["start_time"], data["start_time"]])
-                elif data["type"] == "EndWord" and transcript:
-                    transcript[-1][2] = data["stop_time"]
-                elif data["type"] == "Error":
-                    raise AssertionError(data["message"])
-                elif data["type"] == "Marker":
-                    break
+            words, seen = await _words_until_marker(ws)
             await sender
-    return [tuple(w) for w in transcript], np.concatenate(decoded)
+    assert seen[-1]["type"] == "Marker", seen[-1]
+    return words, np.concatenate(decoded)
 
 
 def test_ogg_opus_audio_is_transcribed_as_the_same_audio_in_samples(server, tmp_path):

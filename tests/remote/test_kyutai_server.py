@@ -17,7 +17,7 @@ from engine import wire
 from engine.remote.chat import WAITING
 from engine.tiny import write_tiny_checkpoint
 
-from serve.support import speech
+from serve.support import greedy, speech
 
 from .servers import RecordingRelay, decode_opus, kyutai_server, moshi_cli, spectrogram_correlation
 
@@ -27,7 +27,8 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "chat", "chat", seed=3)
+    """Greedy: what the server says does not depend on the sessions before (its generator goes on)."""
+    return greedy(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "chat", "chat", seed=3))
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,25 @@ async def test_headless_chat_through_kyutai_server(server, speechlike, tmp_path)
     # 16-bit samples: written at 32767 a unit, read back at 32768.
     np.testing.assert_allclose(ours[FRAME_SIZE:], np.clip(voice, -1, 1), rtol=0, atol=2 / 32768)
     assert np.abs(voice).max() > 0.01  # the server's voice is not silence: the comparison can fail
+
+
+async def test_text_that_comes_late_is_all_in_the_transcript(server, speechlike, tmp_path):
+    """Each text piece reaches us well after its frame of voice (a slow link): every piece rides on
+    a later frame, and the last, sent after the server's last frame, is waited for at the end."""
+    path, _ = speechlike
+    relay = RecordingRelay(f"ws://{server}", text_delay_s=0.05)
+    address = await relay.start()
+    try:
+        rc, out, err = await moshi_cli("chat", "--url", address, "--input", path, "--transcript", tmp_path / "words.txt")
+    finally:
+        await relay.stop()
+    assert rc == 0, err
+    pieces = [p.decode() for p in relay.sent(wire.Kind.TEXT, relay.to_client)]
+    assert len(pieces) > 3
+    # The server's last message is a text piece, after its last frame of voice.
+    assert wire.parse(relay.to_client[-1])[0] == wire.Kind.TEXT
+    assert (tmp_path / "words.txt").read_text() == "".join(pieces)
+    assert out.strip("\n") == "".join(pieces)
 
 
 async def test_a_second_client_waits_for_the_servers_slot(server, speechlike, tmp_path):
