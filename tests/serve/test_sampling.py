@@ -4,6 +4,7 @@ gets what the local runner gives with those settings alone (its seeds drawn from
 runner draws from its global seed), whoever else shares the batch."""
 
 import asyncio
+import json
 import urllib.parse
 
 import aiohttp
@@ -12,8 +13,10 @@ import pytest
 import sphn
 import torch
 
+from engine import wire
 from engine.moshi.runner import ChatRunner
 from engine.options import ModelOptions
+from engine.remote.connect import RemoteError, Server
 from engine.runner import FirstFrame, load_models
 
 from .support import FRAME, SAMPLE_RATE, speech, start_ours, talk
@@ -93,8 +96,6 @@ def test_sampling_settings_are_told_in_the_metadata(ours):
                 await ws.receive(timeout=30)  # the handshake
                 return (await ws.receive(timeout=30)).data
 
-    import json
-
     told = json.loads((asyncio.run(metadata()))[1:])
     assert told["text_temperature"] == 0.5 and told["audio_topk"] == 7
     assert told["audio_temperature"] == 0.0 and told["text_topk"] == 25  # the checkpoint's, not asked
@@ -144,3 +145,12 @@ def test_a_refused_client_disturbs_no_one(ours, tiny_chat):
     heard, refused = asyncio.run(together())
     assert refused == [400] * 3
     assert heard.texts == alone(tiny_chat, pcm, {})
+
+
+def test_our_client_says_the_server_refused_its_settings(ours):
+    async def connect():
+        async with aiohttp.ClientSession() as session:
+            await Server.from_options(ours.url(), wire.CHAT_PATH).connect(session, {"text_topk": -1})
+
+    with pytest.raises(RemoteError, match=r"refused the settings asked for \(HTTP 400\)"):
+        asyncio.run(connect())
