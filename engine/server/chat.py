@@ -11,6 +11,11 @@ so TCP holds the rest back); what the model said waits in a short outbox, the ol
 and counted when a client stops reading. A step takes whatever frames have come: a conversation
 whose client has sent nothing new is held (``Hold``), so it neither waits for the others nor makes
 them wait, and each gets what it would get alone.
+
+Sampling: the checkpoint's (or the server's options) for every slot, unless a client asks for its
+own in the query string, as Kyutai's web client does; then its slot is sampled its own way from
+generators of its own (seeded as asked), so that neither its tokens nor the others' depend on who
+shares the batch. A query that cannot be read is refused before the websocket opens.
 """
 
 from __future__ import annotations
