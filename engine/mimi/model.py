@@ -14,7 +14,9 @@ round differently (audio within about 1e-5 of the reference). ``exact_codes=Fals
 default on a CPU (``loading.exact_codes_on``), lets encoding use them too: 10-40% faster, but
 near-ties then flip codes now and then (measured on speech: none of 18,240 codewords on an Intel
 Xeon in either layout; 1 frame in 3000 from codebook 17 of 32 on an AMD EPYC, none in the
-first 8).
+first 8). It also decodes from bfloat16 weights where the CPU multiplies them itself (AMX,
+AVX512-BF16), which reads half the bytes: the audio then stays within about 1 % of the peak of
+the fp32 decoding's (44 dB signal to difference on speech).
 """
 
 from __future__ import annotations
@@ -173,9 +175,9 @@ class Mimi(StreamingModule):
         dim = cfg.seanet.dimension
         stride = cfg.frame_size // cfg.seanet.hop_length
         self.encoder = SEANetEncoder(cfg.seanet, exact=exact_codes)
-        self.decoder = SEANetDecoder(cfg.seanet, exact=False)
+        self.decoder = SEANetDecoder(cfg.seanet, exact=False, half=not exact_codes)
         self.encoder_transformer = MimiTransformer(cfg.transformer, exact=exact_codes)
-        self.decoder_transformer = MimiTransformer(cfg.transformer, exact=False)
+        self.decoder_transformer = MimiTransformer(cfg.transformer, exact=False, half=not exact_codes)
         self.quantizer = SplitResidualVQ(cfg.quantizer)
         self.downsample = Nested(
             "conv", StreamingConv1d(dim, dim, 2 * stride, stride, bias=False, replicate=True, exact=exact_codes)

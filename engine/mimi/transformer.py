@@ -8,7 +8,8 @@ directly. The modules, key names and streaming states stay those of ``engine/tra
 With ``exact=True`` every operation is one that ``engine/transformer.py`` performs (itself operation for
 operation the reference's), on the same shapes and layouts, so the output is the same bits and
 the codes stay identical. ``exact=False`` (decoding, or encoding with ``exact_codes=False``)
-computes the linears in the layout this CPU reads weights fastest (``conv.few_rows_linear``).
+computes the linears in the layout this CPU reads weights fastest (``conv.few_rows_linear``), and
+with ``half`` (decoding unless ``--exact``) from bfloat16 weights where the CPU gains by it.
 Mimi runs in fp32, so the reference's casts to fp32 and back around RoPE are no-ops and are left out.
 """
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..conv import few_rows_linear
+from ..conv import Bf16Weight, bf16_weight, few_rows_linear
 from ..transformer import KVCacheState, Transformer, TransformerConfig, TransformerLayer
 
 
@@ -44,10 +45,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class MimiTransformer(nn.Module):
     """The transformer on SEANet's ``[B, C, T]`` layout (the reference's ``conv_layout``)."""
 
-    def __init__(self, cfg: TransformerConfig, exact: bool = True):
+    def __init__(self, cfg: TransformerConfig, exact: bool = True, half: bool = False):
         super().__init__()
         self.transformer = Transformer(cfg)
-        self.linear = F.linear if exact else few_rows_linear
+        self.linear = F.linear if exact else self._fast_linear
+        self.half = half  # bfloat16 weights where the CPU gains by it (``conv.bf16_pays``)
+        self.packed: dict[tuple, Bf16Weight] = {}
+
+    def _fast_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        half = bf16_weight(self, weight)
+        return half(x) if half is not None else few_rows_linear(x, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.transformer.cfg

@@ -150,10 +150,13 @@ def test_pipelined_words_are_stamped_with_the_frames_they_are_of(tmp_path, monke
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_exact_flag_chooses_mimis_encoding_kernels(chat_folder, exact):
-    """``--exact`` (``ModelOptions.exact``) reaches Mimi; without it a CPU encodes with the fast kernels."""
+    """``--exact`` (``ModelOptions.exact``) reaches Mimi; without it a CPU encodes with the fast kernels
+    and decodes from bfloat16 weights (where the CPU gains by it)."""
     runner = ChatRunner.load(ModelOptions(hf_repo=str(chat_folder), dtype="float32", exact=exact), None,
                              FirstFrame.RUN_INFERENCE)
     mimi = runner.models.mimi
     convs = [mimi.downsample.conv, *(m for m in mimi.encoder.modules() if hasattr(m, "exact"))]
     assert len(convs) > 10 and all(conv.exact == exact for conv in convs)
-    assert all(not m.exact for m in mimi.decoder.modules() if hasattr(m, "exact"))  # decoding is never exact
+    decoding = [m for m in mimi.decoder.modules() if hasattr(m, "exact")] + [mimi.decoder_transformer]
+    assert all(m.half != exact for m in decoding)
+    assert all(not m.exact for m in decoding[:-1])  # decoding never takes the reference's kernels
