@@ -106,8 +106,9 @@ class ChatRunner(BaseRunner):
         return steps
 
     def _place_mimi(self) -> None:
-        """Time the LM and Mimi with the threads each would have apart, and move Mimi into its own
-        process if that pays (or ``MOSHI_PIPELINE=1`` asks for it)."""
+        """Time the LM and Mimi with the threads the LM would have beside Mimi's process (on two
+        cores: one each, as they would run apart), and move Mimi into its own process if that pays
+        (or ``MOSHI_PIPELINE=1`` asks for it)."""
         threads = torch.get_num_threads()
         torch.set_num_threads(lm_threads())
         steps = self._timed_steps()
