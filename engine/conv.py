@@ -105,7 +105,7 @@ class Bf16Weight:
 @functools.cache
 def bf16_pays(device_type: str) -> bool:
     """Whether ``Bf16Weight`` products are worth taking: where the CPU multiplies bfloat16 itself
-    (AMX or AVX512-BF16; measured on a Xeon with AMX, Mimi decodes in a quarter less time), not where
+    (AMX or AVX512-BF16; measured on a Xeon with AMX, Mimi decodes in a fifth less time), not where
     oneDNN would convert every value first (AVX2, plain AVX-512), nor off the CPU. A cached weight
     reads as fast in either precision, so timing a probe here would not tell."""
     return (device_type == "cpu" and torch.backends.mkldnn.is_available()

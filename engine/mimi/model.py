@@ -11,7 +11,7 @@ With ``exact_codes=True`` (``--exact``) encoding runs the very kernels the refer
 the codes are bit-identical (a codeword near-tie flips on a 1e-6 change of the latent). Decoding
 only has to sound the same: its weight-heavy products use the layouts MKL streams fastest, which
 round differently (audio within about 1e-5 of the reference). ``exact_codes=False``, the default
-on a CPU (``loading.exact_codes_on``), lets encoding use them too (6 % less time on an Intel
+on a CPU (``loading.exact_codes_on``), lets encoding use them too (8 % less time on an Intel
 Xeon with AMX, 40 % less on an AMD EPYC), but near-ties then flip codes now and then (measured
 on speech: none of 18,240 codewords on an Intel Xeon in either layout; 1 frame in 3000 from
 codebook 17 of 32 on an AMD EPYC, none in the first 8). It also decodes from bfloat16 weights

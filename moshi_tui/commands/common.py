@@ -107,11 +107,11 @@ QuantizeOption = Annotated[Optional[Quantize], typer.Option(
 ExactOption = Annotated[bool, typer.Option(
     "--exact", rich_help_panel=MODEL_PANEL,
     help="Mimi encodes with the kernels of Kyutai's moshi, so its codes are bit-identical to theirs, and decodes "
-         "in float32. By default, on a CPU, it takes faster kernels (encoding takes 6% less time on an Intel "
+         "in float32. By default, on a CPU, it takes faster kernels (encoding takes 8% less time on an Intel "
          "Xeon, 40% less on an AMD EPYC) whose rounding now and then picks the other of two nearly equidistant "
          "codewords: measured on speech, under 1 codeword in 1000 (none of 18,240 on an Intel Xeon, about 1 in "
          "6,000 on an AMD EPYC, none among the 8 codebooks Moshi hears); and where the CPU multiplies bfloat16 "
-         "itself (AMX, AVX512-BF16) it decodes from bfloat16 weights (a quarter less time), within 1% of the "
+         "itself (AMX, AVX512-BF16) it decodes from bfloat16 weights (a fifth less time), within 1% of the "
          "float32 audio's peak.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, metavar="N",
                                              rich_help_panel=SAMPLING_PANEL,
