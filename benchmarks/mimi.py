@@ -2,8 +2,11 @@
 
 Both implementations load the same random full-size weights from one safetensors file and
 process the same audio; calls alternate frame by frame so that both see the same machine load.
-The ``*_fast`` rows time our encoder built with ``exact_codes=False`` (faster kernels whose
-rounding can flip a codeword near-tie, so its codes are not guaranteed identical).
+The plain rows time our Mimi as ``--exact`` builds it (codes bit-identical to the reference's);
+the ``*_fast`` rows as it runs by default on a CPU (``exact_codes=False``: faster kernels whose
+rounding can flip a codeword near-tie, and bfloat16 decoding weights where the CPU multiplies
+bfloat16 itself; tests/engine/test_mimi.py bounds both). ``mimi_codec*`` is a frame's encode
+plus decode, against the reference's.
 
     python benchmarks/mimi.py            # 100 timed frames after warm-up
     python benchmarks/mimi.py --quick    # a few frames: checks that the code runs
@@ -47,8 +50,8 @@ def _timed(call, *args):
 
 
 def _stream(encoders: dict, reference, wav, frame_size: int, warmup: int, decode: bool) -> dict[str, list[float]]:
-    """Per-frame times of each encoder and the reference's ("encode/<name>"), and of our and the
-    reference's decoding of the reference's codes ("decode/ours", "decode/reference")."""
+    """Per-frame times of each of our models and the reference's: encoding ("encode/<name>"),
+    decoding the reference's codes ("decode/<name>") and the two ("codec/<name>")."""
     times: dict[str, list[float]] = {}
     models = [*encoders.values(), reference]
     with torch.no_grad(), contextlib.ExitStack() as stack:
@@ -59,8 +62,9 @@ def _stream(encoders: dict, reference, wav, frame_size: int, warmup: int, decode
             figures = {f"encode/{name}": _timed(encoder.encode, frame)[1] for name, encoder in encoders.items()}
             codes, figures["encode/reference"] = _timed(reference.encode, frame)
             if decode:
-                figures["decode/ours"] = _timed(encoders["ours"].decode, codes)[1]
-                figures["decode/reference"] = _timed(reference.decode, codes)[1]
+                for name, model in [*encoders.items(), ("reference", reference)]:
+                    figures[f"decode/{name}"] = _timed(model.decode, codes)[1]
+                    figures[f"codec/{name}"] = figures[f"encode/{name}"] + figures[f"decode/{name}"]
             if i >= warmup:
                 for name, ms in figures.items():
                     times.setdefault(name, []).append(ms)
@@ -86,9 +90,12 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
     return {
         "mimi_encode": summary(eight["encode/ours"], eight["encode/reference"]),
         "mimi_decode": summary(eight["decode/ours"], eight["decode/reference"]),
+        "mimi_decode_fast": summary(eight["decode/fast"], eight["decode/reference"]),
         "mimi_encode_32": summary(all_32["encode/ours"], all_32["encode/reference"]),
         "mimi_encode_fast": summary(eight["encode/fast"], eight["encode/reference"]),
         "mimi_encode_32_fast": summary(all_32["encode/fast"], all_32["encode/reference"]),
+        "mimi_codec": summary(eight["codec/ours"], eight["codec/reference"]),
+        "mimi_codec_fast": summary(eight["codec/fast"], eight["codec/reference"]),
     }
 
 

@@ -4,8 +4,9 @@ On a CPU with two cores or more, ``EncoderProcess`` runs Mimi in a process of it
 recognition then costs max(encode, LM step) per frame instead of their sum, which is what brings
 `moshi transcribe` under real time on a 2-core machine. A conversation also hands it Moshi's
 tokens of an earlier frame to decode along with the user's frame to encode (``submit(pcm,
-decode=...)``), so that a chat frame costs max(encode + decode, LM step). A process, not a
-thread: both stages are many small operations that would take turns on the GIL.
+decode=...)``), so that a chat frame costs max(encode + decode, LM step), but two frames later:
+a live chat takes it only where its measured stages say it pays (``pipelining_pays``). A process,
+not a thread: both stages are many small operations that would take turns on the GIL.
 ``InlineEncoder`` is the encoding interface in this process (GPUs, single cores,
 ``MOSHI_NO_PIPELINE=1``).
 """
@@ -19,7 +20,7 @@ import signal
 import numpy as np
 import torch
 
-from audio import FRAME_SIZE
+from audio import FRAME_S, FRAME_SIZE
 
 from .env import env_flag
 from .errors import EngineError
@@ -37,6 +38,24 @@ def pipeline_wanted(device: torch.device) -> bool:
     gives a daemonic process no children)."""
     return (device.type == "cpu" and usable_cores() >= 2 and not multiprocessing.current_process().daemon
             and not env_flag("MOSHI_NO_PIPELINE"))
+
+
+def pipeline_forced() -> bool:
+    """``MOSHI_PIPELINE=1``: a live chat puts Mimi in its own process whatever its stages measure."""
+    return env_flag("MOSHI_PIPELINE")
+
+
+def pipelining_pays(lm_ms: float, mimi_ms: float, budget_ms: float = FRAME_S * 1000) -> bool:
+    """Whether a conversation should run Mimi (encode + decode, ``mimi_ms``) beside the LM step
+    rather than after it: only when the two in turn overrun the frame and the slower alone fits.
+    Otherwise the frame is either in time already or late anyway, and the two frames of latency
+    that pipelining adds buy nothing."""
+    return lm_ms + mimi_ms > budget_ms >= max(lm_ms, mimi_ms)
+
+
+def lm_threads() -> int:
+    """The LM's threads beside Mimi's process, which takes a core of its own."""
+    return max(1, min(torch.get_num_threads(), usable_cores() - 1))
 
 
 class InlineEncoder:
@@ -79,11 +98,11 @@ class EncoderProcess:
     the in-process Mimi's, bit for bit: the same weights, kernels and single thread.
     """
 
-    def __init__(self, weights, config, num_codebooks: int, batch_size: int):
+    def __init__(self, weights, config, num_codebooks: int, batch_size: int, exact_codes: bool = True):
         context = multiprocessing.get_context("spawn")
         self._conn, child_end = context.Pipe()
         self._process = context.Process(target=_serve, name="moshi-mimi-encoder", daemon=True,
-                                        args=(child_end, str(weights), config, num_codebooks, batch_size))
+                                        args=(child_end, str(weights), config, num_codebooks, batch_size, exact_codes))
         self._process.start()
         child_end.close()
         self._ready = False
@@ -159,20 +178,22 @@ class EncoderProcess:
                            "MOSHI_NO_PIPELINE=1 runs Mimi in the main process instead")
 
 
-def start_encoder_process(info, num_codebooks: int, device: torch.device, batch_size: int = 1) -> EncoderProcess:
+def start_encoder_process(info, num_codebooks: int, device: torch.device, exact: bool = False,
+                          batch_size: int = 1) -> EncoderProcess:
     """``load_models``'s ``load_codec`` for a pipelined runner: Mimi of checkpoint ``info`` in its process."""
-    from .mimi.loading import checkpoint_mimi_config
+    from .mimi.loading import checkpoint_mimi_config, exact_codes_on
 
-    return EncoderProcess(info.mimi_weights, checkpoint_mimi_config(info), num_codebooks, batch_size)
+    return EncoderProcess(info.mimi_weights, checkpoint_mimi_config(info), num_codebooks, batch_size,
+                          exact_codes_on(device, exact))
 
 
 def settle_encoder_process(process: EncoderProcess) -> None:
     """Give the process its core (the LM takes the others) and wait for it: a load error is raised here."""
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - 1)))
+    torch.set_num_threads(lm_threads())
     process.wait_ready()
 
 
-def _serve(conn, weights: str, config, num_codebooks: int, batch_size: int) -> None:
+def _serve(conn, weights: str, config, num_codebooks: int, batch_size: int, exact_codes: bool) -> None:
     # Ctrl-C in the terminal reaches the whole process group; the parent decides when to stop
     # (a live transcription still encodes its trailing silence after it).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -180,7 +201,7 @@ def _serve(conn, weights: str, config, num_codebooks: int, batch_size: int) -> N
     from .mimi.loading import load_mimi
 
     try:
-        mimi = load_mimi(weights, config, num_codebooks=num_codebooks)
+        mimi = load_mimi(weights, config, num_codebooks=num_codebooks, exact_codes=exact_codes)
         mimi.start_streaming(batch_size)
     except Exception as exc:  # the parent raises it: a bad checkpoint must read the same as inline
         conn.send(exc if isinstance(exc, EngineError) else EngineError(f"loading Mimi: {exc}"))

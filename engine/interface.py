@@ -51,6 +51,7 @@ class Output:
     timings_ms: dict[str, float]  # the runner's own, plus "roundtrip": send to receive
     gate: float | None = None  # MoshiVis: how much it looked at the picture this step
     user_text: str | None = None  # the user's words of that frame, from a speech recogniser beside the model
+    late: int = 0  # text and user_text belong to frame `index - late` (an engine that answers in a pipeline)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ class ModelOptions:
     device: str = "cpu"
     dtype: str = "bfloat16"
     quantize: str | None = None  # "int8" | "int4": the LM's linears, at load time (a q8 checkpoint is int8 anyway)
+    # Mimi encodes with the reference's own kernels (codes bit-identical) rather than, on a CPU,
+    # faster ones that now and then flip a codeword near-tie (engine/mimi/model.py)
+    exact: bool = False
     seed: int | None = None
     temp: float | None = None
     temp_text: float | None = None

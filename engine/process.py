@@ -9,10 +9,11 @@ a stall, and a dead process is seen on the next poll. The child leaves on its ow
 
 Messages on the pipe are tuples, parent → child: ("frame", index, pcm), ("reset",), ("image", data, name),
 ("stop",); child → parent: ("loading", text), ("warming",), ("ready", info, warm_step_s),
-("out", pcm, text, timings_ms, gate, user_text), ("reset",), ("alive",), ("error", message, traceback).
+("out", pcm, text, timings_ms, gate, user_text, late), ("reset",), ("alive",), ("error", message, traceback).
 "image" (a picture file's bytes, for a `PictureRunner`) starts a new conversation, as "reset"
 does; "gate" is how much a MoshiVis runner looked at the picture that step, None for the others;
-"user_text" the user's words of that frame where the runner recognises them (`StepOutput.user_text`).
+"user_text" the user's words of that frame where the runner recognises them (`StepOutput.user_text`);
+"late" how many frames back the words are from (`StepOutput.late`).
 What the child uses of a runner is the `Runner` protocol of engine/runner.py.
 """
 
@@ -194,11 +195,11 @@ class EngineProcess:
             self._last_answer = self._last_heard
             if self._resets_pending:
                 return None  # answers a frame of the conversation that was reset
-            _, pcm, text, timings, gate, user_text = msg
+            _, pcm, text, timings, gate, user_text, late = msg
             timings = dict(timings, roundtrip=(self._last_heard - sent) * 1000)
             index = self._answered
             self._answered += 1
-            return Output(index, pcm, text, timings, gate, user_text)
+            return Output(index, pcm, text, timings, gate, user_text, late)
         if kind == "alive":
             return None
         if kind == "reset":
@@ -338,7 +339,7 @@ def _child_main(conn: Connection, runner_path: str, options: Any, parent_pid: in
             msg = conn.recv()
             if msg[0] == "frame":
                 out = runner.step(msg[2])
-                link.send(("out", out.pcm, out.text, out.timings_ms, out.gate, out.user_text))
+                link.send(("out", out.pcm, out.text, out.timings_ms, out.gate, out.user_text, out.late))
             elif msg[0] == "reset":
                 runner.reset()
                 link.send(("reset",))

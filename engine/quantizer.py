@@ -6,7 +6,9 @@ semantic residual. Decoding sums each RVQ's codewords before its own output proj
 
 The nearest codeword is found with the very arithmetic of ``torch.cdist`` (which the reference
 calls) and the residual is kept as ``[B, D, T]`` as there, so that near-ties between codewords
-resolve the same way and the codes are bit-identical.
+resolve the same way and the codes are bit-identical. With ``exact=False`` it is the smallest
+``‖c‖² − 2x·c`` instead (no square root, one fused product: a third less time a codebook), which
+rounds differently and so may resolve a near-tie the other way.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Codebook(nn.Module):
         self.register_buffer("embedding_sum", torch.zeros(bins, dim))
         self.register_buffer("embedding", torch.zeros(bins, dim), persistent=False)
         self.register_buffer("augmented", torch.zeros(1, bins, dim + 2), persistent=False)
+        self.register_buffer("norms", torch.zeros(bins), persistent=False)
 
     def refresh(self) -> None:
         """Recompute the codewords from the loaded sums (call after loading weights)."""
@@ -53,9 +56,13 @@ class Codebook(nn.Module):
         embedding = self.embedding[None]
         norms = embedding.pow(2).sum(-1, keepdim=True)
         self.augmented = torch.cat([embedding, torch.ones_like(norms), norms], dim=-1)
+        self.norms = norms[0, :, 0]
 
-    def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Index of the closest codeword to each row of ``vectors [N, dim]``, as cdist + argmin gives it."""
+    def nearest(self, vectors: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """Index of the closest codeword to each row of ``vectors [N, dim]``, as cdist + argmin gives
+        it (``exact``), or from ``‖c‖² − 2x·c``."""
+        if not exact:
+            return torch.addmm(self.norms, vectors, self.embedding.t(), alpha=-2).argmin(dim=-1)
         if vectors.shape[0] < _CDIST_MM_MIN_ROWS and self.embedding.shape[0] < _CDIST_MM_MIN_ROWS:
             return torch.cdist(vectors[None], self.embedding[None], p=2)[0].argmin(dim=-1)
         x = vectors[None]
@@ -66,8 +73,9 @@ class Codebook(nn.Module):
 
 
 class ResidualVQ(nn.Module):
-    def __init__(self, cfg: QuantizerConfig, n_q: int):
+    def __init__(self, cfg: QuantizerConfig, n_q: int, exact: bool = True):
         super().__init__()
+        self.exact = exact
         self.input_proj = nn.Conv1d(cfg.input_dimension, cfg.dimension, 1, bias=False)
         self.output_proj = nn.Conv1d(cfg.dimension, cfg.output_dimension, 1, bias=False)
         # Bare containers, only to give the official key names: vq.layers.N._codebook.embedding_sum
@@ -85,7 +93,7 @@ class ResidualVQ(nn.Module):
         B, D, T = residual.shape
         codes = []
         for codebook in self.codebooks[: self.n_q]:
-            code = codebook.nearest(residual.transpose(1, 2).reshape(-1, D)).view(B, T)
+            code = codebook.nearest(residual.transpose(1, 2).reshape(-1, D), self.exact).view(B, T)
             residual = residual - F.embedding(code, codebook.embedding).transpose(1, 2)
             codes.append(code)
         return torch.stack(codes, dim=1)
@@ -100,10 +108,10 @@ class ResidualVQ(nn.Module):
 
 
 class SplitResidualVQ(nn.Module):
-    def __init__(self, cfg: QuantizerConfig):
+    def __init__(self, cfg: QuantizerConfig, exact: bool = True):
         super().__init__()
-        self.rvq_first = ResidualVQ(cfg, 1)
-        self.rvq_rest = ResidualVQ(cfg, cfg.n_q - 1)
+        self.rvq_first = ResidualVQ(cfg, 1, exact)
+        self.rvq_rest = ResidualVQ(cfg, cfg.n_q - 1, exact)
         self.total_codebooks = cfg.n_q
 
     @property

@@ -55,6 +55,7 @@ class StepOutput:
     vad: list[float] | None = None  # STT with VAD heads: P(pause) over 0.5, 1, 2, 3 s
     gate: float | None = None  # MoshiVis: how much Moshi looked at the picture (mean gate, ~0.02 to ~0.1)
     user_text: str | None = None  # chat with a user STT: the user's text piece of this frame
+    late: int = 0  # the text and user_text are of the frame this many steps back (Mimi in its own process: 2)
 
 
 class Runner(Protocol):
@@ -157,7 +158,7 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
 
     ``load_language_model(info, device, dtype, quantize)`` returns the LMModel, or a model wrapping
     one as ``.lm`` (MoshiVis); ``default_sampling`` applies where the checkpoint's lm_gen_config is
-    silent; ``load_codec(info, num_codebooks, device)`` returns Mimi, or an ``EncoderProcess`` that
+    silent; ``load_codec(info, num_codebooks, device, exact)`` returns Mimi, or an ``EncoderProcess`` that
     runs it (started first, so that it loads while the LM does).
     """
     from .hub import CheckpointInfo
@@ -173,7 +174,7 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
     lm_config = LMConfig.from_dict(info.lm_config)  # checked before anything is allocated
     tokenizer = _load_tokenizer(info.tokenizer)
     report("loading Mimi")
-    mimi = load_codec(info, max(lm_config.dep_q, lm_config.n_q - lm_config.dep_q), device)
+    mimi = load_codec(info, max(lm_config.dep_q, lm_config.n_q - lm_config.dep_q), device, options.exact)
     report("loading the language model" + (f" ({options.quantize})" if options.quantize else ""))
     try:
         model = load_language_model(info, device, DTYPES[options.dtype], options.quantize)

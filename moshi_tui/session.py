@@ -343,12 +343,13 @@ class Session:
         if out.pcm is not None and self.mode.talks:
             self.source.play(out.pcm, frame.captured_at)
         self._recorder.frame(frame.pcm, out.pcm)
+        said = (frame.n - out.late) * FRAME_S  # the frame the words are of: a pipelined engine answers later
         if out.user_text:
-            self._deliver(UserWords(t, out.user_text))
-            self._recorder.user_text(t, out.user_text)
+            self._deliver(UserWords(said, out.user_text))
+            self._recorder.user_text(said, out.user_text)
         if out.text:
-            self._deliver(TextPiece(t, out.text, out.gate))
-            self._recorder.text(t, out.text)
+            self._deliver(TextPiece(said, out.text, out.gate))
+            self._recorder.text(said, out.text)
         audio = self.source.stats()
         stats = Stats(t, audio, step_ms=out.timings_ms.get("total"),
                       skipped=self.engine.skipped + audio.skipped_input_frames,

@@ -74,7 +74,7 @@ def _moshi(*args):
 def test_headless_chat_matches_reference(folders, speechlike, tmp_path):
     path, pcm = speechlike
     result = _moshi("chat", "--hf-repo", folders["chat"], "--input", path, "--output", tmp_path / "out.wav",
-                    "--transcript", tmp_path / "words.txt", "--temp", 0, "--temp-text", 0)
+                    "--transcript", tmp_path / "words.txt", "--temp", 0, "--temp-text", 0, "--exact")
     assert result.returncode == 0, result.stderr
     out, sampled = _reference(folders["chat"], pcm, GREEDY)
     # The hook sees every text token as it is sampled; each step returns the one sampled a step
@@ -98,8 +98,7 @@ def test_live_chat_runner_steps_as_server_py(folders, speechlike, monkeypatch, p
     0, whose codes the LM's first step does not hear, and every frame is stepped once. Greedy.
     With Mimi in its own process each answer comes two steps later; the answers are the same."""
     monkeypatch.setattr("engine.encoder.usable_cores", lambda: 2)
-    if pipeline == "one-process":
-        monkeypatch.setenv("MOSHI_NO_PIPELINE", "1")
+    monkeypatch.setenv("MOSHI_PIPELINE" if pipeline == "mimi-process" else "MOSHI_NO_PIPELINE", "1")
     _, pcm = speechlike
     starts = range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)
     _, mimi, lm = _reference_models(folders["chat"])
@@ -121,8 +120,9 @@ def test_live_chat_runner_steps_as_server_py(folders, speechlike, monkeypatch, p
         runner.close()
         return outs
 
-    options = ModelOptions(hf_repo=str(folders["chat"]), temp=0, temp_text=0)
+    options = ModelOptions(hf_repo=str(folders["chat"]), temp=0, temp_text=0, exact=True)
     live = ChatRunner.load(options)
+    live.warmup()  # where it chooses where Mimi runs
     assert live.pipelined == (pipeline == "mimi-process")
     outs = run(live)
     torch.set_num_threads(1)
@@ -138,7 +138,7 @@ def test_live_chat_runner_steps_as_server_py(folders, speechlike, monkeypatch, p
 def test_headless_transcribe_matches_reference(speechlike, tmp_path):
     path, pcm = speechlike
     folder = stt_folder(tmp_path / "stt")  # a tiny model that marks where words start, as real ones do
-    result = _moshi("transcribe", "--hf-repo", folder, path)
+    result = _moshi("transcribe", "--hf-repo", folder, path, "--exact")
     assert result.returncode == 0, result.stderr
     _, sampled = _reference(folder, pcm, {})
     # The first frame is fed twice and the first step's output dropped, as `moshi-inference` does.

@@ -62,7 +62,7 @@ def _blocks(pcm, size):
 
 
 def _transcribe(folder, pcms, batch_size, block=4999):
-    runner = TranscribeRunner.load(ModelOptions(hf_repo=str(folder)), batch_size=batch_size)
+    runner = TranscribeRunner.load(ModelOptions(hf_repo=str(folder), exact=True), batch_size=batch_size)
     try:
         recorders = [Recorder() for _ in pcms]
         stats = BatchTranscriber(runner).run((_blocks(pcm, block), rec) for pcm, rec in zip(pcms, recorders))

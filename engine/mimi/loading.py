@@ -35,6 +35,13 @@ def checkpoint_mimi_config(info: CheckpointInfo) -> MimiConfig | None:
     return MimiConfig.from_dict(info.mimi_config) if info.mimi_config else None
 
 
-def load_checkpoint_mimi(info: CheckpointInfo, num_codebooks: int, device: torch.device) -> Mimi:
-    """The Mimi a resolved checkpoint names, in this process."""
-    return load_mimi(info.mimi_weights, checkpoint_mimi_config(info), num_codebooks=num_codebooks, device=device)
+def exact_codes_on(device: torch.device, exact: bool) -> bool:
+    """Whether Mimi encodes with the reference's kernels: when asked (``--exact``), and off a CPU,
+    where the faster kernels were neither needed nor measured."""
+    return exact or device.type != "cpu"
+
+
+def load_checkpoint_mimi(info: CheckpointInfo, num_codebooks: int, device: torch.device, exact: bool = False) -> Mimi:
+    """The Mimi a resolved checkpoint names, in this process; ``exact``: the ``--exact`` flag."""
+    return load_mimi(info.mimi_weights, checkpoint_mimi_config(info), num_codebooks=num_codebooks, device=device,
+                     exact_codes=exact_codes_on(torch.device(device), exact))

@@ -8,8 +8,9 @@ directly. The modules, key names and streaming states stay those of ``engine/tra
 With ``exact=True`` every operation is one that ``engine/transformer.py`` performs (itself operation for
 operation the reference's), on the same shapes and layouts, so the output is the same bits and
 the codes stay identical. ``exact=False`` (decoding, or encoding with ``exact_codes=False``)
-computes the linears as ``W · xᵀ``. Mimi runs in fp32, so the reference's casts to fp32 and
-back around RoPE are no-ops and are left out.
+computes the linears in the layout this CPU reads weights fastest (``conv.few_rows_linear``), and
+with ``half`` (decoding unless ``--exact``) from bfloat16 weights where the CPU gains by it.
+Mimi runs in fp32, so the reference's casts to fp32 and back around RoPE are no-ops and are left out.
 """
 
 from __future__ import annotations
@@ -20,18 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conv import Bf16Weight, bf16_weight, few_rows_linear
 from ..transformer import KVCacheState, Transformer, TransformerConfig, TransformerLayer
-
-
-def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` computed as ``(W · xᵀ)ᵀ``.
-
-    With a few rows (2 per Mimi frame) the product is bound by reading W, and MKL reads it 2-3x
-    faster in this layout than in ``F.linear``'s ``x · Wᵀ``. The sums round differently (about 1e-7
-relative).
-    """
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    return torch.mm(weight, rows.t()).t().reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _rope_angles(offset: torch.Tensor, steps: int, cfg: TransformerConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +45,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class MimiTransformer(nn.Module):
     """The transformer on SEANet's ``[B, C, T]`` layout (the reference's ``conv_layout``)."""
 
-    def __init__(self, cfg: TransformerConfig, exact: bool = True):
+    def __init__(self, cfg: TransformerConfig, exact: bool = True, half: bool = False):
         super().__init__()
         self.transformer = Transformer(cfg)
-        self.linear = F.linear if exact else rows_linear
+        self.linear = F.linear if exact else self._fast_linear
+        self.half = half  # bfloat16 weights where the CPU gains by it (``conv.bf16_pays``)
+        self.packed: dict[tuple, Bf16Weight] = {}
+
+    def _fast_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        half = bf16_weight(self, weight)
+        return half(x) if half is not None else few_rows_linear(x, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.transformer.cfg

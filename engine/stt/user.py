@@ -81,6 +81,6 @@ def keeps_to_budget(step_ms: list[float]) -> bool:
     return statistics.median(step_ms) <= 0.8 * FRAME_S * 1000
 
 
-def _no_codec(info, num_codebooks: int, device: torch.device) -> None:
+def _no_codec(info, num_codebooks: int, device: torch.device, exact: bool) -> None:
     """The conversation's Mimi encodes for STT too."""
     return None

@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from .common import (LIVE_PANEL, ApiKey, CaCert, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording,
+from .common import (LIVE_PANEL, ApiKey, CaCert, DeviceOption, DtypeOption, ExactOption, HfRepo, InputDevice,
+                     InputRecording,
                      Insecure, NoAec, NoRecord, NoTui, OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp,
                      TempText, TopK, TopKText, TranscriptFile, Url, check_output, model_options, progress_to_stderr,
                      record_place, reject_model_options, reject_without_input, remote_server)
@@ -26,7 +27,7 @@ Examples:
   moshi chat --url wss://moshi.example.org --input me.wav --output moshi.wav
 """
 # Options that load or place a model here; with --url the server has its own.
-LOCAL_MODEL_OPTIONS = ("hf_repo", "device", "dtype", "quantize")
+LOCAL_MODEL_OPTIONS = ("hf_repo", "device", "dtype", "quantize", "exact")
 
 
 UserStt = Annotated[str, typer.Option(
@@ -65,6 +66,7 @@ def chat(
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
     quantize: QuantizeOption = None,
+    exact: ExactOption = False,
     seed: Seed = None,
     temp: Temp = None,
     temp_text: TempText = None,
@@ -96,7 +98,7 @@ def chat(
         raise typer.BadParameter("--hf-repo names the model, and with it the voice: give one of the two",
                                  param_hint="--voice")
     options = model_options(hf_repo or voice.value, device, dtype, seed, temp, temp_text, top_k,
-                            top_k_text, quantize)
+                            top_k_text, quantize, exact)
     options.user_stt = user_stt
     if input is not None:
         if server is not None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ArgumentError
-from .common import (ApiKey, CaCert, DeviceOption, DtypeOption, HfRepo, InputDevice, InputRecording, Insecure, NoAec,
+from .common import (ApiKey, CaCert, DeviceOption, DtypeOption, ExactOption, HfRepo, InputDevice, InputRecording, Insecure, NoAec,
                      NoRecord, NoTui, OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp, TempText, TopK,
                      TopKText, TranscriptFile, Url, model_options, progress_to_stderr, record_place,
                      reject_model_options, reject_without_input, remote_server)
@@ -48,6 +48,7 @@ def see(
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
     quantize: QuantizeOption = None,
+    exact: ExactOption = False,
     seed: Seed = None,
     temp: Temp = None,
     temp_text: TempText = None,
@@ -79,7 +80,8 @@ def see(
     if server is not None:
         reject_model_options(ctx, LOCAL_MODEL_OPTIONS)
 
-    base = model_options(hf_repo or Mode.SEE.default_model, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
+    base = model_options(hf_repo or Mode.SEE.default_model, device, dtype, seed, temp, temp_text, top_k, top_k_text,
+                         quantize, exact)
     options = SeeOptions(**vars(base), image=str(image), xa_start=xa_start)
     from ..picture import PictureError, load_picture
 

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ArgumentError
-from .common import (DeviceOption, DtypeOption, HfRepo, QuantizeOption, Seed, Temp, TempText, TopK,
+from .common import (DeviceOption, DtypeOption, ExactOption, HfRepo, QuantizeOption, Seed, Temp, TempText, TopK,
                      TopKText, model_options, progress_to_stderr)
 
 EPILOG = """\
@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
 def serve(
     hf_repo: HfRepo = None,
     quantize: QuantizeOption = None,
+    exact: ExactOption = False,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
     host: Annotated[str, typer.Option(
@@ -78,7 +79,7 @@ def serve(
     client may ask for its own in the query string (text_temperature, text_topk, audio_temperature,
     audio_topk, text_seed, audio_seed). Also: /healthz, /api/build_info, /api/modules_info and
     Prometheus /metrics. SIGTERM drains: the sessions are closed cleanly, then the server exits 0."""
-    options = model_options(hf_repo, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize)
+    options = model_options(hf_repo, device, dtype, seed, temp, temp_text, top_k, top_k_text, quantize, exact)
     keys = tuple(api_key or ()) + tuple(k for k in re.split(r"[,\s]+", os.environ.get(KEYS_VARIABLE, "")) if k)
     context_folder = _check_ssl(ssl)
     if static is not None and not static.is_dir():

@@ -14,7 +14,7 @@ from engine.wire import ASR_PATH
 
 from .. import signals
 from ..transcript_writers import CHOICES, CueLimits, TranscriptWriter, writers_for
-from .common import (MODEL_PANEL, ApiKey, CaCert, DeviceOption, DtypeOption, Insecure, QuantizeOption, Seed, Url,
+from .common import (MODEL_PANEL, ApiKey, CaCert, DeviceOption, DtypeOption, ExactOption, Insecure, QuantizeOption, Seed, Url,
                      check_output, model_options, progress_to_stderr, remote_server)
 
 EPILOG = """\
@@ -83,6 +83,7 @@ def transcribe(
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "bfloat16",
     quantize: QuantizeOption = None,
+    exact: ExactOption = False,
     seed: Seed = None,
     url: Url = None,
     api_key: ApiKey = None,
@@ -95,7 +96,7 @@ def transcribe(
     output files are written while the words arrive, so an interrupted run (Ctrl-C) keeps
     everything recognised so far.
     """
-    options = model_options(model, device, dtype, seed, None, None, None, None, quantize)
+    options = model_options(model, device, dtype, seed, None, None, None, None, quantize, exact)
     inputs = inputs or []
     if (raw or rate is not None) and inputs != [STDIN]:
         raise typer.BadParameter("--raw and --rate read standard input: give - as the only FILE", param_hint="--raw")
@@ -107,7 +108,7 @@ def transcribe(
     limits = CueLimits(max_line_width, max_words_per_line)
     server = remote_server(url, ASR_PATH, api_key, insecure, ca_cert)
     if server is not None:
-        for value, name in ((model, "--model"), (quantize, "--quantize"), (seed, "--seed")):
+        for value, name in ((model, "--model"), (quantize, "--quantize"), (seed, "--seed"), (exact or None, "--exact")):
             if value is not None:
                 raise typer.BadParameter("the server has its model: leave it out with --url", param_hint=name)
         if not inputs and not no_tui:

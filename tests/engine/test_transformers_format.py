@@ -276,7 +276,7 @@ def test_moshi_chat_on_a_transformers_folder(moshi_folder, spm, tmp_path):
     pcm = noise(3.0, seed=4)
     soundfile.write(tmp_path / "in.wav", pcm, 24000, subtype="FLOAT")
     result = _moshi("chat", "--hf-repo", folder, "--input", tmp_path / "in.wav", "--output", tmp_path / "out.wav",
-                    "--temp", 0, "--temp-text", 0)
+                    "--temp", 0, "--temp-text", 0, "--exact")
     assert result.returncode == 0, result.stderr
     official = _official_folder(folder, tmp_path / "official", spm)
     out, sampled = reference_run(official, pcm, temp=0.0, temp_text=0.0, top_k=250, top_k_text=25)
@@ -294,7 +294,7 @@ def test_moshi_transcribe_on_a_transformers_folder(stt_folder, spm, tmp_path):
     folder, _ = stt_folder
     pcm = noise(3.0, seed=5)
     soundfile.write(tmp_path / "in.wav", pcm, 24000, subtype="FLOAT")
-    result = _moshi("transcribe", "--hf-repo", folder, tmp_path / "in.wav")
+    result = _moshi("transcribe", "--hf-repo", folder, tmp_path / "in.wav", "--exact")
     assert result.returncode == 0, result.stderr
     official = _official_folder(folder, tmp_path / "official", spm)
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(spm))

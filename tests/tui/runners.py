@@ -34,6 +34,7 @@ class Step:  # the fields of engine.runner.StepOutput the engine process sends
     timings_ms: dict
     gate: float | None = None
     user_text: str | None = None
+    late: int = 0
 
 
 class ScriptedRunner:
