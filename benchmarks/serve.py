@@ -12,6 +12,8 @@ own, one torch thread each), and N clients on loopback, each sending 24 kHz audi
   (0.5 s for STT-1B);
 - ``serve_stt_streams_realtime``: the largest N whose real-time factor is at most 1.
 
+The same with ``--quantize int4`` has the suffix ``_int4`` (``serve_stt_rtf_4_int4``, ...).
+
 There is no reference column: Kyutai ships no Python STT server (their Rust one needs a GPU build).
 
     python benchmarks/serve.py            # 20 s of audio per stream
@@ -56,9 +58,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(folder: Path, streams: int, port: int) -> subprocess.Popen:
+def _start_server(folder: Path, streams: int, port: int, quantize: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    server = subprocess.Popen([sys.executable, "-m", "moshi_tui", "serve", "--hf-repo", str(folder), "--quantize", "int8",
+    server = subprocess.Popen([sys.executable, "-m", "moshi_tui", "serve", "--hf-repo", str(folder), "--quantize", quantize,
                                "--batch-size", str(streams), "--port", str(port)],
                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in server.stderr:
@@ -110,10 +112,10 @@ def wordy(folder: Path) -> None:
     save_file(state, folder / "model.safetensors")
 
 
-def measure_streams(folder: Path, streams: int, seconds: float) -> tuple[float, float]:
+def measure_streams(folder: Path, streams: int, seconds: float, quantize: str) -> tuple[float, float]:
     """(real-time factor, p95 word latency in ms) of `streams` real-time streams."""
     port = _free_port()
-    server = _start_server(folder, streams, port)
+    server = _start_server(folder, streams, port, quantize)
     try:
         pcm = speechlike(seconds).numpy()
         latencies: list[float] = []
@@ -142,17 +144,18 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
     if quick:
         cfg = dataclasses.replace(cfg, num_layers=2)
     figures = {}
-    kept = 0
     with tempfile.TemporaryDirectory(prefix="moshi-serve-") as root:
         folder = write_checkpoint(Path(root) / "stt", cfg)
         wordy(folder)
-        for n in counts:
-            rtf, p95 = measure_streams(folder, n, seconds)
-            figures[f"serve_stt_rtf_{n}"] = {"ours_rtf": round(rtf, 3)}
-            figures[f"serve_stt_p95_word_latency_ms_{n}"] = {"ours_ms": round(p95, 1)}
-            if rtf <= 1:
-                kept = n
-    figures["serve_stt_streams_realtime"] = {"ours_streams": kept}
+        for quantize, suffix in (("int8", ""), ("int4", "_int4")):
+            kept = 0
+            for n in counts:
+                rtf, p95 = measure_streams(folder, n, seconds, quantize)
+                figures[f"serve_stt_rtf_{n}{suffix}"] = {"ours_rtf": round(rtf, 3)}
+                figures[f"serve_stt_p95_word_latency_ms_{n}{suffix}"] = {"ours_ms": round(p95, 1)}
+                if rtf <= 1:
+                    kept = n
+            figures[f"serve_stt_streams_realtime{suffix}"] = {"ours_streams": kept}
     return figures
 
 

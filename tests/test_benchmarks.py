@@ -20,7 +20,8 @@ def test_quick_benchmarks_report_ours_and_reference():
     assert result.returncode == 0, result.stderr
     assert "machine: " in result.stderr and "int8: " in result.stderr  # what the figures were measured on
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {"mimi_encode", "mimi_decode", "stt1b_step_bf16", "stt1b_step_int8", "stt1b_step_int4",
+    assert {"mimi_encode", "mimi_decode", "mimi_encode_fast", "mimi_decode_fast", "mimi_codec", "mimi_codec_fast",
+            "stt1b_step_bf16", "stt1b_step_int8", "stt1b_step_int4",
             "moshi7b_depformer_step", "stt1b_peak_rss_int8", "stt1b_logit_error_int8", "q8_0_layer_7b",
             "candle_q8_load", "candle_q8_peak_rss", "candle_q8_logit_error"} <= set(figures)
     assert any(name.startswith("transcribe_rtf_") for name in figures)
@@ -38,7 +39,8 @@ def test_quick_benchmarks_report_ours_and_reference():
         chat = figures.pop(f"chat_rtf_{mode}")
         assert chat["ours_rtf"] > 0 and chat["lm_ms"] > 0 and chat["mimi_ms"] > 0 and chat["projected_rtf_60gbs"] > 0
         assert chat["ratio"] == pytest.approx(chat["ours_rtf"] / chat["one_process_rtf"], rel=0.02)
-    assert {"serve_stt_streams_realtime", "serve_stt_rtf_1", "serve_stt_p95_word_latency_ms_1"} <= set(figures)
+    assert {"serve_stt_streams_realtime", "serve_stt_rtf_1", "serve_stt_p95_word_latency_ms_1",
+            "serve_stt_streams_realtime_int4", "serve_stt_rtf_1_int4"} <= set(figures)
     for name, figure in figures.items():
         if "relative_error" in figure:  # a quantized model's logits against bf16
             assert 0 < figure["relative_error"] < 1, name
