@@ -16,3 +16,15 @@ def lm_checkpoints(tmp_path_factory):
         paths[name] = folder / f"{name}.safetensors"
         save_file(random_lm_state(cfg, seed=1), paths[name])
     return paths
+
+
+@pytest.fixture
+def without_native_kernels(monkeypatch):
+    """The quantized linears as an install without the native kernels runs them (PyTorch's kernels)."""
+    from engine import kernels
+
+    monkeypatch.setenv("MOSHI_NO_NATIVE_KERNELS", "1")
+    kernels.chosen_variant.cache_clear()
+    yield
+    monkeypatch.undo()
+    kernels.chosen_variant.cache_clear()
