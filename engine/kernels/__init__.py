@@ -24,12 +24,13 @@ import torch
 
 # variant -> the CPU flags (as /proc/cpuinfo names them) its build was compiled for, best first
 VARIANTS = {
+    "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma", "f16c"),
     "avx512": ("avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"),
     "avx2": ("avx2", "fma", "f16c"),
     "generic": (),
 }
 # torch.backends.cpu.get_cpu_capability() values under which each variant may run
-_CAPABILITIES = {"avx512": {"AVX512"}, "avx2": {"AVX2", "AVX512"}}
+_CAPABILITIES = {"avx512bf16": {"AVX512"}, "avx512": {"AVX512"}, "avx2": {"AVX2", "AVX512"}}
 MAX_ROWS = 8  # rows of activations per pass over the weight (more take several passes)
 
 
@@ -81,7 +82,7 @@ def chosen_variant() -> str | None:
 def library(variant: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_library_path(variant)))
     i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.moshi_grouped_matmul.argtypes = [p, i64, i64, i64, p, i32, i32, i64, p, i32, p, p, i32]
+    lib.moshi_grouped_matmul.argtypes = [p, i32, i64, i64, i64, p, i32, i32, i64, p, i32, p, p, i32]
     lib.moshi_grouped_matmul.restype = i32
     lib.moshi_k_multiple.restype = i32
     return lib
@@ -99,6 +100,8 @@ def fits(in_features: int, group_size: int, scales_dtype: torch.dtype) -> bool:
 def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor,
                    biases: torch.Tensor | None, signed: bool = False, variant: str | None = None) -> torch.Tensor:
     """fp32 ``x · Wᵀ`` for ``x`` [..., K] and W [N, K] = codes · scales (+ biases) per group of inputs.
+    With bf16 ``x`` and 4-bit codes, a build with AVX512-BF16 multiplies exact bf16 products (the
+    same result up to the order of the sums); other activations are widened to fp32.
 
     ``codes``: uint8 [N, K·bits/8] (4-bit: the even input in the low nibble) or, ``signed``, int8
     [N, K] (any shape of N·K values, row-major); ``scales`` and ``biases``: bf16 or fp16 [N, K/group].
@@ -106,7 +109,9 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: 
     variant = variant or chosen_variant()
     K = x.shape[-1]
     N = scales.shape[0]
-    rows = x.reshape(-1, K).to(torch.float32).contiguous()
+    # bf16 activations go as they are (the 4-bit codes have a bf16 path); anything else in fp32
+    rows = x.reshape(-1, K)
+    rows = (rows if rows.dtype == torch.bfloat16 else rows.to(torch.float32)).contiguous()
     if (codes.numel() * 8 != N * K * bits or scales.shape != (N, K // group_size) or not codes.is_contiguous()
             or not scales.is_contiguous() or scales.dtype not in (torch.bfloat16, torch.float16)
             or (biases is not None and (biases.shape != scales.shape or biases.dtype != scales.dtype
@@ -115,7 +120,7 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: 
                          f"{scales.dtype} do not describe a [{N}, {K}] weight in groups of {group_size}")
     y = torch.empty(rows.shape[0], N, dtype=torch.float32)
     status = library(variant).moshi_grouped_matmul(
-        rows.data_ptr(), rows.shape[0], K, N, codes.data_ptr(), bits, int(signed), group_size, scales.data_ptr(),
+        rows.data_ptr(), int(rows.dtype == torch.bfloat16), rows.shape[0], K, N, codes.data_ptr(), bits, int(signed), group_size, scales.data_ptr(),
         int(scales.dtype == torch.float16), biases.data_ptr() if biases is not None else None, y.data_ptr(),
         torch.get_num_threads())
     if status:

@@ -32,6 +32,11 @@
 #else
 #define VW 4
 #endif
+/* Codes are prefetched this far ahead: the hardware prefetcher stops at each 4 KB page, and a
+ * row is a few KB, so without it a single thread reads memory at half its bandwidth. */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 2048
+#endif
 #define MAX_ROWS 8 /* rows of x multiplied per pass over W; more rows take several passes */
 
 typedef float vf __attribute__((vector_size(VW * 4)));
@@ -103,6 +108,7 @@ static inline float half_to_float(uint16_t h, int fp16) {
 
 typedef struct {
     const float *x; /* [rows, K]; for 4-bit codes, each 2·VW inputs reordered: VW even, VW odd */
+    const uint16_t *x_bf16; /* bf16 4-bit path: [rows, K], each 64 inputs reordered: 32 even, 32 odd */
     const float *x_sums; /* [rows, K/group]: the sum of x over each group (with biases) */
     int64_t K, N;
     const uint8_t *codes; /* [N, K·bits/8] */
@@ -156,6 +162,7 @@ static inline __attribute__((always_inline)) void rows_grouped(const Job *j, int
             for (int i = 0; i < GROUP / STEP; i++) {
                 const int64_t k = g * GROUP + i * STEP;
                 const uint8_t *bytes = c + k * bits / 8;
+                __builtin_prefetch(bytes + PREFETCH_BYTES);
                 if (bits == 4) {
                     const vi q = widen_u8(bytes);
                     const vf lo = __builtin_convertvector(q & 15, vf), hi = __builtin_convertvector(q >> 4, vf);
@@ -179,6 +186,69 @@ static inline __attribute__((always_inline)) void rows_grouped(const Job *j, int
     }
 }
 
+#if defined(__AVX512BF16__)
+/* 4-bit codes and bf16 activations with AVX512-BF16: each code becomes its exact bf16 value through
+ * a 16-entry table (vpermw), and vdpbf16ps sums pairs of exact bf16 products into fp32, 64 inputs
+ * in 7 instructions where the fp32 path needs 16. Lane j of a 64-input step holds inputs 4j..4j+3:
+ * with groups of 32, lanes 0-7 are one group and 8-15 the next. */
+static inline __attribute__((always_inline)) void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R,
+                                                               const int GROUP, const int has_bias) {
+    const int64_t K = j->K, G = K / GROUP;
+    const int two = R <= 2, steps_per_group = GROUP >= 64 ? GROUP / 64 : 1;
+    uint16_t table[32];
+    for (int v = 0; v < 32; v++) {
+        float f = (float)(v & 15);
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        table[v] = (uint16_t)(u >> 16);
+    }
+    const __m512i lut = _mm512_loadu_si512(table), low4 = _mm512_set1_epi16(15);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *c = j->codes + n * (K / 2);
+        widen_row(j, n, G);
+        __m512 total[MAX_ROWS][2], part[MAX_ROWS][2];
+        for (int r = 0; r < R; r++) total[r][0] = total[r][1] = part[r][0] = part[r][1] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < K / 64; s++) {
+            __builtin_prefetch(c + 32 * s + PREFETCH_BYTES);
+            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * s)));
+            const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(w, low4), lut);
+            const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), lut);
+            for (int r = 0; r < R; r++) {
+                const uint16_t *x = j->x_bf16 + r * K + 64 * s;
+                part[r][0] = _mm512_dpbf16_ps(part[r][0], lo, (__m512bh)_mm512_loadu_si512(x));
+                part[r][two] = _mm512_dpbf16_ps(part[r][two], hi, (__m512bh)_mm512_loadu_si512(x + 32));
+            }
+            if (GROUP == 32) { /* lanes 0-7: group 2s, lanes 8-15: group 2s + 1 */
+                const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(j->row_scales[2 * s]),
+                                                          _mm512_set1_ps(j->row_scales[2 * s + 1]));
+                for (int r = 0; r < R; r++) {
+                    const __m512 p = two ? _mm512_add_ps(part[r][0], part[r][1]) : part[r][0];
+                    total[r][two & s] = _mm512_fmadd_ps(p, scale, total[r][two & s]);
+                    part[r][0] = part[r][1] = _mm512_setzero_ps();
+                }
+            } else if ((s + 1) % steps_per_group == 0) {
+                const int64_t g = s / steps_per_group;
+                const __m512 scale = _mm512_set1_ps(j->row_scales[g]);
+                for (int r = 0; r < R; r++) {
+                    const __m512 p = two ? _mm512_add_ps(part[r][0], part[r][1]) : part[r][0];
+                    total[r][two & g] = _mm512_fmadd_ps(p, scale, total[r][two & g]);
+                    part[r][0] = part[r][1] = _mm512_setzero_ps();
+                }
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            float out = _mm512_reduce_add_ps(_mm512_add_ps(total[r][0], total[r][1]));
+            if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, G);
+            j->y[r * j->N + n] = out;
+        }
+    }
+}
+#define BF16_PATH 1
+#else
+#define BF16_PATH 0
+#define rows_q4_bf16(...) ((void)0)
+#endif
+
 /* One copy per row count, group size and code kind, each with its constants. */
 #define FOR_ROWS(CALL) \
     switch (R) { \
@@ -186,7 +256,8 @@ static inline __attribute__((always_inline)) void rows_grouped(const Job *j, int
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; \
     }
 #define KIND(R_, GROUP_) \
-    (bits == 4 ? (has_bias ? rows_grouped(j, n0, n1, R_, GROUP_, 4, 0, 1) : rows_grouped(j, n0, n1, R_, GROUP_, 4, 0, 0)) \
+    (j->x_bf16 ? (has_bias ? rows_q4_bf16(j, n0, n1, R_, GROUP_, 1) : rows_q4_bf16(j, n0, n1, R_, GROUP_, 0)) \
+     : bits == 4 ? (has_bias ? rows_grouped(j, n0, n1, R_, GROUP_, 4, 0, 1) : rows_grouped(j, n0, n1, R_, GROUP_, 4, 0, 0)) \
      : is_signed ? rows_grouped(j, n0, n1, R_, GROUP_, 8, 1, 0) \
      : has_bias ? rows_grouped(j, n0, n1, R_, GROUP_, 8, 0, 1) : rows_grouped(j, n0, n1, R_, GROUP_, 8, 0, 0))
 #define G32(R_) KIND(R_, 32)
@@ -205,35 +276,53 @@ static void rows(const Job *j, int64_t n0, int64_t n1, int R, int64_t group, int
 }
 
 /* The inputs this build takes: K a multiple of this (and of the group). */
-int moshi_k_multiple(void) { return 2 * VW; }
+int moshi_k_multiple(void) { return 64; }
 
-/* y [rows, N] = x [rows, K] · Wᵀ. Returns 0, or -1 for arguments this build does not take, -2 when
- * out of memory. Signed codes take no biases (GGUF's Q8_0 has none). */
-int moshi_grouped_matmul(const float *x, int64_t rows_x, int64_t K, int64_t N, const uint8_t *codes, int bits,
-                         int is_signed, int64_t group, const uint16_t *scales, int scales_fp16,
-                         const uint16_t *biases, float *y, int threads) {
+static inline float bf16_value(uint16_t h) { return half_to_float(h, 0); }
+
+/* y [rows, N] = x [rows, K] · Wᵀ, x fp32 or (``x_is_bf16``) bf16. Returns 0, or -1 for arguments
+ * this build does not take, -2 when out of memory. Signed codes take no biases (GGUF's Q8_0 has
+ * none). bf16 activations with 4-bit codes take the AVX512-BF16 path where this build has it. */
+int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_t K, int64_t N,
+                         const uint8_t *codes, int bits, int is_signed, int64_t group, const uint16_t *scales,
+                         int scales_fp16, const uint16_t *biases, float *y, int threads) {
     if ((bits != 4 && bits != 8) || (bits == 4 && is_signed) || (is_signed && biases) || rows_x < 1 || N < 1 ||
-        (group != 32 && group != 64 && group != 128) || K % group || K % (2 * VW))
+        (group != 32 && group != 64 && group != 128) || K % group || K % (2 * VW) || K % 64)
         return -1;
-    const int64_t G = K / group;
-    float *reordered = bits == 4 ? malloc(sizeof(float) * rows_x * K) : 0;
+    const int64_t G = K / group, count = rows_x * K;
+    const float *xf = x_is_bf16 ? 0 : x_in;
+    const uint16_t *xb = x_is_bf16 ? x_in : 0;
+    const int bf16_path = BF16_PATH && bits == 4 && x_is_bf16;
+    /* the activations as the kernel reads them: fp32 (4-bit codes: reordered) or bf16 reordered */
+    float *x_work = bf16_path || (bits == 8 && !x_is_bf16) ? 0 : malloc(sizeof(float) * count);
+    uint16_t *x_pairs = bf16_path ? malloc(sizeof(uint16_t) * count) : 0;
     float *x_sums = biases ? malloc(sizeof(float) * rows_x * G) : 0;
-    if ((bits == 4 && !reordered) || (biases && !x_sums)) {
-        free(reordered);
+    if ((!x_work && !bf16_path && !(bits == 8 && !x_is_bf16)) || (bf16_path && !x_pairs) || (biases && !x_sums)) {
+        free(x_work);
+        free(x_pairs);
         free(x_sums);
         return -2;
     }
-    if (bits == 4) /* the nibbles of VW bytes are VW even then VW odd inputs: x in that order */
-        for (int64_t i = 0; i < rows_x * K; i += 2 * VW)
-            for (int v = 0; v < VW; v++) {
-                reordered[i + v] = x[i + 2 * v];
-                reordered[i + VW + v] = x[i + 2 * v + 1];
+    if (bf16_path) /* each 64 inputs: the 32 even, then the 32 odd */
+        for (int64_t i = 0; i < count; i += 64)
+            for (int v = 0; v < 32; v++) {
+                x_pairs[i + v] = xb[i + 2 * v];
+                x_pairs[i + 32 + v] = xb[i + 2 * v + 1];
             }
+    else if (bits == 4) /* the nibbles of VW bytes are VW even then VW odd inputs: x in that order */
+        for (int64_t i = 0; i < count; i += 2 * VW)
+            for (int v = 0; v < VW; v++) {
+                x_work[i + v] = xb ? bf16_value(xb[i + 2 * v]) : xf[i + 2 * v];
+                x_work[i + VW + v] = xb ? bf16_value(xb[i + 2 * v + 1]) : xf[i + 2 * v + 1];
+            }
+    else if (x_is_bf16)
+        for (int64_t i = 0; i < count; i++) x_work[i] = bf16_value(xb[i]);
     for (int64_t i = 0; biases && i < rows_x * G; i++) {
         float sum = 0;
-        for (int64_t k = 0; k < group; k++) sum += x[i * group + k];
+        for (int64_t k = i * group; k < (i + 1) * group; k++) sum += xb ? bf16_value(xb[k]) : xf[k];
         x_sums[i] = sum;
     }
+    const float *x = x_work ? x_work : xf;
     int failed = 0;
     if (threads < 1) threads = 1;
     if (threads > N) threads = (int)N;
@@ -250,14 +339,15 @@ int moshi_grouped_matmul(const float *x, int64_t rows_x, int64_t K, int64_t N, c
         float *row = malloc(sizeof(float) * 2 * G);
         failed = !row;
         for (int64_t r0 = 0; row && r0 < rows_x && n0 < n1; r0 += MAX_ROWS) {
-            Job j = {(bits == 4 ? reordered : x) + r0 * K, biases ? x_sums + r0 * G : 0, K, N, codes, scales, biases,
-                     scales_fp16, y + r0 * N, row, row + G};
+            Job j = {x ? x + r0 * K : 0, x_pairs ? x_pairs + r0 * K : 0, biases ? x_sums + r0 * G : 0, K, N, codes,
+                     scales, biases, scales_fp16, y + r0 * N, row, row + G};
             const int R = rows_x - r0 < MAX_ROWS ? (int)(rows_x - r0) : MAX_ROWS;
             rows(&j, n0, n1, R, group, bits, is_signed);
         }
         free(row);
     }
-    free(reordered);
+    free(x_work);
+    free(x_pairs);
     free(x_sums);
     return failed ? -2 : 0;
 }

@@ -50,8 +50,11 @@ def test_affine_codes_give_the_dequantized_product(variant, bits, group, dtype):
     codes, scales, biases = _affine(generator, N, K, bits, group, dtype)
     weight = dequantize(codes, scales, biases, bits)
     for rows in (1, 2, 3, 8, 11):  # 11: two passes over the weight (8 rows, then 3)
+        # fp32 activations, and bf16 ones (4-bit codes: the AVX512-BF16 path where built)
         x = torch.randn(rows, K, generator=generator)
         _check(kernels.grouped_matmul(x, codes, bits, group, scales, biases, variant=variant), x, weight)
+        x = x.bfloat16()
+        _check(kernels.grouped_matmul(x, codes, bits, group, scales, biases, variant=variant), x.float(), weight)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -62,9 +65,10 @@ def test_signed_codes_without_biases_give_gguf_q8_0(variant):
     scales = (torch.rand(N, K // 32, generator=generator) / 100).half()
     weight = (codes.float().view(N, -1, 32) * scales.float()[..., None]).view(N, K)
     for rows in (1, 4, 9):
-        x = torch.randn(rows, K, generator=generator)
-        got = kernels.grouped_matmul(x, codes.view(N, K // 32, 32), 8, 32, scales, None, signed=True, variant=variant)
-        _check(got, x, weight)
+        for x in (torch.randn(rows, K, generator=generator), torch.randn(rows, K, generator=generator).bfloat16()):
+            got = kernels.grouped_matmul(x, codes.view(N, K // 32, 32), 8, 32, scales, None, signed=True,
+                                         variant=variant)
+            _check(got, x.float(), weight)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
