@@ -162,6 +162,15 @@ def int8_kernel() -> str:
     return "weight-only int8 (PyTorch's int8pack kernel), activations in the model dtype"
 
 
+def grouped_kernel() -> str:
+    """Which product Q8_0, --quantize int4 and MLX's codes run on this CPU, for ``moshi doctor`` and
+    the benchmarks."""
+    variant = kernels.chosen_variant()
+    if variant is None:
+        return "PyTorch's int4 kernel (native kernels not built or off)"
+    return f"native kernels, {variant} build, activations unquantized"
+
+
 class Int8Linear(nn.Module):
     """``y = x · (weight · weight_scb / 127)ᵀ`` with int8 weights; ``compute_dtype``: that of x.
 

@@ -14,6 +14,7 @@ kernels. The variant is chosen at run time from what both the CPU and PyTorch's 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.machinery
@@ -76,6 +77,22 @@ def chosen_variant() -> str | None:
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     return next((v for v in runnable_variants() if v == "generic" or capability in _CAPABILITIES[v]), None)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within it, layers prepared choose no native kernel: what an install without them runs."""
+    previous = os.environ.get("MOSHI_NO_NATIVE_KERNELS")
+    os.environ["MOSHI_NO_NATIVE_KERNELS"] = "1"
+    chosen_variant.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MOSHI_NO_NATIVE_KERNELS"]
+        else:
+            os.environ["MOSHI_NO_NATIVE_KERNELS"] = previous
+        chosen_variant.cache_clear()
 
 
 @functools.cache

@@ -19,12 +19,9 @@ def lm_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture
-def without_native_kernels(monkeypatch):
+def without_native_kernels():
     """The quantized linears as an install without the native kernels runs them (PyTorch's kernels)."""
     from engine import kernels
 
-    monkeypatch.setenv("MOSHI_NO_NATIVE_KERNELS", "1")
-    kernels.chosen_variant.cache_clear()
-    yield
-    monkeypatch.undo()
-    kernels.chosen_variant.cache_clear()
+    with kernels.disabled():
+        yield
