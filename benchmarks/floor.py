@@ -126,7 +126,7 @@ def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dt
     with torch.device("meta"):
         model = LMModel(cfg)
     names = quant.quantized_linear_names(model)
-    quant.replace_linears(model, names, mode, dtype, device)
+    quant.replace_linears(model, names, mode, dtype)
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for key, value in model.state_dict().items():

@@ -483,8 +483,7 @@ def release_pages(address: int, nbytes: int) -> None:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
-def quantize_state(state: dict[str, torch.Tensor], names: list[str], mode: str,
-                   device: torch.device) -> dict[str, torch.Tensor]:
+def quantize_state(state: dict[str, torch.Tensor], names: list[str], mode: str) -> dict[str, torch.Tensor]:
     """Replace the float weights of the linears ``names`` by their quantized tensors, one at a time.
 
     Tensors are read straight from the memory-mapped file, and their pages released once read:
@@ -505,8 +504,7 @@ def quantize_state(state: dict[str, torch.Tensor], names: list[str], mode: str,
     return state
 
 
-def replace_linears(model: nn.Module, names: list[str], mode: str, compute_dtype: torch.dtype,
-                    device: torch.device) -> None:
+def replace_linears(model: nn.Module, names: list[str], mode: str, compute_dtype: torch.dtype) -> None:
     """Swap the named nn.Linear modules for empty quantized ones (build on the meta device), with
     the same choice per shape as ``quantize_state``."""
     for name in names:

@@ -119,15 +119,20 @@ typedef struct {
 } Job;
 
 /* One row's scales (and biases) in fp32, so that the hot loop only broadcasts them. */
+static inline void widen_halves(const uint16_t *src, float *dst, int64_t count, int fp16) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    if (fp16)
+        for (; i + 8 <= count; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    if (!fp16)
+        for (; i < count; i++) dst[i] = half_to_float(src[i], 0); /* a shift: the compiler vectorizes it */
+    for (; i < count; i++) dst[i] = half_to_float(src[i], fp16);
+}
+
 static inline void widen_row(const Job *j, int64_t n, int64_t G) {
-    const uint16_t *s = j->scales + n * G, *b = j->biases ? j->biases + n * G : 0;
-    if (j->scales_fp16) {
-        for (int64_t g = 0; g < G; g++) j->row_scales[g] = half_to_float(s[g], 1);
-        for (int64_t g = 0; b && g < G; g++) j->row_biases[g] = half_to_float(b[g], 1);
-    } else {
-        for (int64_t g = 0; g < G; g++) j->row_scales[g] = half_to_float(s[g], 0);
-        for (int64_t g = 0; b && g < G; g++) j->row_biases[g] = half_to_float(b[g], 0);
-    }
+    widen_halves(j->scales + n * G, j->row_scales, G, j->scales_fp16);
+    if (j->biases) widen_halves(j->biases + n * G, j->row_biases, G, j->scales_fp16);
 }
 
 /* Σ_g bias[g] · (Σ of x over group g): a row's bias term. */
@@ -276,7 +281,7 @@ static void rows(const Job *j, int64_t n0, int64_t n1, int R, int64_t group, int
 }
 
 /* The inputs this build takes: K a multiple of this (and of the group). */
-int moshi_k_multiple(void) { return 64; }
+int moshi_k_multiple(void) { return 32; }
 
 static inline float bf16_value(uint16_t h) { return half_to_float(h, 0); }
 
@@ -287,12 +292,12 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
                          const uint8_t *codes, int bits, int is_signed, int64_t group, const uint16_t *scales,
                          int scales_fp16, const uint16_t *biases, float *y, int threads) {
     if ((bits != 4 && bits != 8) || (bits == 4 && is_signed) || (is_signed && biases) || rows_x < 1 || N < 1 ||
-        (group != 32 && group != 64 && group != 128) || K % group || K % (2 * VW) || K % 64)
+        (group != 32 && group != 64 && group != 128) || K % group || K % 32)
         return -1;
     const int64_t G = K / group, count = rows_x * K;
     const float *xf = x_is_bf16 ? 0 : x_in;
     const uint16_t *xb = x_is_bf16 ? x_in : 0;
-    const int bf16_path = BF16_PATH && bits == 4 && x_is_bf16;
+    const int bf16_path = BF16_PATH && bits == 4 && x_is_bf16 && K % 64 == 0; /* its steps: 64 inputs */
     /* the activations as the kernel reads them: fp32 (4-bit codes: reordered) or bf16 reordered */
     float *x_work = bf16_path || (bits == 8 && !x_is_bf16) ? 0 : malloc(sizeof(float) * count);
     uint16_t *x_pairs = bf16_path ? malloc(sizeof(uint16_t) * count) : 0;

@@ -72,13 +72,14 @@ def test_signed_codes_without_biases_give_gguf_q8_0(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_bf16_activations_and_leading_dimensions(variant):
+@pytest.mark.parametrize("K", [256, 96])  # 96: no multiple of the AVX512-BF16 path's 64 inputs
+def test_bf16_activations_and_leading_dimensions(variant, K):
     generator = torch.Generator().manual_seed(1)
-    codes, scales, biases = _affine(generator, 48, 256, 4, 32, torch.bfloat16)
-    x = torch.randn(2, 3, 256, generator=generator).bfloat16()
+    codes, scales, biases = _affine(generator, 48, K, 4, 32, torch.bfloat16)
+    x = torch.randn(2, 3, K, generator=generator).bfloat16()
     got = kernels.grouped_matmul(x, codes, 4, 32, scales, biases, variant=variant)
     assert got.shape == (2, 3, 48) and got.dtype == torch.float32
-    _check(got.view(6, 48), x.float().view(6, 256), dequantize(codes, scales, biases, 4))
+    _check(got.view(6, 48), x.float().view(6, K), dequantize(codes, scales, biases, 4))
 
 
 def test_threads_split_rows_and_give_the_same_bits():
@@ -104,6 +105,7 @@ def test_shapes_the_kernel_does_not_take_are_refused():
     generator = torch.Generator().manual_seed(3)
     codes, scales, biases = _affine(generator, 16, 256, 4, 32, torch.bfloat16)
     assert kernels.fits(256, 32, torch.bfloat16) and not kernels.fits(256, 32, torch.float32)
+    assert kernels.fits(96, 32, torch.bfloat16) and not kernels.fits(96, 64, torch.bfloat16)
     assert not kernels.fits(256 + 16, 16, torch.bfloat16) and not kernels.fits(256, 256, torch.bfloat16)
     with pytest.raises(ValueError, match="do not describe"):
         kernels.grouped_matmul(torch.randn(1, 256), codes, 4, 64, scales, biases)
