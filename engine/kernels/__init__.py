@@ -2,9 +2,9 @@
 
 ``grouped.c`` multiplies a few rows of activations by a weight kept as stored: 4-bit codes (two a
 byte, the even input in the low nibble) or 8-bit codes, signed or not, with a bf16 or fp16 scale
-(and optionally a bias) per group of inputs. It widens each code to its exact dequantized fp32
-weight in registers and accumulates in fp32, so its result is the fp32 product with the
-dequantized weight up to the order of the sums; activations are never quantized.
+(and optionally a bias) per group of inputs. It widens each code exactly in registers, sums q·x
+per group in fp32 and adds scale · that + bias · (Σ x over the group): the fp32 product with the
+dequantized weight, up to fp32 rounding in another order; activations are never quantized.
 
 setup.py builds the one source once per instruction set (``VARIANTS``, best first); a build that
 failed (no compiler, another architecture) is simply absent, and the linears then use PyTorch's

@@ -5,12 +5,14 @@
  * with 4-bit codes (two a byte, the even input in the low nibble: MLX's layout and ours) or 8-bit
  * codes (signed: GGUF's Q8_0; unsigned: MLX's q8), scales and biases bf16 or fp16.
  *
- * At batch 1 a product is memory-bound: each weight byte is read once and every code is widened
- * in registers to its fp32 weight with one FMA, q · scale + bias. q · scale is exact in fp32 (an
- * 8-bit integer times a 16-bit float's 8 or 11 significant bits), so the weight is bit for bit
- * the dequantized one and the result is the fp32 product with the dequantized weight, up to the
- * order of the fp32 sums. This beats summing q·x per group and scaling afterwards: no per-group
- * reductions, no sums of x, and the accumulators run over the whole row.
+ * At batch 1 a product is memory-bound: each weight byte is read once. Every code is widened
+ * exactly (to fp32, or to bf16 on the AVX512-BF16 path for 4-bit codes and bf16 activations, whose
+ * products are then exact too), and per group the kernel sums q·x in fp32, then adds
+ * scale · (Σ q·x) + bias · (Σ x over the group), the sums of x computed once per call. That is the
+ * product with the dequantized weight rearranged: the result differs from the fp32 product with
+ * the dequantized weight only by fp32 rounding in another order. Widening each code to its
+ * weight instead (q · scale + bias, one more FMA per widened vector) measured alike within the
+ * noise of a shared 2-core machine; the per-group form does fewer instructions.
  *
  * The same source is compiled once per instruction set (see setup.py); the vector width follows
  * the compiler's target. Rows of W are split over ``threads`` OpenMP threads.

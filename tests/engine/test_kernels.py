@@ -1,9 +1,9 @@
 """The native grouped kernels (engine/kernels), every build this CPU runs, against the float64
 product with the dequantized weight.
 
-The kernel widens each code to its exact fp32 weight and sums in fp32, so it differs from the
-dequantized product only by the order of the fp32 sums: bounded here at 1e-6 of Σ|x|·|w| per
-output (the rigorous worst case is K·2⁻²⁴; measured, ~5e-8), far below any quantization error.
+The kernel widens each code exactly and sums in fp32 (per group: scale · Σ q·x + bias · Σ x), so it
+differs from the dequantized product only by fp32 rounding in another order: bounded here at 1e-6
+of Σ|x|·|w| per output (measured, ~5e-8), far below any quantization error.
 """
 
 import os
