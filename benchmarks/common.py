@@ -27,7 +27,7 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "am
 def machine() -> str:
     """The CPU, its kernel-relevant features and the kernels PyTorch chose on it: figures from
     machines with other features are not comparable."""
-    from engine.quant import int8_kernel
+    from engine.quant import grouped_kernel, int8_kernel
 
     name, flags = platform.processor() or platform.machine(), set()
     try:
@@ -42,7 +42,7 @@ def machine() -> str:
         pass
     features = " ".join(f for f in CPU_FEATURES if f in flags) or "none of " + "/".join(CPU_FEATURES)
     return (f"{name}; {features}; torch {torch.__version__} CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}; int8: {int8_kernel()}")
+            f"{torch.backends.cpu.get_cpu_capability()}; int8: {int8_kernel()}; int4/q8_0/mlx: {grouped_kernel()}")
 
 
 def _row(name: str, figure: dict) -> str:

@@ -126,18 +126,19 @@ def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dt
     with torch.device("meta"):
         model = LMModel(cfg)
     names = quant.quantized_linear_names(model)
-    quant.replace_linears(model, names, mode, dtype, device)
+    quant.replace_linears(model, names, mode, dtype)
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for key, value in model.state_dict().items():
         module = model.get_submodule(key.rpartition(".")[0])
-        if isinstance(module, quant.Int4Linear) and key.endswith(".weight"):
-            codes = torch.randint(0, 16, (module.out_features, module.in_features), dtype=torch.int32,
-                                  generator=generator)
-            state[key] = quant.Int4Linear.pack(codes, packed_for_cpu=True)
-        elif isinstance(module, quant.Int4Linear):  # scales_zeros: scale, and the value of code 8
-            scale = torch.full(value.shape[:-1], 1 / (_INT4_CODE_STD * module.in_features ** 0.5))
-            state[key] = torch.stack([scale, 0.1 * scale * torch.randn(scale.shape, generator=generator)], dim=-1)
+        if isinstance(module, quant.AffineLinear) and key.endswith(".weight"):  # two random 4-bit codes a byte
+            state[key] = torch.randint(0, 256, tuple(value.shape), dtype=torch.uint8, generator=generator)
+        elif isinstance(module, quant.AffineLinear):
+            scale = 1 / (_INT4_CODE_STD * module.in_features ** 0.5)
+            if key.endswith(".scales"):
+                state[key] = torch.full(tuple(value.shape), scale)
+            else:  # biases: centre the codes (7.5 is their mean), with some noise
+                state[key] = scale * (-7.5 + 0.1 * torch.randn(tuple(value.shape), generator=generator))
         else:
             state[key] = _random_tensor(key, tuple(value.shape), value.dtype if value.dtype == torch.int8 else dtype,
                                         generator)
@@ -145,7 +146,8 @@ def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dt
         if "text_linear.weight_scb" in state:
             state["text_linear.weight_scb"][text_vocab:] = 0
         else:
-            state["text_linear.scales_zeros"][:, text_vocab:] = 0
+            state["text_linear.scales"][text_vocab:] = 0
+            state["text_linear.biases"][text_vocab:] = 0
     load_weights(model, state, f"random {mode}", dtype=dtype, device=device)
     del state
     quant.finish_quantized(model, device)

@@ -1,9 +1,14 @@
-"""Kyutai's candle q8 checkpoint (Q8_0 GGUF) beside today's ``--quantize int8``, 1 torch thread.
+"""The quantized linears' CPU kernels, and Kyutai's candle q8 checkpoint (Q8_0 GGUF) beside
+``--quantize int8``, 1 torch thread.
 
-* ``q8_0_linear_4096x11264`` / ``q8_0_layer_7b``: one bf16 step (one input row) through the gated
-  FFN's output projection of Moshi 7B, and through all four linears of one of its temporal layers,
-  with the Q8_0 block kernel (``BlockInt8Linear``); the reference column is ``Int8Linear``, the
-  kernel of ``--quantize int8``.
+* ``<kind>_layer_7b_m<M>``: M bf16 input rows (M conversations) through all four linears of one
+  temporal layer of Moshi 7B (4096 wide, FFN 11264), calls of the kinds compared alternating:
+  ``q8_0`` (``BlockInt8Linear`` on our native kernel) against ``Int8Linear`` (``--quantize int8``,
+  oneDNN); ``q8_0_old``: its PyTorch path (each code split into two int4 halves for
+  ``_weight_int4pack_mm_for_cpu``, what an install without our kernels runs) against the same;
+  ``int4`` (``--quantize int4``, groups of 128) and MLX's ``q4`` (groups of 32) and ``q8`` (groups
+  of 64) on our kernel against the same weights on PyTorch's int4 kernel; ``*_avx2``: our AVX2
+  build on this CPU.
 * ``candle_q8_load`` / ``candle_q8_peak_rss``: a mid-size LM (about 170 M values) loaded in a fresh
   process from its q8 GGUF, against the same weights' official bf16 file loaded with
   ``--quantize int8``; RSS is the rise of the high-water mark over the process before loading.
@@ -34,7 +39,8 @@ from common import run_command_line, summary  # noqa: E402
 
 from engine.moshi.loading import load_lm  # noqa: E402
 from engine.moshi.model import LMConfig  # noqa: E402
-from engine.quant import BlockInt8Linear, Int8Linear  # noqa: E402
+from engine import kernels  # noqa: E402
+from engine.quant import AffineLinear, BlockInt8Linear, Int8Linear  # noqa: E402
 
 # (out, in) of one temporal layer of Moshi 7B: fused QKV, output, gated FFN in and out.
 LAYER_7B = ((12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264))
@@ -43,34 +49,89 @@ MID_SIZE = dataclasses.replace(LMConfig.moshi_7b(), dim=1024, num_heads=8, num_l
                                depformer_ffn_hidden=1408)
 
 
-def _linears(out_features: int, in_features: int) -> tuple[BlockInt8Linear, Int8Linear]:
-    """Both kernels on random codes (times do not depend on the values)."""
-    generator = torch.Generator().manual_seed(0)
-    codes = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+def _q8_0(out_features: int, in_features: int, generator: torch.Generator) -> BlockInt8Linear:
     q8 = BlockInt8Linear(in_features, out_features, torch.bfloat16)
-    q8.weight.data = codes
+    q8.weight.data = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
     q8.scales.data = (torch.rand(out_features, in_features // 32, generator=generator) / 1000).half()
     q8.prepare()
+    return q8
+
+
+def _int8(out_features: int, in_features: int, generator: torch.Generator) -> Int8Linear:
     int8 = Int8Linear(in_features, out_features, torch.bfloat16)
-    int8.weight.data, int8.weight_scb.data = codes.clone(), torch.rand(out_features, generator=generator)
+    int8.weight.data = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    int8.weight_scb.data = torch.rand(out_features, generator=generator)
     int8.prepare()
-    return q8, int8
+    return int8
 
 
-def time_linears(shapes, repeats: int) -> dict[str, float]:
-    """Median ms of one bf16 row through all ``shapes``, each kernel, calls alternating."""
-    pairs = [_linears(*shape) for shape in shapes]
-    inputs = [torch.randn(1, shape[1]).bfloat16() for shape in shapes]
-    times: dict[str, list[float]] = {"q8_0": [], "int8": []}
+def _affine(bits: int, group: int):
+    def make(out_features: int, in_features: int, generator: torch.Generator) -> AffineLinear:
+        layer = AffineLinear(in_features, out_features, bits, group, torch.bfloat16)
+        layer.weight.data = torch.randint(0, 256, (out_features, in_features * bits // 8), dtype=torch.uint8,
+                                          generator=generator)
+        layer.scales.data = (torch.rand(out_features, in_features // group, generator=generator) / 1000).bfloat16()
+        layer.biases.data = -8 * layer.scales.data
+        layer.prepare()
+        return layer
+    return make
+
+
+class _OnVariant:
+    """A layer's product on one named build of our kernel, with the layer's own codes."""
+
+    def __init__(self, layer, variant: str):
+        self.layer, self.variant = layer, variant
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if isinstance(layer, BlockInt8Linear):
+            return kernels.grouped_matmul(x, layer.weight, 8, 32, layer.scales, None, signed=True, variant=self.variant)
+        return kernels.grouped_matmul(x, layer.weight, layer.bits, layer.group_size, layer.scales, layer.biases,
+                                      variant=self.variant)
+
+
+# comparison -> (ours, reference), each (a maker of one linear from (out, in, generator), how):
+# how "" as the model runs it, "old" built with our kernels off (PyTorch's path), "avx2" our AVX2 build
+COMPARISONS = {
+    "q8_0": ((_q8_0, ""), (_int8, "")),
+    "q8_0_old": ((_q8_0, "old"), (_int8, "")),
+    "int4": ((_affine(4, 128), ""), (_affine(4, 128), "old")),
+    "mlx_q4": ((_affine(4, 32), ""), (_affine(4, 32), "old")),
+    "mlx_q8": ((_affine(8, 64), ""), (_affine(8, 64), "old")),
+    "q8_0_avx2": ((_q8_0, "avx2"), (_int8, "")),
+    "int4_avx2": ((_affine(4, 128), "avx2"), (_affine(4, 128), "old")),
+}
+
+
+def _build(maker, how: str, shape: tuple[int, int]):
+    generator = torch.Generator().manual_seed(0)
+    if how == "old":
+        with kernels.disabled():
+            return maker(*shape, generator)
+    layer = maker(*shape, generator)
+    return _OnVariant(layer, how) if how else layer
+
+
+def time_comparison(name: str, shapes, rows: int, repeats: int) -> dict[str, float] | None:
+    """Median ms of ``rows`` bf16 input rows through all ``shapes``, ours and the reference, calls alternating."""
+    ours, reference = COMPARISONS[name]
+    # None where this install lacks the kernel that ours needs
+    if (ours[1] != "old" and kernels.chosen_variant() is None) or (
+            ours[1] == "avx2" and "avx2" not in kernels.runnable_variants()):
+        return None
+    sides = [[_build(maker, how, shape) for shape in shapes] for maker, how in (ours, reference)]
+    inputs = [torch.randn(rows, shape[1]).bfloat16() for shape in shapes]
+    times: list[list[float]] = [[], []]
     with torch.no_grad():
         for repeat in range(repeats + 2):
-            for kind, index in (("q8_0", 0), ("int8", 1)):
+            for side, layers in enumerate(sides):
                 start = time.perf_counter()
-                for pair, x in zip(pairs, inputs):
-                    pair[index](x)
+                for layer, x in zip(layers, inputs):
+                    layer(x)
                 if repeat >= 2:  # warm-up
-                    times[kind].append((time.perf_counter() - start) * 1000)
-    return times
+                    times[side].append((time.perf_counter() - start) * 1000)
+    return summary(*times)
 
 
 def _rss_mb(field: str) -> float:
@@ -140,11 +201,13 @@ def _logit_error(path: Path, cfg: LMConfig, steps: int = 8) -> float:
 
 def run(quick: bool) -> dict[str, dict]:
     shapes = tuple((out // 8, inp // 8) for out, inp in LAYER_7B) if quick else LAYER_7B
-    repeats = 3 if quick else 30
+    repeats = 3 if quick else 15
     figures = {}
-    for name, chosen in (("q8_0_linear_4096x11264", shapes[3:]), ("q8_0_layer_7b", shapes)):
-        times = time_linears(chosen, repeats)
-        figures[name] = summary(times["q8_0"], times["int8"])
+    for rows in (1, 4, 8):
+        for name in COMPARISONS:
+            figure = None if name.endswith("avx2") and rows > 1 else time_comparison(name, shapes, rows, repeats)
+            if figure is not None:
+                figures[f"{name}_layer_7b_m{rows}"] = figure
     cfg = dataclasses.replace(MID_SIZE, dim=256, num_heads=2, ffn_hidden=672, text_card=500, depformer_dim=64,
                               depformer_num_heads=1, depformer_ffn_hidden=176) if quick else MID_SIZE
     with tempfile.TemporaryDirectory(prefix="moshi-bench-") as folder:
@@ -153,7 +216,8 @@ def run(quick: bool) -> dict[str, dict]:
 
 
 # What the table's reference column is, under it.
-NOTE = ("reference column: our --quantize int8 (candle_q8_rss_vs_file: the GGUF file's size)")
+NOTE = ("reference column: q8_0*: our --quantize int8; int4*, mlx_*: the same weights on PyTorch's int4 kernel "
+        "(our kernels off); candle_q8_*: --quantize int8 (rss_vs_file: the GGUF file's size)")
 
 
 def main() -> None:

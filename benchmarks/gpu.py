@@ -91,8 +91,7 @@ def step_bytes(cfg, mode: str | None) -> int:
     with torch.device("meta"):
         model = LMModel(cfg).to(torch.bfloat16)
         if mode is not None:
-            quant.replace_linears(model, quant.quantized_linear_names(model), mode, torch.bfloat16,
-                                  torch.device("cuda"))
+            quant.replace_linears(model, quant.quantized_linear_names(model), mode, torch.bfloat16)
     return weight_bytes_per_step(model)
 
 

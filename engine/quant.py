@@ -9,14 +9,15 @@ stream stay in the model's dtype.
   q8 files (``kyutai/moshi{ko,ka}-pytorch-q8``) load into it as they are, without bitsandbytes.
 * ``BlockInt8Linear`` holds GGUF's Q8_0 (the candle ``model.q8.gguf`` files): int8 codes with
   one fp16 scale per block of 32 inputs, W = weight · scale of its block, exactly as stored.
-* ``Int4Linear`` stores 4-bit codes q in 0..15 with a bf16 scale and offset per group of
-  ``group_size`` inputs: W ≈ (q − 8) · scale + zero. It exists only in memory (quantized at load
-  time from a bf16 file); there is no int4 file format.
+* ``AffineLinear`` holds MLX's affine codes: 4- or 8-bit codes q with a scale and a bias per group
+  of inputs, W = q · scale + bias (Kyutai's MLX q4/q8 files, and ``--quantize int4``, which
+  quantizes a bf16 file to 4 bits at load time in the same layout; there is no int4 file format).
 
 On CPU the products run on kernels that read the small weights directly: oneDNN's int8 matmul
-for int8, PyTorch's ``_weight_int4pack_mm_for_cpu`` (the one gpt-fast uses) for int4. Elsewhere
-(CUDA) the weight is widened to the activations' dtype for each product: always correct, and as
-fast as the device's plain matmul.
+for int8; for Q8_0 and the affine codes, our own kernels (``engine/kernels``), which multiply by
+the stored codes and scales, or PyTorch's ``_weight_int4pack_mm_for_cpu`` (the one gpt-fast uses)
+where those are not built. Elsewhere (CUDA) the weight is widened to the activations' dtype for
+each product: always correct, and as fast as the device's plain matmul.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import CheckpointError
 from .moshi.model import ZERO_TOKEN
 from .transformer import Attention
 
 MODES = ("int8", "int4")
-# The CPU int4 kernel takes groups of 32, 64, 128 or 256 inputs and a multiple of 16 outputs.
+# Group sizes of --quantize int4, largest first (PyTorch's CPU int4 kernel, the fallback, takes
+# these and a multiple of 16 outputs; ours, these and any number of outputs).
 INT4_GROUP_SIZES = (128, 64, 32)
 # The q8 layout names the scale of a weight ``<weight key>_scb`` (bitsandbytes' "SCB").
 SCALE_SUFFIX = "_scb"
@@ -88,29 +91,45 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int4_group_size(in_features: int, out_features: int) -> int | None:
-    """The largest group size the int4 kernel accepts for this shape; None: the linear stays int8."""
+    """The largest group size that divides the input; None: the linear stays int8. A multiple of
+    16 outputs keeps every int4 layer on PyTorch's int4 kernel where ours are not built."""
     if out_features % 16:
         return None
     return next((size for size in INT4_GROUP_SIZES if in_features % size == 0), None)
 
 
-def int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit codes per group of inputs: ``(q [N, K] int32 in 0..15, scales_zeros [K/g, N, 2])``.
-
-    The kernel's convention (gpt-fast's): W ≈ (q − 8) · scale + zero, so zero is the value of code 8.
-    """
+def int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes per group of inputs in MLX's layout: ``(codes [N, K/2] uint8, two a
+    byte, the even input in the low nibble; scales [N, K/g]; biases [N, K/g])``, fp32 scales and
+    biases, W ≈ q · scale + bias with bias the group's minimum."""
     N, K = weight.shape
-    codes = torch.empty(N, K, dtype=torch.int32)
-    scales_zeros = torch.empty(K // group_size, N, 2)
+    codes = torch.empty(N, K // 2, dtype=torch.uint8)
+    scales, biases = torch.empty(N, K // group_size), torch.empty(N, K // group_size)
     for start, block in _row_blocks(weight):
         rows = slice(start, start + len(block))
         groups = block.view(len(block), K // group_size, group_size)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((high - low) / 15).clamp(min=1e-6)
         groups.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15)
-        codes[rows] = block
-        scales_zeros[:, rows] = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1)
-    return codes, scales_zeros
+        q = block.to(torch.uint8)
+        codes[rows] = q[:, 0::2] | (q[:, 1::2] << 4)
+        scales[rows], biases[rows] = scale, low
+    return codes, scales, biases
+
+
+def unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 bytes [rows, in·bits/8] -> uint8 codes [rows, in]."""
+    if bits == 8:
+        return codes
+    return torch.stack([codes & 15, codes >> 4], dim=-1).view(codes.shape[0], -1)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int) -> torch.Tensor:
+    """The fp32 weight [rows, in] of packed affine ``codes`` and their per-group ``scales`` and ``biases``."""
+    values = unpack(codes, bits)
+    rows, groups = scales.shape
+    grouped = values.view(rows, groups, -1).float()
+    return (grouped * scales.float()[..., None] + biases.float()[..., None]).view(rows, -1)
 
 
 def _onednn_int8_matmul(codes: torch.Tensor, input_zero_point: int, packed: torch.Tensor,
@@ -141,6 +160,15 @@ def int8_kernel() -> str:
     if torch.backends.mkldnn.is_available() and not int8_saturates():
         return "oneDNN u8×s8 (VNNI), 8-bit activations"
     return "weight-only int8 (PyTorch's int8pack kernel), activations in the model dtype"
+
+
+def grouped_kernel() -> str:
+    """Which product Q8_0, --quantize int4 and MLX's codes run on this CPU, for ``moshi doctor`` and
+    the benchmarks."""
+    variant = kernels.chosen_variant()
+    if variant is None:
+        return "PyTorch's int4 kernel (native kernels not built or off)"
+    return f"native kernels, {variant} build, activations unquantized"
 
 
 class Int8Linear(nn.Module):
@@ -205,45 +233,99 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-class Int4Linear(nn.Module):
-    """4-bit weights in groups of ``group_size`` inputs.
+# Rows repacked for PyTorch's int4 kernel at a time (a multiple of its 64-row blocks): the int32
+# codes its packing function takes stay a few MB instead of 0.5 GB for a vocabulary projection.
+_PACK_ROWS = 1024
 
-    ``packed_for_cpu``: ``weight`` is in the layout of the CPU kernel (opaque, [N, K/2] uint8);
-    otherwise it holds two codes per byte (low nibble: even input), widened for each product.
+
+class AffineCodes(nn.Module):
+    """A matrix of ``rows`` × ``inputs`` in MLX's affine codes, as the file holds it: ``weight`` (the
+    packed codes' bytes, two 4-bit codes a byte with the even input in the low nibble, or one 8-bit
+    code), ``scales`` and ``biases`` (one per group of ``group_size`` inputs, in ``compute_dtype``)."""
+
+    def __init__(self, rows: int, inputs: int, bits: int, group_size: int, compute_dtype: torch.dtype):
+        super().__init__()
+        self.bits, self.group_size, self.compute_dtype = bits, group_size, compute_dtype
+        self.weight = nn.Parameter(torch.empty(rows, inputs * bits // 8, dtype=torch.uint8), requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(rows, inputs // group_size, dtype=compute_dtype), requires_grad=False)
+        self.biases = nn.Parameter(torch.empty(rows, inputs // group_size, dtype=compute_dtype), requires_grad=False)
+
+
+class AffineLinear(AffineCodes):
+    """``y = x · Wᵀ`` with W = q · scale + bias held as affine codes; computes in ``compute_dtype``.
+
+    ``quantization``: what a session shows, "int4" for ``--quantize int4``, "mlx-q4"/"mlx-q8" for
+    MLX's files. Three ways to multiply (``prepare`` picks one):
+
+    * exact (fp32, or a device without a kernel): the weight is dequantized in fp32 for each
+      product (exactly: ``scale · q`` needs at most 16 significant bits, so the one rounding is that
+      of the sum, as in MLX's own dequantization), then widened to the activations' dtype.
+    * native (a CPU in bf16/fp16, ``engine/kernels`` built): our kernel reads the codes, scales
+      and biases as stored and gives the fp32 product with the dequantized weight, up to the order
+      of the fp32 sums; the activations are not quantized.
+    * PyTorch's int4 kernel (a CPU without ours): its convention is ``w = (c − 8) · scale + zero``,
+      so a 4-bit code maps onto it with ``zero = bias + 8 · scale``, and an 8-bit code splits into
+      its two nibbles, ``q = 16·hi + lo``, an int4 product twice as wide. It takes its scales and
+      zeros in the activations' dtype: rounding ``zero`` to bf16 makes this path approximate.
     """
 
-    quantization = "int4"  # the name a session's info shows (``quantization_of``)
-
-    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype, group_size: int,
-                 packed_for_cpu: bool = True):
-        super().__init__()
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 compute_dtype: torch.dtype, quantization: str | None = None):
+        super().__init__(out_features, in_features, bits, group_size, compute_dtype)
         self.in_features, self.out_features = in_features, out_features
-        self.compute_dtype, self.group_size, self.packed_for_cpu = compute_dtype, group_size, packed_for_cpu
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8), requires_grad=False)
-        self.scales_zeros = nn.Parameter(torch.empty(in_features // group_size, out_features, 2, dtype=compute_dtype),
-                                         requires_grad=False)
+        self.quantization = quantization or f"mlx-q{bits}"
+        self.native = False  # set by prepare()
+        # Once prepared for PyTorch's int4 kernel: its packed codes, and its scales and zeros [groups, out, 2]
+        self.packed: nn.Parameter | None = None
+        self.scales_zeros: nn.Parameter | None = None
 
-    @staticmethod
-    def pack(codes: torch.Tensor, packed_for_cpu: bool) -> torch.Tensor:
-        if packed_for_cpu:
-            return torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    def prepare(self) -> None:
+        """Pick the product for this device and dtype; fp32 stays on the exact path."""
+        if self.weight.device.type != "cpu" or self.compute_dtype == torch.float32:
+            return
+        self.native = kernels.fits(self.in_features, self.group_size, self.scales.dtype)
+        if not self.native and self.group_size in INT4_GROUP_SIZES and self.out_features % 16 == 0:
+            self._pack_for_torch()
+
+    def _pack_for_torch(self) -> None:
+        """Repack the codes for PyTorch's int4 kernel and drop the file's copy (its pages are released).
+
+        8-bit codes become one int4 matrix twice as wide, [hi | lo], which multiplies [x | x]:
+        the kernel sums both halves in its fp32 accumulator and rounds once."""
+        scale, bias = self.scales.float(), self.biases.float()
+        halves = 2 if self.bits == 8 else 1
+        packed = torch.empty(self.out_features, halves * self.in_features // 2, dtype=torch.uint8)
+        for start in range(0, self.out_features, _PACK_ROWS):
+            rows = slice(start, start + _PACK_ROWS)
+            codes = unpack(self.weight[rows], self.bits)
+            if self.bits == 8:
+                codes = torch.cat([codes >> 4, codes & 15], dim=1)
+            packed[rows] = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        # the kernel's w = (c − 8) · scale + zero
+        parts = [(scale, bias + 8 * scale)] if self.bits == 4 else [(16 * scale, 128 * scale), (scale, bias + 8 * scale)]
+        scales_zeros = torch.cat([torch.stack(part, dim=-1).transpose(0, 1) for part in parts])
+        self.packed = nn.Parameter(packed, requires_grad=False)
+        self.scales_zeros = nn.Parameter(scales_zeros.to(self.compute_dtype).contiguous(), requires_grad=False)
+        for tensor in (self.weight, self.scales, self.biases):
+            _release_pages(tensor)
+        self.weight = self.scales = self.biases = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_for_cpu:
-            flat = x.reshape(-1, self.in_features)
-            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_zeros.to(x.dtype))
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self._dequantized().to(x.dtype))
-
-    def _dequantized(self) -> torch.Tensor:
-        codes = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).view(self.out_features, -1)
-        groups = codes.view(self.out_features, -1, self.group_size).float() - 8
-        scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)
-        return (groups * scale[..., None] + zero[..., None]).view(self.out_features, self.in_features)
+        if self.native:
+            return kernels.grouped_matmul(x, self.weight, self.bits, self.group_size, self.scales,
+                                          self.biases).to(x.dtype)
+        if self.packed is None:
+            return F.linear(x, dequantize(self.weight, self.scales, self.biases, self.bits).to(x.dtype))
+        flat = x.reshape(-1, self.in_features)
+        if self.bits == 8:
+            flat = torch.cat([flat, flat], dim=1)
+        out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_zeros.to(x.dtype))
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4, group_size={self.group_size}"
+        path = "native kernel" if self.native else "int4 kernel" if self.packed is not None else "dequantized"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.quantization}, "
+                f"group_size={self.group_size}, {path}")
 
 
 Q8_BLOCK = 32  # inputs per scale in GGUF's Q8_0
@@ -252,12 +334,15 @@ Q8_BLOCK = 32  # inputs per scale in GGUF's Q8_0
 class BlockInt8Linear(nn.Module):
     """GGUF's Q8_0: ``weight`` int8 [out, in] and ``scales`` fp16 [out, in/32], W = weight · scale.
 
-    Two ways to multiply, both with the file's own codes and scales (never quantized again):
+    Three ways to multiply, all with the file's own codes and scales (never quantized again):
 
     * exact (fp32 activations, or a device other than the CPU): each product widens the weight to
       the activations' dtype, block by block, then runs the plain matmul; in fp32 that weight is
       exactly the dequantized one, so the model computes what a float model of those weights does.
-    * fast (a CPU and bf16 activations, ``prepare``): PyTorch's CPU kernels take int8 weights
+    * native (a CPU in bf16, ``engine/kernels`` built): our kernel reads the int8 codes and fp16
+      scales as stored, 1.06 bytes per weight, and gives the fp32 product with the dequantized
+      weight up to the order of the fp32 sums (the activations are not quantized).
+    * PyTorch's int4 kernel (a CPU in bf16 without ours, ``prepare``): PyTorch's CPU kernels take int8 weights
       with one scale per row only, so each code q is split exactly into two 4-bit halves,
       q = 16·hi + lo, and both run through the int4 kernel that scales each group of 32 inputs:
       hi with scale 16·d, lo with scale d (and the kernel's offset of 8 codes put back as 8·d).
@@ -275,19 +360,28 @@ class BlockInt8Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
         self.scales = nn.Parameter(torch.empty(out_features, in_features // Q8_BLOCK, dtype=torch.float16),
                                    requires_grad=False)
-        # Set by prepare() on the fast path: both halves in the int4 kernel's layout, [out, in], and
-        # that kernel's scales and offsets, [2·in/32, out, 2].
+        self.native = False  # set by prepare()
+        # Set by prepare() for PyTorch's int4 kernel: both halves in its layout, [out, in], and its
+        # scales and offsets, [2·in/32, out, 2].
         self.packed: nn.Parameter | None = None
         self.scales_zeros: nn.Parameter | None = None
 
     @staticmethod
-    def fast_kernel_fits(in_features: int, out_features: int, device: torch.device, dtype: torch.dtype) -> bool:
-        # The int4 kernel takes a multiple of 16 outputs.
-        return device.type == "cpu" and dtype == torch.bfloat16 and out_features % 16 == 0
+    def kernel(in_features: int, out_features: int, device: torch.device, dtype: torch.dtype) -> str | None:
+        """The product a layer of this shape gets: "native", "int4" (PyTorch's int4 kernel, which
+        takes a multiple of 16 outputs) or None (exact)."""
+        if device.type != "cpu" or dtype != torch.bfloat16:
+            return None
+        if kernels.fits(in_features, Q8_BLOCK, torch.float16):
+            return "native"
+        return "int4" if out_features % 16 == 0 else None
 
     def prepare(self) -> None:
-        """Hand the weight to the fast kernel where it applies; the int8 copy is then dropped."""
-        if not self.fast_kernel_fits(self.in_features, self.out_features, self.weight.device, self.compute_dtype):
+        """Pick the product; for PyTorch's int4 kernel the weight is repacked and the int8 copy dropped.
+        The native kernel takes ``weight`` as [out, in], contiguous."""
+        kernel = self.kernel(self.in_features, self.out_features, self.weight.device, self.compute_dtype)
+        self.native = kernel == "native"
+        if kernel != "int4":
             return
         packed = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
         # A few times 64 rows at a time: the kernel packs rows in blocks of 64, and the int32 codes
@@ -311,6 +405,8 @@ class BlockInt8Linear(nn.Module):
         return blocks.view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return kernels.grouped_matmul(x, self.weight, 8, Q8_BLOCK, self.scales, None, signed=True).to(x.dtype)
         if self.packed is None:
             return F.linear(x, self.dequantized(x.dtype))
         flat = x.reshape(-1, self.in_features)
@@ -387,8 +483,7 @@ def release_pages(address: int, nbytes: int) -> None:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
-def quantize_state(state: dict[str, torch.Tensor], names: list[str], mode: str,
-                   device: torch.device) -> dict[str, torch.Tensor]:
+def quantize_state(state: dict[str, torch.Tensor], names: list[str], mode: str) -> dict[str, torch.Tensor]:
     """Replace the float weights of the linears ``names`` by their quantized tensors, one at a time.
 
     Tensors are read straight from the memory-mapped file, and their pages released once read:
@@ -404,15 +499,12 @@ def quantize_state(state: dict[str, torch.Tensor], names: list[str], mode: str,
         if group_size is None:
             state[key], state[key + SCALE_SUFFIX] = int8_rows(weight)
         else:
-            codes, scales_zeros = int4_groups(weight, group_size)
-            state[key] = Int4Linear.pack(codes, device.type == "cpu")
-            state[f"{name}.scales_zeros"] = scales_zeros
+            state[key], state[f"{name}.scales"], state[f"{name}.biases"] = int4_groups(weight, group_size)
         _release_pages(weight)
     return state
 
 
-def replace_linears(model: nn.Module, names: list[str], mode: str, compute_dtype: torch.dtype,
-                    device: torch.device) -> None:
+def replace_linears(model: nn.Module, names: list[str], mode: str, compute_dtype: torch.dtype) -> None:
     """Swap the named nn.Linear modules for empty quantized ones (build on the meta device), with
     the same choice per shape as ``quantize_state``."""
     for name in names:
@@ -423,15 +515,14 @@ def replace_linears(model: nn.Module, names: list[str], mode: str, compute_dtype
         if group_size is None:
             new = Int8Linear(linear.in_features, linear.out_features, compute_dtype)
         else:
-            new = Int4Linear(linear.in_features, linear.out_features, compute_dtype, group_size,
-                             packed_for_cpu=device.type == "cpu")
+            new = AffineLinear(linear.in_features, linear.out_features, 4, group_size, compute_dtype, "int4")
         setattr(parent, child, new)
 
 
 def finish_quantized(model: nn.Module, device: torch.device) -> None:
     """After the weights are assigned: derive kernel scales, and pick the attention kernel."""
     for module in model.modules():
-        if isinstance(module, Int8Linear):
+        if isinstance(module, (Int8Linear, AffineLinear)):
             module.prepare()
         elif isinstance(module, Attention) and device.type == "cpu":
             # The fused bf16 attention kernel is ~8x slower than two matmuls on CPUs without AMX;

@@ -22,7 +22,7 @@ def test_quick_benchmarks_report_ours_and_reference():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"mimi_encode", "mimi_decode", "mimi_encode_fast", "mimi_decode_fast", "mimi_codec", "mimi_codec_fast",
             "stt1b_step_bf16", "stt1b_step_int8", "stt1b_step_int4",
-            "moshi7b_depformer_step", "stt1b_peak_rss_int8", "stt1b_logit_error_int8", "q8_0_layer_7b",
+            "moshi7b_depformer_step", "stt1b_peak_rss_int8", "stt1b_logit_error_int8", "q8_0_old_layer_7b_m8",
             "candle_q8_load", "candle_q8_peak_rss", "candle_q8_logit_error"} <= set(figures)
     assert any(name.startswith("transcribe_rtf_") for name in figures)
     added = figures["chat_url_added_latency_ms"]  # --url over loopback against the in-process engine

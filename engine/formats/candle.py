@@ -177,9 +177,9 @@ class CandleGGUF:
             module = name.removesuffix(".weight")
             if module in blocks and name.endswith(".weight"):
                 block = blocks[module]
-                # The fast kernel's layout is made from the file's pages: no int8 copy of the layer.
-                packs = isinstance(block, quant.BlockInt8Linear) and block.fast_kernel_fits(
-                    block.in_features, block.out_features, device, dtype)
+                # PyTorch's int4 layout is made from the file's pages: no int8 copy of the layer.
+                packs = isinstance(block, quant.BlockInt8Linear) and block.kernel(
+                    block.in_features, block.out_features, device, dtype) == "int4"
                 codes, scales = tensor.codes_and_scales(copy=not packs)
                 block.weight = nn.Parameter(codes.to(device), requires_grad=False)
                 block.scales = nn.Parameter(scales.to(device), requires_grad=False)

@@ -92,7 +92,8 @@ def _quantize_modules(model: LMModel, state: dict[str, torch.Tensor], dtype: tor
     from torch import nn
 
     from ..moshi.model import TokenEmbedding
-    from .affine import AffineEmbedding, AffineLinear
+    from ..quant import AffineLinear
+    from .affine import AffineEmbedding
 
     for key in [k for k in state if k.endswith(".scales")]:
         name = key[:-len(".scales")]
@@ -135,14 +136,13 @@ def load_mlx_lm(path: Path, lm_config: dict | None, device: torch.device, dtype:
                 quantize: str | None) -> LMModel:
     """An MLX file as our LM (``lm_config``: its config.json keys, or None to read the sizes from
     the shapes). In fp32 a quantized file computes with exactly its dequantized weights; in bf16 on
-    a CPU its linears run on the int4 kernel (``affine.py``)."""
+    a CPU its linears run on the CPU kernels (``engine.quant.AffineLinear``)."""
     import torch
 
     from .. import quant
     from ..moshi.loading import derive_ffn_hidden, load_lm_state
     from ..moshi.model import LMConfig, LMModel
     from ..weights import load_weights, read_safetensors
-    from .affine import AffineLinear
 
     source = str(path)
     device = torch.device(device)
@@ -163,11 +163,8 @@ def load_mlx_lm(path: Path, lm_config: dict | None, device: torch.device, dtype:
     _quantize_modules(model, state, dtype)
     load_weights(model, state, source, dtype=dtype, device=device, copy_unaligned=False)
     del state
-    linears = [module for module in model.modules() if isinstance(module, AffineLinear)]
-    fast = [module for module in linears if module.kernel_fits()]
-    for module in fast:
-        module.prepare_kernel()
-    if fast:  # the reduced-precision path: the matmul attention of the other quantized models too
+    if device.type == "cpu" and dtype != torch.float32:
+        # the kernels, and the matmul attention of the other quantized models; fp32 stays exact
         quant.finish_quantized(model, device)
     return model.eval()
 

@@ -67,8 +67,8 @@ def load_lm_state(state: dict[str, torch.Tensor], source: str, cfg: LMConfig, de
         names = quant.quantized_linear_names(model)
         state = split_fused_attention(model, state)
         if not stored_int8:
-            state = quant.quantize_state(state, names, mode, device)
-        quant.replace_linears(model, names, mode, dtype, device)
+            state = quant.quantize_state(state, names, mode)
+        quant.replace_linears(model, names, mode, dtype)
     # The reference assigns the memory-mapped tensors as they lie in the file: keeping them in
     # place gives its kernels' alignment, and no second copy of gigabytes of weights.
     load_weights(model, state, source, dtype=dtype, device=device, copy_unaligned=False)

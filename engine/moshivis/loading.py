@@ -88,8 +88,8 @@ def load_moshivis(weights: str | Path, cfg: MoshiVisConfig, device: str | torch.
         model = MoshiVis(cfg)
     if quantize is not None:
         names = [f"lm.{name}" for name in quant.quantized_linear_names(model.lm)]
-        state = quant.quantize_state(split_fused_attention(model, state), names, quantize, device)
-        quant.replace_linears(model, names, quantize, dtype, device)
+        state = quant.quantize_state(split_fused_attention(model, state), names, quantize)
+        quant.replace_linears(model, names, quantize, dtype)
     load_weights(model, state, str(weights), dtype=dtype, device=device)
     if quantize is not None:
         quant.finish_quantized(model, device)

@@ -98,11 +98,12 @@ def _check_torch(model: str) -> int:
                   + ("" if enough else "; try the -q8 model or --quantize int8/int4"))
             return 0 if enough else 1
         return 0
-    from engine.quant import int8_kernel
+    from engine.quant import grouped_kernel, int8_kernel
 
     mps = torch.backends.mps.is_available()
     _line(None, "no CUDA GPU" + (", MPS available (--device mps)" if mps else "") + "; the models run on the CPU")
-    _line(True, f"CPU kernels: {torch.backends.cpu.get_cpu_capability()}; --quantize int8 runs {int8_kernel()}")
+    _line(True, f"CPU kernels: {torch.backends.cpu.get_cpu_capability()}; --quantize int8 runs {int8_kernel()}; "
+          f"int4, Q8_0 and MLX files run {grouped_kernel()}")
     if needed is not None:
         available = _available_memory_gb()
         enough = available >= needed

@@ -16,3 +16,12 @@ def lm_checkpoints(tmp_path_factory):
         paths[name] = folder / f"{name}.safetensors"
         save_file(random_lm_state(cfg, seed=1), paths[name])
     return paths
+
+
+@pytest.fixture
+def without_native_kernels():
+    """The quantized linears as an install without the native kernels runs them (PyTorch's kernels)."""
+    from engine import kernels
+
+    with kernels.disabled():
+        yield

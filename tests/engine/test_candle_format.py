@@ -20,7 +20,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 from safetensors.torch import load_file, save_file
 
-from engine import formats
+from engine import formats, kernels
 from engine.errors import CheckpointError
 from engine.formats.candle import CANDLE_BF16, CANDLE_Q8
 from engine.formats.shapes import lm_config_from_shapes
@@ -39,9 +39,10 @@ ref_loaders = pytest.importorskip("moshi.models.loaders")
 ref_lm = pytest.importorskip("moshi.models.lm")
 ref_inference = pytest.importorskip("moshi.run_inference")
 
-# The fast Q8_0 kernel against fp32 on the dequantized weights, relative error of the teacher-forced
-# text logits: measured 0.012 on this model in bf16 (the activations' and the scales' rounding to
-# bf16 compound through the layers), bounded at about twice that.
+# The bf16 Q8_0 kernels against fp32 on the dequantized weights, relative error of the teacher-forced
+# text logits: measured 0.012 on this model with either kernel (the activations' rounding to bf16
+# compounds through the layers; PyTorch's int4 kernel also rounds the scales, which adds little),
+# bounded at about twice that.
 FAST_KERNEL_BOUND = 0.025
 
 
@@ -104,22 +105,35 @@ def test_candle_bf16_gives_the_reference_tokens(candle, dtype):
 def test_candle_q8_in_float32_gives_the_reference_tokens_on_its_dequantized_weights(candle):
     model = load_lm(candle["q8"], TINY_CANDLE, dtype=torch.float32)
     blocks = [m for m in model.modules() if isinstance(m, BlockInt8Linear)]
-    assert len(blocks) > 30 and all(b.packed is None for b in blocks)  # the exact path
+    assert len(blocks) > 30 and all(b.packed is None and not b.native for b in blocks)  # the exact path
     assert isinstance(model.text_emb, BlockInt8Embedding) and isinstance(model.depformer_emb[6], BlockInt8Embedding)
     _same_tokens(_reference(candle["dequantized"], torch.float32), model)
 
 
-def test_candle_q8_fast_kernel_within_its_bound(candle):
-    model = load_lm(candle["q8"], TINY_CANDLE)  # bf16: the block kernel
+def _fast_kernel_error(candle, kernel):
+    model = load_lm(candle["q8"], TINY_CANDLE)  # bf16: a kernel
     blocks = [m for m in model.modules() if isinstance(m, BlockInt8Linear)]
-    # The int4 kernel takes a multiple of 16 outputs (every linear of Moshi 7B); the tiny text head
-    # (200) takes the exact path.
-    packed = [b for b in blocks if b.out_features % 16 == 0]
-    assert len(packed) > 30 and all(b.packed is not None and b.weight is None for b in packed)
+    if kernel == "native":  # any number of outputs
+        assert len(blocks) > 30 and all(b.native and b.packed is None for b in blocks)
+    else:
+        # PyTorch's int4 kernel takes a multiple of 16 outputs (every linear of Moshi 7B); the tiny
+        # text head (200) takes the exact path.
+        packed = [b for b in blocks if b.out_features % 16 == 0]
+        assert len(packed) > 30 and all(b.packed is not None and b.weight is None for b in packed)
     expected = _text_logits(_reference(candle["dequantized"], torch.float32))
     error = float((_text_logits(model) - expected).norm() / expected.norm())
-    print(f"candle q8 fast kernel: relative text-logit error {error:.4f}")
+    print(f"candle q8 {kernel} kernel: relative text-logit error {error:.4f}")
     assert 0 < error < FAST_KERNEL_BOUND
+
+
+def test_candle_q8_native_kernel_within_its_bound(candle):
+    if BlockInt8Linear.kernel(256, 256, torch.device("cpu"), torch.bfloat16) != "native":
+        pytest.skip("native kernels not built")
+    _fast_kernel_error(candle, "native")
+
+
+def test_candle_q8_without_native_kernels_within_its_bound(candle, without_native_kernels):
+    _fast_kernel_error(candle, "int4")
 
 
 def test_block_int8_linear_both_paths_against_the_gguf_dequantization():
@@ -131,20 +145,32 @@ def test_block_int8_linear_both_paths_against_the_gguf_dequantization():
     # Positive inputs: an error in a block's scale or offset adds up over the inputs instead of cancelling.
     x = torch.rand(3, 256, generator=generator)
     outputs = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        linear = BlockInt8Linear(256, 96, dtype)
+    for dtype in (torch.float32, torch.bfloat16, "int4"):
+        linear = BlockInt8Linear(256, 96, torch.bfloat16 if dtype == "int4" else dtype)
         linear.scales.data = torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0])
         linear.weight.data = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(96, 256))
         if dtype == torch.float32:
             assert torch.equal(linear.dequantized(), dequantized)
-        linear.prepare()
-        outputs[dtype] = linear(x.to(dtype)).float()
+        if dtype == "int4":  # PyTorch's int4 kernel: the path of an install without ours
+            linear.weight.data = linear.weight.data.view(96, 8, 32)  # as read from the file's pages
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(kernels, "fits", lambda *args: False)
+                linear.prepare()
+            assert linear.packed is not None
+        else:
+            linear.prepare()
+            assert linear.native == (dtype == torch.bfloat16 and kernels.chosen_variant() is not None)
+        outputs[dtype] = linear(x.bfloat16() if dtype == "int4" else x.to(dtype)).float()
     assert torch.equal(outputs[torch.float32], torch.nn.functional.linear(x, dequantized))
     expected = x.bfloat16().float() @ dequantized.T
-    # Scales rounded to bf16 (2^-9 of each product) and the output to bf16 (2^-9 of it).
+    magnitude = x.bfloat16().float().abs() @ dequantized.abs().T
+    # Native: the fp32 product of the exact weights up to the order of the sums (1e-6 of the
+    # magnitude), then the output rounded to bf16 (2^-8 of it).
     error = (outputs[torch.bfloat16] - expected).abs()
-    bound = 2 ** -9 * (x.bfloat16().float().abs() @ dequantized.abs().T) + 2 ** -9 * expected.abs() + 1e-6
-    assert (error <= bound).all()
+    assert (error <= 1e-6 * magnitude + 2 ** -8 * expected.abs()).all()
+    # PyTorch's int4 kernel: the scales rounded to bf16 too (2^-9 of each product).
+    error = (outputs["int4"] - expected).abs()
+    assert (error <= 2 ** -9 * magnitude + 2 ** -9 * expected.abs() + 1e-6).all()
     assert error.max() > 0
 
 

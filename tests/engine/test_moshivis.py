@@ -22,7 +22,7 @@ from engine.moshivis.model import MoshiVis, MoshiVisConfig
 from engine.moshivis.runner import SeeRunner
 from engine.moshivis.vision import ImageError, SiglipTower, VisionConfig, open_image
 from engine.options import SeeOptions
-from engine.quant import Int4Linear, Int8Linear
+from engine.quant import AffineLinear, Int8Linear
 from engine.wire import gate_colour
 
 @pytest.fixture(scope="module")
@@ -342,9 +342,9 @@ def _teacher_forced(model, picture, steps=20):
 def test_quantized_moshivis_within_tolerance_of_bf16(vis_folders, pictures, mode):
     path, cfg = vis_folders["vis"] / "model.safetensors", _config(vis_folders["vis"])
     plain, quantized = load_moshivis(path, cfg), load_moshivis(path, cfg, quantize=mode)
-    quantized_types = (Int8Linear, Int4Linear) if mode == "int4" else (Int8Linear,)
+    quantized_types = (Int8Linear, AffineLinear) if mode == "int4" else (Int8Linear,)
     linears = {name: type(m) for name, m in quantized.named_modules()
-               if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))}
+               if isinstance(m, (nn.Linear, Int8Linear, AffineLinear))}
     floats = sorted(name for name, kind in linears.items() if kind is nn.Linear)
     # What load_lm quantizes is quantized; the vision tower and the cross-attention are not.
     assert all(name.startswith("image_prefix.") or ".cross_attention." in name or "shared_cross_attention" in name
@@ -352,7 +352,7 @@ def test_quantized_moshivis_within_tolerance_of_bf16(vis_folders, pictures, mode
     assert any(".cross_attention.gate." in name for name in floats) and any("tower" in name for name in floats)
     assert sum(kind in quantized_types for kind in linears.values()) >= 4 * cfg.lm.num_layers + 1
     if mode == "int4":
-        assert Int4Linear in linears.values()
+        assert AffineLinear in linears.values()
     assert quantized.lm.emb[0].weight.dtype == torch.bfloat16
     expected_logits, expected_gates = _teacher_forced(plain, pictures["noise.png"])
     logits, gates = _teacher_forced(quantized, pictures["noise.png"])
@@ -424,7 +424,7 @@ def test_see_runner_loads_quantized(vis_folders, pictures, mode):
     runner = SeeRunner.load(options)
     assert runner.describe()["quantize"] == mode
     linear = runner.model.lm.transformer.layers[0].gating.linear_in
-    assert isinstance(linear, Int8Linear if mode == "int8" else Int4Linear)
+    assert isinstance(linear, Int8Linear if mode == "int8" else AffineLinear)
     rng = np.random.default_rng(1)
     outs = [runner.step((0.1 * rng.standard_normal(1920)).astype(np.float32)) for _ in range(5)]
     assert all(out.pcm.shape == (1920,) for out in outs[1:])

@@ -19,7 +19,7 @@ from engine.moshi.generate import LMGen, Sampling
 from engine.moshi.loading import load_lm
 from engine.moshi.model import LMConfig
 from engine.moshi.tiny import random_lm_state
-from engine.quant import Int4Linear, Int8Linear, int4_groups
+from engine.quant import AffineLinear, Int8Linear, dequantize, int4_groups
 from engine.tiny import write_tiny_checkpoint
 from engine import transformer
 from engine.transformer import Attention, matmul_attention
@@ -65,11 +65,11 @@ def test_quantized_logits_within_tolerance_of_bf16(lm_checkpoints, name, mode):
     cfg = LMConfig.tiny_moshi() if name == "moshi" else LMConfig.tiny_stt()
     plain = load_lm(lm_checkpoints[name], cfg)
     quantized = load_lm(lm_checkpoints[name], cfg, quantize=mode)
-    linears = [m for m in quantized.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    linears = [m for m in quantized.modules() if isinstance(m, (Int8Linear, AffineLinear))]
     assert not any(isinstance(m, torch.nn.Linear) for m in quantized.transformer.modules())
     assert len(linears) >= 4 * cfg.num_layers + 1
     if mode == "int4":
-        assert any(isinstance(m, Int4Linear) for m in linears)
+        assert any(isinstance(m, AffineLinear) for m in linears)
     tokens = _tokens(cfg, 20)
     expected, got = _text_logits(plain, tokens), _text_logits(quantized, tokens)
     error = _relative(got, expected)
@@ -153,20 +153,42 @@ def test_int8_linear_both_paths_against_its_dequantized_weight():
         assert _relative(got, expected) < tolerance, pack
 
 
+def _int4_layer(weight, group, dtype):
+    N, K = weight.shape
+    layer = AffineLinear(K, N, 4, group, dtype, "int4")
+    codes, scales, biases = int4_groups(weight, group)
+    layer.weight.data, layer.scales.data, layer.biases.data = codes, scales.to(dtype), biases.to(dtype)
+    layer.prepare()
+    return layer
+
+
 @torch.no_grad()
-def test_int4_kernel_and_portable_path_agree():
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_native_kernel_is_the_dequantized_product(group):
+    """bf16 on a CPU: the fp32 product with the dequantized weight, up to the order of the sums,
+    then rounded to bf16 (one rounding: within 2⁻⁸ of the exact value)."""
     torch.manual_seed(0)
-    N, K, group = 64, 256, 64
-    weight = torch.randn(N, K)
-    codes, scales_zeros = int4_groups(weight, group)
-    layers = {}
-    for packed in (True, False):
-        layer = Int4Linear(K, N, torch.bfloat16, group, packed_for_cpu=packed)
-        layer.weight.data = Int4Linear.pack(codes, packed)
-        layer.scales_zeros.data = scales_zeros.bfloat16()
-        layers[packed] = layer
-    x = torch.randn(2, 1, K, dtype=torch.bfloat16)
-    kernel, portable = layers[True](x), layers[False](x)
+    layer = _int4_layer(torch.randn(96, 256), group, torch.bfloat16)
+    if not layer.native:
+        pytest.skip("native kernels not built")
+    x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+    exact = F.linear(x.double(), dequantize(layer.weight, layer.scales, layer.biases, 4).double())
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 96)
+    assert bool(((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all())
+
+
+@torch.no_grad()
+def test_int4_fallback_and_exact_paths_agree(without_native_kernels):
+    """Without the native kernels a CPU runs PyTorch's int4 kernel (scales and zeros rounded to bf16)."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256)
+    layer = _int4_layer(weight, 64, torch.bfloat16)
+    assert not layer.native and layer.packed is not None
+    exact = _int4_layer(weight, 64, torch.float32)
+    assert not exact.native and exact.packed is None
+    x = torch.randn(2, 1, 256, dtype=torch.bfloat16)
+    kernel, portable = layer(x), exact(x.float())
     assert _relative(kernel, portable) < 0.01
     # and the codes are a 4-bit picture of the weight: ~8% per-weight error on Gaussian data
     assert _relative(portable, F.linear(x.float(), weight)) < 0.15
@@ -271,7 +293,7 @@ def test_quantized_depformer_logits_within_tolerance_of_bf16(lm_checkpoints, mod
         lm = load_lm(lm_checkpoints["moshi"], cfg, quantize=None if name == "bf16" else mode)
         if name != "bf16":
             kinds = {type(m) for m in [*lm.depformer_in, *lm.linears, *lm.depformer.modules()]}
-            assert torch.nn.Linear not in kinds and (Int4Linear if mode == "int4" else Int8Linear) in kinds
+            assert torch.nn.Linear not in kinds and (AffineLinear if mode == "int4" else Int8Linear) in kinds
         out = []
         with lm.streaming(1):
             for t in range(frames):

@@ -1,0 +1,146 @@
+"""Native CPU kernels for the grouped low-bit linears (``grouped.c``), bound with ctypes.
+
+``grouped.c`` multiplies a few rows of activations by a weight kept as stored: 4-bit codes (two a
+byte, the even input in the low nibble) or 8-bit codes, signed or not, with a bf16 or fp16 scale
+(and optionally a bias) per group of inputs. It widens each code exactly in registers, sums q·x
+per group in fp32 and adds scale · that + bias · (Σ x over the group): the fp32 product with the
+dequantized weight, up to fp32 rounding in another order; activations are never quantized.
+
+setup.py builds the one source once per instruction set (``VARIANTS``, best first); a build that
+failed (no compiler, another architecture) is simply absent, and the linears then use PyTorch's
+kernels. The variant is chosen at run time from what both the CPU and PyTorch's dispatch level
+(``ATEN_CPU_CAPABILITY``) allow; ``MOSHI_NO_NATIVE_KERNELS=1`` turns them all off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib.machinery
+import os
+from pathlib import Path
+
+import torch
+
+# variant -> the CPU flags (as /proc/cpuinfo names them) its build was compiled for, best first
+VARIANTS = {
+    "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx2", "fma", "f16c"),
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"),
+    "avx2": ("avx2", "fma", "f16c"),
+    "generic": (),
+}
+# torch.backends.cpu.get_cpu_capability() values under which each variant may run
+_CAPABILITIES = {"avx512bf16": {"AVX512"}, "avx512": {"AVX512"}, "avx2": {"AVX2", "AVX512"}}
+MAX_ROWS = 8  # rows of activations per pass over the weight (more take several passes)
+
+
+def _library_path(variant: str) -> Path | None:
+    folder = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = folder / f"_grouped_{variant}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+@functools.cache
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags, or None where /proc/cpuinfo does not say (then PyTorch's level decides)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), None)
+    return set(line.split(":", 1)[1].split()) if line else None
+
+
+def runnable_variants() -> list[str]:
+    """The built variants this CPU can run, best first (PyTorch's dispatch level aside)."""
+    flags = _cpu_flags()
+    capability = torch.backends.cpu.get_cpu_capability()
+    found = []
+    for variant, needs in VARIANTS.items():
+        if _library_path(variant) is None:
+            continue
+        cpu_has = all(flag in flags for flag in needs) if flags is not None else (
+            not needs or capability in _CAPABILITIES[variant])
+        if cpu_has:
+            found.append(variant)
+    return found
+
+
+@functools.cache
+def chosen_variant() -> str | None:
+    """The variant the linears use: the best one the CPU runs and PyTorch's level allows, or None."""
+    if os.environ.get("MOSHI_NO_NATIVE_KERNELS", "") not in ("", "0"):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return next((v for v in runnable_variants() if v == "generic" or capability in _CAPABILITIES[v]), None)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within it, layers prepared choose no native kernel: what an install without them runs."""
+    previous = os.environ.get("MOSHI_NO_NATIVE_KERNELS")
+    os.environ["MOSHI_NO_NATIVE_KERNELS"] = "1"
+    chosen_variant.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MOSHI_NO_NATIVE_KERNELS"]
+        else:
+            os.environ["MOSHI_NO_NATIVE_KERNELS"] = previous
+        chosen_variant.cache_clear()
+
+
+@functools.cache
+def library(variant: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_library_path(variant)))
+    i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.moshi_grouped_matmul.argtypes = [p, i32, i64, i64, i64, p, i32, i32, i64, p, i32, p, p, i32]
+    lib.moshi_grouped_matmul.restype = i32
+    lib.moshi_k_multiple.restype = i32
+    return lib
+
+
+def fits(in_features: int, group_size: int, scales_dtype: torch.dtype) -> bool:
+    """Whether the chosen variant takes a weight of this width, group size and scale dtype."""
+    variant = chosen_variant()
+    if variant is None or scales_dtype not in (torch.bfloat16, torch.float16):
+        return False
+    multiple = library(variant).moshi_k_multiple()
+    return in_features % multiple == 0 and in_features % group_size == 0 and group_size in (32, 64, 128)
+
+
+def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor,
+                   biases: torch.Tensor | None, signed: bool = False, variant: str | None = None) -> torch.Tensor:
+    """fp32 ``x · Wᵀ`` for ``x`` [..., K] and W [N, K] = codes · scales (+ biases) per group of inputs.
+    With bf16 ``x`` and 4-bit codes, a build with AVX512-BF16 multiplies exact bf16 products (the
+    same result up to the order of the sums); other activations are widened to fp32.
+
+    ``codes``: uint8 [N, K·bits/8] (4-bit: the even input in the low nibble) or, ``signed``, int8
+    [N, K] (any shape of N·K values, row-major); ``scales`` and ``biases``: bf16 or fp16 [N, K/group].
+    ``variant``: a build other than the chosen one (the tests run each)."""
+    variant = variant or chosen_variant()
+    K = x.shape[-1]
+    N = scales.shape[0]
+    # bf16 activations go as they are (the 4-bit codes have a bf16 path); anything else in fp32
+    rows = x.reshape(-1, K)
+    rows = (rows if rows.dtype == torch.bfloat16 else rows.to(torch.float32)).contiguous()
+    if (codes.numel() * 8 != N * K * bits or scales.shape != (N, K // group_size) or not codes.is_contiguous()
+            or not scales.is_contiguous() or scales.dtype not in (torch.bfloat16, torch.float16)
+            or (biases is not None and (biases.shape != scales.shape or biases.dtype != scales.dtype
+                                        or not biases.is_contiguous()))):
+        raise ValueError(f"grouped_matmul: codes {tuple(codes.shape)}, scales {tuple(scales.shape)} "
+                         f"{scales.dtype} do not describe a [{N}, {K}] weight in groups of {group_size}")
+    y = torch.empty(rows.shape[0], N, dtype=torch.float32)
+    status = library(variant).moshi_grouped_matmul(
+        rows.data_ptr(), int(rows.dtype == torch.bfloat16), rows.shape[0], K, N, codes.data_ptr(), bits, int(signed), group_size, scales.data_ptr(),
+        int(scales.dtype == torch.float16), biases.data_ptr() if biases is not None else None, y.data_ptr(),
+        torch.get_num_threads())
+    if status:
+        raise ValueError(f"grouped_matmul ({variant}): a [{N}, {K}] weight of {bits}-bit codes in groups of "
+                         f"{group_size} is not a shape this kernel takes" if status == -1 else "out of memory")
+    return y.view(*x.shape[:-1], N)

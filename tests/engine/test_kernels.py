@@ -1,0 +1,128 @@
+"""The native grouped kernels (engine/kernels), every build this CPU runs, against the float64
+product with the dequantized weight.
+
+The kernel widens each code exactly and sums in fp32 (per group: scale · Σ q·x + bias · Σ x), so it
+differs from the dequantized product only by fp32 rounding in another order: bounded here at 1e-6
+of Σ|x|·|w| per output (measured, ~5e-8), far below any quantization error.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.quant import dequantize
+
+BOUND = 1e-6
+VARIANTS = kernels.runnable_variants()
+
+
+def test_the_kernels_are_built_where_there_is_a_compiler():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the install falls back to PyTorch's kernels")
+    assert "generic" in VARIANTS, "pip install -e . did not build engine/kernels (see setup.py)"
+
+
+def _check(got, x, weight):
+    exact = x.double() @ weight.double().T
+    scale = x.double().abs() @ weight.double().abs().T
+    worst = float(((got.double() - exact).abs() / scale).max())
+    assert worst < BOUND, worst
+
+
+def _affine(generator, N, K, bits, group, dtype):
+    codes = torch.randint(0, 256, (N, K * bits // 8), dtype=torch.uint8, generator=generator)
+    scales = (torch.randn(N, K // group, generator=generator) / 50).to(dtype)
+    biases = (torch.randn(N, K // group, generator=generator) / 10).to(dtype)
+    return codes, scales, biases
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 64), (8, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_affine_codes_give_the_dequantized_product(variant, bits, group, dtype):
+    generator = torch.Generator().manual_seed(bits * group)
+    N, K = 72, 640  # N: no multiple of 16 (the kernel takes any); K: 5 groups of 128
+    codes, scales, biases = _affine(generator, N, K, bits, group, dtype)
+    weight = dequantize(codes, scales, biases, bits)
+    for rows in (1, 2, 3, 8, 11):  # 11: two passes over the weight (8 rows, then 3)
+        # fp32 activations, and bf16 ones (4-bit codes: the AVX512-BF16 path where built)
+        x = torch.randn(rows, K, generator=generator)
+        _check(kernels.grouped_matmul(x, codes, bits, group, scales, biases, variant=variant), x, weight)
+        x = x.bfloat16()
+        _check(kernels.grouped_matmul(x, codes, bits, group, scales, biases, variant=variant), x.float(), weight)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_signed_codes_without_biases_give_gguf_q8_0(variant):
+    generator = torch.Generator().manual_seed(0)
+    N, K = 40, 1024
+    codes = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=generator)
+    scales = (torch.rand(N, K // 32, generator=generator) / 100).half()
+    weight = (codes.float().view(N, -1, 32) * scales.float()[..., None]).view(N, K)
+    for rows in (1, 4, 9):
+        for x in (torch.randn(rows, K, generator=generator), torch.randn(rows, K, generator=generator).bfloat16()):
+            got = kernels.grouped_matmul(x, codes.view(N, K // 32, 32), 8, 32, scales, None, signed=True,
+                                         variant=variant)
+            _check(got, x.float(), weight)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("K", [256, 96])  # 96: no multiple of the AVX512-BF16 path's 64 inputs
+def test_bf16_activations_and_leading_dimensions(variant, K):
+    generator = torch.Generator().manual_seed(1)
+    codes, scales, biases = _affine(generator, 48, K, 4, 32, torch.bfloat16)
+    x = torch.randn(2, 3, K, generator=generator).bfloat16()
+    got = kernels.grouped_matmul(x, codes, 4, 32, scales, biases, variant=variant)
+    assert got.shape == (2, 3, 48) and got.dtype == torch.float32
+    _check(got.view(6, 48), x.float().view(6, K), dequantize(codes, scales, biases, 4))
+
+
+def test_threads_split_rows_and_give_the_same_bits():
+    if kernels.chosen_variant() is None:
+        pytest.skip("native kernels not built")
+    generator = torch.Generator().manual_seed(2)
+    codes, scales, biases = _affine(generator, 1000, 512, 4, 64, torch.bfloat16)
+    x = torch.randn(3, 512, generator=generator)
+    previous = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outputs.append(kernels.grouped_matmul(x, codes, 4, 64, scales, biases))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])
+
+
+def test_shapes_the_kernel_does_not_take_are_refused():
+    if kernels.chosen_variant() is None:
+        pytest.skip("native kernels not built")
+    generator = torch.Generator().manual_seed(3)
+    codes, scales, biases = _affine(generator, 16, 256, 4, 32, torch.bfloat16)
+    assert kernels.fits(256, 32, torch.bfloat16) and not kernels.fits(256, 32, torch.float32)
+    assert kernels.fits(96, 32, torch.bfloat16) and not kernels.fits(96, 64, torch.bfloat16)
+    assert not kernels.fits(256 + 16, 16, torch.bfloat16) and not kernels.fits(256, 256, torch.bfloat16)
+    with pytest.raises(ValueError, match="do not describe"):
+        kernels.grouped_matmul(torch.randn(1, 256), codes, 4, 64, scales, biases)
+    with pytest.raises(ValueError, match="do not describe"):
+        kernels.grouped_matmul(torch.randn(1, 256), codes[:, ::2], 4, 32, scales, biases)
+
+
+def _chosen(env: dict) -> str:
+    code = "from engine import kernels; print(kernels.chosen_variant())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env})
+    return out.stdout.strip()
+
+
+def test_the_variant_follows_pytorchs_level_and_the_off_switch():
+    assert _chosen({"MOSHI_NO_NATIVE_KERNELS": "1"}) == "None"
+    if "avx2" in VARIANTS:  # an AVX-512 machine held to AVX2 runs the AVX2 build
+        assert _chosen({"ATEN_CPU_CAPABILITY": "avx2"}) == "avx2"
+    if VARIANTS:
+        assert _chosen({"ATEN_CPU_CAPABILITY": "default"}) == "generic"
