@@ -201,8 +201,9 @@ def chat_rtf(lm: LMModel, folder: Path, frames: int, blocks: int) -> dict[str, f
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     mimi_path = folder / "mimi.safetensors"
     runners = {}
-    for name, mimi in (("one", load_mimi(mimi_path, MimiConfig.official())),
-                       ("piped", EncoderProcess(mimi_path, MimiConfig.official(), 8, 1))):
+    # Mimi as a chat on a CPU runs it by default (its fast kernels, not --exact)
+    for name, mimi in (("one", load_mimi(mimi_path, MimiConfig.official(), exact_codes=False)),
+                       ("piped", EncoderProcess(mimi_path, MimiConfig.official(), 8, 1, exact_codes=False))):
         runners[name] = ChatRunner(Models("random 7B", mimi, lm, lm, tokenizer, Sampling.greedy()), FirstFrame.SERVER)
         runners[name].gen.stop_streaming()
     runners["piped"].encoder.wait_ready()
