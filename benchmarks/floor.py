@@ -118,7 +118,8 @@ def _random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, generat
 
 def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                         text_vocab: int | None = None) -> LMModel:
-    """A random LM with its linears already in ``mode`` ("int8" or "int4"), built one tensor at a time:
+    """A random LM with its linears already in ``mode`` ("int8", "int4", or "q8_0": the layout of
+    Kyutai's candle ``model.q8.gguf``), built one tensor at a time:
     the float weights of the quantized linears never exist, so memory stays that of the result.
     ``text_vocab``: the text head's rows from there on give 0, so that greedy decoding stays within
     a smaller tokenizer's pieces."""
@@ -126,13 +127,22 @@ def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dt
     with torch.device("meta"):
         model = LMModel(cfg)
     names = quant.quantized_linear_names(model)
-    quant.replace_linears(model, names, mode, dtype)
+    if mode == "q8_0":
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            linear = model.get_submodule(name)
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    quant.BlockInt8Linear(linear.in_features, linear.out_features, dtype))
+    else:
+        quant.replace_linears(model, names, mode, dtype)
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for key, value in model.state_dict().items():
         module = model.get_submodule(key.rpartition(".")[0])
         if isinstance(module, quant.AffineLinear) and key.endswith(".weight"):  # two random 4-bit codes a byte
             state[key] = torch.randint(0, 256, tuple(value.shape), dtype=torch.uint8, generator=generator)
+        elif isinstance(module, quant.BlockInt8Linear) and key.endswith(".scales"):
+            state[key] = torch.full(tuple(value.shape), 1 / (_INT8_CODE_STD * module.in_features ** 0.5))
         elif isinstance(module, quant.AffineLinear):
             scale = 1 / (_INT4_CODE_STD * module.in_features ** 0.5)
             if key.endswith(".scales"):
@@ -145,12 +155,17 @@ def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dt
     if text_vocab is not None:
         if "text_linear.weight_scb" in state:
             state["text_linear.weight_scb"][text_vocab:] = 0
+        elif mode == "q8_0":
+            state["text_linear.scales"][text_vocab:] = 0
         else:
             state["text_linear.scales"][text_vocab:] = 0
             state["text_linear.biases"][text_vocab:] = 0
     load_weights(model, state, f"random {mode}", dtype=dtype, device=device)
     del state
     quant.finish_quantized(model, device)
+    for module in model.modules():
+        if isinstance(module, quant.BlockInt8Linear):
+            module.prepare()
     return model.eval()
 
 
@@ -243,11 +258,15 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
         folder = write_tiny_checkpoint(Path(root) / "chat", "chat")  # its tokenizer; Mimi at full size:
         save_file(random_mimi_state(MimiConfig.official(), seed=0), folder / "mimi.safetensors")
         vocab = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
-        for mode in quant.MODES:  # one model at a time: both would not fit beside each other in 24 GB
+        for mode in (*quant.MODES, "q8_0"):  # one model at a time: two would not fit beside each other in 24 GB
             lm = random_quantized_lm(cfg, mode, text_vocab=vocab)
             times, rates = time_steps(LMGen(lm, Sampling.greedy()), cfg, warmup, steps, big_tensor(megabytes))
             figures[f"moshi7b_step_{mode}"] = floor_row(times, weight_bytes_per_step(lm), statistics.median(rates))
             all_rates += rates
+            if mode not in quant.MODES:  # chat's RTF: the --quantize paths
+                del lm
+                gc.collect()
+                continue
             chat = chat_rtf(lm, folder, frames=2 if quick else 3, blocks=1 if quick else 3)
             figures[f"chat_rtf_{mode}"] = {**chat, "projected_rtf_60gbs": projected_rtf(
                 chat, statistics.median(rates))}
