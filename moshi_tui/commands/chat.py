@@ -10,10 +10,9 @@ from typing import Annotated
 import typer
 
 from .common import (LIVE_PANEL, ApiKey, CaCert, DeviceOption, DtypeOption, ExactOption, HfRepo, InputDevice,
-                     InputRecording,
-                     Insecure, NoAec, NoRecord, NoTui, OutputDevice, OutputWav, QuantizeOption, Record, Seed, Temp,
-                     TempText, TopK, TopKText, TranscriptFile, Url, check_output, model_options, progress_to_stderr,
-                     record_place, reject_model_options, reject_without_input, remote_server)
+                     InputRecording, Insecure, NoAec, NoRecord, NoTui, OutputDevice, OutputWav, QuantizeOption,
+                     Record, Seed, Temp, TempText, TopK, TopKText, TranscriptFile, Url, check_output, model_options,
+                     progress_to_stderr, record_place, reject_model_options, reject_without_input, remote_server)
 
 EPILOG = """\
 Examples:
