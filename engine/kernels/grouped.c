@@ -1,21 +1,30 @@
-/* y = x · Wᵀ for a few rows of x (fp32) and a weight W kept in a grouped low-bit format:
+/* y = x · Wᵀ for a few rows of x and a weight W kept in a low-bit format, read as stored:
  *
  *   W[n, k] = q[n, k] · scale[n, g] (+ bias[n, g]),  g = k / group
  *
  * with 4-bit codes (two a byte, the even input in the low nibble: MLX's layout and ours) or 8-bit
- * codes (signed: GGUF's Q8_0; unsigned: MLX's q8), scales and biases bf16 or fp16.
+ * codes (signed: GGUF's Q8_0 and our --quantize int8; unsigned: MLX's q8), scales and biases bf16
+ * or fp16 per group, or (group 0) one fp32 scale per row.
  *
- * At batch 1 a product is memory-bound: each weight byte is read once. Every code is widened
- * exactly (to fp32, or to bf16 on the AVX512-BF16 path for 4-bit codes and bf16 activations, whose
- * products are then exact too), and per group the kernel sums q·x in fp32, then adds
- * scale · (Σ q·x) + bias · (Σ x over the group), the sums of x computed once per call. That is the
- * product with the dequantized weight rearranged: the result differs from the fp32 product with
- * the dequantized weight only by fp32 rounding in another order. Widening each code to its
- * weight instead (q · scale + bias, one more FMA per widened vector) measured alike within the
- * noise of a shared 2-core machine; the per-group form does fewer instructions.
+ * At batch 1 a product is memory-bound: each weight byte is read once, so the loops are built to
+ * keep up with memory on one core (on AVX-512 only two ports run 512-bit instructions: every one
+ * per byte counts). Three paths, all exact up to the order of the fp32 sums; activations are never
+ * quantized:
  *
- * The same source is compiled once per instruction set (see setup.py); the vector width follows
- * the compiler's target. Rows of W are split over ``threads`` OpenMP threads.
+ * - fp32: each code is widened to its weight in fp32, q · scale (+ bias) in one rounding (q · scale
+ *   is exact: at most 8 + 11 significant bits), which is the dequantized weight itself; then one
+ *   FMA per row and weight vector. Several accumulators a row, so that the FMA latency never
+ *   bounds a pass. With one scale per row, the scale multiplies the row's sum instead.
+ * - table (AVX-512, 4-bit codes in groups of 64 or 128): the group's 16 dequantized weights in a
+ *   vector, each code looked up in it (rows_q4_table).
+ * - bf16 (AVX512-BF16, other 4-bit codes with bf16 activations): each code becomes its exact bf16
+ *   value through a 16-entry table (vpermw) and vdpbf16ps sums pairs of exact products into fp32;
+ *   per group, total += scale · Σ q·x, and the biases add Σ_g bias · (Σ x over the group) at the end.
+ *
+ * Activations are cut into slices that stay in the L1 cache while all of W's rows pass over them,
+ * and the buffers the kernel fills start on cache lines. The same source is compiled once per
+ * instruction set (see setup.py); the vector width follows the compiler's target. Rows of W are
+ * split over ``threads`` OpenMP threads.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,6 +49,9 @@
 #define PREFETCH_BYTES 2048
 #endif
 #define MAX_ROWS 8 /* rows of x multiplied per pass over W; more rows take several passes */
+#define CHUNK 128 /* inputs a fully unrolled pass of the fp32 path takes (then 32 at a time) */
+#define X_CACHE_BYTES 24576 /* activations kept in the L1 cache (of 32 or 48 KB) during a pass */
+#define INLINE static inline __attribute__((always_inline))
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
@@ -109,15 +121,19 @@ static inline float half_to_float(uint16_t h, int fp16) {
 }
 
 typedef struct {
-    const float *x; /* [rows, K]; for 4-bit codes, each 2·VW inputs reordered: VW even, VW odd */
-    const uint16_t *x_bf16; /* bf16 4-bit path: [rows, K], each 64 inputs reordered: 32 even, 32 odd */
-    const float *x_sums; /* [rows, K/group]: the sum of x over each group (with biases) */
+    const float *x; /* fp32 path: [rows, K]; for 4-bit codes, each 2·VW inputs reordered: VW even, VW odd */
+    const uint16_t *x_bf16; /* bf16 path: [rows, K], each 64 inputs reordered: 32 even, 32 odd */
+    const float *x_sums; /* bf16 path with biases: [rows, K/group], the sum of x over each group */
     int64_t K, N;
     const uint8_t *codes; /* [N, K·bits/8] */
     const uint16_t *scales, *biases; /* [N, K/group]; biases may be NULL */
+    const float *row_scale; /* group 0: [N] */
     int scales_fp16;
     float *y; /* [rows, N] */
     float *row_scales, *row_biases; /* [K/group] each: one row's, in fp32 (this thread's buffers) */
+    int64_t k0, k1; /* the slice of inputs this pass sums: y gets the sum (k0 = 0) or adds it */
+    int64_t ahead; /* bytes from a code to the one prefetched for it: further along the row, or rows below */
+    int table; /* 4-bit codes on the table path (x reordered for it) */
 } Job;
 
 /* One row's scales (and biases) in fp32, so that the hot loop only broadcasts them. */
@@ -132,76 +148,181 @@ static inline void widen_halves(const uint16_t *src, float *dst, int64_t count, 
     for (; i < count; i++) dst[i] = half_to_float(src[i], fp16);
 }
 
-static inline void widen_row(const Job *j, int64_t n, int64_t G) {
-    widen_halves(j->scales + n * G, j->row_scales, G, j->scales_fp16);
-    if (j->biases) widen_halves(j->biases + n * G, j->row_biases, G, j->scales_fp16);
+/* Row n's scales (and biases) for groups [g0, g1), at their own places in the buffers. */
+static inline void widen_row(const Job *j, int64_t n, int64_t G, int64_t g0, int64_t g1) {
+    widen_halves(j->scales + n * G + g0, j->row_scales + g0, g1 - g0, j->scales_fp16);
+    if (j->biases) widen_halves(j->biases + n * G + g0, j->row_biases + g0, g1 - g0, j->scales_fp16);
 }
 
-/* Σ_g bias[g] · (Σ of x over group g): a row's bias term. */
-static inline float bias_term(const float *biases, const float *x_sums, int64_t G) {
+/* Row n's output r: this slice's sum, added to the earlier slices'. */
+static inline void put(const Job *j, int r, int64_t n, float sum) {
+    float *y = j->y + r * j->N + n;
+    *y = j->k0 ? *y + sum : sum;
+}
+
+/* Σ_g bias[g] · (Σ of x over group g), g in [g0, g1): a row's bias term on the bf16 path. */
+static inline float bias_term(const float *biases, const float *x_sums, int64_t g0, int64_t g1) {
     vf acc = {0};
-    int64_t g = 0;
-    for (; g + VW <= G; g += VW) acc += load_f(biases + g) * load_f(x_sums + g);
+    int64_t g = g0;
+    for (; g + VW <= g1; g += VW) acc += load_f(biases + g) * load_f(x_sums + g);
     float total = hsum(acc);
-    for (; g < G; g++) total += biases[g] * x_sums[g];
+    for (; g < g1; g++) total += biases[g] * x_sums[g];
     return total;
 }
 
-/* Output rows [n0, n1) for R rows of x, groups of GROUP inputs; R, GROUP, the code kind and whether
- * there are biases are constants once inlined. Per group: Σ q·x in fp32 vectors (two partial sums,
- * so that the FMA latency does not bound a single row), then total += scale · that (two totals for
- * even and odd groups). The biases add Σ_g bias · Σ x over the group at the end. */
-static inline __attribute__((always_inline)) void rows_grouped(const Job *j, int64_t n0, int64_t n1, const int R,
-                                                               const int GROUP, const int bits, const int is_signed,
-                                                               const int has_bias) {
-    const int64_t K = j->K, G = K / GROUP;
-    /* inputs per widened load: VW bytes hold 2·VW 4-bit codes (VW even then VW odd inputs), or VW 8-bit ones */
-    const int STEP = bits == 4 ? 2 * VW : VW;
-    const int64_t row_bytes = K * bits / 8;
-    /* two partial sums and totals a row for one or two rows (latency); one for more (registers) */
-    const int two = R <= 2;
+/* The fp32 weights at input k of row codes ``c``: one vector of 8-bit codes, or two of 4-bit ones
+ * (w[0]: VW even inputs, w[1]: the VW odd ones). GROUP 0: the codes alone (the row's scale comes last). */
+INLINE void weights_at(const Job *j, const uint8_t *c, int64_t k, const int GROUP, const int bits,
+                       const int is_signed, const int has_bias, vf w[2]) {
+    if (bits == 4) {
+        const vi q = widen_u8(c + k / 2);
+        w[0] = __builtin_convertvector(q & 15, vf);
+        w[1] = __builtin_convertvector(q >> 4, vf);
+    } else {
+        w[0] = __builtin_convertvector(is_signed ? widen_s8(c + k) : widen_u8(c + k), vf);
+    }
+    if (!GROUP) return;
+    const float scale = j->row_scales[k / GROUP], bias = has_bias ? j->row_biases[k / GROUP] : 0;
+    for (int h = 0; h < (bits == 4 ? 2 : 1); h++) w[h] = has_bias ? w[h] * scale + bias : w[h] * scale;
+}
+
+/* Output rows [n0, n1) for R rows of x on the fp32 path; R, GROUP, the code kind and whether there
+ * are biases are constants once inlined, and every loop over them is unrolled, so that the
+ * accumulators stay in registers: A a row, R · A ≤ 8 chains of FMAs in flight. */
+INLINE void rows_f32(const Job *j, int64_t n0, int64_t n1, const int R, const int GROUP, const int bits,
+                     const int is_signed, const int has_bias) {
+    const int64_t K = j->K, G = GROUP ? K / GROUP : 0, row_bytes = K * bits / 8, k1 = j->k1;
+    const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+    const int H = bits == 4 ? 2 : 1; /* weight vectors a load gives */
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *c = j->codes + n * row_bytes;
-        widen_row(j, n, G);
-        vf total[MAX_ROWS][2] = {{{0}}};
-        for (int64_t g = 0; g < G; g++) {
-            vf part[MAX_ROWS][2] = {{{0}}};
-            for (int i = 0; i < GROUP / STEP; i++) {
-                const int64_t k = g * GROUP + i * STEP;
-                const uint8_t *bytes = c + k * bits / 8;
-                __builtin_prefetch(bytes + PREFETCH_BYTES);
-                if (bits == 4) {
-                    const vi q = widen_u8(bytes);
-                    const vf lo = __builtin_convertvector(q & 15, vf), hi = __builtin_convertvector(q >> 4, vf);
-                    for (int r = 0; r < R; r++) {
-                        part[r][0] += lo * load_f(j->x + r * K + k);
-                        part[r][two] += hi * load_f(j->x + r * K + k + VW);
-                    }
-                } else {
-                    const vf w = __builtin_convertvector(is_signed ? widen_s8(bytes) : widen_u8(bytes), vf);
-                    for (int r = 0; r < R; r++) part[r][two & i] += w * load_f(j->x + r * K + k);
-                }
+        if (GROUP) widen_row(j, n, G, j->k0 / GROUP, k1 / GROUP);
+        vf acc[MAX_ROWS][4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int a = 0; a < A; a++) acc[r][a] = (vf){0};
+        int64_t k = j->k0;
+        for (; k + CHUNK <= k1; k += CHUNK) {
+#pragma GCC unroll 2
+            for (int line = 0; line < CHUNK * bits / 8; line += 64) __builtin_prefetch(c + k * bits / 8 + line + j->ahead);
+#pragma GCC unroll 32
+            for (int v = 0; v < CHUNK / VW; v += H) {
+                vf w[2];
+                weights_at(j, c, k + v * VW, GROUP, bits, is_signed, has_bias, w);
+#pragma GCC unroll 2
+                for (int h = 0; h < H; h++)
+#pragma GCC unroll 8
+                    for (int r = 0; r < R; r++)
+                        acc[r][(v + h) % A] += w[h] * load_f(j->x + r * K + k + (v + h) * VW);
             }
-            for (int r = 0; r < R; r++)
-                total[r][two & g] += (two ? part[r][0] + part[r][1] : part[r][0]) * j->row_scales[g];
         }
+        for (; k < k1; k += 32) { /* slices are multiples of 32 inputs */
+#pragma GCC unroll 8
+            for (int v = 0; v < 32 / VW; v += H) {
+                vf w[2];
+                weights_at(j, c, k + v * VW, GROUP, bits, is_signed, has_bias, w);
+#pragma GCC unroll 2
+                for (int h = 0; h < H; h++)
+#pragma GCC unroll 8
+                    for (int r = 0; r < R; r++) acc[r][0] += w[h] * load_f(j->x + r * K + k + (v + h) * VW);
+            }
+        }
+#pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            float out = hsum(total[r][0] + total[r][1]);
-            if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, G);
-            j->y[r * j->N + n] = out;
+#pragma GCC unroll 4
+            for (int a = 1; a < A; a++) acc[r][0] += acc[r][a];
+            const float out = hsum(acc[r][0]);
+            put(j, r, n, GROUP ? out : out * j->row_scale[n]);
         }
     }
 }
 
+#if VW == 16
+/* 4-bit codes in groups of 64 or 128 on AVX-512: a group's 16 possible weights, q · scale + bias in
+ * fp32 (the dequantized weights themselves), sit in one vector, and vpermps looks each code up in it,
+ * 16 at a time, straight from the packed bytes: lane l of a 64-byte load holds the 8 codes of inputs
+ * 8l..8l+7, and shifting it by 4m puts input 8l + m in the bits vpermps reads (x is reordered to
+ * match). Groups of 64 put two groups side by side (lanes 0-7 and 8-15) and look up in both tables
+ * at once (vpermt2ps). One lookup and one FMA a row per 16 inputs: on CPUs whose vdpbf16ps issues
+ * one every two cycles, this beats the bf16 path at every row count. */
+INLINE void rows_q4_table(const Job *j, int64_t n0, int64_t n1, const int R, const int GROUP, const int has_bias) {
+    const int64_t K = j->K, G = K / GROUP, k1 = j->k1;
+    const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i low4 = _mm512_set1_epi32(15), second = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *c = j->codes + n * (K / 2);
+        widen_row(j, n, G, j->k0 / GROUP, k1 / GROUP);
+        __m512 acc[MAX_ROWS][4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int a = 0; a < A; a++) acc[r][a] = _mm512_setzero_ps();
+        for (int64_t k = j->k0; k < k1; k += 128) {
+            __builtin_prefetch(c + k / 2 + j->ahead);
+            const __m512i raw = _mm512_loadu_si512(c + k / 2);
+            const int64_t g = k / GROUP;
+            const float *sc = j->row_scales, *bi = j->row_biases;
+            const __m512 table = has_bias ? _mm512_fmadd_ps(iota, _mm512_set1_ps(sc[g]), _mm512_set1_ps(bi[g]))
+                                          : _mm512_mul_ps(iota, _mm512_set1_ps(sc[g]));
+            const __m512 table2 = GROUP == 128 ? table
+                                  : has_bias ? _mm512_fmadd_ps(iota, _mm512_set1_ps(sc[g + 1]), _mm512_set1_ps(bi[g + 1]))
+                                             : _mm512_mul_ps(iota, _mm512_set1_ps(sc[g + 1]));
+#pragma GCC unroll 8
+            for (int m = 0; m < 8; m++) {
+                const __m512i shifted = m ? _mm512_srli_epi32(raw, 4 * m) : raw;
+                /* (shifted & 15) | second: the code, and in bit 4 which of the two tables */
+                const __m512 w = GROUP == 128 ? _mm512_permutexvar_ps(shifted, table)
+                                              : _mm512_permutex2var_ps(table, _mm512_ternarylogic_epi32(shifted, low4, second, 0xEA), table2);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; r++)
+                    acc[r][m % A] = _mm512_fmadd_ps(w, _mm512_loadu_ps(j->x + r * K + k + 16 * m), acc[r][m % A]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+#pragma GCC unroll 4
+            for (int a = 1; a < A; a++) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][a]);
+            put(j, r, n, _mm512_reduce_add_ps(acc[r][0]));
+        }
+    }
+}
+#define TABLE_PATH 1
+#else
+#define TABLE_PATH 0
+#define rows_q4_table(...) ((void)0)
+#endif
+
 #if defined(__AVX512BF16__)
-/* 4-bit codes and bf16 activations with AVX512-BF16: each code becomes its exact bf16 value through
- * a 16-entry table (vpermw), and vdpbf16ps sums pairs of exact bf16 products into fp32, 64 inputs
- * in 7 instructions where the fp32 path needs 16. Lane j of a 64-input step holds inputs 4j..4j+3:
- * with groups of 32, lanes 0-7 are one group and 8-15 the next. */
-static inline __attribute__((always_inline)) void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R,
-                                                               const int GROUP, const int has_bias) {
-    const int64_t K = j->K, G = K / GROUP;
-    const int two = R <= 2, steps_per_group = GROUP >= 64 ? GROUP / 64 : 1;
+/* One 64-input step of the bf16 path: lane l of the products holds inputs 4l..4l+3 of the step, so
+ * with groups of 32, lanes 0-7 are one group and 8-15 the next. SPLIT: the even and odd inputs'
+ * products in two chains (for one or two rows, whose few chains would otherwise wait on latency). */
+INLINE void q4_step(const Job *j, const uint8_t *c, int64_t s, const int R, const int GROUP, const int SPLIT,
+                    __m512 *total, const int T, const int t, __m512i lut) {
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * s)));
+    const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(w, _mm512_set1_epi16(15)), lut);
+    const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), lut);
+    const float *sc = j->row_scales;
+    const __m512 scale = GROUP == 32 ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc[2 * s]), _mm512_set1_ps(sc[2 * s + 1]))
+                         : _mm512_set1_ps(sc[s * 64 / GROUP]);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        const uint16_t *x = j->x_bf16 + r * j->K + 64 * s;
+        __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo, (__m512bh)_mm512_loadu_si512(x));
+        if (SPLIT)
+            p = _mm512_add_ps(p, _mm512_dpbf16_ps(_mm512_setzero_ps(), hi, (__m512bh)_mm512_loadu_si512(x + 32)));
+        else
+            p = _mm512_dpbf16_ps(p, hi, (__m512bh)_mm512_loadu_si512(x + 32));
+        total[r * T + t] = _mm512_fmadd_ps(p, scale, total[r * T + t]);
+    }
+}
+
+/* Output rows [n0, n1) for R rows on the bf16 path: steps in pairs, each of a pair into its own
+ * total where registers allow (T = 2), so that no FMA waits on the one before. */
+INLINE void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R, const int GROUP, const int has_bias) {
+    const int64_t K = j->K, G = K / GROUP, s0 = j->k0 / 64, S = j->k1 / 64;
+    const int T = R <= 4 ? 2 : 1, SPLIT = R <= 2;
     uint16_t table[32];
     for (int v = 0; v < 32; v++) {
         float f = (float)(v & 15);
@@ -209,44 +330,25 @@ static inline __attribute__((always_inline)) void rows_q4_bf16(const Job *j, int
         memcpy(&u, &f, 4);
         table[v] = (uint16_t)(u >> 16);
     }
-    const __m512i lut = _mm512_loadu_si512(table), low4 = _mm512_set1_epi16(15);
+    const __m512i lut = _mm512_loadu_si512(table);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *c = j->codes + n * (K / 2);
-        widen_row(j, n, G);
-        __m512 total[MAX_ROWS][2], part[MAX_ROWS][2];
-        for (int r = 0; r < R; r++) total[r][0] = total[r][1] = part[r][0] = part[r][1] = _mm512_setzero_ps();
-        for (int64_t s = 0; s < K / 64; s++) {
-            __builtin_prefetch(c + 32 * s + PREFETCH_BYTES);
-            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c + 32 * s)));
-            const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(w, low4), lut);
-            const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), lut);
-            for (int r = 0; r < R; r++) {
-                const uint16_t *x = j->x_bf16 + r * K + 64 * s;
-                part[r][0] = _mm512_dpbf16_ps(part[r][0], lo, (__m512bh)_mm512_loadu_si512(x));
-                part[r][two] = _mm512_dpbf16_ps(part[r][two], hi, (__m512bh)_mm512_loadu_si512(x + 32));
-            }
-            if (GROUP == 32) { /* lanes 0-7: group 2s, lanes 8-15: group 2s + 1 */
-                const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(j->row_scales[2 * s]),
-                                                          _mm512_set1_ps(j->row_scales[2 * s + 1]));
-                for (int r = 0; r < R; r++) {
-                    const __m512 p = two ? _mm512_add_ps(part[r][0], part[r][1]) : part[r][0];
-                    total[r][two & s] = _mm512_fmadd_ps(p, scale, total[r][two & s]);
-                    part[r][0] = part[r][1] = _mm512_setzero_ps();
-                }
-            } else if ((s + 1) % steps_per_group == 0) {
-                const int64_t g = s / steps_per_group;
-                const __m512 scale = _mm512_set1_ps(j->row_scales[g]);
-                for (int r = 0; r < R; r++) {
-                    const __m512 p = two ? _mm512_add_ps(part[r][0], part[r][1]) : part[r][0];
-                    total[r][two & g] = _mm512_fmadd_ps(p, scale, total[r][two & g]);
-                    part[r][0] = part[r][1] = _mm512_setzero_ps();
-                }
-            }
+        widen_row(j, n, G, j->k0 / GROUP, j->k1 / GROUP);
+        __m512 total[MAX_ROWS * 2];
+#pragma GCC unroll 16
+        for (int i = 0; i < R * T; i++) total[i] = _mm512_setzero_ps();
+        int64_t s = s0;
+        for (; s + 2 <= S; s += 2) {
+            __builtin_prefetch(c + 32 * s + j->ahead);
+            q4_step(j, c, s, R, GROUP, SPLIT, total, T, 0, lut);
+            q4_step(j, c, s + 1, R, GROUP, SPLIT, total, T, T - 1, lut);
         }
+        if (s < S) q4_step(j, c, s, R, GROUP, SPLIT, total, T, 0, lut);
+#pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            float out = _mm512_reduce_add_ps(_mm512_add_ps(total[r][0], total[r][1]));
-            if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, G);
-            j->y[r * j->N + n] = out;
+            float out = _mm512_reduce_add_ps(T == 2 ? _mm512_add_ps(total[2 * r], total[2 * r + 1]) : total[r]);
+            if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, j->k0 / GROUP, j->k1 / GROUP);
+            put(j, r, n, out);
         }
     }
 }
@@ -263,17 +365,21 @@ static inline __attribute__((always_inline)) void rows_q4_bf16(const Job *j, int
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; \
     }
 #define KIND(R_, GROUP_) \
-    (j->x_bf16 ? (has_bias ? rows_q4_bf16(j, n0, n1, R_, GROUP_, 1) : rows_q4_bf16(j, n0, n1, R_, GROUP_, 0)) \
-     : bits == 4 ? (has_bias ? rows_grouped(j, n0, n1, R_, GROUP_, 4, 0, 1) : rows_grouped(j, n0, n1, R_, GROUP_, 4, 0, 0)) \
-     : is_signed ? rows_grouped(j, n0, n1, R_, GROUP_, 8, 1, 0) \
-     : has_bias ? rows_grouped(j, n0, n1, R_, GROUP_, 8, 0, 1) : rows_grouped(j, n0, n1, R_, GROUP_, 8, 0, 0))
+    (j->table ? (GROUP_ == 32 ? (void)0 : has_bias ? rows_q4_table(j, n0, n1, R_, GROUP_, 1) : rows_q4_table(j, n0, n1, R_, GROUP_, 0)) \
+     : j->x_bf16 ? (has_bias ? rows_q4_bf16(j, n0, n1, R_, GROUP_, 1) : rows_q4_bf16(j, n0, n1, R_, GROUP_, 0)) \
+     : bits == 4 ? (has_bias ? rows_f32(j, n0, n1, R_, GROUP_, 4, 0, 1) : rows_f32(j, n0, n1, R_, GROUP_, 4, 0, 0)) \
+     : is_signed ? rows_f32(j, n0, n1, R_, GROUP_, 8, 1, 0) \
+     : has_bias ? rows_f32(j, n0, n1, R_, GROUP_, 8, 0, 1) : rows_f32(j, n0, n1, R_, GROUP_, 8, 0, 0))
 #define G32(R_) KIND(R_, 32)
 #define G64(R_) KIND(R_, 64)
 #define G128(R_) KIND(R_, 128)
+#define PER_ROW(R_) rows_f32(j, n0, n1, R_, 0, 8, 1, 0)
 
 static void rows(const Job *j, int64_t n0, int64_t n1, int R, int64_t group, int bits, int is_signed) {
     const int has_bias = j->biases != 0;
-    if (group == 32) {
+    if (group == 0) {
+        FOR_ROWS(PER_ROW)
+    } else if (group == 32) {
         FOR_ROWS(G32)
     } else if (group == 64) {
         FOR_ROWS(G64)
@@ -287,24 +393,33 @@ int moshi_k_multiple(void) { return 32; }
 
 static inline float bf16_value(uint16_t h) { return half_to_float(h, 0); }
 
-/* y [rows, N] = x [rows, K] · Wᵀ, x fp32 or (``x_is_bf16``) bf16. Returns 0, or -1 for arguments
- * this build does not take, -2 when out of memory. Signed codes take no biases (GGUF's Q8_0 has
- * none). bf16 activations with 4-bit codes take the AVX512-BF16 path where this build has it. */
+/* A buffer that starts on a cache line: a vector load that straddles two lines costs two. */
+static void *aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+/* y [rows, N] = x [rows, K] · Wᵀ, x fp32 or (``x_is_bf16``) bf16. ``group`` 32, 64 or 128 with
+ * ``scales`` (and ``biases``) bf16 or fp16 [N, K/group]; or 0 with ``scales`` fp32 [N], one a row
+ * (signed 8-bit codes only). Returns 0, or -1 for arguments this build does not take, -2 when out of
+ * memory. Signed codes take no biases (GGUF's Q8_0 has none). bf16 activations with 4-bit codes take
+ * the AVX512-BF16 path where this build has it. */
 int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_t K, int64_t N,
-                         const uint8_t *codes, int bits, int is_signed, int64_t group, const uint16_t *scales,
+                         const uint8_t *codes, int bits, int is_signed, int64_t group, const void *scales,
                          int scales_fp16, const uint16_t *biases, float *y, int threads) {
     if ((bits != 4 && bits != 8) || (bits == 4 && is_signed) || (is_signed && biases) || rows_x < 1 || N < 1 ||
-        (group != 32 && group != 64 && group != 128) || K % group || K % 32)
+        (group != 0 && group != 32 && group != 64 && group != 128) || (group && K % group) || K % 32 ||
+        (group == 0 && (bits != 8 || !is_signed)))
         return -1;
-    const int64_t G = K / group, count = rows_x * K;
+    const int64_t G = group ? K / group : 0, count = rows_x * K;
     const float *xf = x_is_bf16 ? 0 : x_in;
     const uint16_t *xb = x_is_bf16 ? x_in : 0;
-    const int bf16_path = BF16_PATH && bits == 4 && x_is_bf16 && K % 64 == 0; /* its steps: 64 inputs */
+    /* 4-bit codes: the table path where it takes the groups (its steps: 128 inputs), else the bf16
+     * path for bf16 activations (its steps: 64 inputs), else the fp32 path */
+    const int table_path = TABLE_PATH && bits == 4 && (group == 64 || group == 128) && K % 128 == 0;
+    const int bf16_path = BF16_PATH && bits == 4 && x_is_bf16 && K % 64 == 0 && !table_path;
     /* the activations as the kernel reads them: fp32 (4-bit codes: reordered) or bf16 reordered */
-    float *x_work = bf16_path || (bits == 8 && !x_is_bf16) ? 0 : malloc(sizeof(float) * count);
-    uint16_t *x_pairs = bf16_path ? malloc(sizeof(uint16_t) * count) : 0;
-    float *x_sums = biases ? malloc(sizeof(float) * rows_x * G) : 0;
-    if ((!x_work && !bf16_path && !(bits == 8 && !x_is_bf16)) || (bf16_path && !x_pairs) || (biases && !x_sums)) {
+    float *x_work = bf16_path || (bits == 8 && !x_is_bf16) ? 0 : aligned(sizeof(float) * count);
+    uint16_t *x_pairs = bf16_path ? aligned(sizeof(uint16_t) * count) : 0;
+    float *x_sums = bf16_path && biases ? malloc(sizeof(float) * rows_x * G) : 0;
+    if ((!x_work && !bf16_path && !(bits == 8 && !x_is_bf16)) || (bf16_path && !x_pairs) || (bf16_path && biases && !x_sums)) {
         free(x_work);
         free(x_pairs);
         free(x_sums);
@@ -316,6 +431,11 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
                 x_pairs[i + v] = xb[i + 2 * v];
                 x_pairs[i + 32 + v] = xb[i + 2 * v + 1];
             }
+    else if (table_path) /* each 128 inputs: lane l of lookup m takes input 8l + m */
+        for (int64_t i = 0; i < count; i += 128)
+            for (int m = 0; m < 8; m++)
+                for (int l = 0; l < 16; l++)
+                    x_work[i + 16 * m + l] = xb ? bf16_value(xb[i + 8 * l + m]) : xf[i + 8 * l + m];
     else if (bits == 4) /* the nibbles of VW bytes are VW even then VW odd inputs: x in that order */
         for (int64_t i = 0; i < count; i += 2 * VW)
             for (int v = 0; v < VW; v++) {
@@ -324,9 +444,9 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
             }
     else if (x_is_bf16)
         for (int64_t i = 0; i < count; i++) x_work[i] = bf16_value(xb[i]);
-    for (int64_t i = 0; biases && i < rows_x * G; i++) {
+    for (int64_t i = 0; x_sums && i < rows_x * G; i++) {
         float sum = 0;
-        for (int64_t k = i * group; k < (i + 1) * group; k++) sum += xb ? bf16_value(xb[k]) : xf[k];
+        for (int64_t k = i * group; k < (i + 1) * group; k++) sum += bf16_value(xb[k]);
         x_sums[i] = sum;
     }
     const float *x = x_work ? x_work : xf;
@@ -343,13 +463,24 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
         /* contiguous slices of output rows, cut at multiples of 16 (whole cache lines of y) */
         const int64_t per = ((N + T - 1) / T + 15) / 16 * 16;
         const int64_t n0 = t * per < N ? t * per : N, n1 = n0 + per < N ? n0 + per : N;
-        float *row = malloc(sizeof(float) * 2 * G);
-        failed = !row;
-        for (int64_t r0 = 0; row && r0 < rows_x && n0 < n1; r0 += MAX_ROWS) {
-            Job j = {x ? x + r0 * K : 0, x_pairs ? x_pairs + r0 * K : 0, biases ? x_sums + r0 * G : 0, K, N, codes,
-                     scales, biases, scales_fp16, y + r0 * N, row, row + G};
+        float *row = G ? malloc(sizeof(float) * 2 * G) : 0;
+        failed = G && !row;
+        for (int64_t r0 = 0; !failed && r0 < rows_x && n0 < n1; r0 += MAX_ROWS) {
             const int R = rows_x - r0 < MAX_ROWS ? (int)(rows_x - r0) : MAX_ROWS;
-            rows(&j, n0, n1, R, group, bits, is_signed);
+            /* Inputs in slices whose activations stay in the L1 cache while every row of W passes over
+             * them (one slice for a row or two of most layers): several rows of activations streamed
+             * again from L2 for each row of W would bound the product instead of the codes. */
+            int64_t slice = X_CACHE_BYTES / (R * (bf16_path ? 2 : 4)) / CHUNK * CHUNK;
+            if (slice < CHUNK) slice = CHUNK;
+            for (int64_t k0 = 0; k0 < K; k0 += slice) {
+                const int64_t k1 = k0 + slice < K ? k0 + slice : K, slice_bytes = (k1 - k0) * bits / 8;
+                /* prefetch along the row, or, slice by slice, the same codes in the rows below */
+                const int64_t ahead = k1 - k0 == K ? PREFETCH_BYTES : (PREFETCH_BYTES + slice_bytes - 1) / slice_bytes * K * bits / 8;
+                Job j = {x ? x + r0 * K : 0, x_pairs ? x_pairs + r0 * K : 0, x_sums ? x_sums + r0 * G : 0, K, N, codes,
+                         group ? scales : 0, biases, group ? 0 : scales, scales_fp16, y + r0 * N, row, row ? row + G : 0,
+                         k0, k1, ahead, table_path};
+                rows(&j, n0, n1, R, group, bits, is_signed);
+            }
         }
         free(row);
     }

@@ -72,6 +72,38 @@ def test_signed_codes_without_biases_give_gguf_q8_0(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 64)])
+def test_long_rows_are_summed_slice_by_slice(variant, bits, group):
+    """With several rows of activations the kernel sums the inputs in slices that keep them in the
+    L1 cache (768 inputs for 8 fp32 rows, 1536 for 8 bf16 rows), each slice adding to the last:
+    13 groups of 128 make three slices, the last one short."""
+    generator = torch.Generator().manual_seed(group)
+    N, K = 40, 13 * 128
+    codes, scales, biases = _affine(generator, N, K, bits, group, torch.bfloat16)
+    weight = dequantize(codes, scales, biases, bits)
+    for rows in (3, 8):
+        for x in (torch.randn(rows, K, generator=generator), torch.randn(rows, K, generator=generator).bfloat16()):
+            _check(kernels.grouped_matmul(x, codes, bits, group, scales, biases, variant=variant), x.float(), weight)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_signed_codes_with_one_scale_a_row(variant):
+    """--quantize int8's layout: int8 codes and one fp32 scale a row (K: 8 chunks of 128 and a
+    tail of 32; 8 rows of activations take it in two slices)."""
+    generator = torch.Generator().manual_seed(5)
+    N, K = 56, 8 * 128 + 32
+    codes = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=generator)
+    scales = torch.rand(N, generator=generator) / 100
+    weight = codes.float() * scales[:, None]
+    for rows in (1, 2, 5, 8, 11):
+        for x in (torch.randn(rows, K, generator=generator), torch.randn(rows, K, generator=generator).bfloat16()):
+            _check(kernels.grouped_matmul(x, codes, 8, None, scales, None, signed=True, variant=variant), x.float(),
+                   weight)
+    with pytest.raises(ValueError, match="do not describe"):  # one scale a row is fp32
+        kernels.grouped_matmul(x, codes, 8, None, scales.half(), None, signed=True, variant=variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("K", [256, 96])  # 96: no multiple of the AVX512-BF16 path's 64 inputs
 def test_bf16_activations_and_leading_dimensions(variant, K):
     generator = torch.Generator().manual_seed(1)
