@@ -4,8 +4,7 @@ At batch 1 a step reads each weight it uses once, so no step can be faster than 
 reads over the memory's read bandwidth. This script measures that bandwidth (a sum over a tensor
 much larger than the caches, on 1 thread and on every usable core), counts the bytes a 7B step
 reads (the temporal transformer and the text head, the depformer's 8 steps, one row of each
-embedding table looked up) and times our int8, int4 and Q8_0 steps against it, and the int8 step
-again on the kernel an install without ours runs. A bandwidth sample is
+embedding table looked up) and times our int8 and int4 steps against it. A bandwidth sample is
 taken before each step, so that both see the same load from other processes; each step's floor
 uses the median of its own samples.
 
@@ -271,14 +270,6 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
             chat = chat_rtf(lm, folder, frames=2 if quick else 3, blocks=1 if quick else 3)
             figures[f"chat_rtf_{mode}"] = {**chat, "projected_rtf_60gbs": projected_rtf(
                 chat, statistics.median(rates))}
-            if mode == "int8":  # the same weights on the kernel an install without ours runs (oneDNN's, with VNNI)
-                for module in lm.modules():
-                    if isinstance(module, quant.Int8Linear):
-                        module.prepare(pack=not quant.int8_saturates())
-                times, rates = time_steps(LMGen(lm, Sampling.greedy()), cfg, warmup, steps, big_tensor(megabytes))
-                figures["moshi7b_step_int8_without_native"] = floor_row(times, weight_bytes_per_step(lm),
-                                                                        statistics.median(rates))
-                all_rates += rates
             del lm
             gc.collect()
     figures["bandwidth_gbs"] = {"one_thread_gbs": round(statistics.median(all_rates), 2),

@@ -157,9 +157,6 @@ def int8_saturates() -> bool:
 
 def int8_kernel() -> str:
     """Which int8 product runs on this CPU, for ``moshi doctor`` and the benchmarks."""
-    variant = kernels.chosen_variant()
-    if variant is not None:
-        return f"native kernels, {variant} build, activations unquantized"
     if torch.backends.mkldnn.is_available() and not int8_saturates():
         return "oneDNN u8×s8 (VNNI), 8-bit activations"
     return "weight-only int8 (PyTorch's int8pack kernel), activations in the model dtype"
@@ -179,11 +176,7 @@ class Int8Linear(nn.Module):
 
     On a CPU the kernel is chosen by what the CPU does well (``prepare``):
 
-    * where ``engine/kernels`` is built, ours: the int8 codes and fp32 row scales as they are, the
-      activations unquantized, so the product is the fp32 one with the dequantized weight up to the
-      order of the sums. At one or two input rows it is the fastest (one thread, 22528×4096:
-      10.5 ms against oneDNN's 12.7 ms at one row; equal at four, half oneDNN's speed at eight).
-    * otherwise, with VNNI, oneDNN's int8 matmul, which takes the weight in a layout of its own (the plain
+    * with VNNI, oneDNN's int8 matmul, which takes the weight in a layout of its own (the plain
       copy is dropped: the state dict then has no ``weight``). It multiplies bytes by bytes, so
       each input row is quantized on the fly with its own absmax scale, the scheme of the
       reference's q8 path (bitsandbytes' LLM.int8 with threshold 0): on Gaussian data a product's
@@ -205,18 +198,13 @@ class Int8Linear(nn.Module):
         self.weight_scb = nn.Parameter(torch.empty(out_features, dtype=torch.float32), requires_grad=False)
         self.scale: torch.Tensor | None = None  # weight_scb / 127, set by prepare()
         self.packed: torch.Tensor | None = None  # the weight in oneDNN's layout (CPU)
-        self.native = False  # set by prepare()
         self._weight_only_kernel = False  # set by prepare()
 
     def prepare(self, pack: bool | None = None) -> None:
-        """``pack``: hand the weight to oneDNN (default: on a CPU without our kernels, whose oneDNN
-        kernel has VNNI); otherwise a CPU uses ours, or PyTorch's weight-only kernel, and other
-        devices widen the weight."""
-        self.scale = self.weight_scb.float() / 127
+        """``pack``: hand the weight to oneDNN (default: on a CPU whose oneDNN kernel has VNNI);
+        otherwise a CPU uses the weight-only kernel and other devices widen the weight."""
+        self.scale = self.weight_scb / 127
         cpu = self.weight.device.type == "cpu"
-        self.native = cpu and pack is None and kernels.fits(self.in_features, None, torch.float32)
-        if self.native:
-            return
         if pack is None:
             pack = cpu and torch.backends.mkldnn.is_available() and not int8_saturates()
         # PyTorch 2.13's AVX-512 int8pack kernel crashes on several input rows when the input
@@ -227,8 +215,6 @@ class Int8Linear(nn.Module):
             self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native:
-            return kernels.grouped_matmul(x, self.weight, 8, None, self.scale, None, signed=True).to(x.dtype)
         if self._weight_only_kernel:
             flat = x.reshape(-1, self.in_features)
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype))

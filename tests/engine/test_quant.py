@@ -21,7 +21,7 @@ from engine.moshi.model import LMConfig
 from engine.moshi.tiny import random_lm_state
 from engine.quant import AffineLinear, Int8Linear, dequantize, int4_groups
 from engine.tiny import write_tiny_checkpoint
-from engine import kernels, transformer
+from engine import transformer
 from engine.transformer import Attention, matmul_attention
 
 TOLERANCE = {"int8": 0.06, "int4": 0.4}
@@ -144,13 +144,10 @@ def test_int8_linear_both_paths_against_its_dequantized_weight():
     dequantized = codes.float() * scb[:, None] / 127
     x = torch.randn(3, 1, K)
     expected = F.linear(x, dequantized)
-    # oneDNN (8-bit activations), the widened weight, and (default, where built) the native kernel
-    for pack, dtype, tolerance in ((True, torch.bfloat16, 0.02), (False, torch.float32, 1e-6),
-                                   (None, torch.float32, 1e-6), (None, torch.bfloat16, 4e-3)):
+    for pack, dtype, tolerance in ((True, torch.bfloat16, 0.02), (False, torch.float32, 1e-6)):
         linear = Int8Linear(K, N, dtype)
         linear.weight.data, linear.weight_scb.data = codes.clone(), scb.clone()
         linear.prepare(pack=pack)
-        assert linear.native == (pack is None and kernels.chosen_variant() is not None)
         got = linear(x.to(dtype))
         assert got.dtype == dtype and got.shape == (3, 1, N)
         assert _relative(got, expected) < tolerance, pack
