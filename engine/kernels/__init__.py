@@ -2,9 +2,10 @@
 
 ``grouped.c`` multiplies a few rows of activations by a weight kept as stored: 4-bit codes (two a
 byte, the even input in the low nibble) or 8-bit codes, signed or not, with a bf16 or fp16 scale
-(and optionally a bias) per group of inputs, or one fp32 scale a row. It widens each code exactly
-in registers: the result is the fp32 product with the dequantized weight, up to fp32 rounding in
-another order; activations are never quantized.
+(and optionally a bias) per group of inputs. It turns each code exactly into its dequantized
+weight in registers (or, on the AVX512-BF16 path, into its exact bf16 value, scaled per group):
+the result is the fp32 product with the dequantized weight, up to fp32 rounding in another order;
+activations are never quantized.
 
 setup.py builds the one source once per instruction set (``VARIANTS``, best first); a build that
 failed (no compiler, another architecture) is simply absent, and the linears then use PyTorch's
@@ -105,27 +106,23 @@ def library(variant: str) -> ctypes.CDLL:
     return lib
 
 
-def fits(in_features: int, group_size: int | None, scales_dtype: torch.dtype) -> bool:
-    """Whether the chosen variant takes a weight of this width, group size and scale dtype
-    (``group_size`` None: one fp32 scale a row, for signed 8-bit codes)."""
+def fits(in_features: int, group_size: int, scales_dtype: torch.dtype) -> bool:
+    """Whether the chosen variant takes a weight of this width, group size and scale dtype."""
     variant = chosen_variant()
-    if variant is None or in_features % library(variant).moshi_k_multiple():
+    if variant is None or scales_dtype not in (torch.bfloat16, torch.float16):
         return False
-    if group_size is None:
-        return scales_dtype == torch.float32
-    return scales_dtype in (torch.bfloat16, torch.float16) and in_features % group_size == 0 and group_size in (
-        32, 64, 128)
+    multiple = library(variant).moshi_k_multiple()
+    return in_features % multiple == 0 and in_features % group_size == 0 and group_size in (32, 64, 128)
 
 
-def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: int | None, scales: torch.Tensor,
+def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor,
                    biases: torch.Tensor | None, signed: bool = False, variant: str | None = None) -> torch.Tensor:
     """fp32 ``x · Wᵀ`` for ``x`` [..., K] and W [N, K] = codes · scales (+ biases) per group of inputs.
-    With bf16 ``x`` and 4-bit codes, a build with AVX512-BF16 multiplies exact bf16 products (the
-    same result up to the order of the sums); other activations are widened to fp32.
+    With bf16 ``x`` and 4-bit codes in groups of 32, a build with AVX512-BF16 multiplies exact bf16
+    products (the same result up to the order of the sums); other activations are widened to fp32.
 
     ``codes``: uint8 [N, K·bits/8] (4-bit: the even input in the low nibble) or, ``signed``, int8
-    [N, K] (any shape of N·K values, row-major); ``scales`` and ``biases``: bf16 or fp16 [N, K/group],
-    or, ``group_size`` None, ``scales`` fp32 [N] (one a row: signed 8-bit codes, no biases).
+    [N, K] (any shape of N·K values, row-major); ``scales`` and ``biases``: bf16 or fp16 [N, K/group].
     ``variant``: a build other than the chosen one (the tests run each)."""
     variant = variant or chosen_variant()
     K = x.shape[-1]
@@ -133,21 +130,18 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: 
     # bf16 activations go as they are (the 4-bit codes have a bf16 path); anything else in fp32
     rows = x.reshape(-1, K)
     rows = (rows if rows.dtype == torch.bfloat16 else rows.to(torch.float32)).contiguous()
-    per_row = group_size is None
-    if (codes.numel() * 8 != N * K * bits or scales.shape != ((N,) if per_row else (N, K // group_size))
-            or not codes.is_contiguous() or not scales.is_contiguous()
-            or scales.dtype not in ((torch.float32,) if per_row else (torch.bfloat16, torch.float16))
+    if (codes.numel() * 8 != N * K * bits or scales.shape != (N, K // group_size) or not codes.is_contiguous()
+            or not scales.is_contiguous() or scales.dtype not in (torch.bfloat16, torch.float16)
             or (biases is not None and (biases.shape != scales.shape or biases.dtype != scales.dtype
                                         or not biases.is_contiguous()))):
         raise ValueError(f"grouped_matmul: codes {tuple(codes.shape)}, scales {tuple(scales.shape)} "
                          f"{scales.dtype} do not describe a [{N}, {K}] weight in groups of {group_size}")
     y = torch.empty(rows.shape[0], N, dtype=torch.float32)
     status = library(variant).moshi_grouped_matmul(
-        rows.data_ptr(), int(rows.dtype == torch.bfloat16), rows.shape[0], K, N, codes.data_ptr(), bits, int(signed), group_size or 0, scales.data_ptr(),
+        rows.data_ptr(), int(rows.dtype == torch.bfloat16), rows.shape[0], K, N, codes.data_ptr(), bits, int(signed), group_size, scales.data_ptr(),
         int(scales.dtype == torch.float16), biases.data_ptr() if biases is not None else None, y.data_ptr(),
         torch.get_num_threads())
     if status:
-        groups = f"groups of {group_size}" if group_size else "one scale a row"
-        raise ValueError(f"grouped_matmul ({variant}): a [{N}, {K}] weight of {bits}-bit codes in {groups} "
-                         "is not a shape this kernel takes" if status == -1 else "out of memory")
+        raise ValueError(f"grouped_matmul ({variant}): a [{N}, {K}] weight of {bits}-bit codes in groups of "
+                         f"{group_size} is not a shape this kernel takes" if status == -1 else "out of memory")
     return y.view(*x.shape[:-1], N)

@@ -3,8 +3,7 @@
  *   W[n, k] = q[n, k] · scale[n, g] (+ bias[n, g]),  g = k / group
  *
  * with 4-bit codes (two a byte, the even input in the low nibble: MLX's layout and ours) or 8-bit
- * codes (signed: GGUF's Q8_0 and our --quantize int8; unsigned: MLX's q8), scales and biases bf16
- * or fp16 per group, or (group 0) one fp32 scale per row.
+ * codes (signed: GGUF's Q8_0; unsigned: MLX's q8), scales and biases bf16 or fp16.
  *
  * At batch 1 a product is memory-bound: each weight byte is read once, so the loops are built to
  * keep up with memory on one core (on AVX-512 only two ports run 512-bit instructions: every one
@@ -14,17 +13,18 @@
  * - fp32: each code is widened to its weight in fp32, q · scale (+ bias) in one rounding (q · scale
  *   is exact: at most 8 + 11 significant bits), which is the dequantized weight itself; then one
  *   FMA per row and weight vector. Several accumulators a row, so that the FMA latency never
- *   bounds a pass. With one scale per row, the scale multiplies the row's sum instead.
+ *   bounds a pass.
  * - table (AVX-512, 4-bit codes in groups of 64 or 128): the group's 16 dequantized weights in a
  *   vector, each code looked up in it (rows_q4_table).
  * - bf16 (AVX512-BF16, other 4-bit codes with bf16 activations): each code becomes its exact bf16
  *   value through a 16-entry table (vpermw) and vdpbf16ps sums pairs of exact products into fp32;
  *   per group, total += scale · Σ q·x, and the biases add Σ_g bias · (Σ x over the group) at the end.
  *
- * Activations are cut into slices that stay in the L1 cache while all of W's rows pass over them,
- * and the buffers the kernel fills start on cache lines. The same source is compiled once per
- * instruction set (see setup.py); the vector width follows the compiler's target. Rows of W are
- * split over ``threads`` OpenMP threads.
+ * The buffers of activations the kernel fills start on cache lines. The same source is compiled
+ * once per instruction set (see setup.py); the vector width follows the compiler's target. Rows of
+ * W are split over ``threads`` OpenMP threads. (Cutting the inputs into slices that keep several
+ * rows of activations in the L1 cache measured slower: the weight then streams from memory in
+ * strided pieces.)
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -50,7 +50,6 @@
 #endif
 #define MAX_ROWS 8 /* rows of x multiplied per pass over W; more rows take several passes */
 #define CHUNK 128 /* inputs a fully unrolled pass of the fp32 path takes (then 32 at a time) */
-#define X_CACHE_BYTES 24576 /* activations kept in the L1 cache (of 32 or 48 KB) during a pass */
 #define INLINE static inline __attribute__((always_inline))
 
 typedef float vf __attribute__((vector_size(VW * 4)));
@@ -127,12 +126,9 @@ typedef struct {
     int64_t K, N;
     const uint8_t *codes; /* [N, K·bits/8] */
     const uint16_t *scales, *biases; /* [N, K/group]; biases may be NULL */
-    const float *row_scale; /* group 0: [N] */
     int scales_fp16;
     float *y; /* [rows, N] */
     float *row_scales, *row_biases; /* [K/group] each: one row's, in fp32 (this thread's buffers) */
-    int64_t k0, k1; /* the slice of inputs this pass sums: y gets the sum (k0 = 0) or adds it */
-    int64_t ahead; /* bytes from a code to the one prefetched for it: further along the row, or rows below */
     int table; /* 4-bit codes on the table path (x reordered for it) */
 } Job;
 
@@ -148,30 +144,23 @@ static inline void widen_halves(const uint16_t *src, float *dst, int64_t count, 
     for (; i < count; i++) dst[i] = half_to_float(src[i], fp16);
 }
 
-/* Row n's scales (and biases) for groups [g0, g1), at their own places in the buffers. */
-static inline void widen_row(const Job *j, int64_t n, int64_t G, int64_t g0, int64_t g1) {
-    widen_halves(j->scales + n * G + g0, j->row_scales + g0, g1 - g0, j->scales_fp16);
-    if (j->biases) widen_halves(j->biases + n * G + g0, j->row_biases + g0, g1 - g0, j->scales_fp16);
+static inline void widen_row(const Job *j, int64_t n, int64_t G) {
+    widen_halves(j->scales + n * G, j->row_scales, G, j->scales_fp16);
+    if (j->biases) widen_halves(j->biases + n * G, j->row_biases, G, j->scales_fp16);
 }
 
-/* Row n's output r: this slice's sum, added to the earlier slices'. */
-static inline void put(const Job *j, int r, int64_t n, float sum) {
-    float *y = j->y + r * j->N + n;
-    *y = j->k0 ? *y + sum : sum;
-}
-
-/* Σ_g bias[g] · (Σ of x over group g), g in [g0, g1): a row's bias term on the bf16 path. */
-static inline float bias_term(const float *biases, const float *x_sums, int64_t g0, int64_t g1) {
+/* Σ_g bias[g] · (Σ of x over group g): a row's bias term on the bf16 path. */
+static inline float bias_term(const float *biases, const float *x_sums, int64_t G) {
     vf acc = {0};
-    int64_t g = g0;
-    for (; g + VW <= g1; g += VW) acc += load_f(biases + g) * load_f(x_sums + g);
+    int64_t g = 0;
+    for (; g + VW <= G; g += VW) acc += load_f(biases + g) * load_f(x_sums + g);
     float total = hsum(acc);
-    for (; g < g1; g++) total += biases[g] * x_sums[g];
+    for (; g < G; g++) total += biases[g] * x_sums[g];
     return total;
 }
 
 /* The fp32 weights at input k of row codes ``c``: one vector of 8-bit codes, or two of 4-bit ones
- * (w[0]: VW even inputs, w[1]: the VW odd ones). GROUP 0: the codes alone (the row's scale comes last). */
+ * (w[0]: VW even inputs, w[1]: the VW odd ones). */
 INLINE void weights_at(const Job *j, const uint8_t *c, int64_t k, const int GROUP, const int bits,
                        const int is_signed, const int has_bias, vf w[2]) {
     if (bits == 4) {
@@ -181,7 +170,6 @@ INLINE void weights_at(const Job *j, const uint8_t *c, int64_t k, const int GROU
     } else {
         w[0] = __builtin_convertvector(is_signed ? widen_s8(c + k) : widen_u8(c + k), vf);
     }
-    if (!GROUP) return;
     const float scale = j->row_scales[k / GROUP], bias = has_bias ? j->row_biases[k / GROUP] : 0;
     for (int h = 0; h < (bits == 4 ? 2 : 1); h++) w[h] = has_bias ? w[h] * scale + bias : w[h] * scale;
 }
@@ -191,21 +179,21 @@ INLINE void weights_at(const Job *j, const uint8_t *c, int64_t k, const int GROU
  * accumulators stay in registers: A a row, R · A ≤ 8 chains of FMAs in flight. */
 INLINE void rows_f32(const Job *j, int64_t n0, int64_t n1, const int R, const int GROUP, const int bits,
                      const int is_signed, const int has_bias) {
-    const int64_t K = j->K, G = GROUP ? K / GROUP : 0, row_bytes = K * bits / 8, k1 = j->k1;
+    const int64_t K = j->K, G = K / GROUP, row_bytes = K * bits / 8;
     const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
     const int H = bits == 4 ? 2 : 1; /* weight vectors a load gives */
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *c = j->codes + n * row_bytes;
-        if (GROUP) widen_row(j, n, G, j->k0 / GROUP, k1 / GROUP);
+        widen_row(j, n, G);
         vf acc[MAX_ROWS][4];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
             for (int a = 0; a < A; a++) acc[r][a] = (vf){0};
-        int64_t k = j->k0;
-        for (; k + CHUNK <= k1; k += CHUNK) {
+        int64_t k = 0;
+        for (; k + CHUNK <= K; k += CHUNK) {
 #pragma GCC unroll 2
-            for (int line = 0; line < CHUNK * bits / 8; line += 64) __builtin_prefetch(c + k * bits / 8 + line + j->ahead);
+            for (int line = 0; line < CHUNK * bits / 8; line += 64) __builtin_prefetch(c + k * bits / 8 + line + PREFETCH_BYTES);
 #pragma GCC unroll 32
             for (int v = 0; v < CHUNK / VW; v += H) {
                 vf w[2];
@@ -217,7 +205,7 @@ INLINE void rows_f32(const Job *j, int64_t n0, int64_t n1, const int R, const in
                         acc[r][(v + h) % A] += w[h] * load_f(j->x + r * K + k + (v + h) * VW);
             }
         }
-        for (; k < k1; k += 32) { /* slices are multiples of 32 inputs */
+        for (; k < K; k += 32) { /* K is a multiple of 32 */
 #pragma GCC unroll 8
             for (int v = 0; v < 32 / VW; v += H) {
                 vf w[2];
@@ -232,8 +220,7 @@ INLINE void rows_f32(const Job *j, int64_t n0, int64_t n1, const int R, const in
         for (int r = 0; r < R; r++) {
 #pragma GCC unroll 4
             for (int a = 1; a < A; a++) acc[r][0] += acc[r][a];
-            const float out = hsum(acc[r][0]);
-            put(j, r, n, GROUP ? out : out * j->row_scale[n]);
+            j->y[r * j->N + n] = hsum(acc[r][0]);
         }
     }
 }
@@ -247,20 +234,20 @@ INLINE void rows_f32(const Job *j, int64_t n0, int64_t n1, const int R, const in
  * at once (vpermt2ps). One lookup and one FMA a row per 16 inputs: on CPUs whose vdpbf16ps issues
  * one every two cycles, this beats the bf16 path at every row count. */
 INLINE void rows_q4_table(const Job *j, int64_t n0, int64_t n1, const int R, const int GROUP, const int has_bias) {
-    const int64_t K = j->K, G = K / GROUP, k1 = j->k1;
+    const int64_t K = j->K, G = K / GROUP;
     const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i low4 = _mm512_set1_epi32(15), second = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *c = j->codes + n * (K / 2);
-        widen_row(j, n, G, j->k0 / GROUP, k1 / GROUP);
+        widen_row(j, n, G);
         __m512 acc[MAX_ROWS][4];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
             for (int a = 0; a < A; a++) acc[r][a] = _mm512_setzero_ps();
-        for (int64_t k = j->k0; k < k1; k += 128) {
-            __builtin_prefetch(c + k / 2 + j->ahead);
+        for (int64_t k = 0; k < K; k += 128) {
+            __builtin_prefetch(c + k / 2 + PREFETCH_BYTES);
             const __m512i raw = _mm512_loadu_si512(c + k / 2);
             const int64_t g = k / GROUP;
             const float *sc = j->row_scales, *bi = j->row_biases;
@@ -284,7 +271,7 @@ INLINE void rows_q4_table(const Job *j, int64_t n0, int64_t n1, const int R, con
         for (int r = 0; r < R; r++) {
 #pragma GCC unroll 4
             for (int a = 1; a < A; a++) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][a]);
-            put(j, r, n, _mm512_reduce_add_ps(acc[r][0]));
+            j->y[r * j->N + n] = _mm512_reduce_add_ps(acc[r][0]);
         }
     }
 }
@@ -321,7 +308,7 @@ INLINE void q4_step(const Job *j, const uint8_t *c, int64_t s, const int R, cons
 /* Output rows [n0, n1) for R rows on the bf16 path: steps in pairs, each of a pair into its own
  * total where registers allow (T = 2), so that no FMA waits on the one before. */
 INLINE void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R, const int GROUP, const int has_bias) {
-    const int64_t K = j->K, G = K / GROUP, s0 = j->k0 / 64, S = j->k1 / 64;
+    const int64_t K = j->K, G = K / GROUP, S = K / 64;
     const int T = R <= 4 ? 2 : 1, SPLIT = R <= 2;
     uint16_t table[32];
     for (int v = 0; v < 32; v++) {
@@ -333,13 +320,13 @@ INLINE void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R, cons
     const __m512i lut = _mm512_loadu_si512(table);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *c = j->codes + n * (K / 2);
-        widen_row(j, n, G, j->k0 / GROUP, j->k1 / GROUP);
+        widen_row(j, n, G);
         __m512 total[MAX_ROWS * 2];
 #pragma GCC unroll 16
         for (int i = 0; i < R * T; i++) total[i] = _mm512_setzero_ps();
-        int64_t s = s0;
+        int64_t s = 0;
         for (; s + 2 <= S; s += 2) {
-            __builtin_prefetch(c + 32 * s + j->ahead);
+            __builtin_prefetch(c + 32 * s + PREFETCH_BYTES);
             q4_step(j, c, s, R, GROUP, SPLIT, total, T, 0, lut);
             q4_step(j, c, s + 1, R, GROUP, SPLIT, total, T, T - 1, lut);
         }
@@ -347,8 +334,8 @@ INLINE void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R, cons
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             float out = _mm512_reduce_add_ps(T == 2 ? _mm512_add_ps(total[2 * r], total[2 * r + 1]) : total[r]);
-            if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, j->k0 / GROUP, j->k1 / GROUP);
-            put(j, r, n, out);
+            if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, G);
+            j->y[r * j->N + n] = out;
         }
     }
 }
@@ -373,13 +360,10 @@ INLINE void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R, cons
 #define G32(R_) KIND(R_, 32)
 #define G64(R_) KIND(R_, 64)
 #define G128(R_) KIND(R_, 128)
-#define PER_ROW(R_) rows_f32(j, n0, n1, R_, 0, 8, 1, 0)
 
 static void rows(const Job *j, int64_t n0, int64_t n1, int R, int64_t group, int bits, int is_signed) {
     const int has_bias = j->biases != 0;
-    if (group == 0) {
-        FOR_ROWS(PER_ROW)
-    } else if (group == 32) {
+    if (group == 32) {
         FOR_ROWS(G32)
     } else if (group == 64) {
         FOR_ROWS(G64)
@@ -396,19 +380,16 @@ static inline float bf16_value(uint16_t h) { return half_to_float(h, 0); }
 /* A buffer that starts on a cache line: a vector load that straddles two lines costs two. */
 static void *aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
-/* y [rows, N] = x [rows, K] · Wᵀ, x fp32 or (``x_is_bf16``) bf16. ``group`` 32, 64 or 128 with
- * ``scales`` (and ``biases``) bf16 or fp16 [N, K/group]; or 0 with ``scales`` fp32 [N], one a row
- * (signed 8-bit codes only). Returns 0, or -1 for arguments this build does not take, -2 when out of
- * memory. Signed codes take no biases (GGUF's Q8_0 has none). bf16 activations with 4-bit codes take
- * the AVX512-BF16 path where this build has it. */
+/* y [rows, N] = x [rows, K] · Wᵀ, x fp32 or (``x_is_bf16``) bf16; ``scales`` (and ``biases``) bf16
+ * or fp16 [N, K/group]. Returns 0, or -1 for arguments this build does not take, -2 when out of
+ * memory. Signed codes take no biases (GGUF's Q8_0 has none). */
 int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_t K, int64_t N,
-                         const uint8_t *codes, int bits, int is_signed, int64_t group, const void *scales,
+                         const uint8_t *codes, int bits, int is_signed, int64_t group, const uint16_t *scales,
                          int scales_fp16, const uint16_t *biases, float *y, int threads) {
     if ((bits != 4 && bits != 8) || (bits == 4 && is_signed) || (is_signed && biases) || rows_x < 1 || N < 1 ||
-        (group != 0 && group != 32 && group != 64 && group != 128) || (group && K % group) || K % 32 ||
-        (group == 0 && (bits != 8 || !is_signed)))
+        (group != 32 && group != 64 && group != 128) || K % group || K % 32)
         return -1;
-    const int64_t G = group ? K / group : 0, count = rows_x * K;
+    const int64_t G = K / group, count = rows_x * K;
     const float *xf = x_is_bf16 ? 0 : x_in;
     const uint16_t *xb = x_is_bf16 ? x_in : 0;
     /* 4-bit codes: the table path where it takes the groups (its steps: 128 inputs), else the bf16
@@ -463,24 +444,13 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
         /* contiguous slices of output rows, cut at multiples of 16 (whole cache lines of y) */
         const int64_t per = ((N + T - 1) / T + 15) / 16 * 16;
         const int64_t n0 = t * per < N ? t * per : N, n1 = n0 + per < N ? n0 + per : N;
-        float *row = G ? malloc(sizeof(float) * 2 * G) : 0;
-        failed = G && !row;
+        float *row = malloc(sizeof(float) * 2 * G);
+        failed = !row;
         for (int64_t r0 = 0; !failed && r0 < rows_x && n0 < n1; r0 += MAX_ROWS) {
+            Job j = {x ? x + r0 * K : 0, x_pairs ? x_pairs + r0 * K : 0, x_sums ? x_sums + r0 * G : 0, K, N, codes,
+                     scales, biases, scales_fp16, y + r0 * N, row, row + G, table_path};
             const int R = rows_x - r0 < MAX_ROWS ? (int)(rows_x - r0) : MAX_ROWS;
-            /* Inputs in slices whose activations stay in the L1 cache while every row of W passes over
-             * them (one slice for a row or two of most layers): several rows of activations streamed
-             * again from L2 for each row of W would bound the product instead of the codes. */
-            int64_t slice = X_CACHE_BYTES / (R * (bf16_path ? 2 : 4)) / CHUNK * CHUNK;
-            if (slice < CHUNK) slice = CHUNK;
-            for (int64_t k0 = 0; k0 < K; k0 += slice) {
-                const int64_t k1 = k0 + slice < K ? k0 + slice : K, slice_bytes = (k1 - k0) * bits / 8;
-                /* prefetch along the row, or, slice by slice, the same codes in the rows below */
-                const int64_t ahead = k1 - k0 == K ? PREFETCH_BYTES : (PREFETCH_BYTES + slice_bytes - 1) / slice_bytes * K * bits / 8;
-                Job j = {x ? x + r0 * K : 0, x_pairs ? x_pairs + r0 * K : 0, x_sums ? x_sums + r0 * G : 0, K, N, codes,
-                         group ? scales : 0, biases, group ? 0 : scales, scales_fp16, y + r0 * N, row, row ? row + G : 0,
-                         k0, k1, ahead, table_path};
-                rows(&j, n0, n1, R, group, bits, is_signed);
-            }
+            rows(&j, n0, n1, R, group, bits, is_signed);
         }
         free(row);
     }
