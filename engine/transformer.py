@@ -73,9 +73,17 @@ def matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     query over a long ring, but it rounds differently, so only quantized models use it. Every
     query sees at least its own key, so no row is fully masked.
     """
-    scores = torch.matmul(q.to(keys.dtype), keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    dtype, q = q.dtype, q.to(keys.dtype)
+    if keys.dtype == torch.bfloat16:
+        # The same dot products as q · keysᵀ, but oneDNN's bf16 kernel runs 2-5x faster with the
+        # keys as the rows it walks: 32 heads of 128 over 1000 keys, 1.1 ms against 5.3 ms (the
+        # other way is a strided walk it handles slowly; fp32 is faster as q · keysᵀ).
+        scores = torch.matmul(keys, q.transpose(-1, -2)).transpose(-1, -2).float()
+    else:
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float()
+    scores = scores * q.shape[-1] ** -0.5
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values).to(q.dtype)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values).to(dtype)
 
 
 class RMSNorm(nn.Module):
