@@ -226,6 +226,12 @@ INLINE void rows_f32(const Job *j, int64_t n0, int64_t n1, const int R, const in
 }
 
 #if VW == 16
+/* Group g's 16 weights, q · scale (+ bias) for q = 0..15 (``iota``), in fp32. */
+INLINE __m512 group_table(const Job *j, int64_t g, const int has_bias, __m512 iota) {
+    const __m512 scale = _mm512_set1_ps(j->row_scales[g]);
+    return has_bias ? _mm512_fmadd_ps(iota, scale, _mm512_set1_ps(j->row_biases[g])) : _mm512_mul_ps(iota, scale);
+}
+
 /* 4-bit codes in groups of 64 or 128 on AVX-512: a group's 16 possible weights, q · scale + bias in
  * fp32 (the dequantized weights themselves), sit in one vector, and vpermps looks each code up in it,
  * 16 at a time, straight from the packed bytes: lane l of a 64-byte load holds the 8 codes of inputs
@@ -250,12 +256,8 @@ INLINE void rows_q4_table(const Job *j, int64_t n0, int64_t n1, const int R, con
             __builtin_prefetch(c + k / 2 + PREFETCH_BYTES);
             const __m512i raw = _mm512_loadu_si512(c + k / 2);
             const int64_t g = k / GROUP;
-            const float *sc = j->row_scales, *bi = j->row_biases;
-            const __m512 table = has_bias ? _mm512_fmadd_ps(iota, _mm512_set1_ps(sc[g]), _mm512_set1_ps(bi[g]))
-                                          : _mm512_mul_ps(iota, _mm512_set1_ps(sc[g]));
-            const __m512 table2 = GROUP == 128 ? table
-                                  : has_bias ? _mm512_fmadd_ps(iota, _mm512_set1_ps(sc[g + 1]), _mm512_set1_ps(bi[g + 1]))
-                                             : _mm512_mul_ps(iota, _mm512_set1_ps(sc[g + 1]));
+            const __m512 table = group_table(j, g, has_bias, iota);
+            const __m512 table2 = GROUP == 128 ? table : group_table(j, g + 1, has_bias, iota);
 #pragma GCC unroll 8
             for (int m = 0; m < 8; m++) {
                 const __m512i shifted = m ? _mm512_srli_epi32(raw, 4 * m) : raw;
