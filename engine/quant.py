@@ -168,6 +168,8 @@ def grouped_kernel() -> str:
     variant = kernels.chosen_variant()
     if variant is None:
         return "PyTorch's int4 kernel (native kernels not built or off)"
+    if kernels.has_int8_path():
+        return f"native kernels, {variant} build, activations in int8 blocks of 32 (unquantized with --exact)"
     return f"native kernels, {variant} build, activations unquantized"
 
 
@@ -261,8 +263,10 @@ class AffineLinear(AffineCodes):
       product (exactly: ``scale · q`` needs at most 16 significant bits, so the one rounding is that
       of the sum, as in MLX's own dequantization), then widened to the activations' dtype.
     * native (a CPU in bf16/fp16, ``engine/kernels`` built): our kernel reads the codes, scales
-      and biases as stored and gives the fp32 product with the dequantized weight, up to the order
-      of the fp32 sums; the activations are not quantized.
+      and biases as stored. Where the CPU has AVX512-VNNI it quantizes the activations in blocks of
+      32 (``int8_activations``; error at most Σ|w|·scale/2, ~1e-3 of Σ|x·w|), else, or after
+      ``exact_activations``, it gives the fp32 product with the dequantized weight up to the order
+      of the fp32 sums.
     * PyTorch's int4 kernel (a CPU without ours): its convention is ``w = (c − 8) · scale + zero``,
       so a 4-bit code maps onto it with ``zero = bias + 8 · scale``, and an 8-bit code splits into
       its two nibbles, ``q = 16·hi + lo``, an int4 product twice as wide. It takes its scales and
@@ -275,6 +279,7 @@ class AffineLinear(AffineCodes):
         self.in_features, self.out_features = in_features, out_features
         self.quantization = quantization or f"mlx-q{bits}"
         self.native = False  # set by prepare()
+        self.int8_activations = False  # set by prepare(), cleared by exact_activations()
         # Once prepared for PyTorch's int4 kernel: its packed codes, and its scales and zeros [groups, out, 2]
         self.packed: nn.Parameter | None = None
         self.scales_zeros: nn.Parameter | None = None
@@ -284,6 +289,7 @@ class AffineLinear(AffineCodes):
         if self.weight.device.type != "cpu" or self.compute_dtype == torch.float32:
             return
         self.native = kernels.fits(self.in_features, self.group_size, self.scales.dtype)
+        self.int8_activations = self.native and kernels.has_int8_path()
         if not self.native and self.group_size in INT4_GROUP_SIZES and self.out_features % 16 == 0:
             self._pack_for_torch()
 
@@ -312,8 +318,8 @@ class AffineLinear(AffineCodes):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
-            return kernels.grouped_matmul(x, self.weight, self.bits, self.group_size, self.scales,
-                                          self.biases).to(x.dtype)
+            return kernels.grouped_matmul(x, self.weight, self.bits, self.group_size, self.scales, self.biases,
+                                          int8_activations=self.int8_activations).to(x.dtype)
         if self.packed is None:
             return F.linear(x, dequantize(self.weight, self.scales, self.biases, self.bits).to(x.dtype))
         flat = x.reshape(-1, self.in_features)
@@ -340,8 +346,10 @@ class BlockInt8Linear(nn.Module):
       the activations' dtype, block by block, then runs the plain matmul; in fp32 that weight is
       exactly the dequantized one, so the model computes what a float model of those weights does.
     * native (a CPU in bf16, ``engine/kernels`` built): our kernel reads the int8 codes and fp16
-      scales as stored, 1.06 bytes per weight, and gives the fp32 product with the dequantized
-      weight up to the order of the fp32 sums (the activations are not quantized).
+      scales as stored, 1.06 bytes per weight. Where the CPU has AVX512-VNNI it multiplies them by
+      the activations in Q8_0 blocks of their own, as candle does (``int8_activations``), else, or
+      after ``exact_activations``, it gives the fp32 product with the dequantized weight up to the
+      order of the fp32 sums.
     * PyTorch's int4 kernel (a CPU in bf16 without ours, ``prepare``): PyTorch's CPU kernels take int8 weights
       with one scale per row only, so each code q is split exactly into two 4-bit halves,
       q = 16·hi + lo, and both run through the int4 kernel that scales each group of 32 inputs:
@@ -361,6 +369,7 @@ class BlockInt8Linear(nn.Module):
         self.scales = nn.Parameter(torch.empty(out_features, in_features // Q8_BLOCK, dtype=torch.float16),
                                    requires_grad=False)
         self.native = False  # set by prepare()
+        self.int8_activations = False  # set by prepare(), cleared by exact_activations()
         # Set by prepare() for PyTorch's int4 kernel: both halves in its layout, [out, in], and its
         # scales and offsets, [2·in/32, out, 2].
         self.packed: nn.Parameter | None = None
@@ -381,6 +390,7 @@ class BlockInt8Linear(nn.Module):
         The native kernel takes ``weight`` as [out, in], contiguous."""
         kernel = self.kernel(self.in_features, self.out_features, self.weight.device, self.compute_dtype)
         self.native = kernel == "native"
+        self.int8_activations = self.native and kernels.has_int8_path()
         if kernel != "int4":
             return
         packed = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
@@ -406,7 +416,8 @@ class BlockInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
-            return kernels.grouped_matmul(x, self.weight, 8, Q8_BLOCK, self.scales, None, signed=True).to(x.dtype)
+            return kernels.grouped_matmul(x, self.weight, 8, Q8_BLOCK, self.scales, None, signed=True,
+                                          int8_activations=self.int8_activations).to(x.dtype)
         if self.packed is None:
             return F.linear(x, self.dequantized(x.dtype))
         flat = x.reshape(-1, self.in_features)
@@ -517,6 +528,15 @@ def replace_linears(model: nn.Module, names: list[str], mode: str, compute_dtype
         else:
             new = AffineLinear(linear.in_features, linear.out_features, 4, group_size, compute_dtype, "int4")
         setattr(parent, child, new)
+
+
+def exact_activations(model: nn.Module) -> None:
+    """``--exact``: the native kernels of every grouped linear (int4, Q8_0, MLX) multiply the
+    activations as they are, the fp32 product with the dequantized weight, instead of quantizing
+    them in blocks of 32."""
+    for module in model.modules():
+        if isinstance(module, (AffineLinear, BlockInt8Linear)):
+            module.int8_activations = False
 
 
 def finish_quantized(model: nn.Module, device: torch.device) -> None:

@@ -31,7 +31,7 @@ from .moshi.loading import load_checkpoint_lm
 from .moshi.model import LMConfig, LMModel
 from .moshi.tokens import Tokenizer, text_piece
 from .options import ModelOptions
-from .quant import quantization_of
+from .quant import exact_activations, quantization_of
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -183,6 +183,8 @@ def load_models(options: ModelOptions, default_repo: str, progress: Progress | N
             mimi.close()  # it was loading beside the LM
         raise
     lm = getattr(model, "lm", model)
+    if options.exact:
+        exact_activations(model)
 
     defaults = (default_sampling or Sampling()).__dict__
     gen_config = {**defaults, **{k: v for k, v in info.lm_gen_config.items() if k in defaults}}

@@ -130,6 +130,9 @@ typedef struct {
     float *y; /* [rows, N] */
     float *row_scales, *row_biases; /* [K/group] each: one row's, in fp32 (this thread's buffers) */
     int table; /* 4-bit codes on the table path (x reordered for it) */
+    const int8_t *xq; /* int8 path: [rows, K] x's codes (4-bit weights: each 128 inputs, 64 even then 64 odd) */
+    const float *x_lanes; /* int8 path: [rows, steps, 16] each lane's activation scale */
+    const float *x_shift; /* int8 path, signed codes: [rows, K/group] -128 · Σ_block scale · Σ codes */
 } Job;
 
 /* One row's scales (and biases) in fp32, so that the hot loop only broadcasts them. */
@@ -347,6 +350,124 @@ INLINE void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R, cons
 #define rows_q4_bf16(...) ((void)0)
 #endif
 
+#if defined(__AVX512VNNI__)
+/* The int8 path (AVX512-VNNI): x is quantized in blocks of 32 inputs, each with its own scale
+ * d = max|x| / 127 and codes round(x / d) (GGUF's Q8_0 for activations, what candle and llama.cpp
+ * multiply their Q8_0 weights with), and vpdpbusd sums four byte products a lane into int32.
+ * One 64-byte load of codes is a step: 64 inputs of 8-bit codes (lanes 0-7 the first block, 8-15
+ * the second) or 128 inputs of 4-bit ones (the low nibbles are the 64 even inputs and the high
+ * ones the 64 odd, x's codes are stored in that order, and lanes 4b..4b+3 are block b). Each step
+ * a row: the int32 lanes in fp32, times the activations' block scales, times the weights' group
+ * scales, into an fp32 total. vpdpbusd multiplies unsigned by signed bytes: signed weight codes are
+ * shifted by 128 (an exclusive or) and 128 · Σ x's codes taken back per block; biases add
+ * Σ_g bias · (Σ x over group g) with the unquantized x. The one error is x's rounding, at most d/2 an
+ * input: |y − exact| ≤ Σ_k |w_k| · d_k / 2. */
+
+/* Each lane's weight scale for the step at input k (a lane covers 4 inputs of 8-bit codes, 8 of
+ * 4-bit ones); the row's scales are padded, so reading 4 past the last group is harmless. */
+INLINE __m512 step_scales(const float *scales, int64_t k, const int GROUP, const int bits) {
+    const int lane_inputs = bits == 8 ? 4 : 8;
+    if (GROUP >= 16 * lane_inputs) return _mm512_set1_ps(scales[k / GROUP]);
+    const int lanes = GROUP / lane_inputs; /* per group */
+    const __m512i index = lanes == 8 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                     : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(_mm_loadu_ps(scales + k / GROUP)));
+}
+
+/* Output rows [n0, n1) for R rows of x on the int8 path: A totals a row, as on the fp32 path. */
+INLINE void rows_int8(const Job *j, int64_t n0, int64_t n1, const int R, const int GROUP, const int bits,
+                      const int is_signed, const int has_bias) {
+    const int64_t K = j->K, G = K / GROUP, STEP = bits == 8 ? 64 : 128, S = K / STEP, row_bytes = K * bits / 8;
+    const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+    const __m512i low4 = _mm512_set1_epi8(15), flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *c = j->codes + n * row_bytes;
+        widen_row(j, n, G);
+        __m512 acc[MAX_ROWS][4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int a = 0; a < A; a++) acc[r][a] = _mm512_setzero_ps();
+        for (int64_t s0 = 0; s0 < S; s0 += A) {
+#pragma GCC unroll 4
+            for (int a = 0; a < A; a++) {
+                const int64_t s = s0 + a;
+                if (A > 1 && s >= S) break;
+                __builtin_prefetch(c + 64 * s + PREFETCH_BYTES);
+                const __m512i raw = _mm512_loadu_si512(c + 64 * s);
+                const __m512 scale = step_scales(j->row_scales, s * STEP, GROUP, bits);
+                const __m512i lo = bits == 8 ? (is_signed ? _mm512_xor_si512(raw, flip) : raw) : _mm512_and_si512(raw, low4);
+                const __m512i hi = bits == 8 ? lo : _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; r++) {
+                    const int8_t *xq = j->xq + r * K + s * STEP;
+                    __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+                    if (bits == 4) p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512(xq + 64));
+                    const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(j->x_lanes + (r * S + s) * 16));
+                    acc[r][a] = _mm512_fmadd_ps(f, scale, acc[r][a]);
+                }
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+#pragma GCC unroll 4
+            for (int a = 1; a < A; a++) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][a]);
+            float out = _mm512_reduce_add_ps(acc[r][0]);
+            if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, G);
+            if (is_signed) out += bias_term(j->row_scales, j->x_shift + r * G, G);
+            j->y[r * j->N + n] = out;
+        }
+    }
+}
+
+/* x's rows as the int8 path reads them (see above): codes, each lane's block scale, and per group
+ * the sums of x (biases) or the shift of signed codes. */
+static void quantize_x(const float *xf, const uint16_t *xb, int64_t rows, int64_t K, int bits, int64_t group,
+                       int8_t *xq, float *lanes, float *x_sums, float *x_shift) {
+    const int64_t STEP = bits == 8 ? 64 : 128, G = K / group;
+    int8_t natural[128] __attribute__((aligned(64)));
+    float d[4];
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k0 = 0; k0 < K; k0 += STEP) {
+            for (int b = 0; b < STEP / 32; b++) {
+                const int64_t k = r * K + k0 + 32 * b;
+                __m512 v[2];
+                for (int h = 0; h < 2; h++)
+                    v[h] = xb ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xb + k + 16 * h))), 16))
+                              : _mm512_loadu_ps(xf + k + 16 * h);
+                const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+                const float inverse = amax > 0 ? 127 / amax : 0;
+                d[b] = amax / 127;
+                __m512i q[2];
+                for (int h = 0; h < 2; h++) {
+                    q[h] = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(inverse))); /* to nearest, even */
+                    _mm_store_si128((__m128i *)(natural + 32 * b + 16 * h), _mm512_cvtepi32_epi8(q[h]));
+                }
+                const int64_t g = r * G + (k0 + 32 * b) / group;
+                if (x_sums) x_sums[g] += _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+                if (x_shift) x_shift[g] -= 128 * d[b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+            }
+            int8_t *out = xq + r * K + k0;
+            if (bits == 8) {
+                memcpy(out, natural, 64);
+            } else { /* the 64 even inputs, then the 64 odd */
+                for (int h = 0; h < 2; h++) {
+                    const __m512i pairs = _mm512_load_si512(natural + 64 * h);
+                    _mm256_storeu_si256((__m256i *)(out + 32 * h), _mm512_cvtepi16_epi8(_mm512_and_si512(pairs, _mm512_set1_epi16(255))));
+                    _mm256_storeu_si256((__m256i *)(out + 64 + 32 * h), _mm512_cvtepi16_epi8(_mm512_srli_epi16(pairs, 8)));
+                }
+            }
+            float *lane = lanes + (r * (K / STEP) + k0 / STEP) * 16;
+            for (int l = 0; l < 16; l++) lane[l] = d[l / (bits == 8 ? 8 : 4)];
+        }
+}
+#define INT8_PATH 1
+#else
+#define INT8_PATH 0
+#define rows_int8(...) ((void)0)
+#define quantize_x(...) ((void)0)
+#endif
+
 /* One copy per row count, group size and code kind, each with its constants. */
 #define FOR_ROWS(CALL) \
     switch (R) { \
@@ -354,7 +475,10 @@ INLINE void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R, cons
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; \
     }
 #define KIND(R_, GROUP_) \
-    (j->table ? (GROUP_ == 32 ? (void)0 : has_bias ? rows_q4_table(j, n0, n1, R_, GROUP_, 1) : rows_q4_table(j, n0, n1, R_, GROUP_, 0)) \
+    (j->xq ? (bits == 4 ? (has_bias ? rows_int8(j, n0, n1, R_, GROUP_, 4, 0, 1) : rows_int8(j, n0, n1, R_, GROUP_, 4, 0, 0)) \
+              : is_signed ? rows_int8(j, n0, n1, R_, GROUP_, 8, 1, 0) \
+              : has_bias ? rows_int8(j, n0, n1, R_, GROUP_, 8, 0, 1) : rows_int8(j, n0, n1, R_, GROUP_, 8, 0, 0)) \
+     : j->table ? (GROUP_ == 32 ? (void)0 : has_bias ? rows_q4_table(j, n0, n1, R_, GROUP_, 1) : rows_q4_table(j, n0, n1, R_, GROUP_, 0)) \
      : j->x_bf16 ? (has_bias ? rows_q4_bf16(j, n0, n1, R_, GROUP_, 1) : rows_q4_bf16(j, n0, n1, R_, GROUP_, 0)) \
      : bits == 4 ? (has_bias ? rows_f32(j, n0, n1, R_, GROUP_, 4, 0, 1) : rows_f32(j, n0, n1, R_, GROUP_, 4, 0, 0)) \
      : is_signed ? rows_f32(j, n0, n1, R_, GROUP_, 8, 1, 0) \
@@ -374,6 +498,9 @@ static void rows(const Job *j, int64_t n0, int64_t n1, int R, int64_t group, int
     }
 }
 
+/* Whether this build has the int8 path (else ``int8_x`` changes nothing). */
+int moshi_int8_path(void) { return INT8_PATH; }
+
 /* The inputs this build takes: K a multiple of this (and of the group). */
 int moshi_k_multiple(void) { return 32; }
 
@@ -383,61 +510,67 @@ static inline float bf16_value(uint16_t h) { return half_to_float(h, 0); }
 static void *aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
 /* y [rows, N] = x [rows, K] · Wᵀ, x fp32 or (``x_is_bf16``) bf16; ``scales`` (and ``biases``) bf16
- * or fp16 [N, K/group]. Returns 0, or -1 for arguments this build does not take, -2 when out of
- * memory. Signed codes take no biases (GGUF's Q8_0 has none). */
+ * or fp16 [N, K/group]. ``int8_x``: take the int8 path where this build has it (x quantized, see
+ * rows_int8); otherwise the exact paths. Returns 0, or -1 for arguments this build does not take,
+ * -2 when out of memory. Signed codes take no biases (GGUF's Q8_0 has none). */
 int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_t K, int64_t N,
                          const uint8_t *codes, int bits, int is_signed, int64_t group, const uint16_t *scales,
-                         int scales_fp16, const uint16_t *biases, float *y, int threads) {
+                         int scales_fp16, const uint16_t *biases, float *y, int threads, int int8_x) {
     if ((bits != 4 && bits != 8) || (bits == 4 && is_signed) || (is_signed && biases) || rows_x < 1 || N < 1 ||
         (group != 32 && group != 64 && group != 128) || K % group || K % 32)
         return -1;
     const int64_t G = K / group, count = rows_x * K;
     const float *xf = x_is_bf16 ? 0 : x_in;
     const uint16_t *xb = x_is_bf16 ? x_in : 0;
-    /* 4-bit codes: the table path where it takes the groups (its steps: 128 inputs), else the bf16
+    /* the int8 path where asked (its steps: 64 inputs of 8-bit codes, 128 of 4-bit ones); else for
+     * 4-bit codes the table path where it takes the groups (its steps: 128 inputs), else the bf16
      * path for bf16 activations (its steps: 64 inputs), else the fp32 path */
-    const int table_path = TABLE_PATH && bits == 4 && (group == 64 || group == 128) && K % 128 == 0;
-    const int bf16_path = BF16_PATH && bits == 4 && x_is_bf16 && K % 64 == 0 && !table_path;
-    /* the activations as the kernel reads them: fp32 (4-bit codes: reordered) or bf16 reordered */
-    float *x_work = bf16_path || (bits == 8 && !x_is_bf16) ? 0 : aligned(sizeof(float) * count);
+    const int int8_path = INT8_PATH && int8_x && K % (bits == 8 ? 64 : 128) == 0;
+    const int table_path = !int8_path && TABLE_PATH && bits == 4 && (group == 64 || group == 128) && K % 128 == 0;
+    const int bf16_path = !int8_path && BF16_PATH && bits == 4 && x_is_bf16 && K % 64 == 0 && !table_path;
+    const int f32_path = !int8_path && !bf16_path;
+    /* the activations as the kernel reads them: fp32 (4-bit codes: reordered) or bf16 reordered, or
+     * int8 codes with their scales; and per group, sums of x (for biases) or shifts (signed codes) */
+    float *x_work = f32_path && (bits == 4 || x_is_bf16) ? aligned(sizeof(float) * count) : 0;
     uint16_t *x_pairs = bf16_path ? aligned(sizeof(uint16_t) * count) : 0;
-    float *x_sums = bf16_path && biases ? malloc(sizeof(float) * rows_x * G) : 0;
-    if ((!x_work && !bf16_path && !(bits == 8 && !x_is_bf16)) || (bf16_path && !x_pairs) || (bf16_path && biases && !x_sums)) {
-        free(x_work);
-        free(x_pairs);
-        free(x_sums);
-        return -2;
-    }
-    if (bf16_path) /* each 64 inputs: the 32 even, then the 32 odd */
+    int8_t *xq = int8_path ? aligned(count) : 0;
+    float *x_lanes = int8_path ? aligned(sizeof(float) * count / (bits == 8 ? 4 : 8)) : 0;
+    float *x_sums = (bf16_path || int8_path) && biases ? calloc(rows_x * G, sizeof(float)) : 0;
+    float *x_shift = int8_path && is_signed ? calloc(rows_x * G, sizeof(float)) : 0;
+    int failed = (f32_path && (bits == 4 || x_is_bf16) && !x_work) || (bf16_path && !x_pairs) ||
+                 (int8_path && (!xq || !x_lanes || (is_signed && !x_shift))) || ((bf16_path || int8_path) && biases && !x_sums);
+    if (failed) {
+        /* nothing to compute: the buffers that were allocated are freed below */
+    } else if (int8_path) {
+        quantize_x(xf, xb, rows_x, K, bits, group, xq, x_lanes, x_sums, x_shift);
+    } else if (bf16_path) { /* each 64 inputs: the 32 even, then the 32 odd */
         for (int64_t i = 0; i < count; i += 64)
             for (int v = 0; v < 32; v++) {
                 x_pairs[i + v] = xb[i + 2 * v];
                 x_pairs[i + 32 + v] = xb[i + 2 * v + 1];
             }
-    else if (table_path) /* each 128 inputs: lane l of lookup m takes input 8l + m */
+        for (int64_t i = 0; x_sums && i < rows_x * G; i++)
+            for (int64_t k = i * group; k < (i + 1) * group; k++) x_sums[i] += bf16_value(xb[k]);
+    } else if (table_path) { /* each 128 inputs: lane l of lookup m takes input 8l + m */
         for (int64_t i = 0; i < count; i += 128)
             for (int m = 0; m < 8; m++)
                 for (int l = 0; l < 16; l++)
                     x_work[i + 16 * m + l] = xb ? bf16_value(xb[i + 8 * l + m]) : xf[i + 8 * l + m];
-    else if (bits == 4) /* the nibbles of VW bytes are VW even then VW odd inputs: x in that order */
+    } else if (bits == 4) { /* the nibbles of VW bytes are VW even then VW odd inputs: x in that order */
         for (int64_t i = 0; i < count; i += 2 * VW)
             for (int v = 0; v < VW; v++) {
                 x_work[i + v] = xb ? bf16_value(xb[i + 2 * v]) : xf[i + 2 * v];
                 x_work[i + VW + v] = xb ? bf16_value(xb[i + 2 * v + 1]) : xf[i + 2 * v + 1];
             }
-    else if (x_is_bf16)
+    } else if (x_is_bf16) {
         for (int64_t i = 0; i < count; i++) x_work[i] = bf16_value(xb[i]);
-    for (int64_t i = 0; x_sums && i < rows_x * G; i++) {
-        float sum = 0;
-        for (int64_t k = i * group; k < (i + 1) * group; k++) sum += bf16_value(xb[k]);
-        x_sums[i] = sum;
     }
     const float *x = x_work ? x_work : xf;
-    int failed = 0;
     if (threads < 1) threads = 1;
     if (threads > N) threads = (int)N;
-#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
-    {
+    int no_row = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : no_row)
+    if (!failed) {
         int t = 0, T = 1;
 #ifdef _OPENMP
         t = omp_get_thread_num();
@@ -446,11 +579,14 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
         /* contiguous slices of output rows, cut at multiples of 16 (whole cache lines of y) */
         const int64_t per = ((N + T - 1) / T + 15) / 16 * 16;
         const int64_t n0 = t * per < N ? t * per : N, n1 = n0 + per < N ? n0 + per : N;
-        float *row = malloc(sizeof(float) * 2 * G);
-        failed = !row;
-        for (int64_t r0 = 0; !failed && r0 < rows_x && n0 < n1; r0 += MAX_ROWS) {
-            Job j = {x ? x + r0 * K : 0, x_pairs ? x_pairs + r0 * K : 0, x_sums ? x_sums + r0 * G : 0, K, N, codes,
-                     scales, biases, scales_fp16, y + r0 * N, row, row + G, table_path};
+        /* one row's scales and biases in fp32; 16 more, as the int8 path reads a little ahead */
+        float *row = malloc(sizeof(float) * (2 * G + 16));
+        no_row = !row;
+        const int64_t lanes_per_row = K / (bits == 8 ? 64 : 128) * 16;
+        for (int64_t r0 = 0; row && r0 < rows_x && n0 < n1; r0 += MAX_ROWS) {
+            Job j = {x && !int8_path ? x + r0 * K : 0, x_pairs ? x_pairs + r0 * K : 0, x_sums ? x_sums + r0 * G : 0, K, N,
+                     codes, scales, biases, scales_fp16, y + r0 * N, row, row + G, table_path,
+                     xq ? xq + r0 * K : 0, x_lanes ? x_lanes + r0 * lanes_per_row : 0, x_shift ? x_shift + r0 * G : 0};
             const int R = rows_x - r0 < MAX_ROWS ? (int)(rows_x - r0) : MAX_ROWS;
             rows(&j, n0, n1, R, group, bits, is_signed);
         }
@@ -458,6 +594,9 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
     }
     free(x_work);
     free(x_pairs);
+    free(xq);
+    free(x_lanes);
     free(x_sums);
-    return failed ? -2 : 0;
+    free(x_shift);
+    return failed || no_row ? -2 : 0;
 }

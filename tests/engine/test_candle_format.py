@@ -30,9 +30,10 @@ from engine.mimi.tiny import random_mimi_state
 from engine.moshi.generate import LMGen, Sampling
 from engine.moshi.loading import load_lm
 from engine.moshi.tiny import random_lm_state, write_tiny_lm_checkpoint
-from engine.quant import BlockInt8Embedding, BlockInt8Linear
+from engine.quant import BlockInt8Embedding, BlockInt8Linear, exact_activations
 
 from candle_support import TINY_CANDLE, dequantized_official, rust_layout, write_candle_files, write_q8_gguf
+from int8_support import rounding_bound
 from transcribe_support import said_text
 
 ref_loaders = pytest.importorskip("moshi.models.loaders")
@@ -160,14 +161,21 @@ def test_block_int8_linear_both_paths_against_the_gguf_dequantization():
         else:
             linear.prepare()
             assert linear.native == (dtype == torch.bfloat16 and kernels.chosen_variant() is not None)
+        if dtype == torch.bfloat16:
+            assert linear.int8_activations == (linear.native and kernels.has_int8_path())
+            outputs["int8"] = linear(x.bfloat16()).float()  # by default: x in Q8_0 blocks where built
+            exact_activations(linear)
         outputs[dtype] = linear(x.bfloat16() if dtype == "int4" else x.to(dtype)).float()
     assert torch.equal(outputs[torch.float32], torch.nn.functional.linear(x, dequantized))
     expected = x.bfloat16().float() @ dequantized.T
     magnitude = x.bfloat16().float().abs() @ dequantized.abs().T
     # Native: the fp32 product of the exact weights up to the order of the sums (1e-6 of the
-    # magnitude), then the output rounded to bf16 (2^-8 of it).
+    # magnitude), then the output rounded to bf16 (2^-8 of it); by default, where the CPU has
+    # AVX512-VNNI, x's rounding to Q8_0 blocks too (as candle multiplies).
     error = (outputs[torch.bfloat16] - expected).abs()
     assert (error <= 1e-6 * magnitude + 2 ** -8 * expected.abs()).all()
+    error = (outputs["int8"] - expected).abs()
+    assert (error <= rounding_bound(x.bfloat16(), dequantized) + 1e-6 * magnitude + 2 ** -8 * expected.abs()).all()
     # PyTorch's int4 kernel: the scales rounded to bf16 too (2^-9 of each product).
     error = (outputs["int4"] - expected).abs()
     assert (error <= 2 ** -9 * magnitude + 2 ** -9 * expected.abs() + 1e-6).all()

@@ -6,6 +6,11 @@ sums in fp32, so it differs from the dequantized product only by fp32 rounding i
 bounded here at 1e-6 of Σ|x|·|w| per output (measured, ~5e-8), far below any quantization error.
 The shapes take every path: 4-bit groups of 64 and 128 (the table path on AVX-512), of 32 (the bf16
 path for bf16 activations with AVX512-BF16), 8-bit codes (fp32), full chunks of 128 inputs and tails.
+
+The int8 path (builds with AVX512-VNNI) quantizes the activations as it states, in blocks of 32 with
+d = max|x|/127 and codes round(x · (127/max|x|)) in fp32: it must give the float64 product of that
+picture of x (the biases' part with x itself) up to fp32 sums, and so stay within d/2 · Σ|w| of the
+exact product.
 """
 
 import os
@@ -18,6 +23,8 @@ import torch
 
 from engine import kernels
 from engine.quant import dequantize
+
+from int8_support import q8_picture, rounding_bound
 
 BOUND = 1e-6
 VARIANTS = kernels.runnable_variants()
@@ -80,9 +87,43 @@ def test_bf16_activations_and_leading_dimensions(variant, bits, K):
     generator = torch.Generator().manual_seed(1)
     codes, scales, biases = _affine(generator, 48, K, bits, 32, torch.bfloat16)
     x = torch.randn(2, 3, K, generator=generator).bfloat16()
-    got = kernels.grouped_matmul(x, codes, bits, 32, scales, biases, variant=variant)
+    # 96 inputs: no whole step of the int8 path either, which then leaves x as it is
+    got = kernels.grouped_matmul(x, codes, bits, 32, scales, biases, variant=variant, int8_activations=K == 96)
     assert got.shape == (2, 3, 48) and got.dtype == torch.float32
     _check(got.view(6, 48), x.float().view(6, K), dequantize(codes, scales, biases, bits))
+
+
+INT8_VARIANTS = [variant for variant in VARIANTS if kernels.has_int8_path(variant)]
+
+
+@pytest.mark.parametrize("variant", INT8_VARIANTS)
+@pytest.mark.parametrize("bits,group,signed", [(4, 32, False), (4, 64, False), (4, 128, False), (8, 32, False),
+                                               (8, 64, False), (8, 32, True)])
+def test_int8_activations_give_the_product_of_their_q8_0_picture(variant, bits, group, signed):
+    generator = torch.Generator().manual_seed(bits * group + signed)
+    N, K = 72, 640
+    if signed:  # GGUF's Q8_0
+        codes = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=generator)
+        scales, biases = (torch.rand(N, K // 32, generator=generator) / 100).half(), None
+        coded = (codes.float().view(N, -1, 32) * scales.float()[..., None]).view(N, K)
+        offsets = torch.zeros(N, K)
+    else:
+        codes, scales, biases = _affine(generator, N, K, bits, group, torch.bfloat16)
+        coded = dequantize(codes, scales, torch.zeros_like(biases), bits)  # q · scale: exact in fp32
+        offsets = biases.float().repeat_interleave(group, dim=1)
+    coded, offsets = coded.double(), offsets.double()
+    for rows in (1, 2, 3, 8, 11):
+        for x in (torch.randn(rows, K, generator=generator), torch.randn(rows, K, generator=generator).bfloat16()):
+            got = kernels.grouped_matmul(x, codes, bits, group, scales, biases, signed=signed, variant=variant,
+                                         int8_activations=True).double()
+            picture, _ = q8_picture(x)
+            exact_x = x.double()
+            expected = picture @ coded.T + exact_x @ offsets.T
+            magnitude = picture.abs() @ coded.abs().T + exact_x.abs() @ offsets.abs().T
+            assert ((got - expected).abs() <= 1e-6 * magnitude).all()
+            error = (got - exact_x @ (coded + offsets).T).abs()
+            assert (error <= rounding_bound(x, coded) + 1e-6 * magnitude).all()
+            assert error.max() > 0  # the activations were quantized
 
 
 def test_threads_split_rows_and_give_the_same_bits():
@@ -92,14 +133,16 @@ def test_threads_split_rows_and_give_the_same_bits():
     codes, scales, biases = _affine(generator, 1000, 512, 4, 64, torch.bfloat16)
     x = torch.randn(3, 512, generator=generator)
     previous = torch.get_num_threads()
-    outputs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outputs.append(kernels.grouped_matmul(x, codes, 4, 64, scales, biases))
-    finally:
-        torch.set_num_threads(previous)
-    assert all(torch.equal(outputs[0], out) for out in outputs[1:])
+    for int8_activations in (False, True):
+        outputs = []
+        try:
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                outputs.append(kernels.grouped_matmul(x, codes, 4, 64, scales, biases,
+                                                      int8_activations=int8_activations))
+        finally:
+            torch.set_num_threads(previous)
+        assert all(torch.equal(outputs[0], out) for out in outputs[1:])
 
 
 def test_shapes_the_kernel_does_not_take_are_refused():

@@ -19,10 +19,12 @@ from engine.moshi.generate import LMGen, Sampling
 from engine.moshi.loading import load_lm
 from engine.moshi.model import LMConfig
 from engine.moshi.tiny import random_lm_state
-from engine.quant import AffineLinear, Int8Linear, dequantize, int4_groups
+from engine.quant import AffineLinear, Int8Linear, dequantize, exact_activations, int4_groups
 from engine.tiny import write_tiny_checkpoint
-from engine import transformer
+from engine import kernels, transformer
 from engine.transformer import Attention, matmul_attention
+
+from int8_support import rounding_bound
 
 TOLERANCE = {"int8": 0.06, "int4": 0.4}
 
@@ -165,17 +167,22 @@ def _int4_layer(weight, group, dtype):
 @torch.no_grad()
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_native_kernel_is_the_dequantized_product(group):
-    """bf16 on a CPU: the fp32 product with the dequantized weight, up to the order of the sums,
-    then rounded to bf16 (one rounding: within 2⁻⁸ of the exact value)."""
+    """bf16 on a CPU: by default, where the CPU has AVX512-VNNI, within the rounding of the activations
+    to int8 blocks; with ``exact_activations`` (``--exact``), the fp32 product with the dequantized
+    weight, up to the order of the sums. Then rounded to bf16 (one rounding: within 2⁻⁸)."""
     torch.manual_seed(0)
     layer = _int4_layer(torch.randn(96, 256), group, torch.bfloat16)
     if not layer.native:
         pytest.skip("native kernels not built")
+    assert layer.int8_activations == kernels.has_int8_path()
     x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
-    exact = F.linear(x.double(), dequantize(layer.weight, layer.scales, layer.biases, 4).double())
-    got = layer(x)
-    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 96)
-    assert bool(((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all())
+    weight = dequantize(layer.weight, layer.scales, layer.biases, 4)
+    exact = F.linear(x.double(), weight.double())
+    for bound in (rounding_bound(x, weight) if layer.int8_activations else 0, 0):
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 96)
+        assert bool(((got.double() - exact).abs() <= bound + exact.abs() * 2**-8 + 1e-6).all())
+        exact_activations(layer)
 
 
 @torch.no_grad()
