@@ -157,6 +157,8 @@ def int8_saturates() -> bool:
 
 def int8_kernel() -> str:
     """Which int8 product runs on this CPU, for ``moshi doctor`` and the benchmarks."""
+    if kernels.has_int8_path():
+        return "native kernels' int8 path (VNNI), activations in int8 blocks of 32 (--exact: weight-only int8)"
     if torch.backends.mkldnn.is_available() and not int8_saturates():
         return "oneDNN u8×s8 (VNNI), 8-bit activations"
     return "weight-only int8 (PyTorch's int8pack kernel), activations in the model dtype"
@@ -176,18 +178,23 @@ def grouped_kernel() -> str:
 class Int8Linear(nn.Module):
     """``y = x · (weight · weight_scb / 127)ᵀ`` with int8 weights; ``compute_dtype``: that of x.
 
-    On a CPU the kernel is chosen by what the CPU does well (``prepare``):
+    On a CPU the kernel is chosen by what the CPU does well (``prepare``, ``kernel``):
 
-    * with VNNI, oneDNN's int8 matmul, which takes the weight in a layout of its own (the plain
-      copy is dropped: the state dict then has no ``weight``). It multiplies bytes by bytes, so
-      each input row is quantized on the fly with its own absmax scale, the scheme of the
-      reference's q8 path (bitsandbytes' LLM.int8 with threshold 0): on Gaussian data a product's
-      relative error is ~0.8%, against ~0.2% for the int8 weight alone. Measured at one thread, it
-      beats the weight-only kernel from 4 input rows on (2048×11264: 1.3 against 2.6 ms).
-    * without VNNI (AVX2, early AVX-512), PyTorch's weight-only int8 kernel on activations in the
-      model dtype. oneDNN's kernel there sums pairs of byte products in a saturating int16
-      (3.7% error on a 512×256 layer) and is 3-5x slower at one input row (2048×11264: 7.0 ms
-      against 1.9 ms with PyTorch and oneDNN held to AVX2).
+    * "native": where our kernels' int8 path is built (AVX512-VNNI) and the width is a multiple
+      of 64, it multiplies the weight as stored, one fp32 scale a row, by the activations
+      quantized in blocks of 32 (each with its own absmax scale): a product's error is at most
+      Σ|w|·d/2 for its inputs' block scales d.
+    * "onednn": other CPUs with VNNI, oneDNN's int8 matmul, which takes the weight in a layout of
+      its own (the plain copy is dropped: the state dict then has no ``weight``). Each input row
+      is quantized with one absmax scale, the scheme of the reference's q8 path (bitsandbytes'
+      LLM.int8 with threshold 0): on Gaussian data a product's relative error is ~0.8%, against
+      ~0.2% for the int8 weight alone.
+    * "weight-only": without VNNI (AVX2, early AVX-512), PyTorch's weight-only int8 kernel on
+      activations in the model dtype. oneDNN's kernel there sums pairs of byte products in a
+      saturating int16 (3.7% error on a 512×256 layer) and is 3-5x slower at one input row
+      (2048×11264: 7.0 ms against 1.9 ms with PyTorch and oneDNN held to AVX2). ``--exact``
+      (``exact_activations``) turns "native" layers to it.
+    * "widen": other devices, and widths PyTorch's weight-only kernel does not take.
     """
 
     quantization = "int8"  # the name a session's info shows (``quantization_of``)
@@ -198,41 +205,50 @@ class Int8Linear(nn.Module):
         self.compute_dtype = compute_dtype
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
         self.weight_scb = nn.Parameter(torch.empty(out_features, dtype=torch.float32), requires_grad=False)
-        self.scale: torch.Tensor | None = None  # weight_scb / 127, set by prepare()
+        self.scale: torch.Tensor | None = None  # weight_scb / 127 [out, 1], set by prepare()
         self.packed: torch.Tensor | None = None  # the weight in oneDNN's layout (CPU)
-        self._weight_only_kernel = False  # set by prepare()
+        self.kernel = "widen"  # set by prepare()
 
-    def prepare(self, pack: bool | None = None) -> None:
-        """``pack``: hand the weight to oneDNN (default: on a CPU whose oneDNN kernel has VNNI);
-        otherwise a CPU uses the weight-only kernel and other devices widen the weight."""
-        self.scale = self.weight_scb / 127
+    def prepare(self, kernel: str | None = None) -> None:
+        """Pick ``kernel`` (default: the fastest this device has, see the class); "onednn" drops
+        the plain weight for oneDNN's packed copy."""
+        self.scale = (self.weight_scb / 127)[:, None].contiguous()
         cpu = self.weight.device.type == "cpu"
-        if pack is None:
-            pack = cpu and torch.backends.mkldnn.is_available() and not int8_saturates()
-        # PyTorch 2.13's AVX-512 int8pack kernel crashes on several input rows when the input
-        # width is not a multiple of 16 (every real model's is); such a layer widens its weight.
-        self._weight_only_kernel = cpu and not pack and self.in_features % 16 == 0
-        if pack:
+        if kernel is None:
+            kernel = ("widen" if not cpu else "native" if kernels.has_int8_path() and self.in_features % 64 == 0
+                      else "onednn" if torch.backends.mkldnn.is_available() and not int8_saturates()
+                      else self.exact_kernel())
+        self.kernel = kernel
+        if kernel == "onednn":
             self.packed = torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features])
             self.weight = None
 
+    def exact_kernel(self) -> str:
+        """The kernel that leaves the activations as they are: PyTorch's weight-only kernel on a
+        CPU, where the width allows (PyTorch 2.13's AVX-512 int8pack kernel crashes on several input
+        rows when the width is not a multiple of 16; every real model's is), else widening."""
+        return "weight-only" if self.weight.device.type == "cpu" and self.in_features % 16 == 0 else "widen"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._weight_only_kernel:
+        if self.kernel == "native":
+            return kernels.grouped_matmul(x, self.weight, 8, self.in_features, self.scale, None, signed=True,
+                                          int8_activations=True).to(x.dtype)
+        if self.kernel == "weight-only":
             flat = x.reshape(-1, self.in_features)
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype))
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale.view(-1).to(x.dtype))
             return out.view(*x.shape[:-1], self.out_features)
-        if self.packed is None:
-            return (F.linear(x, self.weight.to(x.dtype)) * self.scale).to(x.dtype)
+        if self.kernel == "widen":
+            return (F.linear(x, self.weight.to(x.dtype)) * self.scale.view(-1)).to(x.dtype)
         rows = x.reshape(-1, self.in_features).float()
         row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127
         # The kernel multiplies unsigned by signed bytes: the input's signed codes are shifted
         # by 128, and oneDNN takes the shift back as a zero point.
         codes = torch.round(rows / row_scale).add_(128).to(torch.uint8)
-        out = _onednn_int8_matmul(codes, 128, self.packed, self.scale)
+        out = _onednn_int8_matmul(codes, 128, self.packed, self.scale.view(-1))
         return (out * row_scale).to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, {self.kernel}"
 
 
 # Rows repacked for PyTorch's int4 kernel at a time (a multiple of its 64-row blocks): the int32
@@ -533,10 +549,12 @@ def replace_linears(model: nn.Module, names: list[str], mode: str, compute_dtype
 def exact_activations(model: nn.Module) -> None:
     """``--exact``: the native kernels of every grouped linear (int4, Q8_0, MLX) multiply the
     activations as they are, the fp32 product with the dequantized weight, instead of quantizing
-    them in blocks of 32."""
+    them in blocks of 32; int8 layers on the native kernel move to the weight-only one."""
     for module in model.modules():
         if isinstance(module, (AffineLinear, BlockInt8Linear)):
             module.int8_activations = False
+        elif isinstance(module, Int8Linear) and module.kernel == "native":
+            module.kernel = module.exact_kernel()
 
 
 def finish_quantized(model: nn.Module, device: torch.device) -> None:

@@ -35,6 +35,7 @@ VARIANTS = {
 # torch.backends.cpu.get_cpu_capability() values under which each variant may run
 _CAPABILITIES = {"avx512bf16": {"AVX512"}, "avx512": {"AVX512"}, "avx2": {"AVX2", "AVX512"}}
 MAX_ROWS = 8  # rows of activations per pass over the weight (more take several passes)
+_SCALE_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # as grouped.c numbers them
 
 
 def _library_path(variant: str) -> Path | None:
@@ -131,7 +132,9 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: 
     products (the same result up to the order of the sums); other activations are widened to fp32.
 
     ``codes``: uint8 [N, K·bits/8] (4-bit: the even input in the low nibble) or, ``signed``, int8
-    [N, K] (any shape of N·K values, row-major); ``scales`` and ``biases``: bf16 or fp16 [N, K/group].
+    [N, K] (any shape of N·K values, row-major); ``scales`` and ``biases``: bf16, fp16 or fp32
+    [N, K/group]. Groups of 32, 64 or 128 inputs; with ``int8_activations`` on a build that has the
+    int8 path, signed codes also take one scale a row (``group_size`` = K, a multiple of 64).
     ``variant``: a build other than the chosen one (the tests run each).
     ``int8_activations``: on a build with AVX512-VNNI (``has_int8_path``), quantize x in blocks of 32
     inputs (scale max|x|/127, as GGUF's Q8_0) and multiply bytes by bytes: the one error is x's
@@ -143,7 +146,7 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: 
     rows = x.reshape(-1, K)
     rows = (rows if rows.dtype == torch.bfloat16 else rows.to(torch.float32)).contiguous()
     if (codes.numel() * 8 != N * K * bits or scales.shape != (N, K // group_size) or not codes.is_contiguous()
-            or not scales.is_contiguous() or scales.dtype not in (torch.bfloat16, torch.float16)
+            or not scales.is_contiguous() or scales.dtype not in _SCALE_KINDS
             or (biases is not None and (biases.shape != scales.shape or biases.dtype != scales.dtype
                                         or not biases.is_contiguous()))):
         raise ValueError(f"grouped_matmul: codes {tuple(codes.shape)}, scales {tuple(scales.shape)} "
@@ -151,7 +154,7 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: 
     y = torch.empty(rows.shape[0], N, dtype=torch.float32)
     status = library(variant).moshi_grouped_matmul(
         rows.data_ptr(), int(rows.dtype == torch.bfloat16), rows.shape[0], K, N, codes.data_ptr(), bits, int(signed), group_size, scales.data_ptr(),
-        int(scales.dtype == torch.float16), biases.data_ptr() if biases is not None else None, y.data_ptr(),
+        _SCALE_KINDS[scales.dtype], biases.data_ptr() if biases is not None else None, y.data_ptr(),
         torch.get_num_threads(), int(int8_activations))
     if status:
         raise ValueError(f"grouped_matmul ({variant}): a [{N}, {K}] weight of {bits}-bit codes in groups of "

@@ -125,18 +125,25 @@ typedef struct {
     const float *x_sums; /* bf16 path with biases: [rows, K/group], the sum of x over each group */
     int64_t K, N;
     const uint8_t *codes; /* [N, K·bits/8] */
-    const uint16_t *scales, *biases; /* [N, K/group]; biases may be NULL */
-    int scales_fp16;
+    const void *scales, *biases; /* [N, K/group]; biases may be NULL */
+    int scales_kind; /* 0: bf16, 1: fp16, 2: fp32 */
     float *y; /* [rows, N] */
     float *row_scales, *row_biases; /* [K/group] each: one row's, in fp32 (this thread's buffers) */
     int table; /* 4-bit codes on the table path (x reordered for it) */
     const int8_t *xq; /* int8 path: [rows, K] x's codes (4-bit weights: each 128 inputs, 64 even then 64 odd) */
     const float *x_lanes; /* int8 path: [rows, steps, 16] each lane's activation scale */
     const float *x_shift; /* int8 path, signed codes: [rows, K/group] -128 · Σ_block scale · Σ codes */
+    const int32_t *x_code_sums; /* int8 path, one scale a row: [rows] Σ of each row's codes (x_lanes: its scale) */
 } Job;
 
-/* One row's scales (and biases) in fp32, so that the hot loop only broadcasts them. */
-static inline void widen_halves(const uint16_t *src, float *dst, int64_t count, int fp16) {
+/* ``count`` scales (or biases) from ``first`` on in fp32, so that the hot loop only broadcasts them. */
+static inline void widen_scales(const void *all, int64_t first, float *dst, int64_t count, int kind) {
+    if (kind == 2) {
+        memcpy(dst, (const float *)all + first, sizeof(float) * count);
+        return;
+    }
+    const uint16_t *src = (const uint16_t *)all + first;
+    const int fp16 = kind == 1;
     int64_t i = 0;
 #if defined(__F16C__)
     if (fp16)
@@ -148,8 +155,8 @@ static inline void widen_halves(const uint16_t *src, float *dst, int64_t count, 
 }
 
 static inline void widen_row(const Job *j, int64_t n, int64_t G) {
-    widen_halves(j->scales + n * G, j->row_scales, G, j->scales_fp16);
-    if (j->biases) widen_halves(j->biases + n * G, j->row_biases, G, j->scales_fp16);
+    widen_scales(j->scales, n * G, j->row_scales, G, j->scales_kind);
+    if (j->biases) widen_scales(j->biases, n * G, j->row_biases, G, j->scales_kind);
 }
 
 /* Σ_g bias[g] · (Σ of x over group g): a row's bias term on the bf16 path. */
@@ -420,6 +427,68 @@ INLINE void rows_int8(const Job *j, int64_t n0, int64_t n1, const int R, const i
     }
 }
 
+/* Signed 8-bit codes with one scale a row (the layout of ``--quantize int8`` and Kyutai's q8
+ * checkpoints) take x quantized a whole row at a time, with one scale d_r: no scale then changes
+ * along the row, each step is one vpdpbusd a row into int32 totals, and a row's product is
+ * scale · d_r · (Σ (q + 128) · xq − 128 · Σ xq), scaled once. This is the scheme of the reference's
+ * q8 path (bitsandbytes' LLM.int8) and of oneDNN's int8 matmul. */
+INLINE void rows_int8_row_scale(const Job *j, int64_t n0, int64_t n1, const int R) {
+    const int64_t K = j->K, S = K / 64;
+    const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *c = j->codes + n * K;
+        widen_row(j, n, 1);
+        __m512i acc[MAX_ROWS][4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int a = 0; a < A; a++) acc[r][a] = _mm512_setzero_si512();
+        for (int64_t s0 = 0; s0 < S; s0 += A) {
+#pragma GCC unroll 4
+            for (int a = 0; a < A; a++) {
+                const int64_t s = s0 + a;
+                if (A > 1 && s >= S) break;
+                __builtin_prefetch(c + 64 * s + PREFETCH_BYTES);
+                const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(c + 64 * s), flip);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; r++) acc[r][a] = _mm512_dpbusd_epi32(acc[r][a], w, _mm512_loadu_si512(j->xq + r * K + 64 * s));
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+#pragma GCC unroll 4
+            for (int a = 1; a < A; a++) acc[r][0] = _mm512_add_epi32(acc[r][0], acc[r][a]);
+            const int32_t total = _mm512_reduce_add_epi32(acc[r][0]) - 128 * j->x_code_sums[r];
+            j->y[r * j->N + n] = j->row_scales[0] * j->x_lanes[r] * (float)total;
+        }
+    }
+}
+
+/* 16 inputs of x from ``k`` on, in fp32. */
+static inline __m512 load16(const float *xf, const uint16_t *xb, int64_t k) {
+    return xb ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xb + k))), 16))
+              : _mm512_loadu_ps(xf + k);
+}
+
+/* Rows of x for rows_int8_row_scale: codes, each row's scale d and the sum of its codes. */
+static void quantize_rows(const float *xf, const uint16_t *xb, int64_t rows, int64_t K, int8_t *xq, float *d,
+                          int32_t *code_sums) {
+    for (int64_t r = 0; r < rows; r++) {
+        __m512 most = _mm512_setzero_ps();
+        for (int64_t k = r * K; k < (r + 1) * K; k += 16) most = _mm512_max_ps(most, _mm512_abs_ps(load16(xf, xb, k)));
+        const float amax = _mm512_reduce_max_ps(most), inverse = amax > 0 ? 127 / amax : 0;
+        d[r] = amax / 127;
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t k = r * K; k < (r + 1) * K; k += 16) {
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(xf, xb, k), _mm512_set1_ps(inverse)));
+            _mm_storeu_si128((__m128i *)(xq + k), _mm512_cvtepi32_epi8(q));
+            sum = _mm512_add_epi32(sum, q);
+        }
+        code_sums[r] = _mm512_reduce_add_epi32(sum);
+    }
+}
+
 /* x's rows as the int8 path reads them (see above): codes, each lane's block scale, and per group
  * the sums of x (biases) or the shift of signed codes. */
 static void quantize_x(const float *xf, const uint16_t *xb, int64_t rows, int64_t K, int bits, int64_t group,
@@ -431,10 +500,7 @@ static void quantize_x(const float *xf, const uint16_t *xb, int64_t rows, int64_
         for (int64_t k0 = 0; k0 < K; k0 += STEP) {
             for (int b = 0; b < STEP / 32; b++) {
                 const int64_t k = r * K + k0 + 32 * b;
-                __m512 v[2];
-                for (int h = 0; h < 2; h++)
-                    v[h] = xb ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xb + k + 16 * h))), 16))
-                              : _mm512_loadu_ps(xf + k + 16 * h);
+                const __m512 v[2] = {load16(xf, xb, k), load16(xf, xb, k + 16)};
                 const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
                 const float inverse = amax > 0 ? 127 / amax : 0;
                 d[b] = amax / 127;
@@ -465,7 +531,9 @@ static void quantize_x(const float *xf, const uint16_t *xb, int64_t rows, int64_
 #else
 #define INT8_PATH 0
 #define rows_int8(...) ((void)0)
+#define rows_int8_row_scale(...) ((void)0)
 #define quantize_x(...) ((void)0)
+#define quantize_rows(...) ((void)0)
 #endif
 
 /* One copy per row count, group size and code kind, each with its constants. */
@@ -487,9 +555,13 @@ static void quantize_x(const float *xf, const uint16_t *xb, int64_t rows, int64_
 #define G64(R_) KIND(R_, 64)
 #define G128(R_) KIND(R_, 128)
 
+#define ROW_SCALE(R_) rows_int8_row_scale(j, n0, n1, R_)
+
 static void rows(const Job *j, int64_t n0, int64_t n1, int R, int64_t group, int bits, int is_signed) {
     const int has_bias = j->biases != 0;
-    if (group == 32) {
+    if (group != 32 && group != 64 && group != 128) { /* group == K: signed codes, one scale a row */
+        FOR_ROWS(ROW_SCALE)
+    } else if (group == 32) {
         FOR_ROWS(G32)
     } else if (group == 64) {
         FOR_ROWS(G64)
@@ -509,15 +581,20 @@ static inline float bf16_value(uint16_t h) { return half_to_float(h, 0); }
 /* A buffer that starts on a cache line: a vector load that straddles two lines costs two. */
 static void *aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
-/* y [rows, N] = x [rows, K] · Wᵀ, x fp32 or (``x_is_bf16``) bf16; ``scales`` (and ``biases``) bf16
- * or fp16 [N, K/group]. ``int8_x``: take the int8 path where this build has it (x quantized, see
- * rows_int8); otherwise the exact paths. Returns 0, or -1 for arguments this build does not take,
- * -2 when out of memory. Signed codes take no biases (GGUF's Q8_0 has none). */
+/* y [rows, N] = x [rows, K] · Wᵀ, x fp32 or (``x_is_bf16``) bf16; ``scales`` (and ``biases``)
+ * [N, K/group] in bf16, fp16 or fp32 (``scales_kind`` 0, 1, 2). ``int8_x``: take the int8 path where
+ * this build has it (x quantized, see rows_int8); otherwise the exact paths. Groups of 32, 64 or
+ * 128 inputs, or on the int8 path, for signed 8-bit codes, one group a row (group == K). Returns 0,
+ * or -1 for arguments this build does not take, -2 when out of memory. Signed codes take no biases
+ * (GGUF's Q8_0 has none). */
 int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_t K, int64_t N,
-                         const uint8_t *codes, int bits, int is_signed, int64_t group, const uint16_t *scales,
-                         int scales_fp16, const uint16_t *biases, float *y, int threads, int int8_x) {
+                         const uint8_t *codes, int bits, int is_signed, int64_t group, const void *scales,
+                         int scales_kind, const void *biases, float *y, int threads, int int8_x) {
+    const int int8_path = INT8_PATH && int8_x && K % (bits == 8 ? 64 : 128) == 0;
+    const int row_scale = group == K && group != 32 && group != 64 && group != 128;
     if ((bits != 4 && bits != 8) || (bits == 4 && is_signed) || (is_signed && biases) || rows_x < 1 || N < 1 ||
-        (group != 32 && group != 64 && group != 128) || K % group || K % 32)
+        (group != 32 && group != 64 && group != 128 && !row_scale) || K % group || K % 32 || scales_kind < 0 ||
+        scales_kind > 2 || (row_scale && !(int8_path && bits == 8 && is_signed)))
         return -1;
     const int64_t G = K / group, count = rows_x * K;
     const float *xf = x_is_bf16 ? 0 : x_in;
@@ -525,7 +602,6 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
     /* the int8 path where asked (its steps: 64 inputs of 8-bit codes, 128 of 4-bit ones); else for
      * 4-bit codes the table path where it takes the groups (its steps: 128 inputs), else the bf16
      * path for bf16 activations (its steps: 64 inputs), else the fp32 path */
-    const int int8_path = INT8_PATH && int8_x && K % (bits == 8 ? 64 : 128) == 0;
     const int table_path = !int8_path && TABLE_PATH && bits == 4 && (group == 64 || group == 128) && K % 128 == 0;
     const int bf16_path = !int8_path && BF16_PATH && bits == 4 && x_is_bf16 && K % 64 == 0 && !table_path;
     const int f32_path = !int8_path && !bf16_path;
@@ -534,13 +610,17 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
     float *x_work = f32_path && (bits == 4 || x_is_bf16) ? aligned(sizeof(float) * count) : 0;
     uint16_t *x_pairs = bf16_path ? aligned(sizeof(uint16_t) * count) : 0;
     int8_t *xq = int8_path ? aligned(count) : 0;
-    float *x_lanes = int8_path ? aligned(sizeof(float) * count / (bits == 8 ? 4 : 8)) : 0;
+    /* one scale a row: x_lanes holds each row's scale */
+    float *x_lanes = int8_path ? aligned(sizeof(float) * (row_scale ? rows_x : count / (bits == 8 ? 4 : 8))) : 0;
+    int32_t *x_code_sums = row_scale ? malloc(sizeof(int32_t) * rows_x) : 0;
     float *x_sums = (bf16_path || int8_path) && biases ? calloc(rows_x * G, sizeof(float)) : 0;
-    float *x_shift = int8_path && is_signed ? calloc(rows_x * G, sizeof(float)) : 0;
+    float *x_shift = int8_path && is_signed && !row_scale ? calloc(rows_x * G, sizeof(float)) : 0;
     int failed = (f32_path && (bits == 4 || x_is_bf16) && !x_work) || (bf16_path && !x_pairs) ||
-                 (int8_path && (!xq || !x_lanes || (is_signed && !x_shift))) || ((bf16_path || int8_path) && biases && !x_sums);
+                 (int8_path && (!xq || !x_lanes || (is_signed && !row_scale && !x_shift) || (row_scale && !x_code_sums))) || ((bf16_path || int8_path) && biases && !x_sums);
     if (failed) {
         /* nothing to compute: the buffers that were allocated are freed below */
+    } else if (row_scale) {
+        quantize_rows(xf, xb, rows_x, K, xq, x_lanes, x_code_sums);
     } else if (int8_path) {
         quantize_x(xf, xb, rows_x, K, bits, group, xq, x_lanes, x_sums, x_shift);
     } else if (bf16_path) { /* each 64 inputs: the 32 even, then the 32 odd */
@@ -582,11 +662,12 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
         /* one row's scales and biases in fp32; 16 more, as the int8 path reads a little ahead */
         float *row = malloc(sizeof(float) * (2 * G + 16));
         no_row = !row;
-        const int64_t lanes_per_row = K / (bits == 8 ? 64 : 128) * 16;
+        const int64_t lanes_per_row = row_scale ? 1 : K / (bits == 8 ? 64 : 128) * 16;
         for (int64_t r0 = 0; row && r0 < rows_x && n0 < n1; r0 += MAX_ROWS) {
             Job j = {x && !int8_path ? x + r0 * K : 0, x_pairs ? x_pairs + r0 * K : 0, x_sums ? x_sums + r0 * G : 0, K, N,
-                     codes, scales, biases, scales_fp16, y + r0 * N, row, row + G, table_path,
-                     xq ? xq + r0 * K : 0, x_lanes ? x_lanes + r0 * lanes_per_row : 0, x_shift ? x_shift + r0 * G : 0};
+                     codes, scales, biases, scales_kind, y + r0 * N, row, row + G, table_path,
+                     xq ? xq + r0 * K : 0, x_lanes ? x_lanes + r0 * lanes_per_row : 0, x_shift ? x_shift + r0 * G : 0,
+                     x_code_sums ? x_code_sums + r0 : 0};
             const int R = rows_x - r0 < MAX_ROWS ? (int)(rows_x - r0) : MAX_ROWS;
             rows(&j, n0, n1, R, group, bits, is_signed);
         }
@@ -598,5 +679,6 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
     free(x_lanes);
     free(x_sums);
     free(x_shift);
+    free(x_code_sums);
     return failed || no_row ? -2 : 0;
 }

@@ -126,6 +126,26 @@ def test_int8_activations_give_the_product_of_their_q8_0_picture(variant, bits, 
             assert error.max() > 0  # the activations were quantized
 
 
+@pytest.mark.parametrize("variant", INT8_VARIANTS)
+def test_int8_activations_with_one_weight_scale_a_row(variant):
+    """Signed codes with one fp32 scale a row (group = K): x is quantized a whole row at a time."""
+    generator = torch.Generator().manual_seed(5)
+    N, K = 40, 448  # 7 steps of 64 inputs
+    codes = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=generator)
+    scales = torch.rand(N, 1, generator=generator) / 100
+    weight = codes.double() * scales.double()
+    for rows in (1, 2, 5, 8, 9):
+        for x in (torch.randn(rows, K, generator=generator), torch.randn(rows, K, generator=generator).bfloat16()):
+            got = kernels.grouped_matmul(x, codes, 8, K, scales, None, signed=True, variant=variant,
+                                         int8_activations=True).double()
+            picture, _ = q8_picture(x, K)
+            assert ((got - picture @ weight.T).abs() <= 1e-6 * (picture.abs() @ weight.abs().T)).all()
+            error = (got - x.double() @ weight.T).abs()
+            assert 0 < error.max() and (error <= rounding_bound(x, weight, K) + 1e-6 * (x.double().abs() @ weight.abs().T)).all()
+    with pytest.raises(ValueError, match="not a shape this kernel takes"):  # one scale a row: int8 path only
+        kernels.grouped_matmul(x, codes, 8, K, scales, None, signed=True, variant=variant)
+
+
 def test_threads_split_rows_and_give_the_same_bits():
     if kernels.chosen_variant() is None:
         pytest.skip("native kernels not built")

@@ -146,13 +146,40 @@ def test_int8_linear_both_paths_against_its_dequantized_weight():
     dequantized = codes.float() * scb[:, None] / 127
     x = torch.randn(3, 1, K)
     expected = F.linear(x, dequantized)
-    for pack, dtype, tolerance in ((True, torch.bfloat16, 0.02), (False, torch.float32, 1e-6)):
+    cases = [("onednn", torch.bfloat16, 0.02), ("widen", torch.float32, 1e-6), ("weight-only", torch.float32, 1e-6)]
+    for kernel, dtype, tolerance in cases:
         linear = Int8Linear(K, N, dtype)
         linear.weight.data, linear.weight_scb.data = codes.clone(), scb.clone()
-        linear.prepare(pack=pack)
+        linear.prepare(kernel)
         got = linear(x.to(dtype))
         assert got.dtype == dtype and got.shape == (3, 1, N)
-        assert _relative(got, expected) < tolerance, pack
+        assert _relative(got, expected) < tolerance, kernel
+
+
+@torch.no_grad()
+def test_int8_linear_native_kernel_within_the_rounding_of_its_activations():
+    """Where the native kernels' int8 path is built: the default kernel, each product within the
+    rounding of x to int8 a row at a time (then rounded to bf16); --exact moves it to the weight-only
+    kernel, the product of x as it is."""
+    torch.manual_seed(0)
+    N, K = 96, 256
+    scb = torch.rand(N) + 0.5
+    codes = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    dequantized = codes.double() * (scb.double() / 127)[:, None]
+    linear = Int8Linear(K, N, torch.bfloat16)
+    linear.weight.data, linear.weight_scb.data = codes, scb
+    linear.prepare()
+    if not kernels.has_int8_path():
+        assert linear.kernel != "native"
+        pytest.skip("no int8 path on this CPU or build")
+    assert linear.kernel == "native"
+    x = torch.randn(3, 1, K).bfloat16()
+    exact = x.double() @ dequantized.T
+    error = (linear(x).double() - exact).abs()
+    assert 0 < error.max() and (error <= rounding_bound(x, dequantized, K) + 2**-8 * exact.abs() + 1e-6).all()
+    exact_activations(linear)
+    assert linear.kernel == "weight-only"
+    assert (linear(x).double() - exact).abs().max() < 2**-8 * exact.abs().max()
 
 
 def _int4_layer(weight, group, dtype):
