@@ -106,7 +106,18 @@ def library(variant: str) -> ctypes.CDLL:
     lib.moshi_grouped_matmul.restype = i32
     lib.moshi_k_multiple.restype = i32
     lib.moshi_int8_path.restype = i32
+    lib.moshi_read_bytes.argtypes = [p, i64]
+    lib.moshi_read_bytes.restype = i64
     return lib
+
+
+def read_bytes(data: torch.Tensor) -> None:
+    """Read every byte of ``data`` (contiguous, a multiple of 64 bytes) once, as the kernels read
+    their weights (prefetching ahead): how the benchmarks measure what one thread reads from memory."""
+    variant = chosen_variant()
+    if variant is None or not data.is_contiguous() or data.nbytes % 64:
+        raise ValueError("read_bytes: no native kernels, or not a contiguous multiple of 64 bytes")
+    library(variant).moshi_read_bytes(data.data_ptr(), data.nbytes)
 
 
 def has_int8_path(variant: str | None = None) -> bool:

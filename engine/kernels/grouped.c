@@ -570,6 +570,21 @@ static void rows(const Job *j, int64_t n0, int64_t n1, int R, int64_t group, int
     }
 }
 
+/* Σ of ``bytes`` bytes (a multiple of 64) read as the kernels read their weights, prefetching
+ * PREFETCH_BYTES ahead: the benchmarks' measure of what one thread can read from memory. */
+int64_t moshi_read_bytes(const uint8_t *data, int64_t bytes) {
+    int64_t total = 0;
+    uint64_t lanes[8] = {0};
+    for (int64_t i = 0; i < bytes; i += 64) {
+        __builtin_prefetch(data + i + PREFETCH_BYTES);
+        uint64_t line[8];
+        memcpy(line, data + i, 64);
+        for (int l = 0; l < 8; l++) lanes[l] += line[l];
+    }
+    for (int l = 0; l < 8; l++) total += (int64_t)lanes[l];
+    return total;
+}
+
 /* Whether this build has the int8 path (else ``int8_x`` changes nothing). */
 int moshi_int8_path(void) { return INT8_PATH; }
 
