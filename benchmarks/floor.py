@@ -4,7 +4,8 @@ At batch 1 a step reads each weight it uses once, so no step can be faster than 
 reads over the memory's read bandwidth. This script measures that bandwidth (a sum over a tensor
 much larger than the caches, on 1 thread and on every usable core), counts the bytes a 7B step
 reads (the temporal transformer and the text head, the depformer's 8 steps, one row of each
-embedding table looked up) and times our int8 and int4 steps against it. A bandwidth sample is
+embedding table looked up) and times our bf16, int8, int4 and Q8_0 steps against it, the quantized
+ones also with ``--exact``'s unquantized activations (``*_exact``). A bandwidth sample is
 taken before each step, so that both see the same load from other processes; each step's floor
 uses the median of its own samples.
 
@@ -12,11 +13,11 @@ With each model, a live chat (``ChatRunner``, Mimi at full size) gives its real-
 Mimi in its own process and in this one, alternating (``chat_rtf_*``), and its projection to a
 machine reading 60 GB/s: the LM step at the same ratio to its floor, Mimi (compute-bound) as here.
 
-The quantized 7B models are built directly in their quantized form, layer by layer, from random
-codes and scales: a 7B model in bf16 is never in memory, so the run fits a 24 GB machine. The
-bf16 step needs the 15 GB file: ``lm.py --full-7b`` times it, with its floor beside it.
+The 7B models are built in memory one at a time, tensor by tensor, the quantized ones directly in
+their quantized form from random codes and scales (no float copy of their weights ever exists), so
+the run fits a 24 GB machine: bf16 takes 15 GB, int8 8 GB, int4 4 GB.
 
-    python benchmarks/floor.py           # the 7B int8 and int4 steps (~8 and ~4 GB of RAM), and chat's RTF
+    python benchmarks/floor.py           # the 7B steps against their floor, and chat's RTF
     python benchmarks/floor.py --quick   # small shapes: checks that the code runs
     python benchmarks/floor.py --json
 """
@@ -121,10 +122,10 @@ def _random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, generat
     return (noise / shape[-1] ** 0.5).to(dtype)
 
 
-def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                        text_vocab: int | None = None) -> LMModel:
-    """A random LM with its linears already in ``mode`` ("int8", "int4", or "q8_0": the layout of
-    Kyutai's candle ``model.q8.gguf``), built one tensor at a time:
+def random_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+              text_vocab: int | None = None) -> LMModel:
+    """A random LM with its linears already in ``mode`` ("bf16", "int8", "int4", or "q8_0": the
+    layout of Kyutai's candle ``model.q8.gguf``), built one tensor at a time:
     the float weights of the quantized linears never exist, so memory stays that of the result.
     ``text_vocab``: the text head's rows from there on give 0, so that greedy decoding stays within
     a smaller tokenizer's pieces."""
@@ -138,7 +139,7 @@ def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dt
             linear = model.get_submodule(name)
             setattr(model.get_submodule(parent) if parent else model, child,
                     quant.BlockInt8Linear(linear.in_features, linear.out_features, dtype))
-    else:
+    elif mode != "bf16":
         quant.replace_linears(model, names, mode, dtype)
     generator = torch.Generator().manual_seed(seed)
     state = {}
@@ -158,7 +159,9 @@ def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dt
             state[key] = _random_tensor(key, tuple(value.shape), value.dtype if value.dtype == torch.int8 else dtype,
                                         generator)
     if text_vocab is not None:
-        if "text_linear.weight_scb" in state:
+        if mode == "bf16":
+            state["text_linear.weight"][text_vocab:] = 0
+        elif "text_linear.weight_scb" in state:
             state["text_linear.weight_scb"][text_vocab:] = 0
         elif mode == "q8_0":
             state["text_linear.scales"][text_vocab:] = 0
@@ -167,6 +170,8 @@ def random_quantized_lm(cfg: LMConfig, mode: str, seed: int = 0, dtype: torch.dt
             state["text_linear.biases"][text_vocab:] = 0
     load_weights(model, state, f"random {mode}", dtype=dtype, device=device)
     del state
+    if mode == "bf16":
+        return model.eval()
     quant.finish_quantized(model, device)
     for module in model.modules():
         if isinstance(module, quant.BlockInt8Linear):
@@ -263,15 +268,19 @@ def run(quick: bool) -> dict[str, dict[str, float]]:
         folder = write_tiny_checkpoint(Path(root) / "chat", "chat")  # its tokenizer; Mimi at full size:
         save_file(random_mimi_state(MimiConfig.official(), seed=0), folder / "mimi.safetensors")
         vocab = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
-        for mode in (*quant.MODES, "q8_0"):  # one model at a time: two would not fit beside each other in 24 GB
-            lm = random_quantized_lm(cfg, mode, text_vocab=vocab)
+        for mode in ("bf16", *quant.MODES, "q8_0"):  # one model at a time: two would not fit in 24 GB
+            lm = random_lm(cfg, mode, text_vocab=vocab)
             times, rates = time_steps(LMGen(lm, Sampling.greedy()), cfg, warmup, steps, big_tensor(megabytes))
             figures[f"moshi7b_step_{mode}"] = floor_row(times, weight_bytes_per_step(lm), statistics.median(rates))
             all_rates += rates
-            if mode in quant.MODES:  # chat's RTF: the --quantize paths
+            if mode != "q8_0":  # chat's RTF: bf16 and the --quantize paths
                 chat = chat_rtf(lm, folder, frames=2 if quick else 3, blocks=1 if quick else 3)
                 figures[f"chat_rtf_{mode}"] = {**chat, "projected_rtf_60gbs": projected_rtf(
                     chat, statistics.median(rates))}
+            if mode == "bf16":
+                del lm
+                gc.collect()
+                continue
             # --exact: the same weights, the activations left as they are
             quant.exact_activations(lm)
             times, rates = time_steps(LMGen(lm, Sampling.greedy()), cfg, warmup, steps, big_tensor(megabytes))

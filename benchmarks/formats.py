@@ -3,12 +3,14 @@
 
 * ``<kind>_layer_7b_m<M>``: M bf16 input rows (M conversations) through all four linears of one
   temporal layer of Moshi 7B (4096 wide, FFN 11264), calls of the kinds compared alternating:
-  ``q8_0`` (``BlockInt8Linear`` on our native kernel) against ``Int8Linear`` (``--quantize int8``,
-  oneDNN); ``q8_0_old``: its PyTorch path (each code split into two int4 halves for
-  ``_weight_int4pack_mm_for_cpu``, what an install without our kernels runs) against the same;
-  ``int4`` (``--quantize int4``, groups of 128) and MLX's ``q4`` (groups of 32) and ``q8`` (groups
-  of 64) on our kernel against the same weights on PyTorch's int4 kernel; ``*_avx2``: our AVX2
-  build on this CPU.
+  ``q8_0`` (``BlockInt8Linear`` on our native kernel) against ``Int8Linear`` (``--quantize int8``),
+  each as the model runs it; ``int8``: ``Int8Linear`` as the model runs it against oneDNN's int8
+  matmul; ``q8_0_old``: Q8_0's PyTorch path (each code split into two int4 halves for
+  ``_weight_int4pack_mm_for_cpu``, what an install without our kernels runs) against
+  ``--quantize int8``; ``int4`` (``--quantize int4``, groups of 128) and MLX's ``q4`` (groups of
+  32) and ``q8`` (groups of 64) on our kernel against the same weights on PyTorch's int4 kernel;
+  ``*_vs_exact``: our kernel as the model runs it against the same with ``--exact``'s unquantized
+  activations; ``*_avx2``: our AVX2 build on this CPU.
 * ``candle_q8_load`` / ``candle_q8_peak_rss``: a mid-size LM (about 170 M values) loaded in a fresh
   process from its q8 GGUF, against the same weights' official bf16 file loaded with
   ``--quantize int8``; RSS is the rise of the high-water mark over the process before loading.
@@ -40,7 +42,7 @@ from common import run_command_line, summary  # noqa: E402
 from engine.moshi.loading import load_lm  # noqa: E402
 from engine.moshi.model import LMConfig  # noqa: E402
 from engine import kernels  # noqa: E402
-from engine.quant import AffineLinear, BlockInt8Linear, Int8Linear  # noqa: E402
+from engine.quant import AffineLinear, BlockInt8Linear, Int8Linear, exact_activations  # noqa: E402
 
 # (out, in) of one temporal layer of Moshi 7B: fused QKV, output, gated FFN in and out.
 LAYER_7B = ((12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264))
@@ -92,11 +94,15 @@ class _OnVariant:
 
 
 # comparison -> (ours, reference), each (a maker of one linear from (out, in, generator), how):
-# how "" as the model runs it, "old" built with our kernels off (PyTorch's path), "avx2" our AVX2 build
+# how "" as the model runs it, "old" built with our kernels off (PyTorch's path), "exact" with
+# --exact's activations, "onednn" an int8 layer on oneDNN's matmul, "avx2" our AVX2 build
 COMPARISONS = {
     "q8_0": ((_q8_0, ""), (_int8, "")),
+    "int8": ((_int8, ""), (_int8, "onednn")),
     "q8_0_old": ((_q8_0, "old"), (_int8, "")),
+    "q8_0_vs_exact": ((_q8_0, ""), (_q8_0, "exact")),
     "int4": ((_affine(4, 128), ""), (_affine(4, 128), "old")),
+    "int4_vs_exact": ((_affine(4, 128), ""), (_affine(4, 128), "exact")),
     "mlx_q4": ((_affine(4, 32), ""), (_affine(4, 32), "old")),
     "mlx_q8": ((_affine(8, 64), ""), (_affine(8, 64), "old")),
     "q8_0_avx2": ((_q8_0, "avx2"), (_int8, "")),
@@ -110,7 +116,11 @@ def _build(maker, how: str, shape: tuple[int, int]):
         with kernels.disabled():
             return maker(*shape, generator)
     layer = maker(*shape, generator)
-    return _OnVariant(layer, how) if how else layer
+    if how == "exact":
+        exact_activations(layer)
+    elif how == "onednn":
+        layer.prepare("onednn")
+    return _OnVariant(layer, how) if how not in ("", "exact", "onednn") else layer
 
 
 def time_comparison(name: str, shapes, rows: int, repeats: int) -> dict[str, float] | None:

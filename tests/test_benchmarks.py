@@ -30,12 +30,12 @@ def test_quick_benchmarks_report_ours_and_reference():
     assert {"moshi7b_depformer_step_int4", "moshi7b_step_int8", "moshi7b_step_int4"} <= set(figures)
     bandwidth = figures.pop("bandwidth_gbs")
     assert bandwidth["one_thread_gbs"] > 0 and bandwidth["all_threads_gbs"] > 0 and bandwidth["threads"] >= 1
-    for mode in ("int8", "int4", "q8_0"):  # the 7B steps against the floor their weights set
+    for mode in ("bf16", "int8", "int4", "q8_0", "int8_exact", "int4_exact", "q8_0_exact"):  # against their floor
         step = figures[f"moshi7b_step_{mode}"]
         assert step["floor_ms"] == pytest.approx(step["gb_per_step"] / step["bandwidth_gbs"] * 1000, rel=0.02)
         assert step["floor_ratio"] == pytest.approx(step["ours_ms"] / step["floor_ms"], rel=0.02)
     assert figures["moshi7b_step_int4"]["gb_per_step"] < 0.6 * figures["moshi7b_step_int8"]["gb_per_step"]
-    for mode in ("int8", "int4"):  # a live chat with Mimi in its own process, against one process
+    for mode in ("bf16", "int8", "int4"):  # a live chat with Mimi in its own process, against one process
         chat = figures.pop(f"chat_rtf_{mode}")
         assert chat["ours_rtf"] > 0 and chat["lm_ms"] > 0 and chat["mimi_ms"] > 0 and chat["projected_rtf_60gbs"] > 0
         assert chat["ratio"] == pytest.approx(chat["ours_rtf"] / chat["one_process_rtf"], rel=0.02)

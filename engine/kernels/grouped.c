@@ -381,20 +381,30 @@ INLINE __m512 step_scales(const float *scales, int64_t k, const int GROUP, const
     return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(_mm_loadu_ps(scales + k / GROUP)));
 }
 
-/* Output rows [n0, n1) for R rows of x on the int8 path: A totals a row, as on the fp32 path. */
+/* Output rows [n0, n1) for R rows of x on the int8 path: A totals a row, as on the fp32 path.
+ *
+ * GROUP 0: signed 8-bit codes with one scale a row (the layout of ``--quantize int8`` and Kyutai's
+ * q8 checkpoints), x quantized a whole row at a time with one scale d_r. No scale then changes
+ * along the row: each step is one vpdpbusd a row into int32 totals, and a row's product is
+ * scale · d_r · (Σ (q + 128) · xq − 128 · Σ xq), scaled once. This is the scheme of the reference's
+ * q8 path (bitsandbytes' LLM.int8) and of oneDNN's int8 matmul. */
 INLINE void rows_int8(const Job *j, int64_t n0, int64_t n1, const int R, const int GROUP, const int bits,
                       const int is_signed, const int has_bias) {
-    const int64_t K = j->K, G = K / GROUP, STEP = bits == 8 ? 64 : 128, S = K / STEP, row_bytes = K * bits / 8;
+    const int64_t K = j->K, G = GROUP ? K / GROUP : 1, STEP = bits == 8 ? 64 : 128, S = K / STEP, row_bytes = K * bits / 8;
     const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
     const __m512i low4 = _mm512_set1_epi8(15), flip = _mm512_set1_epi8((char)0x80);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *c = j->codes + n * row_bytes;
         widen_row(j, n, G);
-        __m512 acc[MAX_ROWS][4];
+        __m512 acc[MAX_ROWS][4]; /* fp32 totals; with one scale a row, int32 ones (whole) */
+        __m512i whole[MAX_ROWS][4];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-            for (int a = 0; a < A; a++) acc[r][a] = _mm512_setzero_ps();
+            for (int a = 0; a < A; a++) {
+                acc[r][a] = _mm512_setzero_ps();
+                whole[r][a] = _mm512_setzero_si512();
+            }
         for (int64_t s0 = 0; s0 < S; s0 += A) {
 #pragma GCC unroll 4
             for (int a = 0; a < A; a++) {
@@ -402,12 +412,16 @@ INLINE void rows_int8(const Job *j, int64_t n0, int64_t n1, const int R, const i
                 if (A > 1 && s >= S) break;
                 __builtin_prefetch(c + 64 * s + PREFETCH_BYTES);
                 const __m512i raw = _mm512_loadu_si512(c + 64 * s);
-                const __m512 scale = step_scales(j->row_scales, s * STEP, GROUP, bits);
+                const __m512 scale = GROUP ? step_scales(j->row_scales, s * STEP, GROUP, bits) : _mm512_setzero_ps();
                 const __m512i lo = bits == 8 ? (is_signed ? _mm512_xor_si512(raw, flip) : raw) : _mm512_and_si512(raw, low4);
                 const __m512i hi = bits == 8 ? lo : _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
 #pragma GCC unroll 8
                 for (int r = 0; r < R; r++) {
                     const int8_t *xq = j->xq + r * K + s * STEP;
+                    if (!GROUP) {
+                        whole[r][a] = _mm512_dpbusd_epi32(whole[r][a], lo, _mm512_loadu_si512(xq));
+                        continue;
+                    }
                     __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
                     if (bits == 4) p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512(xq + 64));
                     const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(j->x_lanes + (r * S + s) * 16));
@@ -418,49 +432,19 @@ INLINE void rows_int8(const Job *j, int64_t n0, int64_t n1, const int R, const i
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
 #pragma GCC unroll 4
-            for (int a = 1; a < A; a++) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][a]);
+            for (int a = 1; a < A; a++) {
+                acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][a]);
+                whole[r][0] = _mm512_add_epi32(whole[r][0], whole[r][a]);
+            }
+            if (!GROUP) {
+                const int32_t total = _mm512_reduce_add_epi32(whole[r][0]) - 128 * j->x_code_sums[r];
+                j->y[r * j->N + n] = j->row_scales[0] * j->x_lanes[r] * (float)total;
+                continue;
+            }
             float out = _mm512_reduce_add_ps(acc[r][0]);
             if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, G);
             if (is_signed) out += bias_term(j->row_scales, j->x_shift + r * G, G);
             j->y[r * j->N + n] = out;
-        }
-    }
-}
-
-/* Signed 8-bit codes with one scale a row (the layout of ``--quantize int8`` and Kyutai's q8
- * checkpoints) take x quantized a whole row at a time, with one scale d_r: no scale then changes
- * along the row, each step is one vpdpbusd a row into int32 totals, and a row's product is
- * scale · d_r · (Σ (q + 128) · xq − 128 · Σ xq), scaled once. This is the scheme of the reference's
- * q8 path (bitsandbytes' LLM.int8) and of oneDNN's int8 matmul. */
-INLINE void rows_int8_row_scale(const Job *j, int64_t n0, int64_t n1, const int R) {
-    const int64_t K = j->K, S = K / 64;
-    const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *c = j->codes + n * K;
-        widen_row(j, n, 1);
-        __m512i acc[MAX_ROWS][4];
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-            for (int a = 0; a < A; a++) acc[r][a] = _mm512_setzero_si512();
-        for (int64_t s0 = 0; s0 < S; s0 += A) {
-#pragma GCC unroll 4
-            for (int a = 0; a < A; a++) {
-                const int64_t s = s0 + a;
-                if (A > 1 && s >= S) break;
-                __builtin_prefetch(c + 64 * s + PREFETCH_BYTES);
-                const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(c + 64 * s), flip);
-#pragma GCC unroll 8
-                for (int r = 0; r < R; r++) acc[r][a] = _mm512_dpbusd_epi32(acc[r][a], w, _mm512_loadu_si512(j->xq + r * K + 64 * s));
-            }
-        }
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-#pragma GCC unroll 4
-            for (int a = 1; a < A; a++) acc[r][0] = _mm512_add_epi32(acc[r][0], acc[r][a]);
-            const int32_t total = _mm512_reduce_add_epi32(acc[r][0]) - 128 * j->x_code_sums[r];
-            j->y[r * j->N + n] = j->row_scales[0] * j->x_lanes[r] * (float)total;
         }
     }
 }
@@ -471,7 +455,8 @@ static inline __m512 load16(const float *xf, const uint16_t *xb, int64_t k) {
               : _mm512_loadu_ps(xf + k);
 }
 
-/* Rows of x for rows_int8_row_scale: codes, each row's scale d and the sum of its codes. */
+/* Rows of x for weights with one scale a row (GROUP 0 above): codes, each row's scale d and the
+ * sum of its codes. */
 static void quantize_rows(const float *xf, const uint16_t *xb, int64_t rows, int64_t K, int8_t *xq, float *d,
                           int32_t *code_sums) {
     for (int64_t r = 0; r < rows; r++) {
@@ -531,7 +516,6 @@ static void quantize_x(const float *xf, const uint16_t *xb, int64_t rows, int64_
 #else
 #define INT8_PATH 0
 #define rows_int8(...) ((void)0)
-#define rows_int8_row_scale(...) ((void)0)
 #define quantize_x(...) ((void)0)
 #define quantize_rows(...) ((void)0)
 #endif
@@ -555,7 +539,7 @@ static void quantize_x(const float *xf, const uint16_t *xb, int64_t rows, int64_
 #define G64(R_) KIND(R_, 64)
 #define G128(R_) KIND(R_, 128)
 
-#define ROW_SCALE(R_) rows_int8_row_scale(j, n0, n1, R_)
+#define ROW_SCALE(R_) rows_int8(j, n0, n1, R_, 0, 8, 1, 0)
 
 static void rows(const Job *j, int64_t n0, int64_t n1, int R, int64_t group, int bits, int is_signed) {
     const int has_bias = j->biases != 0;
