@@ -1,8 +1,8 @@
 """The Moshi-7B step against its memory-bandwidth floor, on this machine, in one run.
 
 At batch 1 a step reads each weight it uses once, so no step can be faster than the bytes it
-reads over the memory's read bandwidth. This script measures that bandwidth (a sum over a tensor
-much larger than the caches, on 1 thread and on every usable core), counts the bytes a 7B step
+reads over the memory's read bandwidth. This script measures that bandwidth (a read of a tensor
+much larger than the caches, on 1 thread and on every usable core; see ``read_rate``), counts the bytes a 7B step
 reads (the temporal transformer and the text head, the depformer's 8 steps, one row of each
 embedding table looked up) and times our bf16, int8, int4 and Q8_0 steps against it, the quantized
 ones also with ``--exact``'s unquantized activations (``*_exact``). A bandwidth sample is

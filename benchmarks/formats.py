@@ -5,7 +5,7 @@
   temporal layer of Moshi 7B (4096 wide, FFN 11264), calls of the kinds compared alternating:
   ``q8_0`` (``BlockInt8Linear`` on our native kernel) against ``Int8Linear`` (``--quantize int8``),
   each as the model runs it; ``int8``: ``Int8Linear`` as the model runs it against oneDNN's int8
-  matmul; ``q8_0_old``: Q8_0's PyTorch path (each code split into two int4 halves for
+  matmul (what ``--quantize int8`` ran before our int8 path), ``q8_0_vs_onednn`` Q8_0 against it; ``q8_0_old``: Q8_0's PyTorch path (each code split into two int4 halves for
   ``_weight_int4pack_mm_for_cpu``, what an install without our kernels runs) against
   ``--quantize int8``; ``int4`` (``--quantize int4``, groups of 128) and MLX's ``q4`` (groups of
   32) and ``q8`` (groups of 64) on our kernel against the same weights on PyTorch's int4 kernel;
@@ -99,6 +99,7 @@ class _OnVariant:
 COMPARISONS = {
     "q8_0": ((_q8_0, ""), (_int8, "")),
     "int8": ((_int8, ""), (_int8, "onednn")),
+    "q8_0_vs_onednn": ((_q8_0, ""), (_int8, "onednn")),
     "q8_0_old": ((_q8_0, "old"), (_int8, "")),
     "q8_0_vs_exact": ((_q8_0, ""), (_q8_0, "exact")),
     "int4": ((_affine(4, 128), ""), (_affine(4, 128), "old")),

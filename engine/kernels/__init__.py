@@ -11,7 +11,8 @@ blocks of 32 and multiplies bytes by bytes, 2-3x faster at one row, with a state
 setup.py builds the one source once per instruction set (``VARIANTS``, best first); a build that
 failed (no compiler, another architecture) is simply absent, and the linears then use PyTorch's
 kernels. The variant is chosen at run time from what both the CPU and PyTorch's dispatch level
-(``ATEN_CPU_CAPABILITY``) allow; ``MOSHI_NO_NATIVE_KERNELS=1`` turns them all off.
+(``ATEN_CPU_CAPABILITY``) allow; ``MOSHI_KERNEL_VARIANT=avx2`` (a variant's name) caps the choice
+at that build, ``MOSHI_NO_NATIVE_KERNELS=1`` turns them all off.
 """
 
 from __future__ import annotations
@@ -79,7 +80,12 @@ def chosen_variant() -> str | None:
     if os.environ.get("MOSHI_NO_NATIVE_KERNELS", "") not in ("", "0"):
         return None
     capability = torch.backends.cpu.get_cpu_capability()
-    return next((v for v in runnable_variants() if v == "generic" or capability in _CAPABILITIES[v]), None)
+    allowed = [v for v in runnable_variants() if v == "generic" or capability in _CAPABILITIES[v]]
+    # MOSHI_KERNEL_VARIANT caps the choice at a lower build: what a machine with less runs (tests)
+    cap = os.environ.get("MOSHI_KERNEL_VARIANT", "")
+    if cap in VARIANTS:
+        allowed = [v for v in allowed if list(VARIANTS).index(v) >= list(VARIANTS).index(cap)]
+    return next(iter(allowed), None)
 
 
 @contextlib.contextmanager

@@ -192,3 +192,5 @@ def test_the_variant_follows_pytorchs_level_and_the_off_switch():
         assert _chosen({"ATEN_CPU_CAPABILITY": "avx2"}) == "avx2"
     if VARIANTS:
         assert _chosen({"ATEN_CPU_CAPABILITY": "default"}) == "generic"
+    for cap in VARIANTS:  # MOSHI_KERNEL_VARIANT holds the choice at or below a build
+        assert _chosen({"MOSHI_KERNEL_VARIANT": cap}) == cap
