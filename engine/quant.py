@@ -158,7 +158,7 @@ def int8_saturates() -> bool:
 def int8_kernel() -> str:
     """Which int8 product runs on this CPU, for ``moshi doctor`` and the benchmarks."""
     if kernels.has_int8_path():
-        return "native kernels' int8 path (VNNI), activations in int8 blocks of 32 (--exact: weight-only int8)"
+        return "native kernels' int8 path (VNNI), activations in int8 a row at a time (--exact: weight-only int8)"
     if torch.backends.mkldnn.is_available() and not int8_saturates():
         return "oneDNN u8×s8 (VNNI), 8-bit activations"
     return "weight-only int8 (PyTorch's int8pack kernel), activations in the model dtype"
@@ -182,8 +182,8 @@ class Int8Linear(nn.Module):
 
     * "native": where our kernels' int8 path is built (AVX512-VNNI) and the width is a multiple
       of 64, it multiplies the weight as stored, one fp32 scale a row, by the activations
-      quantized in blocks of 32 (each with its own absmax scale): a product's error is at most
-      Σ|w|·d/2 for its inputs' block scales d.
+      quantized a row at a time with one absmax scale d (the scheme of "onednn" below): a
+      product's error is at most Σ|w|·d/2.
     * "onednn": other CPUs with VNNI, oneDNN's int8 matmul, which takes the weight in a layout of
       its own (the plain copy is dropped: the state dict then has no ``weight``). Each input row
       is quantized with one absmax scale, the scheme of the reference's q8 path (bitsandbytes'

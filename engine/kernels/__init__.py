@@ -6,7 +6,8 @@ byte, the even input in the low nibble) or 8-bit codes, signed or not, with a bf
 dequantized weight in registers (or, on the AVX512-BF16 path, into its exact bf16 value, scaled per
 group): the result is the fp32 product with the dequantized weight, up to fp32 rounding in another
 order. Its int8 path (AVX512-VNNI, asked for with ``int8_activations``) quantizes the activations in
-blocks of 32 and multiplies bytes by bytes, 2-3x faster at one row, with a stated bound.
+blocks of 32 (a row at a time for weights with one scale a row) and multiplies bytes by bytes, about
+twice as fast from the caches at one row, within a stated bound.
 
 setup.py builds the one source once per instruction set (``VARIANTS``, best first); a build that
 failed (no compiler, another architecture) is simply absent, and the linears then use PyTorch's

@@ -606,7 +606,8 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
     const int f32_path = !int8_path && !bf16_path;
     /* the activations as the kernel reads them: fp32 (4-bit codes: reordered) or bf16 reordered, or
      * int8 codes with their scales; and per group, sums of x (for biases) or shifts (signed codes) */
-    float *x_work = f32_path && (bits == 4 || x_is_bf16) ? aligned(sizeof(float) * count) : 0;
+    const int reorder = f32_path && (bits == 4 || x_is_bf16); /* else the fp32 path reads x as given */
+    float *x_work = reorder ? aligned(sizeof(float) * count) : 0;
     uint16_t *x_pairs = bf16_path ? aligned(sizeof(uint16_t) * count) : 0;
     int8_t *xq = int8_path ? aligned(count) : 0;
     /* one scale a row: x_lanes holds each row's scale */
@@ -614,7 +615,7 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
     int32_t *x_code_sums = row_scale ? malloc(sizeof(int32_t) * rows_x) : 0;
     float *x_sums = (bf16_path || int8_path) && biases ? calloc(rows_x * G, sizeof(float)) : 0;
     float *x_shift = int8_path && is_signed && !row_scale ? calloc(rows_x * G, sizeof(float)) : 0;
-    int failed = (f32_path && (bits == 4 || x_is_bf16) && !x_work) || (bf16_path && !x_pairs) ||
+    int failed = (reorder && !x_work) || (bf16_path && !x_pairs) ||
                  (int8_path && (!xq || !x_lanes || (is_signed && !row_scale && !x_shift) || (row_scale && !x_code_sums))) || ((bf16_path || int8_path) && biases && !x_sums);
     if (failed) {
         /* nothing to compute: the buffers that were allocated are freed below */
