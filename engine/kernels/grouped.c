@@ -44,10 +44,14 @@
 #define VW 4
 #endif
 /* Codes are prefetched this far ahead: the hardware prefetcher stops at each 4 KB page, and a
- * row is a few KB, so without it a single thread reads memory at half its bandwidth. */
+ * row is a few KB, so without it a single thread reads memory at half its bandwidth. PREFETCH
+ * brings the line into L2 only (prefetcht2): a line bound for L1 holds one of its few fill buffers
+ * until it arrives, which caps the lines in flight; into L2, twice as far ahead, a Sapphire Rapids
+ * thread's Q8_0 layer ran at 12.7 GB/s against 11.3 (int4 12.4 against 10.7, reads 15.5). */
 #ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 2048
+#define PREFETCH_BYTES 8192
 #endif
+#define PREFETCH(p) __builtin_prefetch((p) + PREFETCH_BYTES, 0, 1)
 #define MAX_ROWS 8 /* rows of x multiplied per pass over W; more rows take several passes */
 #define CHUNK 128 /* inputs a fully unrolled pass of the fp32 path takes (then 32 at a time) */
 #define INLINE static inline __attribute__((always_inline))
@@ -203,7 +207,7 @@ INLINE void rows_f32(const Job *j, int64_t n0, int64_t n1, const int R, const in
         int64_t k = 0;
         for (; k + CHUNK <= K; k += CHUNK) {
 #pragma GCC unroll 2
-            for (int line = 0; line < CHUNK * bits / 8; line += 64) __builtin_prefetch(c + k * bits / 8 + line + PREFETCH_BYTES);
+            for (int line = 0; line < CHUNK * bits / 8; line += 64) PREFETCH(c + k * bits / 8 + line);
 #pragma GCC unroll 32
             for (int v = 0; v < CHUNK / VW; v += H) {
                 vf w[2];
@@ -263,7 +267,7 @@ INLINE void rows_q4_table(const Job *j, int64_t n0, int64_t n1, const int R, con
 #pragma GCC unroll 4
             for (int a = 0; a < A; a++) acc[r][a] = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 128) {
-            __builtin_prefetch(c + k / 2 + PREFETCH_BYTES);
+            PREFETCH(c + k / 2);
             const __m512i raw = _mm512_loadu_si512(c + k / 2);
             const int64_t g = k / GROUP;
             const __m512 table = group_table(j, g, has_bias, iota);
@@ -338,7 +342,7 @@ INLINE void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R, cons
         for (int i = 0; i < R * T; i++) total[i] = _mm512_setzero_ps();
         int64_t s = 0;
         for (; s + 2 <= S; s += 2) {
-            __builtin_prefetch(c + 32 * s + PREFETCH_BYTES);
+            PREFETCH(c + 32 * s);
             q4_step(j, c, s, R, GROUP, SPLIT, total, T, 0, lut);
             q4_step(j, c, s + 1, R, GROUP, SPLIT, total, T, T - 1, lut);
         }
@@ -410,7 +414,7 @@ INLINE void rows_int8(const Job *j, int64_t n0, int64_t n1, const int R, const i
             for (int a = 0; a < A; a++) {
                 const int64_t s = s0 + a;
                 if (A > 1 && s >= S) break;
-                __builtin_prefetch(c + 64 * s + PREFETCH_BYTES);
+                PREFETCH(c + 64 * s);
                 const __m512i raw = _mm512_loadu_si512(c + 64 * s);
                 const __m512 scale = GROUP ? step_scales(j->row_scales, s * STEP, GROUP, bits) : _mm512_setzero_ps();
                 const __m512i lo = bits == 8 ? (is_signed ? _mm512_xor_si512(raw, flip) : raw) : _mm512_and_si512(raw, low4);
@@ -560,7 +564,7 @@ int64_t moshi_read_bytes(const uint8_t *data, int64_t bytes) {
     int64_t total = 0;
     uint64_t lanes[8] = {0};
     for (int64_t i = 0; i < bytes; i += 64) {
-        __builtin_prefetch(data + i + PREFETCH_BYTES);
+        PREFETCH(data + i);
         uint64_t line[8];
         memcpy(line, data + i, 64);
         for (int l = 0; l < 8; l++) lanes[l] += line[l];
