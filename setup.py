@@ -1,4 +1,4 @@
-"""The native CPU kernels (engine/kernels/grouped.c), built once per instruction set.
+"""The native CPU kernels (engine/kernels/grouped.c and attend.c), built once per instruction set.
 
 Everything else about the package is in pyproject.toml. Each build is optional: without a
 compiler, or on another architecture, the install still succeeds and the linears use PyTorch's
@@ -7,7 +7,7 @@ kernels (engine/kernels/__init__.py picks the best build the CPU runs).
 
 from setuptools import Extension, setup
 
-SOURCE = "engine/kernels/grouped.c"
+SOURCES = ["engine/kernels/grouped.c", "engine/kernels/attend.c"]
 # variant -> compiler flags; the names match engine/kernels VARIANTS
 FLAGS = {
     "avx512bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
@@ -17,7 +17,7 @@ FLAGS = {
 }
 
 setup(ext_modules=[
-    Extension(f"engine.kernels._grouped_{variant}", [SOURCE], optional=True,
+    Extension(f"engine.kernels._grouped_{variant}", SOURCES, depends=["engine/kernels/vector.h"], optional=True,
               # GNU C contracts a * b + c into one FMA (ISO C mode would not)
               extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=fast", "-fopenmp", *flags],
               extra_link_args=["-fopenmp"])

@@ -563,6 +563,6 @@ def finish_quantized(model: nn.Module, device: torch.device) -> None:
         if isinstance(module, (Int8Linear, AffineLinear)):
             module.prepare()
         elif isinstance(module, Attention) and device.type == "cpu":
-            # The fused bf16 attention kernel is ~8x slower than two matmuls on CPUs without AMX;
-            # the plain model keeps it for bit-parity with the reference, a quantized one need not.
-            module.use_matmul_attention = True
+            # The plain model keeps the fused kernel for bit-parity with the reference; a quantized
+            # one need not, and takes the faster paths (``Attention.fast_attention``).
+            module.fast_attention = True

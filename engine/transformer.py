@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .streaming import StreamingModule, StreamingState
 
 
@@ -207,8 +208,10 @@ class Attention(StreamingModule):
     session uses the i-th: that is how the depth transformer gives each codebook its own weights.
     """
 
-    # Set by engine/quant.py on quantized models: attention as two matmuls instead of the fused kernel.
-    use_matmul_attention = False
+    # Set by engine/quant.py on quantized models on CPU, which need not round as the reference does:
+    # a decoding step attends with the native kernel (engine/kernels/attend.c) where built, else
+    # (and for several steps at once) with two matmuls instead of the fused kernel.
+    fast_attention = False
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -226,7 +229,8 @@ class Attention(StreamingModule):
         dtype = getattr(in_proj, "compute_dtype", None) or in_proj.weight.dtype
         device = next(in_proj.parameters()).device
         shape = (2, batch_size, self.cfg.num_heads, capacity, self.cfg.head_dim)
-        if self.use_matmul_attention and 4 * math.prod(shape) // batch_size <= FP32_RING_MAX_BYTES:
+        if (self.fast_attention and not kernels.attends(self.cfg.head_dim)
+                and 4 * math.prod(shape) // batch_size <= FP32_RING_MAX_BYTES):
             dtype = torch.float32
         return KVCacheState(
             batch_size,
@@ -267,23 +271,31 @@ class Attention(StreamingModule):
         if cfg.context is not None:
             mask = mask & (delta < cfg.context)
         written_only = x.device.type == "cpu" and not torch.compiler.is_compiling()  # host-side shapes
+        # A decoding step of a quantized model on CPU: the native kernel, over the slots written.
+        native = (self.fast_attention and written_only and state is not None and T == 1
+                  and kernels.attends(cfg.head_dim))
         if state is not None and written_only:
             # Until the ring wraps, every slot written since the last full reset lies below
             # this many (a slot reset mid-batch restarts lower): attend over those only. The
             # fused kernel then sees whole blocks of its own size, so it gives the same bits as
             # over the whole ring (masked blocks add exact zeros): the reference's tokens stay.
             filled = state.step + T
-            if not self.use_matmul_attention:
+            if not self.fast_attention:
                 filled = -(-filled // FUSED_ATTENTION_BLOCK) * FUSED_ATTENTION_BLOCK
-            elif keys.dtype == torch.bfloat16 and 3 * filled >= state.capacity:
+            elif not native and keys.dtype == torch.bfloat16 and 3 * filled >= state.capacity:
                 # oneDNN's bf16 matmuls run several times slower over a slice of the ring (strided
                 # from head to head) than over the whole, contiguous one: from a third full on,
                 # the whole ring with its unwritten slots masked is the faster (Moshi 7B, 2000 of
                 # 3000 keys written: 3.1 against 8.1 ms a layer).
                 filled = state.capacity
             filled = min(filled, state.capacity)
-            keys, values, mask = keys[:, :, :filled], values[:, :, :filled], mask[..., :filled]
-        if self.use_matmul_attention:
+            if native:  # the kernel reads the first `filled` slots of the whole ring
+                mask = mask[..., :filled]
+            else:
+                keys, values, mask = keys[:, :, :filled], values[:, :, :filled], mask[..., :filled]
+        if native:
+            out = kernels.attend(q, keys, values, mask[:, 0]).to(q.dtype)
+        elif self.fast_attention:
             out = matmul_attention(q, keys, values, mask[:, None])
         else:
             out = F.scaled_dot_product_attention(q, keys, values, mask[:, None], dropout_p=0.0)

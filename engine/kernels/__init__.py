@@ -1,4 +1,5 @@
-"""Native CPU kernels for the grouped low-bit linears (``grouped.c``), bound with ctypes.
+"""Native CPU kernels, bound with ctypes: the grouped low-bit linears (``grouped.c``) and the
+attention of a decoding step (``attend.c``, see ``attend``).
 
 ``grouped.c`` multiplies a few rows of activations by a weight kept as stored: 4-bit codes (two a
 byte, the even input in the low nibble) or 8-bit codes, signed or not, with a bf16 or fp16 scale
@@ -9,7 +10,7 @@ order. Its int8 path (AVX512-VNNI, asked for with ``int8_activations``) quantize
 blocks of 32 (a row at a time for weights with one scale a row) and multiplies bytes by bytes, about
 twice as fast from the caches at one row, within a stated bound.
 
-setup.py builds the one source once per instruction set (``VARIANTS``, best first); a build that
+setup.py builds the sources once per instruction set (``VARIANTS``, best first); a build that
 failed (no compiler, another architecture) is simply absent, and the linears then use PyTorch's
 kernels. The variant is chosen at run time from what both the CPU and PyTorch's dispatch level
 (``ATEN_CPU_CAPABILITY``) allow; ``MOSHI_KERNEL_VARIANT=avx2`` (a variant's name) caps the choice
@@ -115,6 +116,8 @@ def library(variant: str) -> ctypes.CDLL:
     lib.moshi_int8_path.restype = i32
     lib.moshi_read_bytes.argtypes = [p, i64]
     lib.moshi_read_bytes.restype = i64
+    lib.moshi_attend.argtypes = [p, p, p, i32, i64, i64, i64, i64, i64, p, ctypes.c_float, p, i32]
+    lib.moshi_attend.restype = i32
     return lib
 
 
@@ -140,6 +143,38 @@ def fits(in_features: int, group_size: int, scales_dtype: torch.dtype) -> bool:
         return False
     multiple = library(variant).moshi_k_multiple()
     return in_features % multiple == 0 and in_features % group_size == 0 and group_size in (32, 64, 128)
+
+
+def attends(head_dim: int, variant: str | None = None) -> bool:
+    """Whether ``attend`` takes heads of this size (on this build: a multiple of its vector width)."""
+    variant = variant or chosen_variant()
+    return variant is not None and head_dim % 16 == 0 and head_dim <= 256
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+           variant: str | None = None) -> torch.Tensor:
+    """One query a head against the first ``n`` slots of a ring: q [B, H, 1, D]; keys and values
+    [B, H, capacity, D] (bf16 or fp32, contiguous); ``allowed`` [B, n] bool, the slots each batch
+    row attends. Returns softmax(q·kᵀ/√D) · v [B, H, 1, D] in fp32, computed in fp32 in one pass
+    over the ring (``attend.c``). Heads of a size ``attends`` takes."""
+    variant = variant or chosen_variant()
+    B, H, _, D = q.shape
+    capacity, n = keys.shape[2], allowed.shape[1]
+    if (q.shape[2] != 1 or keys.shape != (B, H, capacity, D) or values.shape != keys.shape
+            or values.dtype != keys.dtype or keys.dtype not in (torch.bfloat16, torch.float32)
+            or not keys.is_contiguous() or not values.is_contiguous() or allowed.shape != (B, n) or n > capacity):
+        raise ValueError(f"attend: q {tuple(q.shape)}, keys {tuple(keys.shape)} {keys.dtype}, values "
+                         f"{tuple(values.shape)} {values.dtype}, allowed {tuple(allowed.shape)} do not fit")
+    q32 = q.reshape(B * H, D).to(torch.float32).contiguous()
+    flags = allowed.to(torch.uint8).contiguous()
+    out = torch.empty(B, H, 1, D, dtype=torch.float32)
+    status = library(variant).moshi_attend(
+        q32.data_ptr(), keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16), B, H, capacity, n, D,
+        flags.data_ptr(), D ** -0.5, out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise ValueError(f"attend ({variant}): heads of {D} are not a size this kernel takes" if status == -1
+                         else "out of memory")
+    return out
 
 
 def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor,

@@ -26,42 +26,13 @@
  * rows of activations in the L1 cache measured slower: the weight then streams from memory in
  * strided pieces.)
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "vector.h"
 
-#if defined(__AVX512F__)
-#define VW 16
-#elif defined(__AVX2__)
-#define VW 8
-#else
-#define VW 4
-#endif
-/* Codes are prefetched this far ahead: the hardware prefetcher stops at each 4 KB page, and a
- * row is a few KB, so without it a single thread reads memory at half its bandwidth. PREFETCH
- * brings the line into L2 only (prefetcht2): a line bound for L1 holds one of its few fill buffers
- * until it arrives, which caps the lines in flight; into L2, twice as far ahead, a Sapphire Rapids
- * thread's Q8_0 layer ran at 12.7 GB/s against 11.3 (int4 12.4 against 10.7, reads 15.5). */
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 8192
-#endif
-#define PREFETCH(p) __builtin_prefetch((p) + PREFETCH_BYTES, 0, 1)
 #define MAX_ROWS 8 /* rows of x multiplied per pass over W; more rows take several passes */
 #define CHUNK 128 /* inputs a fully unrolled pass of the fp32 path takes (then 32 at a time) */
-#define INLINE static inline __attribute__((always_inline))
 
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
 typedef uint8_t vu8 __attribute__((vector_size(VW)));
 typedef int8_t vs8 __attribute__((vector_size(VW)));
-
-static inline vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 
 /* VW bytes widened to VW int32: zero- or sign-extended (GCC's generic vector conversion of bytes
  * goes element by element, so the x86 builds say which instruction to use) */
@@ -87,12 +58,6 @@ static inline vi widen_s8(const uint8_t *p) {
     memcpy(&raw, p, VW);
     return __builtin_convertvector(raw, vi);
 #endif
-}
-
-static inline float hsum(vf v) {
-    float s = 0;
-    for (int i = 0; i < VW; i++) s += v[i];
-    return s;
 }
 
 static inline float half_to_float(uint16_t h, int fp16) {
@@ -455,8 +420,7 @@ INLINE void rows_int8(const Job *j, int64_t n0, int64_t n1, const int R, const i
 
 /* 16 inputs of x from ``k`` on, in fp32. */
 static inline __m512 load16(const float *xf, const uint16_t *xb, int64_t k) {
-    return xb ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xb + k))), 16))
-              : _mm512_loadu_ps(xf + k);
+    return xb ? (__m512)load_bf16(xb + k) : _mm512_loadu_ps(xf + k);
 }
 
 /* Rows of x for weights with one scale a row (GROUP 0 above): codes, each row's scale d and the

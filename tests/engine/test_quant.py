@@ -5,6 +5,7 @@ set about twice the values measured on these tiny random models (int8 ~3%, int4 
 weights have no structure for 4 bits to keep, and every layer compounds the error).
 """
 
+import contextlib
 import subprocess
 import sys
 
@@ -274,14 +275,23 @@ def test_quantize_option_end_to_end_through_the_cli(tmp_path, kind, mode):
         assert (tmp_path / "out" / "in.json").stat().st_size > 0
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "matmuls"])
 @torch.no_grad()
-def test_matmul_attention_over_the_filled_ring_matches_the_full_ring(lm_checkpoints):
-    """Quantized models attend only over the ring slots written so far; through a slot reset and
-    past the ring's wrap (context 100), that matches the fused kernel over the whole ring. (On a
-    float model: the int8 activation codes would turn rounding noise into whole steps.)"""
+def test_quantized_attention_over_the_filled_ring_matches_the_full_ring(lm_checkpoints, native):
+    """Quantized models attend only over the ring slots written so far, with the native kernel
+    where built, else two matmuls; through a slot reset and past the ring's wrap (context 100),
+    that matches the fused kernel over the whole ring. (On a float model: the int8 activation
+    codes would turn rounding noise into whole steps.)"""
     cfg = LMConfig.tiny_stt()
+    if native and not kernels.attends(cfg.dim // cfg.num_heads):
+        pytest.skip("no native kernels built")
     quantized = load_lm(lm_checkpoints["stt"], cfg, quantize="int8")
-    assert all(m.use_matmul_attention for m in quantized.modules() if isinstance(m, Attention))
+    assert all(m.fast_attention for m in quantized.modules() if isinstance(m, Attention))
+    with contextlib.nullcontext() if native else kernels.disabled():
+        _filled_ring_against_full_ring(lm_checkpoints, cfg)
+
+
+def _filled_ring_against_full_ring(lm_checkpoints, cfg):
     lm = load_lm(lm_checkpoints["stt"], cfg, dtype=torch.float32)
     attentions = [m for m in lm.modules() if isinstance(m, Attention)]
     generator = torch.Generator().manual_seed(4)
@@ -290,7 +300,7 @@ def test_matmul_attention_over_the_filled_ring_matches_the_full_ring(lm_checkpoi
     runs = {}
     for matmul in (True, False):
         for module in attentions:
-            module.use_matmul_attention = matmul
+            module.fast_attention = matmul
         with lm.streaming(2):
             logits = []
             for t in range(130):
@@ -303,15 +313,20 @@ def test_matmul_attention_over_the_filled_ring_matches_the_full_ring(lm_checkpoi
 
 @torch.no_grad()
 def test_matmul_attention_keeps_small_rings_in_fp32_and_large_ones_in_bf16(lm_checkpoints, monkeypatch):
-    """The ring's dtype is a speed choice (engine/transformer.py): both give the same logits up to
-    bf16 rounding, also once a bf16 ring is a third full (34 of 100 slots) and attention runs over
-    all of it, its unwritten slots masked. (On a bf16 model: int8 activation codes would turn
-    rounding noise into steps.)"""
+    """Without the native kernels, the ring's dtype is a speed choice (engine/transformer.py): both
+    give the same logits up to bf16 rounding, also once a bf16 ring is a third full (34 of 100
+    slots) and attention runs over all of it, its unwritten slots masked. (On a bf16 model: int8
+    activation codes would turn rounding noise into steps.)"""
+    with kernels.disabled():
+        _ring_dtypes(lm_checkpoints, monkeypatch)
+
+
+def _ring_dtypes(lm_checkpoints, monkeypatch):
     cfg = LMConfig.tiny_stt()
     lm = load_lm(lm_checkpoints["stt"], cfg, dtype=torch.bfloat16)
     for module in lm.modules():
         if isinstance(module, Attention):
-            module.use_matmul_attention = True
+            module.fast_attention = True
     steps = 60
     tokens = torch.randint(0, cfg.card, (1, cfg.num_streams, steps), generator=torch.Generator().manual_seed(5))
     tokens[:, 0] = tokens[:, 0] % cfg.text_card
