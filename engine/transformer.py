@@ -167,8 +167,9 @@ class KVCacheState(StreamingState):
         else:
             self.offset[:] = torch.where(mask, torch.zeros_like(self.offset), self.offset)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor):
-        """Write T new steps and return the whole ring with each slot's absolute position (-1: empty)."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, slots: int | None = None):
+        """Write T new steps and return the whole ring with the absolute position of each of its
+        first ``slots`` slots (default: all; -1: empty)."""
         B, H, T, D = k.shape
         capacity = self.capacity
         written = self.offset.view(-1, 1) + torch.arange(T, device=k.device)
@@ -182,7 +183,7 @@ class KVCacheState(StreamingState):
         rings[0].index_copy_(0, rows, k.reshape(-1, D).to(rings.dtype))
         rings[1].index_copy_(0, rows, v.reshape(-1, D).to(rings.dtype))
 
-        slots = torch.arange(capacity, device=k.device)
+        slots = torch.arange(capacity if slots is None else slots, device=k.device)
         last = self.offset.view(-1, 1) + T - 1
         delta = slots - last % capacity
         positions = torch.where(delta <= 0, last + delta, last + delta - capacity)
@@ -260,20 +261,11 @@ class Attention(StreamingModule):
         if cfg.max_period is not None:
             q, k = apply_rope(q, k, offset, cfg.max_period)
 
-        if state is None:
-            keys, values = k, v
-            pos_k = torch.arange(T, device=x.device).expand(B, -1)
-        else:
-            keys, values, pos_k = state.append(k, v)
-        pos_q = offset.view(-1, 1, 1) + torch.arange(T, device=x.device).view(-1, 1)
-        delta = pos_q - pos_k[:, None]
-        mask = (pos_k[:, None] >= 0) & (delta >= 0)
-        if cfg.context is not None:
-            mask = mask & (delta < cfg.context)
         written_only = x.device.type == "cpu" and not torch.compiler.is_compiling()  # host-side shapes
         # A decoding step of a quantized model on CPU: the native kernel, over the slots written.
         native = (self.fast_attention and written_only and state is not None and T == 1
                   and kernels.attends(cfg.head_dim))
+        filled = None  # the ring's first slots attended to, where the host knows them
         if state is not None and written_only:
             # Until the ring wraps, every slot written since the last full reset lies below
             # this many (a slot reset mid-batch restarts lower): attend over those only. The
@@ -282,17 +274,25 @@ class Attention(StreamingModule):
             filled = state.step + T
             if not self.fast_attention:
                 filled = -(-filled // FUSED_ATTENTION_BLOCK) * FUSED_ATTENTION_BLOCK
-            elif not native and keys.dtype == torch.bfloat16 and 3 * filled >= state.capacity:
+            elif not native and state.cache.dtype == torch.bfloat16 and 3 * filled >= state.capacity:
                 # oneDNN's bf16 matmuls run several times slower over a slice of the ring (strided
                 # from head to head) than over the whole, contiguous one: from a third full on,
                 # the whole ring with its unwritten slots masked is the faster (Moshi 7B, 2000 of
                 # 3000 keys written: 3.1 against 8.1 ms a layer).
                 filled = state.capacity
             filled = min(filled, state.capacity)
-            if native:  # the kernel reads the first `filled` slots of the whole ring
-                mask = mask[..., :filled]
-            else:
-                keys, values, mask = keys[:, :, :filled], values[:, :, :filled], mask[..., :filled]
+        if state is None:
+            keys, values = k, v
+            pos_k = torch.arange(T, device=x.device).expand(B, -1)
+        else:
+            keys, values, pos_k = state.append(k, v, filled)
+        pos_q = offset.view(-1, 1, 1) + torch.arange(T, device=x.device).view(-1, 1)
+        delta = pos_q - pos_k[:, None]
+        mask = (pos_k[:, None] >= 0) & (delta >= 0)
+        if cfg.context is not None:
+            mask = mask & (delta < cfg.context)
+        if filled is not None and not native:  # (the native kernel takes the whole ring and reads `filled` slots)
+            keys, values = keys[:, :, :filled], values[:, :, :filled]
         if native:
             out = kernels.attend(q, keys, values, mask[:, 0]).to(q.dtype)
         elif self.fast_attention:
