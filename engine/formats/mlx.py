@@ -164,7 +164,7 @@ def load_mlx_lm(path: Path, lm_config: dict | None, device: torch.device, dtype:
     load_weights(model, state, source, dtype=dtype, device=device, copy_unaligned=False)
     del state
     if device.type == "cpu" and dtype != torch.float32:
-        # the kernels, and the matmul attention of the other quantized models; fp32 stays exact
+        # the kernels, and the fast attention of the other quantized models; fp32 stays exact
         quant.finish_quantized(model, device)
     return model.eval()
 
