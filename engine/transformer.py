@@ -167,9 +167,27 @@ class KVCacheState(StreamingState):
         else:
             self.offset[:] = torch.where(mask, torch.zeros_like(self.offset), self.offset)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, slots: int | None = None):
+    def append(self, k: torch.Tensor, v: torch.Tensor, first: int | None = None):
         """Write T new steps and return the whole ring with the absolute position of each of its
-        first ``slots`` slots (default: all; -1: empty)."""
+        ``first`` slots (None: all; -1: empty). A ``first`` given says the host knows the shapes
+        (CPU): one step is then copied to its slot in place, without index tensors."""
+        B, H, T, D = k.shape
+        capacity = self.capacity
+        if first is not None and T == 1:
+            for b, slot in enumerate((self.offset % capacity).tolist()):
+                self.cache[0, b, :, slot] = k[b, :, 0]
+                self.cache[1, b, :, slot] = v[b, :, 0]
+        else:
+            self._scatter(k, v)
+        slots = torch.arange(capacity if first is None else first, device=k.device)
+        last = self.offset.view(-1, 1) + T - 1
+        delta = slots - last % capacity
+        positions = torch.where(delta <= 0, last + delta, last + delta - capacity)
+        positions = torch.where(slots >= self.offset.view(-1, 1) + T, -1, positions)
+        return self.cache[0], self.cache[1], positions
+
+    def _scatter(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the T steps of k and v [B, H, T, D] from each slot's offset on into the ring."""
         B, H, T, D = k.shape
         capacity = self.capacity
         written = self.offset.view(-1, 1) + torch.arange(T, device=k.device)
@@ -182,13 +200,6 @@ class KVCacheState(StreamingState):
         rings = self.cache.view(2, B * H * capacity, D)
         rings[0].index_copy_(0, rows, k.reshape(-1, D).to(rings.dtype))
         rings[1].index_copy_(0, rows, v.reshape(-1, D).to(rings.dtype))
-
-        slots = torch.arange(capacity if slots is None else slots, device=k.device)
-        last = self.offset.view(-1, 1) + T - 1
-        delta = slots - last % capacity
-        positions = torch.where(delta <= 0, last + delta, last + delta - capacity)
-        positions = torch.where(slots >= self.offset.view(-1, 1) + T, -1, positions)
-        return self.cache[0], self.cache[1], positions
 
 
 # The matmul attention (quantized models on CPU) keeps a ring up to this size a slot in fp32. Without
