@@ -146,7 +146,8 @@ def fits(in_features: int, group_size: int, scales_dtype: torch.dtype) -> bool:
 
 
 def attends(head_dim: int, variant: str | None = None) -> bool:
-    """Whether ``attend`` takes heads of this size (on this build: a multiple of its vector width)."""
+    """Whether ``attend`` takes heads of this size, on the chosen build (or ``variant``): a multiple
+    of 16 values (every build's vector width divides it) up to 256."""
     variant = variant or chosen_variant()
     return variant is not None and head_dim % 16 == 0 and head_dim <= 256
 
