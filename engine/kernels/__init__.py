@@ -13,8 +13,8 @@ twice as fast from the caches at one row, within a stated bound.
 setup.py builds the sources once per instruction set (``VARIANTS``, best first); a build that
 failed (no compiler, another architecture) is simply absent, and the linears then use PyTorch's
 kernels. The variant is chosen at run time from what both the CPU and PyTorch's dispatch level
-(``ATEN_CPU_CAPABILITY``) allow; ``MOSHI_KERNEL_VARIANT=avx2`` (a variant's name) caps the choice
-at that build, ``MOSHI_NO_NATIVE_KERNELS=1`` turns them all off.
+(``ATEN_CPU_CAPABILITY``) allow; ``MOSHI_KERNEL_VARIANT=avx2`` (a variant's name; another value is
+an error) caps the choice at that build, ``MOSHI_NO_NATIVE_KERNELS=1`` turns them all off.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from ..errors import EngineError
 
 # variant -> the CPU flags (as /proc/cpuinfo names them) its build was compiled for, best first
 VARIANTS = {
@@ -85,7 +87,9 @@ def chosen_variant() -> str | None:
     allowed = [v for v in runnable_variants() if v == "generic" or capability in _CAPABILITIES[v]]
     # MOSHI_KERNEL_VARIANT caps the choice at a lower build: what a machine with less runs (tests)
     cap = os.environ.get("MOSHI_KERNEL_VARIANT", "")
-    if cap in VARIANTS:
+    if cap and cap not in VARIANTS:
+        raise EngineError(f"MOSHI_KERNEL_VARIANT={cap!r} names no build of the kernels: one of {', '.join(VARIANTS)}")
+    if cap:
         allowed = [v for v in allowed if list(VARIANTS).index(v) >= list(VARIANTS).index(cap)]
     return next(iter(allowed), None)
 

@@ -194,3 +194,10 @@ def test_the_variant_follows_pytorchs_level_and_the_off_switch():
         assert _chosen({"ATEN_CPU_CAPABILITY": "default"}) == "generic"
     for cap in VARIANTS:  # MOSHI_KERNEL_VARIANT holds the choice at or below a build
         assert _chosen({"MOSHI_KERNEL_VARIANT": cap}) == cap
+
+
+def test_a_kernel_variant_that_names_no_build_is_an_error():
+    code = "from engine import kernels; kernels.chosen_variant()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "MOSHI_KERNEL_VARIANT": "avx9000"})
+    assert out.returncode != 0 and "MOSHI_KERNEL_VARIANT='avx9000' names no build" in out.stderr
