@@ -202,11 +202,11 @@ class KVCacheState(StreamingState):
         rings[1].index_copy_(0, rows, v.reshape(-1, D).to(rings.dtype))
 
 
-# The matmul attention (quantized models on CPU) keeps a ring up to this size a slot in fp32. Without
-# native bf16 math a bf16 matmul converts the ring at every call: at STT-1B's size (12 MB a layer
-# in fp32) its int8 step over 745 steps of a stream took 54-62 ms in fp32 against 71-87 ms in
-# bf16. Moshi-7B's ring (98 MB a layer) is no faster in fp32 (589-594 against 552-596 ms a step
-# over the whole ring) and would take 1.5 GB more.
+# The matmul attention (quantized models on CPU without our attention kernel) keeps a ring up to
+# this size a slot in fp32. Without native bf16 math a bf16 matmul converts the ring at every call:
+# at STT-1B's size (12 MB a layer in fp32) its int8 step over 745 steps of a stream took 54-62 ms
+# in fp32 against 71-87 ms in bf16. Moshi-7B's ring (98 MB a layer) is no faster in fp32 (589-594
+# against 552-596 ms a step over the whole ring) and would take 1.5 GB more.
 FP32_RING_MAX_BYTES = 32 << 20
 # The split of the keys in PyTorch's CPU flash-attention kernel: attending over a multiple of it
 # gives the same blocks, and the same bits, as over a longer, masked ring.
