@@ -288,27 +288,23 @@ def test_quantized_attention_over_the_filled_ring_matches_the_full_ring(lm_check
     quantized = load_lm(lm_checkpoints["stt"], cfg, quantize="int8")
     assert all(m.fast_attention for m in quantized.modules() if isinstance(m, Attention))
     with contextlib.nullcontext() if native else kernels.disabled():
-        _filled_ring_against_full_ring(lm_checkpoints, cfg)
-
-
-def _filled_ring_against_full_ring(lm_checkpoints, cfg):
-    lm = load_lm(lm_checkpoints["stt"], cfg, dtype=torch.float32)
-    attentions = [m for m in lm.modules() if isinstance(m, Attention)]
-    generator = torch.Generator().manual_seed(4)
-    tokens = torch.randint(0, cfg.card, (2, cfg.num_streams, 130), generator=generator)
-    tokens[:, 0] = torch.randint(0, cfg.text_card, (2, 130), generator=generator)
-    runs = {}
-    for matmul in (True, False):
-        for module in attentions:
-            module.fast_attention = matmul
-        with lm.streaming(2):
-            logits = []
-            for t in range(130):
-                if t == 40:
-                    lm.reset_streaming(torch.tensor([False, True]))
-                logits.append(lm.forward_text(tokens[:, :, t:t + 1])[1])
-        runs[matmul] = torch.cat(logits, dim=2)
-    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
+        lm = load_lm(lm_checkpoints["stt"], cfg, dtype=torch.float32)
+        attentions = [m for m in lm.modules() if isinstance(m, Attention)]
+        generator = torch.Generator().manual_seed(4)
+        tokens = torch.randint(0, cfg.card, (2, cfg.num_streams, 130), generator=generator)
+        tokens[:, 0] = torch.randint(0, cfg.text_card, (2, 130), generator=generator)
+        runs = {}
+        for fast in (True, False):
+            for module in attentions:
+                module.fast_attention = fast
+            with lm.streaming(2):
+                logits = []
+                for t in range(130):
+                    if t == 40:
+                        lm.reset_streaming(torch.tensor([False, True]))
+                    logits.append(lm.forward_text(tokens[:, :, t:t + 1])[1])
+            runs[fast] = torch.cat(logits, dim=2)
+        torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -318,26 +314,22 @@ def test_matmul_attention_keeps_small_rings_in_fp32_and_large_ones_in_bf16(lm_ch
     slots) and attention runs over all of it, its unwritten slots masked. (On a bf16 model: int8
     activation codes would turn rounding noise into steps.)"""
     with kernels.disabled():
-        _ring_dtypes(lm_checkpoints, monkeypatch)
-
-
-def _ring_dtypes(lm_checkpoints, monkeypatch):
-    cfg = LMConfig.tiny_stt()
-    lm = load_lm(lm_checkpoints["stt"], cfg, dtype=torch.bfloat16)
-    for module in lm.modules():
-        if isinstance(module, Attention):
-            module.fast_attention = True
-    steps = 60
-    tokens = torch.randint(0, cfg.card, (1, cfg.num_streams, steps), generator=torch.Generator().manual_seed(5))
-    tokens[:, 0] = tokens[:, 0] % cfg.text_card
-    runs = {}
-    for ring_max, dtype in ((transformer.FP32_RING_MAX_BYTES, torch.float32), (0, torch.bfloat16)):
-        monkeypatch.setattr(transformer, "FP32_RING_MAX_BYTES", ring_max)
-        with lm.streaming(1):
-            rings = {m.state.cache.dtype for m in lm.modules() if isinstance(m, Attention)}
-            assert rings == {dtype}
-            runs[dtype] = torch.cat([lm.forward_text(tokens[:, :, t:t + 1])[1] for t in range(steps)], dim=2)
-    assert _relative(runs[torch.bfloat16], runs[torch.float32]) < 0.01
+        cfg = LMConfig.tiny_stt()
+        lm = load_lm(lm_checkpoints["stt"], cfg, dtype=torch.bfloat16)
+        for module in lm.modules():
+            if isinstance(module, Attention):
+                module.fast_attention = True
+        steps = 60
+        tokens = torch.randint(0, cfg.card, (1, cfg.num_streams, steps), generator=torch.Generator().manual_seed(5))
+        tokens[:, 0] = tokens[:, 0] % cfg.text_card
+        runs = {}
+        for ring_max, dtype in ((transformer.FP32_RING_MAX_BYTES, torch.float32), (0, torch.bfloat16)):
+            monkeypatch.setattr(transformer, "FP32_RING_MAX_BYTES", ring_max)
+            with lm.streaming(1):
+                rings = {m.state.cache.dtype for m in lm.modules() if isinstance(m, Attention)}
+                assert rings == {dtype}
+                runs[dtype] = torch.cat([lm.forward_text(tokens[:, :, t:t + 1])[1] for t in range(steps)], dim=2)
+        assert _relative(runs[torch.bfloat16], runs[torch.float32]) < 0.01
 
 
 # The depformer's logits against bf16, measured on the tiny model: int8 2.3%, int4 19% (its
