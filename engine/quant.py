@@ -158,7 +158,7 @@ def int8_saturates() -> bool:
 def int8_kernel() -> str:
     """Which int8 product runs on this CPU, for ``moshi doctor`` and the benchmarks."""
     if kernels.has_int8_path():
-        return "native kernels' int8 path (VNNI), activations in int8 a row at a time (--exact: weight-only int8)"
+        return "native kernels' int8 path, activations in int8 a row at a time (--exact: weight-only int8)"
     if torch.backends.mkldnn.is_available() and not int8_saturates():
         return "oneDNN u8×s8 (VNNI), 8-bit activations"
     return "weight-only int8 (PyTorch's int8pack kernel), activations in the model dtype"
@@ -180,17 +180,17 @@ class Int8Linear(nn.Module):
 
     On a CPU the kernel is chosen by what the CPU does well (``prepare``, ``kernel``):
 
-    * "native": where our kernels' int8 path is built (AVX512-VNNI) and the width is a multiple
-      of 64, it multiplies the weight as stored, one fp32 scale a row, by the activations
-      quantized a row at a time with one absmax scale d (the scheme of "onednn" below): a
-      product's error is at most Σ|w|·d/2.
+    * "native": where our kernels' int8 path is built (``kernels.has_int8_path``: AVX512-VNNI, or
+      AVX2 without AVX-512) and the width is a multiple of 64, it multiplies the weight as
+      stored, one fp32 scale a row, by the activations quantized a row at a time with one absmax
+      scale d (the scheme of "onednn" below): a product's error is at most Σ|w|·d/2.
     * "onednn": other CPUs with VNNI, oneDNN's int8 matmul, which takes the weight in a layout of
       its own (the plain copy is dropped: the state dict then has no ``weight``). Each input row
       is quantized with one absmax scale, the scheme of the reference's q8 path (bitsandbytes'
       LLM.int8 with threshold 0): on Gaussian data a product's relative error is ~0.8%, against
       ~0.2% for the int8 weight alone.
-    * "weight-only": without VNNI (AVX2, early AVX-512), PyTorch's weight-only int8 kernel on
-      activations in the model dtype. oneDNN's kernel there sums pairs of byte products in a
+    * "weight-only": other CPUs (AVX-512 without VNNI, or no build of ours), PyTorch's weight-only
+      int8 kernel on activations in the model dtype. oneDNN's kernel there sums pairs of byte products in a
       saturating int16 (3.7% error on a 512×256 layer) and is 3-5x slower at one input row
       (2048×11264: 7.0 ms against 1.9 ms with PyTorch and oneDNN held to AVX2). ``--exact``
       (``exact_activations``) turns "native" layers to it.
@@ -279,8 +279,9 @@ class AffineLinear(AffineCodes):
       product (exactly: ``scale · q`` needs at most 16 significant bits, so the one rounding is that
       of the sum, as in MLX's own dequantization), then widened to the activations' dtype.
     * native (a CPU in bf16/fp16, ``engine/kernels`` built): our kernel reads the codes, scales
-      and biases as stored. Where the CPU has AVX512-VNNI it quantizes the activations in blocks of
-      32 (``int8_activations``; error at most Σ|w|·scale/2, ~1e-3 of Σ|x·w|), else, or after
+      and biases as stored. Where our int8 path is built (``kernels.has_int8_path``: AVX512-VNNI,
+      or AVX2 without AVX-512) it quantizes the activations in blocks of 32
+      (``int8_activations``; error at most Σ|w|·scale/2, ~1e-3 of Σ|x·w|), else, or after
       ``exact_activations``, it gives the fp32 product with the dequantized weight up to the order
       of the fp32 sums.
     * PyTorch's int4 kernel (a CPU without ours): its convention is ``w = (c − 8) · scale + zero``,
@@ -362,10 +363,10 @@ class BlockInt8Linear(nn.Module):
       the activations' dtype, block by block, then runs the plain matmul; in fp32 that weight is
       exactly the dequantized one, so the model computes what a float model of those weights does.
     * native (a CPU in bf16, ``engine/kernels`` built): our kernel reads the int8 codes and fp16
-      scales as stored, 1.06 bytes per weight. Where the CPU has AVX512-VNNI it multiplies them by
-      the activations in Q8_0 blocks of their own, as candle does (``int8_activations``), else, or
-      after ``exact_activations``, it gives the fp32 product with the dequantized weight up to the
-      order of the fp32 sums.
+      scales as stored, 1.06 bytes per weight. Where our int8 path is built (AVX512-VNNI, or AVX2
+      without AVX-512) it multiplies them by the activations in Q8_0 blocks of their own, as
+      candle does (``int8_activations``), else, or after ``exact_activations``, it gives the fp32
+      product with the dequantized weight up to the order of the fp32 sums.
     * PyTorch's int4 kernel (a CPU in bf16 without ours, ``prepare``): PyTorch's CPU kernels take int8 weights
       with one scale per row only, so each code q is split exactly into two 4-bit halves,
       q = 16·hi + lo, and both run through the int4 kernel that scales each group of 32 inputs:

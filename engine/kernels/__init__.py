@@ -6,9 +6,9 @@ byte, the even input in the low nibble) or 8-bit codes, signed or not, with a bf
 (and optionally a bias) per group of inputs. Its exact paths turn each code exactly into its
 dequantized weight in registers (or, on the AVX512-BF16 path, into its exact bf16 value, scaled per
 group): the result is the fp32 product with the dequantized weight, up to fp32 rounding in another
-order. Its int8 path (AVX512-VNNI, asked for with ``int8_activations``) quantizes the activations in
-blocks of 32 (a row at a time for weights with one scale a row) and multiplies bytes by bytes, about
-twice as fast from the caches at one row, within a stated bound.
+order. Its int8 path (AVX512-VNNI, or AVX2 without AVX-512; asked for with ``int8_activations``)
+quantizes the activations in blocks of 32 (a row at a time for weights with one scale a row) and
+multiplies bytes by bytes, about twice as fast from the caches at one row, within a stated bound.
 
 setup.py builds the sources once per instruction set (``VARIANTS``, best first); a build that
 failed (no compiler, another architecture) is simply absent, and the linears then use PyTorch's
@@ -135,7 +135,8 @@ def read_bytes(data: torch.Tensor) -> None:
 
 
 def has_int8_path(variant: str | None = None) -> bool:
-    """Whether a build (default: the chosen one) multiplies int8 activations (AVX512-VNNI)."""
+    """Whether a build (default: the chosen one) multiplies int8 activations: the AVX512-VNNI build
+    (``vpdpbusd``) and the AVX2 one (``vpmaddubsw``), not AVX-512 without VNNI nor the generic one."""
     variant = variant or chosen_variant()
     return variant is not None and bool(library(variant).moshi_int8_path())
 
@@ -194,7 +195,7 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: 
     [N, K/group]. Groups of 32, 64 or 128 inputs; with ``int8_activations`` on a build that has the
     int8 path, signed codes also take one scale a row (``group_size`` = K, a multiple of 64).
     ``variant``: a build other than the chosen one (the tests run each).
-    ``int8_activations``: on a build with AVX512-VNNI (``has_int8_path``), quantize x in blocks of 32
+    ``int8_activations``: on a build with the int8 path (``has_int8_path``), quantize x in blocks of 32
     inputs (scale max|x|/127, as GGUF's Q8_0) and multiply bytes by bytes: the one error is x's
     rounding, |y − exact| ≤ Σ_k |w_k| · scale_k / 2; elsewhere it changes nothing."""
     variant = variant or chosen_variant()

@@ -101,7 +101,7 @@ typedef struct {
     int table; /* 4-bit codes on the table path (x reordered for it) */
     const int8_t *xq; /* int8 path: [rows, K] x's codes (4-bit weights: each 128 inputs, 64 even then 64 odd) */
     const float *x_lanes; /* int8 path: [rows, steps, 16] each lane's activation scale */
-    const float *x_shift; /* int8 path, signed codes: [rows, K/group] -128 · Σ_block scale · Σ codes */
+    const float *x_shift; /* int8 path, shifted codes: [rows, K/group] -128 · Σ_block scale · Σ codes */
     const int32_t *x_code_sums; /* int8 path, one scale a row: [rows] Σ of each row's codes (x_lanes: its scale) */
 } Job;
 
@@ -326,19 +326,121 @@ INLINE void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R, cons
 #define rows_q4_bf16(...) ((void)0)
 #endif
 
+#if defined(__AVX512VNNI__) || (defined(__AVX2__) && !defined(__AVX512F__))
+/* The int8 path: x is quantized in blocks of 32 inputs, each with its own scale d = max|x| / 127
+ * and codes round(x / d) (GGUF's Q8_0 for activations, what candle and llama.cpp multiply their
+ * Q8_0 weights with), and bytes are multiplied by bytes, four products summed into each int32 lane.
+ * One 64-byte piece of codes is a step: 64 inputs of 8-bit codes (lanes 0-7 the first block, 8-15
+ * the second) or 128 inputs of 4-bit ones (the low nibbles are the 64 even inputs and the high ones
+ * the 64 odd, x's codes are stored in that order, and lanes 4b..4b+3 are block b). Each step a row:
+ * the int32 lanes in fp32, times the activations' block scales, times the weights' group scales,
+ * into an fp32 total. Biases add Σ_g bias · (Σ x over group g) with the unquantized x. The one
+ * error is x's rounding, at most d/2 an input: |y − exact| ≤ Σ_k |w_k| · d_k / 2.
+ *
+ * Two instruction sets do the byte products, and each takes one kind of 8-bit code as it is and
+ * shifts the other by 128 (an exclusive or), taking 128 · Σ x's codes back per block (x_shift):
+ * - AVX512-VNNI: vpdpbusd multiplies unsigned by signed bytes: signed codes are shifted.
+ * - AVX2: vpmaddubsw multiplies unsigned by signed bytes into pairs summed in a saturating int16,
+ *   and vpmaddwd by ones sums those pairs into int32. Signed codes w go in as |w| times x · sign(w)
+ *   (vpsignb), so that a pair stays within 2 · 128 · 127 < 2^15; unsigned 8-bit codes are shifted;
+ *   4-bit codes (0..15) go in as they are, and their even and odd pairs add in int16 (4 · 15 · 127). */
 #if defined(__AVX512VNNI__)
-/* The int8 path (AVX512-VNNI): x is quantized in blocks of 32 inputs, each with its own scale
- * d = max|x| / 127 and codes round(x / d) (GGUF's Q8_0 for activations, what candle and llama.cpp
- * multiply their Q8_0 weights with), and vpdpbusd sums four byte products a lane into int32.
- * One 64-byte load of codes is a step: 64 inputs of 8-bit codes (lanes 0-7 the first block, 8-15
- * the second) or 128 inputs of 4-bit ones (the low nibbles are the 64 even inputs and the high
- * ones the 64 odd, x's codes are stored in that order, and lanes 4b..4b+3 are block b). Each step
- * a row: the int32 lanes in fp32, times the activations' block scales, times the weights' group
- * scales, into an fp32 total. vpdpbusd multiplies unsigned by signed bytes: signed weight codes are
- * shifted by 128 (an exclusive or) and 128 · Σ x's codes taken back per block; biases add
- * Σ_g bias · (Σ x over group g) with the unquantized x. The one error is x's rounding, at most d/2 an
- * input: |y − exact| ≤ Σ_k |w_k| · d_k / 2. */
+#define SHIFTS(bits, is_signed) (is_signed)
+#else
+#define SHIFTS(bits, is_signed) ((bits) == 8 && !(is_signed))
+#endif
 
+static inline vf load_x(const float *xf, const uint16_t *xb, int64_t k) {
+    return xb ? load_bf16(xb + k) : load_f(xf + k);
+}
+
+static inline vf abs_f(vf v) { return (vf)((vi)v & 0x7fffffff); }
+
+static inline float max_abs(const float *xf, const uint16_t *xb, int64_t k, int64_t count) {
+#if VW == 16
+    __m512 most = _mm512_setzero_ps();
+    for (int64_t i = k; i < k + count; i += VW) most = _mm512_max_ps(most, (__m512)abs_f(load_x(xf, xb, i)));
+    return _mm512_reduce_max_ps(most);
+#else
+    __m256 most = _mm256_setzero_ps();
+    for (int64_t i = k; i < k + count; i += VW) most = _mm256_max_ps(most, (__m256)abs_f(load_x(xf, xb, i)));
+    float lanes[VW], amax = 0;
+    memcpy(lanes, &most, sizeof lanes);
+    for (int l = 0; l < VW; l++) amax = lanes[l] > amax ? lanes[l] : amax;
+    return amax;
+#endif
+}
+
+/* ``count`` codes round(x · inverse) (to nearest, even: the CPU's rounding) from input k on; returns their sum. */
+static inline int32_t to_codes(const float *xf, const uint16_t *xb, int64_t k, int64_t count, float inverse,
+                               int8_t *out) {
+    vi sum = {0};
+    for (int64_t i = 0; i < count; i += VW) {
+        const vf scaled = load_x(xf, xb, k + i) * inverse;
+#if VW == 16
+        const vi q = (vi)_mm512_cvtps_epi32((__m512)scaled);
+        _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8((__m512i)q));
+#else
+        const vi q = (vi)_mm256_cvtps_epi32((__m256)scaled);
+        const __m256i narrow = _mm256_packs_epi16(_mm256_packs_epi32((__m256i)q, (__m256i)q), _mm256_setzero_si256());
+        _mm_storel_epi64((__m128i *)(out + i), _mm_unpacklo_epi32(_mm256_castsi256_si128(narrow),
+                                                                   _mm256_extracti128_si256(narrow, 1)));
+#endif
+        sum += q;
+    }
+    int32_t total = 0;
+    for (int l = 0; l < VW; l++) total += sum[l];
+    return total;
+}
+
+/* Rows of x for weights with one scale a row (GROUP 0 below): codes, each row's scale d and the
+ * sum of its codes. */
+static void quantize_rows(const float *xf, const uint16_t *xb, int64_t rows, int64_t K, int8_t *xq, float *d,
+                          int32_t *code_sums) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float amax = max_abs(xf, xb, r * K, K), inverse = amax > 0 ? 127 / amax : 0;
+        d[r] = amax / 127;
+        code_sums[r] = to_codes(xf, xb, r * K, K, inverse, xq + r * K);
+    }
+}
+
+/* x's rows as the int8 path reads them (see above): codes, each lane's block scale, and per group
+ * the sums of x (biases) or the shift of shifted codes. */
+static void quantize_x(const float *xf, const uint16_t *xb, int64_t rows, int64_t K, int bits, int64_t group,
+                       int8_t *xq, float *lanes, float *x_sums, float *x_shift) {
+    const int64_t STEP = bits == 8 ? 64 : 128, G = K / group;
+    int8_t natural[128];
+    float d[4];
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k0 = 0; k0 < K; k0 += STEP) {
+            for (int b = 0; b < STEP / 32; b++) {
+                const int64_t k = r * K + k0 + 32 * b, g = r * G + (k0 + 32 * b) / group;
+                const float amax = max_abs(xf, xb, k, 32), inverse = amax > 0 ? 127 / amax : 0;
+                d[b] = amax / 127;
+                const int32_t code_sum = to_codes(xf, xb, k, 32, inverse, natural + 32 * b);
+                if (x_sums) {
+                    vf sum = {0};
+                    for (int i = 0; i < 32; i += VW) sum += load_x(xf, xb, k + i);
+                    x_sums[g] += hsum(sum);
+                }
+                if (x_shift) x_shift[g] -= 128 * d[b] * (float)code_sum;
+            }
+            int8_t *out = xq + r * K + k0;
+            if (bits == 8) {
+                memcpy(out, natural, 64);
+            } else { /* the 64 even inputs, then the 64 odd */
+                for (int i = 0; i < 64; i++) {
+                    out[i] = natural[2 * i];
+                    out[64 + i] = natural[2 * i + 1];
+                }
+            }
+            float *lane = lanes + (r * (K / STEP) + k0 / STEP) * 16;
+            for (int l = 0; l < 16; l++) lane[l] = d[l / (bits == 8 ? 8 : 4)];
+        }
+}
+#endif
+
+#if defined(__AVX512VNNI__)
 /* Each lane's weight scale for the step at input k (a lane covers 4 inputs of 8-bit codes, 8 of
  * 4-bit ones); the row's scales are padded, so reading 4 past the last group is harmless. */
 INLINE __m512 step_scales(const float *scales, int64_t k, const int GROUP, const int bits) {
@@ -412,77 +514,95 @@ INLINE void rows_int8(const Job *j, int64_t n0, int64_t n1, const int R, const i
             }
             float out = _mm512_reduce_add_ps(acc[r][0]);
             if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, G);
-            if (is_signed) out += bias_term(j->row_scales, j->x_shift + r * G, G);
+            if (SHIFTS(bits, is_signed)) out += bias_term(j->row_scales, j->x_shift + r * G, G);
             j->y[r * j->N + n] = out;
         }
     }
 }
 
-/* 16 inputs of x from ``k`` on, in fp32. */
-static inline __m512 load16(const float *xf, const uint16_t *xb, int64_t k) {
-    return xb ? (__m512)load_bf16(xb + k) : _mm512_loadu_ps(xf + k);
+#define INT8_PATH 1
+#elif defined(__AVX2__) && !defined(__AVX512F__)
+/* Each lane's weight scale for the half step (32 bytes of codes) from input k: a lane covers 4
+ * inputs of 8-bit codes, 8 of 4-bit ones, so only 4-bit codes in groups of 32 change scale within
+ * a half (lanes 0-3, then 4-7). */
+INLINE __m256 half_scales(const float *scales, int64_t k, const int GROUP, const int bits) {
+    if (bits == 8 || GROUP > 32) return _mm256_set1_ps(scales[k / GROUP]);
+    return _mm256_setr_m128(_mm_set1_ps(scales[k / 32]), _mm_set1_ps(scales[k / 32 + 1]));
 }
 
-/* Rows of x for weights with one scale a row (GROUP 0 above): codes, each row's scale d and the
- * sum of its codes. */
-static void quantize_rows(const float *xf, const uint16_t *xb, int64_t rows, int64_t K, int8_t *xq, float *d,
-                          int32_t *code_sums) {
-    for (int64_t r = 0; r < rows; r++) {
-        __m512 most = _mm512_setzero_ps();
-        for (int64_t k = r * K; k < (r + 1) * K; k += 16) most = _mm512_max_ps(most, _mm512_abs_ps(load16(xf, xb, k)));
-        const float amax = _mm512_reduce_max_ps(most), inverse = amax > 0 ? 127 / amax : 0;
-        d[r] = amax / 127;
-        __m512i sum = _mm512_setzero_si512();
-        for (int64_t k = r * K; k < (r + 1) * K; k += 16) {
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(xf, xb, k), _mm512_set1_ps(inverse)));
-            _mm_storeu_si128((__m128i *)(xq + k), _mm512_cvtepi32_epi8(q));
-            sum = _mm512_add_epi32(sum, q);
+/* The int8 path's rows (see rows_int8 for AVX512-VNNI) on AVX2: a step is two halves of 32 bytes,
+ * each with its own A-th total, so that x's codes and lanes are laid out as for VNNI. GROUP 0:
+ * signed codes with one scale a row, summed in int32 over the whole row (no shift to take back). */
+INLINE void rows_int8(const Job *j, int64_t n0, int64_t n1, const int R, const int GROUP, const int bits,
+                      const int is_signed, const int has_bias) {
+    const int64_t K = j->K, G = GROUP ? K / GROUP : 1, HALF = bits == 8 ? 32 : 64, H = K / HALF, row_bytes = K * bits / 8;
+    const int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+    const __m256i low4 = _mm256_set1_epi8(15), flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *c = j->codes + n * row_bytes;
+        widen_row(j, n, G);
+        __m256 acc[MAX_ROWS][4]; /* fp32 totals; with one scale a row, int32 ones (whole) */
+        __m256i whole[MAX_ROWS][4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int a = 0; a < A; a++) {
+                acc[r][a] = _mm256_setzero_ps();
+                whole[r][a] = _mm256_setzero_si256();
+            }
+        for (int64_t h0 = 0; h0 < H; h0 += A) {
+#pragma GCC unroll 4
+            for (int a = 0; a < A; a++) {
+                const int64_t h = h0 + a;
+                if (A > 1 && h >= H) break;
+                if (h % 2 == 0) PREFETCH(c + 32 * h);
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(c + 32 * h));
+                const __m256 scale = GROUP ? half_scales(j->row_scales, h * HALF, GROUP, bits) : _mm256_setzero_ps();
+                /* 8-bit codes as signed bytes, their magnitudes; 4-bit codes: low and high nibbles */
+                const __m256i w = bits == 4 ? _mm256_and_si256(raw, low4) : is_signed ? raw : _mm256_xor_si256(raw, flip);
+                const __m256i other = bits == 4 ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4) : _mm256_abs_epi8(w);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; r++) {
+                    /* 8-bit codes: x's 32 codes of this half; 4-bit: the 32 even inputs', then 64 on the odd ones' */
+                    const int8_t *xq = j->xq + r * K + (bits == 8 ? 32 * h : 128 * (h / 2) + 32 * (h % 2));
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+                    const __m256i pairs = bits == 8 ? _mm256_maddubs_epi16(other, _mm256_sign_epi8(x, w))
+                        : _mm256_add_epi16(_mm256_maddubs_epi16(w, x), _mm256_maddubs_epi16(other, _mm256_loadu_si256((const __m256i *)(xq + 64))));
+                    const __m256i p = _mm256_madd_epi16(pairs, ones);
+                    if (!GROUP) {
+                        whole[r][a] = _mm256_add_epi32(whole[r][a], p);
+                        continue;
+                    }
+                    const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(j->x_lanes + r * H * 8 + 8 * h));
+                    acc[r][a] = _mm256_fmadd_ps(f, scale, acc[r][a]);
+                }
+            }
         }
-        code_sums[r] = _mm512_reduce_add_epi32(sum);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+#pragma GCC unroll 4
+            for (int a = 1; a < A; a++) {
+                acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][a]);
+                whole[r][0] = _mm256_add_epi32(whole[r][0], whole[r][a]);
+            }
+            if (!GROUP) {
+                int32_t lanes[8], total = 0;
+                memcpy(lanes, &whole[r][0], sizeof lanes);
+                for (int l = 0; l < 8; l++) total += lanes[l];
+                j->y[r * j->N + n] = j->row_scales[0] * j->x_lanes[r] * (float)total;
+                continue;
+            }
+            float out = hsum((vf)acc[r][0]);
+            if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, G);
+            if (SHIFTS(bits, is_signed)) out -= bias_term(j->row_scales, j->x_shift + r * G, G);
+            j->y[r * j->N + n] = out;
+        }
     }
-}
-
-/* x's rows as the int8 path reads them (see above): codes, each lane's block scale, and per group
- * the sums of x (biases) or the shift of signed codes. */
-static void quantize_x(const float *xf, const uint16_t *xb, int64_t rows, int64_t K, int bits, int64_t group,
-                       int8_t *xq, float *lanes, float *x_sums, float *x_shift) {
-    const int64_t STEP = bits == 8 ? 64 : 128, G = K / group;
-    int8_t natural[128] __attribute__((aligned(64)));
-    float d[4];
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t k0 = 0; k0 < K; k0 += STEP) {
-            for (int b = 0; b < STEP / 32; b++) {
-                const int64_t k = r * K + k0 + 32 * b;
-                const __m512 v[2] = {load16(xf, xb, k), load16(xf, xb, k + 16)};
-                const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-                const float inverse = amax > 0 ? 127 / amax : 0;
-                d[b] = amax / 127;
-                __m512i q[2];
-                for (int h = 0; h < 2; h++) {
-                    q[h] = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(inverse))); /* to nearest, even */
-                    _mm_store_si128((__m128i *)(natural + 32 * b + 16 * h), _mm512_cvtepi32_epi8(q[h]));
-                }
-                const int64_t g = r * G + (k0 + 32 * b) / group;
-                if (x_sums) x_sums[g] += _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
-                if (x_shift) x_shift[g] -= 128 * d[b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
-            }
-            int8_t *out = xq + r * K + k0;
-            if (bits == 8) {
-                memcpy(out, natural, 64);
-            } else { /* the 64 even inputs, then the 64 odd */
-                for (int h = 0; h < 2; h++) {
-                    const __m512i pairs = _mm512_load_si512(natural + 64 * h);
-                    _mm256_storeu_si256((__m256i *)(out + 32 * h), _mm512_cvtepi16_epi8(_mm512_and_si512(pairs, _mm512_set1_epi16(255))));
-                    _mm256_storeu_si256((__m256i *)(out + 64 + 32 * h), _mm512_cvtepi16_epi8(_mm512_srli_epi16(pairs, 8)));
-                }
-            }
-            float *lane = lanes + (r * (K / STEP) + k0 / STEP) * 16;
-            for (int l = 0; l < 16; l++) lane[l] = d[l / (bits == 8 ? 8 : 4)];
-        }
 }
 #define INT8_PATH 1
 #else
 #define INT8_PATH 0
+#define SHIFTS(bits, is_signed) 0
 #define rows_int8(...) ((void)0)
 #define quantize_x(...) ((void)0)
 #define quantize_rows(...) ((void)0)
@@ -582,9 +702,9 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
     float *x_lanes = int8_path ? aligned(sizeof(float) * (row_scale ? rows_x : count / (bits == 8 ? 4 : 8))) : 0;
     int32_t *x_code_sums = row_scale ? malloc(sizeof(int32_t) * rows_x) : 0;
     float *x_sums = (bf16_path || int8_path) && biases ? calloc(rows_x * G, sizeof(float)) : 0;
-    float *x_shift = int8_path && is_signed && !row_scale ? calloc(rows_x * G, sizeof(float)) : 0;
+    float *x_shift = int8_path && SHIFTS(bits, is_signed) && !row_scale ? calloc(rows_x * G, sizeof(float)) : 0;
     int failed = (reorder && !x_work) || (bf16_path && !x_pairs) ||
-                 (int8_path && (!xq || !x_lanes || (is_signed && !row_scale && !x_shift) || (row_scale && !x_code_sums))) || ((bf16_path || int8_path) && biases && !x_sums);
+                 (int8_path && (!xq || !x_lanes || (SHIFTS(bits, is_signed) && !row_scale && !x_shift) || (row_scale && !x_code_sums))) || ((bf16_path || int8_path) && biases && !x_sums);
     if (failed) {
         /* nothing to compute: the buffers that were allocated are freed below */
     } else if (row_scale) {

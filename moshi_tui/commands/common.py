@@ -113,7 +113,8 @@ ExactOption = Annotated[bool, typer.Option(
          "6,000 on an AMD EPYC, none among the 8 codebooks Moshi hears); and where the CPU multiplies bfloat16 "
          "itself (AMX, AVX512-BF16) it decodes from bfloat16 weights (a fifth less time), within 1% of the "
          "float32 audio's peak. --exact also keeps a quantized language model's activations as they are: by "
-         "default, where the CPU has AVX512-VNNI and AVX512-BF16, our kernels quantize them to int8 (in blocks of "
+         "default, where the CPU has AVX512-VNNI and AVX512-BF16, or AVX2 without AVX-512, our kernels quantize "
+         "them to int8 (in blocks of "
          "32 for int4, Q8_0 and MLX weights, as candle does; a row at a time for int8 weights, as the reference "
          "does) and multiply bytes by bytes, within about 1e-3 of each product's size.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, metavar="N",

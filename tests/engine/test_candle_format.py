@@ -170,8 +170,8 @@ def test_block_int8_linear_both_paths_against_the_gguf_dequantization():
     expected = x.bfloat16().float() @ dequantized.T
     magnitude = x.bfloat16().float().abs() @ dequantized.abs().T
     # Native: the fp32 product of the exact weights up to the order of the sums (1e-6 of the
-    # magnitude), then the output rounded to bf16 (2^-8 of it); by default, where the CPU has
-    # AVX512-VNNI, x's rounding to Q8_0 blocks too (as candle multiplies).
+    # magnitude), then the output rounded to bf16 (2^-8 of it); by default, where the int8 path is
+    # built, x's rounding to Q8_0 blocks too (as candle multiplies).
     error = (outputs[torch.bfloat16] - expected).abs()
     assert (error <= 1e-6 * magnitude + 2 ** -8 * expected.abs()).all()
     error = (outputs["int8"] - expected).abs()

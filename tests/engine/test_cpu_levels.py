@@ -22,14 +22,15 @@ TESTS = ["tests/engine/test_quant.py", "tests/engine/test_transformer.py",
 LEVEL_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MOSHI_KERNEL_VARIANT")
 
 
-def test_holding_oneDNN_to_avx2_really_changes_its_int8_kernel():
-    """Held to AVX2, oneDNN's int8 kernel saturates and the weight-only kernel takes over (without
-    this the runs below would test the native kernels again)."""
-    code = "from engine.quant import int8_kernel; print(int8_kernel())"
+def test_holding_to_avx2_really_changes_the_int8_kernels():
+    """Held to AVX2, our kernels take their AVX2 build (its own int8 path) and oneDNN's int8 kernel
+    saturates, so that --exact and installs without our kernels take the weight-only kernel
+    (without this the runs below would test the same kernels again)."""
+    code = "from engine import kernels, quant; print(kernels.chosen_variant(), quant.int8_saturates())"
     env = {k: v for k, v in os.environ.items() if k not in LEVEL_VARIABLES}
     held = subprocess.run([sys.executable, "-c", code], env={**env, **LEVELS["avx2"]}, capture_output=True,
                           text=True, timeout=120, cwd=ROOT, check=True).stdout
-    assert held.startswith("weight-only int8")
+    assert held.split() == ["avx2", "True"]
 
 
 @pytest.mark.skipif(any(os.environ.get(k) for k in LEVEL_VARIABLES), reason="already a held run")

@@ -7,8 +7,8 @@ bounded here at 1e-6 of Σ|x|·|w| per output (measured, ~5e-8), far below any q
 The shapes take every path: 4-bit groups of 64 and 128 (the table path on AVX-512), of 32 (the bf16
 path for bf16 activations with AVX512-BF16), 8-bit codes (fp32), full chunks of 128 inputs and tails.
 
-The int8 path (builds with AVX512-VNNI) quantizes the activations as it states, in blocks of 32 with
-d = max|x|/127 and codes round(x · (127/max|x|)) in fp32: it must give the float64 product of that
+The int8 path (the builds with AVX512-VNNI, and AVX2's) quantizes the activations as it states, in
+blocks of 32 with d = max|x|/127 and codes round(x · (127/max|x|)) in fp32: it must give the float64 product of that
 picture of x (the biases' part with x itself) up to fp32 sums, and so stay within d/2 · Σ|w| of the
 exact product.
 """

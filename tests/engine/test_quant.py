@@ -195,7 +195,7 @@ def _int4_layer(weight, group, dtype):
 @torch.no_grad()
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_native_kernel_is_the_dequantized_product(group):
-    """bf16 on a CPU: by default, where the CPU has AVX512-VNNI, within the rounding of the activations
+    """bf16 on a CPU: by default, where the int8 path is built, within the rounding of the activations
     to int8 blocks; with ``exact_activations`` (``--exact``), the fp32 product with the dequantized
     weight, up to the order of the sums. Then rounded to bf16 (one rounding: within 2⁻⁸)."""
     torch.manual_seed(0)
