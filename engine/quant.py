@@ -232,7 +232,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":
             return kernels.grouped_matmul(x, self.weight, 8, self.in_features, self.scale, None, signed=True,
-                                          int8_activations=True).to(x.dtype)
+                                          int8_activations=True, out_dtype=x.dtype)
         if self.kernel == "weight-only":
             flat = x.reshape(-1, self.in_features)
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale.view(-1).to(x.dtype))
@@ -336,7 +336,7 @@ class AffineLinear(AffineCodes):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
             return kernels.grouped_matmul(x, self.weight, self.bits, self.group_size, self.scales, self.biases,
-                                          int8_activations=self.int8_activations).to(x.dtype)
+                                          int8_activations=self.int8_activations, out_dtype=x.dtype)
         if self.packed is None:
             return F.linear(x, dequantize(self.weight, self.scales, self.biases, self.bits).to(x.dtype))
         flat = x.reshape(-1, self.in_features)
@@ -434,7 +434,7 @@ class BlockInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
             return kernels.grouped_matmul(x, self.weight, 8, Q8_BLOCK, self.scales, None, signed=True,
-                                          int8_activations=self.int8_activations).to(x.dtype)
+                                          int8_activations=self.int8_activations, out_dtype=x.dtype)
         if self.packed is None:
             return F.linear(x, self.dequantized(x.dtype))
         flat = x.reshape(-1, self.in_features)

@@ -114,7 +114,7 @@ def disabled():
 def library(variant: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_library_path(variant)))
     i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.moshi_grouped_matmul.argtypes = [p, i32, i64, i64, i64, p, i32, i32, i64, p, i32, p, p, i32, i32]
+    lib.moshi_grouped_matmul.argtypes = [p, i32, i64, i64, i64, p, i32, i32, i64, p, i32, p, p, i32, i32, i32]
     lib.moshi_grouped_matmul.restype = i32
     lib.moshi_k_multiple.restype = i32
     lib.moshi_int8_path.restype = i32
@@ -172,7 +172,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: t
         raise ValueError(f"attend: q {tuple(q.shape)}, keys {tuple(keys.shape)} {keys.dtype}, values "
                          f"{tuple(values.shape)} {values.dtype}, allowed {tuple(allowed.shape)} do not fit")
     q32 = q.reshape(B * H, D).to(torch.float32).contiguous()
-    flags = allowed.to(torch.uint8).contiguous()
+    flags = (allowed if allowed.dtype == torch.bool else allowed.to(torch.bool)).contiguous()  # a byte each, 0 or 1
     out = torch.empty(B, H, 1, D, dtype=torch.float32)
     status = library(variant).moshi_attend(
         q32.data_ptr(), keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16), B, H, capacity, n, D,
@@ -185,8 +185,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: t
 
 def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: int, scales: torch.Tensor,
                    biases: torch.Tensor | None, signed: bool = False, variant: str | None = None,
-                   int8_activations: bool = False) -> torch.Tensor:
-    """fp32 ``x · Wᵀ`` for ``x`` [..., K] and W [N, K] = codes · scales (+ biases) per group of inputs.
+                   int8_activations: bool = False, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x · Wᵀ`` for ``x`` [..., K] and W [N, K] = codes · scales (+ biases) per group of inputs.
     With bf16 ``x`` and 4-bit codes in groups of 32, a build with AVX512-BF16 multiplies exact bf16
     products (the same result up to the order of the sums); other activations are widened to fp32.
 
@@ -194,7 +194,9 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: 
     [N, K] (any shape of N·K values, row-major); ``scales`` and ``biases``: bf16, fp16 or fp32
     [N, K/group]. Groups of 32, 64 or 128 inputs; with ``int8_activations`` on a build that has the
     int8 path, signed codes also take one scale a row (``group_size`` = K, a multiple of 64).
-    ``variant``: a build other than the chosen one (the tests run each).
+    ``variant``: a build other than the chosen one (the tests run each). ``out_dtype``: the result's;
+    the kernel writes bf16 itself, rounded from its fp32 sums as ``.to(torch.bfloat16)`` rounds them
+    (one op less a call; other dtypes are converted from fp32).
     ``int8_activations``: on a build with the int8 path (``has_int8_path``), quantize x in blocks of 32
     inputs (scale max|x|/127, as GGUF's Q8_0) and multiply bytes by bytes: the one error is x's
     rounding, |y − exact| ≤ Σ_k |w_k| · scale_k / 2; elsewhere it changes nothing."""
@@ -210,12 +212,13 @@ def grouped_matmul(x: torch.Tensor, codes: torch.Tensor, bits: int, group_size: 
                                         or not biases.is_contiguous()))):
         raise ValueError(f"grouped_matmul: codes {tuple(codes.shape)}, scales {tuple(scales.shape)} "
                          f"{scales.dtype} do not describe a [{N}, {K}] weight in groups of {group_size}")
-    y = torch.empty(rows.shape[0], N, dtype=torch.float32)
+    written = out_dtype if out_dtype == torch.bfloat16 else torch.float32
+    y = torch.empty(rows.shape[0], N, dtype=written)
     status = library(variant).moshi_grouped_matmul(
         rows.data_ptr(), int(rows.dtype == torch.bfloat16), rows.shape[0], K, N, codes.data_ptr(), bits, int(signed), group_size, scales.data_ptr(),
         _SCALE_KINDS[scales.dtype], biases.data_ptr() if biases is not None else None, y.data_ptr(),
-        torch.get_num_threads(), int(int8_activations))
+        int(written == torch.bfloat16), torch.get_num_threads(), int(int8_activations))
     if status:
         raise ValueError(f"grouped_matmul ({variant}): a [{N}, {K}] weight of {bits}-bit codes in groups of "
                          f"{group_size} is not a shape this kernel takes" if status == -1 else "out of memory")
-    return y.view(*x.shape[:-1], N)
+    return y.view(*x.shape[:-1], N).to(out_dtype)

@@ -96,7 +96,8 @@ typedef struct {
     const uint8_t *codes; /* [N, K·bits/8] */
     const void *scales, *biases; /* [N, K/group]; biases may be NULL */
     int scales_kind; /* 0: bf16, 1: fp16, 2: fp32 */
-    float *y; /* [rows, N] */
+    float *y; /* [rows, N], or y_bf16 */
+    uint16_t *y_bf16;
     float *row_scales, *row_biases; /* [K/group] each: one row's, in fp32 (this thread's buffers) */
     int table; /* 4-bit codes on the table path (x reordered for it) */
     const int8_t *xq; /* int8 path: [rows, K] x's codes (4-bit weights: each 128 inputs, 64 even then 64 odd) */
@@ -136,6 +137,18 @@ static inline float bias_term(const float *biases, const float *x_sums, int64_t 
     float total = hsum(acc);
     for (; g < G; g++) total += biases[g] * x_sums[g];
     return total;
+}
+
+/* Output n of x's row r: fp32, or bf16 rounded as PyTorch's CPU kernels round fp32 to bf16 (to
+ * nearest, even; every NaN becomes 0xFFFF), so that the caller needs no conversion of its own. */
+static inline void put_y(const Job *j, int r, int64_t n, float value) {
+    if (!j->y_bf16) {
+        j->y[r * j->N + n] = value;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &value, 4);
+    j->y_bf16[r * j->N + n] = value != value ? 0xFFFF : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
 /* The fp32 weights at input k of row codes ``c``: one vector of 8-bit codes, or two of 4-bit ones
@@ -199,7 +212,7 @@ INLINE void rows_f32(const Job *j, int64_t n0, int64_t n1, const int R, const in
         for (int r = 0; r < R; r++) {
 #pragma GCC unroll 4
             for (int a = 1; a < A; a++) acc[r][0] += acc[r][a];
-            j->y[r * j->N + n] = hsum(acc[r][0]);
+            put_y(j, r, n, hsum(acc[r][0]));
         }
     }
 }
@@ -252,7 +265,7 @@ INLINE void rows_q4_table(const Job *j, int64_t n0, int64_t n1, const int R, con
         for (int r = 0; r < R; r++) {
 #pragma GCC unroll 4
             for (int a = 1; a < A; a++) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][a]);
-            j->y[r * j->N + n] = _mm512_reduce_add_ps(acc[r][0]);
+            put_y(j, r, n, _mm512_reduce_add_ps(acc[r][0]));
         }
     }
 }
@@ -316,7 +329,7 @@ INLINE void rows_q4_bf16(const Job *j, int64_t n0, int64_t n1, const int R, cons
         for (int r = 0; r < R; r++) {
             float out = _mm512_reduce_add_ps(T == 2 ? _mm512_add_ps(total[2 * r], total[2 * r + 1]) : total[r]);
             if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, G);
-            j->y[r * j->N + n] = out;
+            put_y(j, r, n, out);
         }
     }
 }
@@ -509,13 +522,13 @@ INLINE void rows_int8(const Job *j, int64_t n0, int64_t n1, const int R, const i
             }
             if (!GROUP) {
                 const int32_t total = _mm512_reduce_add_epi32(whole[r][0]) - 128 * j->x_code_sums[r];
-                j->y[r * j->N + n] = j->row_scales[0] * j->x_lanes[r] * (float)total;
+                put_y(j, r, n, j->row_scales[0] * j->x_lanes[r] * (float)total);
                 continue;
             }
             float out = _mm512_reduce_add_ps(acc[r][0]);
             if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, G);
             if (SHIFTS(bits, is_signed)) out += bias_term(j->row_scales, j->x_shift + r * G, G);
-            j->y[r * j->N + n] = out;
+            put_y(j, r, n, out);
         }
     }
 }
@@ -589,13 +602,13 @@ INLINE void rows_int8(const Job *j, int64_t n0, int64_t n1, const int R, const i
                 int32_t lanes[8], total = 0;
                 memcpy(lanes, &whole[r][0], sizeof lanes);
                 for (int l = 0; l < 8; l++) total += lanes[l];
-                j->y[r * j->N + n] = j->row_scales[0] * j->x_lanes[r] * (float)total;
+                put_y(j, r, n, j->row_scales[0] * j->x_lanes[r] * (float)total);
                 continue;
             }
             float out = hsum((vf)acc[r][0]);
             if (has_bias) out += bias_term(j->row_biases, j->x_sums + r * G, G);
             if (SHIFTS(bits, is_signed)) out -= bias_term(j->row_scales, j->x_shift + r * G, G);
-            j->y[r * j->N + n] = out;
+            put_y(j, r, n, out);
         }
     }
 }
@@ -668,7 +681,7 @@ static inline float bf16_value(uint16_t h) { return half_to_float(h, 0); }
 /* A buffer that starts on a cache line: a vector load that straddles two lines costs two. */
 static void *aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
-/* y [rows, N] = x [rows, K] · Wᵀ, x fp32 or (``x_is_bf16``) bf16; ``scales`` (and ``biases``)
+/* y [rows, N] = x [rows, K] · Wᵀ, x and y fp32 or (``x_is_bf16``, ``y_is_bf16``) bf16; ``scales`` (and ``biases``)
  * [N, K/group] in bf16, fp16 or fp32 (``scales_kind`` 0, 1, 2). ``int8_x``: take the int8 path where
  * this build has it (x quantized, see rows_int8); otherwise the exact paths. Groups of 32, 64 or
  * 128 inputs, or on the int8 path, for signed 8-bit codes, one group a row (group == K). Returns 0,
@@ -676,7 +689,7 @@ static void *aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 
  * (GGUF's Q8_0 has none). */
 int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_t K, int64_t N,
                          const uint8_t *codes, int bits, int is_signed, int64_t group, const void *scales,
-                         int scales_kind, const void *biases, float *y, int threads, int int8_x) {
+                         int scales_kind, const void *biases, void *y, int y_is_bf16, int threads, int int8_x) {
     const int int8_path = INT8_PATH && int8_x && K % (bits == 8 ? 64 : 128) == 0;
     const int row_scale = group == K && group != 32 && group != 64 && group != 128;
     if ((bits != 4 && bits != 8) || (bits == 4 && is_signed) || (is_signed && biases) || rows_x < 1 || N < 1 ||
@@ -753,7 +766,8 @@ int moshi_grouped_matmul(const void *x_in, int x_is_bf16, int64_t rows_x, int64_
         const int64_t lanes_per_row = row_scale ? 1 : K / (bits == 8 ? 64 : 128) * 16;
         for (int64_t r0 = 0; row && r0 < rows_x && n0 < n1; r0 += MAX_ROWS) {
             Job j = {x && !int8_path ? x + r0 * K : 0, x_pairs ? x_pairs + r0 * K : 0, x_sums ? x_sums + r0 * G : 0, K, N,
-                     codes, scales, biases, scales_kind, y + r0 * N, row, row + G, table_path,
+                     codes, scales, biases, scales_kind, y_is_bf16 ? 0 : (float *)y + r0 * N, y_is_bf16 ? (uint16_t *)y + r0 * N : 0,
+                     row, row + G, table_path,
                      xq ? xq + r0 * K : 0, x_lanes ? x_lanes + r0 * lanes_per_row : 0, x_shift ? x_shift + r0 * G : 0,
                      x_code_sums ? x_code_sums + r0 : 0};
             const int R = rows_x - r0 < MAX_ROWS ? (int)(rows_x - r0) : MAX_ROWS;

@@ -146,6 +146,36 @@ def test_int8_activations_with_one_weight_scale_a_row(variant):
         kernels.grouped_matmul(x, codes, 8, K, scales, None, signed=True, variant=variant)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_outputs_are_the_fp32_ones_rounded_as_pytorch_rounds(variant):
+    """The kernel writes bf16 itself: bit for bit ``.to(torch.bfloat16)`` of its fp32 result, ties
+    to even included, on every path; NaN where that has NaN."""
+    generator = torch.Generator().manual_seed(6)
+    codes, scales, biases = _affine(generator, 40, 256, 4, 64, torch.bfloat16)
+    x = torch.randn(3, 256, generator=generator) * torch.tensor([[1.0], [1e3], [1e-3]])
+    # Q8_0 codes times 3 at one-hot inputs: integers up to 384, the odd ones above 256 halfway
+    # between two bf16 values
+    signed = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=generator)
+    three = torch.full((64, 8), 3.0, dtype=torch.float16)
+    one_hot = torch.eye(256)[:8]
+    with_nan = x.clone()
+    with_nan[1, 7] = float("nan")
+    cases = [(x, codes, 4, 64, scales, biases, False), (x.bfloat16(), codes, 4, 64, scales, biases, False),
+             (one_hot, signed, 8, 32, three, None, True), (with_nan, codes, 4, 64, scales, biases, False)]
+    ties = 0
+    for rows, c, bits, group, sc, bi, is_signed in cases:
+        for int8 in (False, True) if rows is not with_nan else (False,):
+            got = kernels.grouped_matmul(rows, c, bits, group, sc, bi, signed=is_signed, variant=variant,
+                                         int8_activations=int8, out_dtype=torch.bfloat16)
+            full = kernels.grouped_matmul(rows, c, bits, group, sc, bi, signed=is_signed, variant=variant,
+                                          int8_activations=int8)
+            expected = full.bfloat16()
+            assert got.dtype == torch.bfloat16 and torch.equal(got.isnan(), expected.isnan())
+            assert torch.equal(got[~got.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))
+            ties += int(((full.abs() > 256) & (full.abs() < 512) & (full % 2 == 1)).sum())
+    assert ties > 0 and torch.isnan(full).any()
+
+
 def test_threads_split_rows_and_give_the_same_bits():
     if kernels.chosen_variant() is None:
         pytest.skip("native kernels not built")
