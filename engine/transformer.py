@@ -174,9 +174,7 @@ class KVCacheState(StreamingState):
         B, H, T, D = k.shape
         capacity = self.capacity
         if first is not None and T == 1:
-            for b, slot in enumerate((self.offset % capacity).tolist()):
-                self.cache[0, b, :, slot] = k[b, :, 0]
-                self.cache[1, b, :, slot] = v[b, :, 0]
+            self.write_step(k, v)
         else:
             self._scatter(k, v)
         slots = torch.arange(capacity if first is None else first, device=k.device)
@@ -185,6 +183,21 @@ class KVCacheState(StreamingState):
         positions = torch.where(delta <= 0, last + delta, last + delta - capacity)
         positions = torch.where(slots >= self.offset.view(-1, 1) + T, -1, positions)
         return self.cache[0], self.cache[1], positions
+
+    def write_step(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy one step of k and v [B, H, 1, D] to each batch row's slot, in place (host-side slots)."""
+        for b, slot in enumerate((self.offset % self.capacity).tolist()):
+            self.cache[0, b, :, slot] = k[b, :, 0]
+            self.cache[1, b, :, slot] = v[b, :, 0]
+
+    def step_mask(self, first: int, context: int | None) -> torch.Tensor:
+        """[B, first] bool: the slots that one step at each row's offset attends to, once written
+        (``append``'s positions and the causal, in-context mask, in fewer ops). Slot s holds the
+        step ``offset − d``, d = (offset − s) mod capacity: written since the row's reset iff
+        d ≤ offset, in context iff d < context."""
+        distance = (self.offset.view(-1, 1) - torch.arange(first, device=self.offset.device)) % self.capacity
+        reach = self.offset if context is None else self.offset.clamp(max=context - 1)
+        return distance <= reach.view(-1, 1)
 
     def _scatter(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the T steps of k and v [B, H, T, D] from each slot's offset on into the ring."""
@@ -292,24 +305,11 @@ class Attention(StreamingModule):
                 # 3000 keys written: 3.1 against 8.1 ms a layer).
                 filled = state.capacity
             filled = min(filled, state.capacity)
-        if state is None:
-            keys, values = k, v
-            pos_k = torch.arange(T, device=x.device).expand(B, -1)
+        if native:  # the whole ring: the kernel reads the `filled` slots the mask spans
+            state.write_step(k, v)
+            out = kernels.attend(q, state.cache[0], state.cache[1], state.step_mask(filled, cfg.context)).to(q.dtype)
         else:
-            keys, values, pos_k = state.append(k, v, filled)
-        pos_q = offset.view(-1, 1, 1) + torch.arange(T, device=x.device).view(-1, 1)
-        delta = pos_q - pos_k[:, None]
-        mask = (pos_k[:, None] >= 0) & (delta >= 0)
-        if cfg.context is not None:
-            mask = mask & (delta < cfg.context)
-        if filled is not None and not native:  # (the native kernel takes the whole ring and reads `filled` slots)
-            keys, values = keys[:, :, :filled], values[:, :, :filled]
-        if native:
-            out = kernels.attend(q, keys, values, mask[:, 0]).to(q.dtype)
-        elif self.fast_attention:
-            out = matmul_attention(q, keys, values, mask[:, None])
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, mask[:, None], dropout_p=0.0)
+            out = self._attend(q, k, v, offset, filled)
         out = out.transpose(1, 2).reshape(B, T, cfg.dim)
         out = out_proj(out)
 
@@ -318,6 +318,28 @@ class Attention(StreamingModule):
             if cfg.weights_per_step or written_only:
                 state.step += T
         return out
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: torch.Tensor,
+                filled: int | None) -> torch.Tensor:
+        """softmax(q·kᵀ/√D)·v over the ring (after writing k and v to it), or over k and v alone
+        without streaming state, with the mask from each slot's position."""
+        cfg, state = self.cfg, self.state
+        B, _, T, _ = q.shape
+        if state is None:
+            keys, values = k, v
+            pos_k = torch.arange(T, device=q.device).expand(B, -1)
+        else:
+            keys, values, pos_k = state.append(k, v, filled)
+        pos_q = offset.view(-1, 1, 1) + torch.arange(T, device=q.device).view(-1, 1)
+        delta = pos_q - pos_k[:, None]
+        mask = (pos_k[:, None] >= 0) & (delta >= 0)
+        if cfg.context is not None:
+            mask = mask & (delta < cfg.context)
+        if filled is not None:
+            keys, values = keys[:, :, :filled], values[:, :, :filled]
+        if self.fast_attention:
+            return matmul_attention(q, keys, values, mask[:, None])
+        return F.scaled_dot_product_attention(q, keys, values, mask[:, None], dropout_p=0.0)
 
 
 class CrossAttention(nn.Module):

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.transformer import Transformer, TransformerConfig
+from engine.transformer import KVCacheState, Transformer, TransformerConfig
 
 reference = pytest.importorskip("moshi.modules.transformer")
 
@@ -101,3 +101,26 @@ def test_reset_one_slot_restarts_only_that_slot():
         again = [ours(x[:, t:t + 1])[1:] for t in range(9, 20)]
     for a, b in zip(fresh, again):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("context", [None, 5, 16])
+def test_a_steps_mask_is_the_one_its_slots_positions_give(context):
+    """``KVCacheState.step_mask`` (what the native attention kernel is given) against the mask built
+    from ``append``'s positions, as the other attention paths build it: a ring of 16 slots, three
+    rows through 40 steps (past two wraps), the middle row reset at step 21."""
+    state = KVCacheState(batch_size=3, device=torch.device("cpu"), cache=torch.zeros(2, 3, 1, 16, 4),
+                         offset=torch.tensor([0, 3, 7]))
+    step = torch.zeros(3, 1, 1, 4)
+    reach = []
+    for t in range(40):
+        if t == 21:
+            state.reset(torch.tensor([False, True, False]))
+        first = 16 if t % 2 else min(t + 1, 16)
+        _, _, positions = state.append(step, step, first)
+        distance = state.offset.view(-1, 1) - positions
+        expected = (positions >= 0) & (distance >= 0) & (distance < (context or 10**9))
+        got = state.step_mask(first, context)
+        assert torch.equal(got, expected), t
+        reach.append(got.float().mean())
+        state.offset += 1
+    assert 0 < min(reach) and max(reach) > min(reach) and min(reach) < 1  # some slots, never all of them always
