@@ -47,24 +47,25 @@ class TransformerConfig:
         return self.dim // self.num_heads
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, max_period: float):
-    """Rotate interleaved pairs (x[2j], x[2j+1]) of q and k, shaped [B, H, T, D], in fp32."""
-    B, H, T, D = q.shape
-    ds = torch.arange(D // 2, device=q.device, dtype=torch.float32)
-    freqs = torch.exp(ds * (-math.log(max_period) * 2 / D))
-    ts = offset.float().view(-1, 1) + torch.arange(T, device=q.device, dtype=torch.float32)
-    ts = ts.view(B, 1, -1, 1)
-    rotr = torch.cos(freqs * ts)
-    roti = torch.sin(freqs * ts)
+def rope_angles(offset: torch.Tensor, steps: int, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, T, head_dim / 2] of RoPE's angles for ``steps`` steps from each row's
+    ``offset`` [B]: the same for every layer, so a transformer computes them once a call."""
+    ds = torch.arange(head_dim // 2, device=offset.device, dtype=torch.float32)
+    freqs = torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
+    ts = offset.float().view(-1, 1) + torch.arange(steps, device=offset.device, dtype=torch.float32)
+    ts = ts.view(offset.shape[0], 1, -1, 1)
+    return torch.cos(freqs * ts), torch.sin(freqs * ts)
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x = x.view(*x.shape[:-1], D // 2, 2)
-        xr, xi = x[..., 0].float(), x[..., 1].float()
-        out_r = xr * rotr - xi * roti
-        out_i = xr * roti + xi * rotr
-        return torch.stack([out_r.to(q.dtype), out_i.to(q.dtype)], dim=-1).view(*x.shape[:-2], D)
 
-    return rotate(q), rotate(k)
+def apply_rope(qk: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of q and k stacked, [2, B, H, T, D], in fp32,
+    and give them back in their dtype (both at once: half the operations of one at a time)."""
+    rotr, roti = angles
+    pairs = qk.view(*qk.shape[:-1], -1, 2)
+    xr, xi = pairs[..., 0].float(), pairs[..., 1].float()
+    out_r = xr * rotr - xi * roti
+    out_i = xr * roti + xi * rotr
+    return torch.stack([out_r.to(qk.dtype), out_i.to(qk.dtype)], dim=-1).view(qk.shape)
 
 
 def matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -264,7 +265,8 @@ class Attention(StreamingModule):
             offset=torch.zeros(batch_size, device=device, dtype=torch.long),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``angles``: RoPE's (``rope_angles``) for this call's steps, where the config has RoPE."""
         cfg = self.cfg
         B, T, _ = x.shape
         state = self.state
@@ -277,13 +279,9 @@ class Attention(StreamingModule):
         in_proj, out_proj = self.in_projs[step % len(self.in_projs)], self.out_projs[step % len(self.out_projs)]
 
         qkv = in_proj(x).view(B, T, 3, cfg.num_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        if state is None:
-            offset = torch.zeros(B, device=x.device, dtype=torch.long)
-        else:
-            offset = state.offset
-        if cfg.max_period is not None:
-            q, k = apply_rope(q, k, offset, cfg.max_period)
+        qk, v = (apply_rope(qkv[:2], angles) if cfg.max_period is not None else qkv[:2]), qkv[2]
+        q, k = qk[0], qk[1]
+        offset = state.offset if state is not None else torch.zeros(B, device=x.device, dtype=torch.long)
 
         written_only = x.device.type == "cpu" and not torch.compiler.is_compiling()  # host-side shapes
         # A decoding step of a quantized model on CPU: the native kernel, over the slots written.
@@ -460,10 +458,11 @@ class TransformerLayer(nn.Module):
             return self.gating[step](x)
         return self.gating(x)
 
-    def forward(self, x: torch.Tensor, cross: CrossSource | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cross: CrossSource | None = None,
+                angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         state = self.self_attn.state
         step = state.step if state is not None and self.cfg.weights_per_step else 0
-        update = self.self_attn(self.norm1(x))
+        update = self.self_attn(self.norm1(x), angles)
         x = x.to(update) + self._scale(1, update)
         if cross is not None:
             update = self.cross_attention(self.norm_cross(x), cross)
@@ -514,8 +513,13 @@ class Transformer(StreamingModule):
         """``cross_active`` [B] bool: which slots attend the image this step (default: all, if there is one)."""
         dtype = x.dtype
         cross = self._cross_source(x, cross_active)
+        angles = None
+        if self.cfg.max_period is not None:  # every layer has seen the same steps: the first stands for all
+            ring = self.layers[0].self_attn.state
+            offset = ring.offset if ring is not None else torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
+            angles = rope_angles(offset, x.shape[1], self.cfg.head_dim, self.cfg.max_period)
         for layer in self.layers:
-            x = layer(x, cross)
+            x = layer(x, cross, angles)
         if cross is not None:
             self.state.gate = torch.stack(cross.gates[-GATE_READOUT_LAYERS:]).mean(dim=0) * cross.weight
         return x.to(dtype)

@@ -15,28 +15,17 @@ Mimi runs in fp32, so the reference's casts to fp32 and back around RoPE are no-
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..conv import Bf16Weight, bf16_weight, few_rows_linear
-from ..transformer import KVCacheState, Transformer, TransformerConfig, TransformerLayer
-
-
-def _rope_angles(offset: torch.Tensor, steps: int, cfg: TransformerConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin ``[B, 1, T, head_dim / 2]``, computed as ``transformer.apply_rope`` does."""
-    D = cfg.head_dim
-    ds = torch.arange(D // 2, device=offset.device, dtype=torch.float32)
-    freqs = torch.exp(ds * (-math.log(cfg.max_period) * 2 / D))
-    ts = offset.float().view(-1, 1) + torch.arange(steps, device=offset.device, dtype=torch.float32)
-    ts = ts.view(offset.shape[0], 1, -1, 1)
-    return torch.cos(freqs * ts), torch.sin(freqs * ts)
+from ..transformer import KVCacheState, Transformer, TransformerConfig, TransformerLayer, rope_angles
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the interleaved pairs of ``x [..., T, D]`` (q and k stacked), as ``apply_rope`` does."""
+    """Rotate the interleaved pairs of ``x [..., T, D]`` (q and k stacked) as ``apply_rope`` does, without
+    its casts (Mimi runs in fp32)."""
     pairs = x.view(*x.shape[:-1], -1, 2)
     real, imag = pairs[..., 0], pairs[..., 1]
     return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).view(x.shape)
@@ -65,7 +54,7 @@ class MimiTransformer(nn.Module):
         # Every layer has seen the same steps: the first one's ring stands for all.
         ring = caches[0]
         offset = ring.offset if ring is not None else torch.zeros(B, device=x.device, dtype=torch.long)
-        angles = _rope_angles(offset, T, cfg)
+        angles = rope_angles(offset, T, cfg.head_dim, cfg.max_period)
         if ring is None:
             slots = None
             pos_k = steps.expand(B, -1)
