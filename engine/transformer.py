@@ -266,7 +266,7 @@ class Attention(StreamingModule):
         )
 
     def forward(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """``angles``: RoPE's (``rope_angles``) for this call's steps, where the config has RoPE."""
+        """``angles``: RoPE's for this call's steps (``rope_angles``; computed here if not given)."""
         cfg = self.cfg
         B, T, _ = x.shape
         state = self.state
@@ -279,9 +279,11 @@ class Attention(StreamingModule):
         in_proj, out_proj = self.in_projs[step % len(self.in_projs)], self.out_projs[step % len(self.out_projs)]
 
         qkv = in_proj(x).view(B, T, 3, cfg.num_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
-        qk, v = (apply_rope(qkv[:2], angles) if cfg.max_period is not None else qkv[:2]), qkv[2]
-        q, k = qk[0], qk[1]
         offset = state.offset if state is not None else torch.zeros(B, device=x.device, dtype=torch.long)
+        qk, v = qkv[:2], qkv[2]
+        if cfg.max_period is not None:
+            qk = apply_rope(qk, angles if angles is not None else rope_angles(offset, T, cfg.head_dim, cfg.max_period))
+        q, k = qk[0], qk[1]
 
         written_only = x.device.type == "cpu" and not torch.compiler.is_compiling()  # host-side shapes
         # A decoding step of a quantized model on CPU: the native kernel, over the slots written.

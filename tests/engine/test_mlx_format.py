@@ -295,8 +295,11 @@ def test_an_embedding_gives_zeros_for_token_minus_one():
 
 
 def _chat(folder, wav, out, *options):
+    # One thread: with two, how a GEMM splits its sums may vary with the machine's load, and so its
+    # last bits (this exact comparison once failed under CI's load, never alone).
     result = subprocess.run([sys.executable, "-m", "moshi_tui", "chat", "--hf-repo", str(folder), "--input", str(wav),
-                             "--output", str(out), *options], capture_output=True, text=True, timeout=300)
+                             "--output", str(out), *options], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     audio, _ = soundfile.read(out)
     return audio
