@@ -190,8 +190,8 @@ class Int8Linear(nn.Module):
       LLM.int8 with threshold 0): on Gaussian data a product's relative error is ~0.8%, against
       ~0.2% for the int8 weight alone.
     * "weight-only": other CPUs (AVX-512 without VNNI, or no build of ours), PyTorch's weight-only
-      int8 kernel on activations in the model dtype. oneDNN's kernel there sums pairs of byte products in a
-      saturating int16 (3.7% error on a 512×256 layer) and is 3-5x slower at one input row
+      int8 kernel on activations in the model dtype. oneDNN's kernel there sums pairs of byte
+      products in a saturating int16 (3.7% error on a 512×256 layer) and is 3-5x slower at one input row
       (2048×11264: 7.0 ms against 1.9 ms with PyTorch and oneDNN held to AVX2). ``--exact``
       (``exact_activations``) turns "native" layers to it.
     * "widen": other devices, and widths PyTorch's weight-only kernel does not take.
