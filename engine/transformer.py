@@ -47,7 +47,8 @@ class TransformerConfig:
         return self.dim // self.num_heads
 
 
-def rope_angles(offset: torch.Tensor, steps: int, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(offset: torch.Tensor, steps: int, head_dim: int,
+                max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [B, 1, T, head_dim / 2] of RoPE's angles for ``steps`` steps from each row's
     ``offset`` [B]: the same for every layer, so a transformer computes them once a call."""
     ds = torch.arange(head_dim // 2, device=offset.device, dtype=torch.float32)
